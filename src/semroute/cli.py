@@ -1,0 +1,207 @@
+"""`semroute` command line: train, sample, routing, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+import warnings
+from importlib import resources
+from pathlib import Path
+
+logger = logging.getLogger("semroute")
+DEMO_CONFIG = "demo.yaml"
+
+
+def packaged_config(name: str) -> Path:
+    """Path of a config shipped inside the package (configs/ in the repository links to them)."""
+    return Path(str(resources.files("semroute") / "configs" / name))
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def _guidance(text: str) -> float:
+    value = float(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 (1 disables guidance), got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="semroute",
+        description="Train and sample text-to-image DiTs whose text conditioning is a per-block routed mix of LLM layers.",
+        formatter_class=fmt,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a DiT from a YAML config", formatter_class=fmt)
+    p.add_argument("--config", type=Path, required=True, help="YAML run config (see configs/)")
+    p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<config name>)")
+    budget = p.add_argument_group("budget (overrides train.max_steps / train.minutes)")
+    budget.add_argument("--max-steps", type=_positive_int, default=None, help="stop after this many steps")
+    budget.add_argument("--minutes", type=_positive_float, default=None, help="stop after this many minutes of training")
+
+    p = sub.add_parser("sample", help="generate images for a prompt", formatter_class=fmt)
+    p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint directory or run directory (newest checkpoint)")
+    p.add_argument("--prompt", required=True, help="text prompt (empty string = unconditional)")
+    p.add_argument("--out", type=Path, default=Path("samples.png"), help="output PNG grid")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--n", type=_positive_int, default=8, help="number of images")
+    g.add_argument("--steps", type=_positive_int, default=25, help="Euler steps")
+    g.add_argument("--cfg", type=_guidance, default=3.0, help="classifier-free guidance scale")
+    g.add_argument("--shift", type=_positive_float, default=1.0, help="timestep shift of the flow-matching schedule")
+    g.add_argument("--seed", type=int, default=0, help="noise seed")
+    g.add_argument("--text-encoder", default=None, help="override the text encoder path stored in the checkpoint")
+
+    p = sub.add_parser("routing", help="plot the learned block x LLM-layer weights", formatter_class=fmt)
+    p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint directory or run directory")
+    p.add_argument("--out", type=Path, required=True, help="output PNG")
+
+    p = sub.add_parser("demo", help="train S2 on shapes with SmolLM2, then write samples, routing and metrics", formatter_class=fmt)
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory")
+    p.add_argument("--config", type=Path, default=None, help=f"run config (default: the packaged {DEMO_CONFIG})")
+    p.add_argument("--minutes", type=_positive_float, default=None, help="training budget (default: from the config)")
+    p.add_argument("--max-steps", type=_positive_int, default=None, help="stop after this many steps")
+    return parser
+
+
+def cmd_train(args) -> None:
+    from .config import load_config
+    from .train import train
+
+    config = load_config(args.config)
+    out = args.out or Path("runs") / args.config.stem
+    result = train(config, out, max_steps=args.max_steps, minutes=args.minutes)
+    print(f"trained {result.steps} steps, loss {result.final_loss:.4f}, {result.images_per_s:.0f} img/s; checkpoint {result.checkpoint}")
+
+
+def cmd_sample(args) -> None:
+    from .pipeline import SemanticRoutingPipeline
+    from .plots import save_sample_grid
+    from .train import resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    if args.out.suffix.lower() != ".png":
+        raise ValueError(f"--out must be a .png file, got {args.out}")
+    pipeline = SemanticRoutingPipeline.from_checkpoint(checkpoint, text_encoder=args.text_encoder)
+    prompts = [args.prompt] * args.n
+    images = pipeline(prompts, args.steps, args.cfg, args.shift, seed=args.seed)
+    save_sample_grid(images, [args.prompt or "(unconditional)"], args.n, args.out, title=f"{checkpoint} cfg {args.cfg}")
+    print(f"wrote {args.out}")
+
+
+def cmd_routing(args) -> None:
+    from .dit import SemanticRoutingDiT
+    from .plots import plot_routing
+    from .train import resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    model = SemanticRoutingDiT.from_pretrained(checkpoint)
+    layers = json.loads((checkpoint / "text_encoder.json").read_text())["layers"]
+    plot_routing(model.fusion, args.out, layers, title=str(checkpoint))
+    print(f"wrote {args.out}")
+
+
+def demo_prompts(task) -> list:
+    """A fixed display set: every count with every shape, colours rotating."""
+    from .data.shapes import Group
+
+    c = task.config
+    return [
+        (Group(n, c.colours[(i + j) % len(c.colours)], shape),)
+        for i, n in enumerate(c.counts)
+        for j, shape in enumerate(c.shapes)
+    ]
+
+
+def cmd_demo(args) -> None:
+    import torch
+
+    from .config import load_config
+    from .data.shapes import ShapesTask, caption
+    from .evaluate import accuracy, sample_scenes
+    from .pipeline import SemanticRoutingPipeline
+    from .plots import plot_routing, save_sample_grid
+    from .text_encoder import TextEncoder
+    from .train import train
+
+    start = time.perf_counter()
+    config = load_config(args.config or packaged_config(DEMO_CONFIG))
+    encoder = TextEncoder(config.text_encoder)
+    result = train(config, args.out, max_steps=args.max_steps, minutes=args.minutes, encoder=encoder)
+    train_s = time.perf_counter() - start
+    pipeline = SemanticRoutingPipeline.from_checkpoint(result.checkpoint)
+    task = ShapesTask(config.data)
+    s = config.sample
+    scenes = task.single_scenes
+    images = sample_scenes(pipeline, scenes, s.images_per_prompt, s.steps, s.guidance_scale, s.shift, seed=12345)
+    metrics = accuracy(images, scenes, s.images_per_prompt)
+    shown = demo_prompts(task)
+    index = {caption(sc): i for i, sc in enumerate(scenes)}
+    grid = [images[index[caption(sc)] * s.images_per_prompt + k] for sc in shown for k in range(s.images_per_prompt)]
+    save_sample_grid(
+        torch.stack(grid), [caption(sc) for sc in shown], s.images_per_prompt, args.out / "samples.png",
+        title=f"S2 ({pipeline.transformer.fusion.strategy}) after {result.steps} steps, cfg {s.guidance_scale}",
+    )
+    plot_routing(pipeline.transformer.fusion, args.out / "routing.png", pipeline.text_encoder.layers,
+                 title=f"learned routing after {result.steps} steps")
+    metrics.update(
+        strategy=pipeline.transformer.fusion.strategy,
+        steps=result.steps,
+        train_images_per_s=result.images_per_s,
+        final_loss=result.final_loss,
+        fusion_entropy=pipeline.transformer.fusion.weight_entropy().item(),
+        sampling={"steps": s.steps, "guidance_scale": s.guidance_scale, "shift": s.shift,
+                  "images_per_prompt": s.images_per_prompt, "prompts": len(scenes)},
+        train_seconds=train_s,
+        total_seconds=time.perf_counter() - start,
+        checkpoint=str(result.checkpoint),
+    )
+    (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(json.dumps({k: metrics[k] for k in ("count_accuracy", "colour_accuracy", "shape_accuracy", "exact_accuracy")}))
+    print(f"wrote {args.out / 'samples.png'}, {args.out / 'routing.png'}, {args.out / 'metrics.json'}")
+
+
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "routing": cmd_routing, "demo": cmd_demo}
+
+
+def configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="semroute: %(message)s")
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging()
+    try:
+        COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
+        print(f"semroute: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("semroute: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""The run configuration: one typed object, loaded strictly from YAML and saved with every checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .data.shapes import ShapesConfig
+from .dit import DIT_PRESETS, SemanticRoutingDiT
+from .fusion import check_strategy
+from .text_encoder import TextEncoderConfig
+
+# DiT arguments that come from the text encoder, never from the config file.
+DERIVED_MODEL_KEYS = ("text_dim", "num_text_layers")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, budget and bookkeeping of a training run."""
+
+    batch_size: int = 64
+    lr: float = 1e-3
+    # The fusion gates get their own learning rate: at the DiT's lr their logits barely move.
+    fusion_lr: float = 3e-2
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    ema_decay: float = 0.995
+    caption_dropout: float = 0.1
+    mixed_precision: str = "bf16"
+    max_steps: int = 1000
+    # Wall-clock budget for the optimisation loop; the run stops at whichever limit comes first.
+    minutes: float | None = None
+    seed: int = 0
+    log_every: int = 50
+    checkpoint_every: int = 500
+    # CPU threads for torch; null uses every core.
+    threads: int | None = None
+
+
+@dataclass
+class SampleConfig:
+    """Sampling used for grids and evaluation."""
+
+    steps: int = 25
+    guidance_scale: float = 4.0
+    shift: float = 1.0
+    images_per_prompt: int = 4
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs; `model` holds SemanticRoutingDiT arguments, optionally from a `preset`."""
+
+    model: dict = field(default_factory=lambda: {"preset": "cpu-small"})
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    data: ShapesConfig = field(default_factory=ShapesConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def __post_init__(self):
+        self.model = dict(self.model)
+        self.model_kwargs()  # validate early
+        t = self.train
+        positive = {"batch_size": t.batch_size, "max_steps": t.max_steps, "log_every": t.log_every,
+                    "checkpoint_every": t.checkpoint_every, "lr": t.lr, "fusion_lr": t.fusion_lr}
+        for key, value in positive.items():
+            if value <= 0:
+                raise ValueError(f"train.{key} must be > 0, got {value}")
+        if t.minutes is not None and t.minutes <= 0:
+            raise ValueError(f"train.minutes must be > 0 or null, got {t.minutes}")
+        if t.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"train.mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {t.mixed_precision!r}")
+        if self.sample.guidance_scale < 1:
+            raise ValueError(f"sample.guidance_scale must be >= 1 (1 disables guidance), got {self.sample.guidance_scale}")
+        if self.sample.steps < 1:
+            raise ValueError(f"sample.steps must be >= 1, got {self.sample.steps}")
+        size = self.model_kwargs().get("sample_size")
+        if size is not None and size != self.data.image_size:
+            raise ValueError(f"model.sample_size {size} differs from data.image_size {self.data.image_size}; make them equal")
+
+    def model_kwargs(self) -> dict:
+        """SemanticRoutingDiT arguments: the preset, overridden by explicit keys."""
+        params = inspect.signature(SemanticRoutingDiT.__init__).parameters
+        valid = [k for k in params if k not in ("self", *DERIVED_MODEL_KEYS)]
+        model = dict(self.model)
+        preset = model.pop("preset", None)
+        if preset is not None and preset not in DIT_PRESETS:
+            raise ValueError(f"unknown model.preset {preset!r}; valid: {', '.join(DIT_PRESETS)}")
+        for key in model:
+            if key in DERIVED_MODEL_KEYS:
+                raise ValueError(f"model.{key} is set from the text encoder; remove it from the config")
+            if key not in valid:
+                raise ValueError(f"unknown config key model.{key}; valid: preset, {', '.join(valid)}")
+        kwargs = {**DIT_PRESETS.get(preset, {}), **model}
+        if "strategy" in kwargs:
+            kwargs["strategy"] = check_strategy(kwargs["strategy"])
+        return kwargs
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save(self, path: Path) -> None:
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _check_type(value, annotation, where: str):
+    """Coerce ints to floats where a float is expected; reject anything else of the wrong type."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        annotation = next(a for a in options if a is not type(None))
+        origin = typing.get_origin(annotation)
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        if not isinstance(value, list):
+            raise ValueError(f"{where} must be a list, got {value!r}")
+        return [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is dict and isinstance(value, dict):
+        return value
+    if not isinstance(value, annotation) or (annotation is int and isinstance(value, bool)):
+        raise ValueError(f"{where} must be of type {annotation.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls, data, where: str):
+    if not isinstance(data, dict):
+        raise ValueError(f"{where or 'the config'} must be a mapping of keys to values, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        name = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            raise ValueError(f"unknown config key {name}; valid: {', '.join(fields)}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, name)
+        else:
+            kwargs[key] = _check_type(value, hint, name)
+    return cls(**kwargs)
+
+
+def load_config(source: Path | str | dict) -> RunConfig:
+    """Load a RunConfig from a YAML file or a dict; every unknown key or wrong type is an error."""
+    if isinstance(source, dict):
+        return _build(RunConfig, source, "")
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ValueError(f"config file {path} is not valid UTF-8 YAML: {err}") from None
+    return _build(RunConfig, data or {}, "")

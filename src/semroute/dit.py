@@ -1,0 +1,359 @@
+"""Diffusion Transformer whose cross-attention reads a per-block routed mix of LLM layers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+from .fusion import LayerFusion, check_strategy, sinusoidal_embedding
+
+TIMESTEP_CONDITIONING = ("none", "adaln-zero")
+
+
+def rope_2d(grid_h: int, grid_w: int, head_dim: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables for 2D rotary embeddings: half the head rotates with the row, half with the column.
+
+    returns two (N, head_dim // 2) tensors for N = grid_h * grid_w tokens in row-major order
+    """
+    quarter = head_dim // 4
+    freqs = theta ** (-torch.arange(quarter, dtype=torch.float32) / quarter)
+    ys, xs = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")
+    angles = torch.cat([ys.reshape(-1, 1) * freqs, xs.reshape(-1, 1) * freqs], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (i, i + d/2) of x (B, heads, N, d) by the angles in cos/sin (N, d/2)."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """RMSNorm with a hand-written backward; on CPU it is several times faster than autograd's decomposition.
+
+    The mean square is accumulated in fp32 without materialising an fp32 copy of x.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.promote_types(x.dtype, torch.float32))
+        rstd = torch.rsqrt(norm.square() / x.shape[-1] + eps).to(x.dtype)
+        x_hat = x * rstd
+        ctx.save_for_backward(x_hat, rstd, weight)
+        return x_hat if weight is None else x_hat * weight
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_hat, rstd, weight = ctx.saved_tensors
+        grad_weight = None
+        if weight is not None:
+            grad_weight = (grad * x_hat).reshape(-1, grad.shape[-1]).sum(0)
+            grad = grad * weight
+        grad_x = (grad - x_hat * (grad * x_hat).mean(-1, keepdim=True)) * rstd
+        return grad_x, grad_weight, None
+
+
+class RMSNorm(nn.RMSNorm):
+    """RMSNorm computed in the input dtype (autocast-friendly) with a faster backward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = None if self.weight is None else self.weight.to(x.dtype)
+        return _RMSNormFunction.apply(x, weight, self.eps)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal features of t followed by an MLP (used only with adaLN-zero conditioning)."""
+
+    def __init__(self, hidden_size: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(sinusoidal_embedding(t, self.freq_dim).to(self.mlp[0].weight.dtype))
+
+
+class ContextEmbedder(nn.Module):
+    """RMSNorm + Linear from LLM width to DiT width, shared by all blocks (as in the paper)."""
+
+    def __init__(self, text_dim: int, hidden_size: int):
+        super().__init__()
+        self.norm = RMSNorm(text_dim, eps=1e-6)
+        self.proj = nn.Linear(text_dim, hidden_size)
+
+    def forward(self, context: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.norm(context))
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over image tokens with qk-norm and 2D RoPE."""
+
+    def __init__(self, hidden_size: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        head_dim = hidden_size // num_heads
+        self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
+        self.q_norm = RMSNorm(head_dim, eps=1e-6)
+        self.k_norm = RMSNorm(head_dim, eps=1e-6)
+        self.out = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        B, N, H = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # (B, heads, N, d) each
+        q = apply_rope(self.q_norm(q), *rope)
+        k = apply_rope(self.k_norm(k), *rope)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.out(x.transpose(1, 2).reshape(B, N, H))
+
+
+class CrossAttention(nn.Module):
+    """Image tokens attend to the block's routed text context; keys/values can be precomputed."""
+
+    def __init__(self, hidden_size: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        head_dim = hidden_size // num_heads
+        self.q = nn.Linear(hidden_size, hidden_size)
+        self.kv = nn.Linear(hidden_size, 2 * hidden_size)
+        self.q_norm = RMSNorm(head_dim, eps=1e-6)
+        self.k_norm = RMSNorm(head_dim, eps=1e-6)
+        self.out = nn.Linear(hidden_size, hidden_size)
+
+    def keys_values(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, S, H) embedded context -> keys and values, each (B, heads, S, d)."""
+        B, S, _ = context.shape
+        k, v = self.kv(context).view(B, S, 2, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        return self.k_norm(k), v
+
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        """x: (B, N, H); kv from `keys_values`; mask: (B, S) bool, True = real text token."""
+        B, N, H = x.shape
+        q = self.q_norm(self.q(x).view(B, N, self.num_heads, -1).transpose(1, 2))
+        k, v = kv
+        x = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask[:, None, None, :])
+        return self.out(x.transpose(1, 2).reshape(B, N, H))
+
+
+class GatedMLP(nn.Module):
+    """Gated-GELU MLP; optionally a 3x3 depthwise conv on the token grid first lets tokens see their neighbours.
+
+    On tiny images the conv is what makes whole objects learnable in minutes (CALIBRATION.md); it runs
+    on the block width rather than the 2 x 4 x wider inner width, where its backward pass costs 10x more.
+    """
+
+    def __init__(self, hidden_size: int, mlp_ratio: float, grid_size: int, conv: bool):
+        super().__init__()
+        inner = int(hidden_size * mlp_ratio)
+        self.grid_size = grid_size
+        self.conv = nn.Conv2d(hidden_size, hidden_size, 3, padding=1, groups=hidden_size) if conv else None
+        self.fc1 = nn.Linear(hidden_size, 2 * inner)
+        self.fc2 = nn.Linear(inner, hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.conv is not None:
+            B, N, C = x.shape
+            grid = x.transpose(1, 2).reshape(B, C, self.grid_size, self.grid_size)
+            x = self.conv(grid).reshape(B, C, N).transpose(1, 2)
+        a, b = self.fc1(x).chunk(2, dim=-1)  # (B, N, inner) each
+        return self.fc2(F.gelu(a, approximate="tanh") * b)
+
+
+class DiTBlock(nn.Module):
+    """Self-attention, then cross-attention to the routed text, then gated MLP; pre-norm residuals."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, grid_size: int, mlp_conv: bool, adaln: bool):
+        super().__init__()
+        affine = not adaln
+        self.norm1 = RMSNorm(hidden_size, eps=1e-6, elementwise_affine=affine)
+        self.attn = SelfAttention(hidden_size, num_heads)
+        self.norm2 = RMSNorm(hidden_size, eps=1e-6)
+        self.cross_attn = CrossAttention(hidden_size, num_heads)
+        self.norm3 = RMSNorm(hidden_size, eps=1e-6, elementwise_affine=affine)
+        self.mlp = GatedMLP(hidden_size, mlp_ratio, grid_size, mlp_conv)
+        self.adaln = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size)) if adaln else None
+
+    def forward(self, x, c, rope, kv, mask):
+        """x: (B, N, H); c: (B, H) timestep embedding or None; kv/mask: this block's text context."""
+        if self.adaln is None:
+            x = x + self.attn(self.norm1(x), rope)
+            x = x + self.cross_attn(self.norm2(x), kv, mask)
+            return x + self.mlp(self.norm3(x))
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaln(c).chunk(6, dim=-1)
+        x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1), rope)
+        x = x + self.cross_attn(self.norm2(x), kv, mask)
+        return x + gate2[:, None] * self.mlp(modulate(self.norm3(x), shift2, scale2))
+
+
+class FinalLayer(nn.Module):
+    """Norm (adaLN-modulated if enabled) and a zero-initialised projection back to patches."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, adaln: bool):
+        super().__init__()
+        self.norm = RMSNorm(hidden_size, eps=1e-6, elementwise_affine=not adaln)
+        self.proj = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaln = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size)) if adaln else None
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+        x = self.norm(x)
+        if self.adaln is not None:
+            shift, scale = self.adaln(c).chunk(2, dim=-1)
+            x = modulate(x, shift, scale)
+        return self.proj(x)
+
+
+@dataclass
+class RoutedContext:
+    """Per-block cross-attention keys/values of a batch of prompts, plus the text padding mask."""
+
+    keys_values: list[tuple[torch.Tensor, torch.Tensor]]  # D x ((B, heads, S, d), (B, heads, S, d))
+    mask: torch.Tensor  # (B, S) bool
+
+
+class SemanticRoutingDiT(ModelMixin, ConfigMixin):
+    """DiT conditioned on LLM layers fused per block by `LayerFusion` (strategy in the config)."""
+
+    @register_to_config
+    def __init__(
+        self,
+        sample_size: int = 16,
+        in_channels: int = 3,
+        patch_size: int = 2,
+        hidden_size: int = 256,
+        depth: int = 6,
+        num_heads: int = 4,
+        mlp_ratio: float = 4.0,
+        mlp_conv: bool = True,
+        timestep_conditioning: str = "adaln-zero",
+        text_dim: int = 576,
+        num_text_layers: int = 30,
+        strategy: str = "depth",
+        single_layer: int = -2,
+        gate_hidden_dim: int = 128,
+    ):
+        super().__init__()
+        if sample_size % patch_size:
+            raise ValueError(f"sample_size {sample_size} is not divisible by patch_size {patch_size}")
+        if hidden_size % num_heads or (hidden_size // num_heads) % 4:
+            raise ValueError(f"hidden_size {hidden_size} / num_heads {num_heads} must give a head size divisible by 4")
+        if timestep_conditioning not in TIMESTEP_CONDITIONING:
+            raise ValueError(
+                f"unknown timestep_conditioning {timestep_conditioning!r}; valid: {', '.join(TIMESTEP_CONDITIONING)}"
+            )
+        strategy = check_strategy(strategy)
+        self.grid_size = sample_size // patch_size
+        adaln = timestep_conditioning == "adaln-zero"
+        self.fusion = LayerFusion(num_text_layers, depth, strategy, single_layer, gate_hidden_dim=gate_hidden_dim)
+        self.context_embedder = ContextEmbedder(text_dim, hidden_size)
+        self.patch_embed = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
+        self.t_embedder = TimestepEmbedder(hidden_size) if adaln else None
+        self.blocks = nn.ModuleList(
+            DiTBlock(hidden_size, num_heads, mlp_ratio, self.grid_size, mlp_conv, adaln) for _ in range(depth)
+        )
+        self.final_layer = FinalLayer(hidden_size, patch_size, in_channels, adaln)
+        cos, sin = rope_2d(self.grid_size, self.grid_size, hidden_size // num_heads)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        w = self.patch_embed.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.patch_embed.bias)
+        # adaLN-zero: every block starts as the identity; the output starts at zero velocity.
+        for block in self.blocks:
+            if block.adaln is not None:
+                nn.init.zeros_(block.adaln[-1].weight)
+                nn.init.zeros_(block.adaln[-1].bias)
+        if self.final_layer.adaln is not None:
+            nn.init.zeros_(self.final_layer.adaln[-1].weight)
+            nn.init.zeros_(self.final_layer.adaln[-1].bias)
+        nn.init.zeros_(self.final_layer.proj.weight)
+        nn.init.zeros_(self.final_layer.proj.bias)
+        if self.t_embedder is not None:
+            for layer in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
+                nn.init.normal_(layer.weight, std=0.02)
+
+    def route_text(
+        self,
+        text_hidden_states: torch.Tensor,
+        text_mask: torch.Tensor,
+        t: torch.Tensor | None = None,
+        normalized: bool = False,
+    ) -> RoutedContext:
+        """Fuse the LLM layers for every block and project each block's cross-attention keys/values.
+
+        text_hidden_states: (L, B, S, C); text_mask: (B, S); t: (B,), needed when the fusion depends on t.
+        For t-independent strategies the result is valid for every sampling step of these prompts.
+        """
+        fused = self.fusion(text_hidden_states, t, normalized=normalized)  # (G, B, S, C)
+        context = self.context_embedder(fused)  # (G, B, S, H)
+        kv = [block.cross_attn.keys_values(context[min(d, len(context) - 1)]) for d, block in enumerate(self.blocks)]
+        return RoutedContext(kv, text_mask.bool())
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        text_hidden_states: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+        context: RoutedContext | None = None,
+        text_normalized: bool = False,
+    ) -> torch.Tensor:
+        """Predict the flow velocity.
+
+        x: (B, C, H, W) noisy sample; t: (B,) time in [0, 1] (1 = pure noise)
+        text_hidden_states: (L, B, S, C) LLM layers and text_mask (B, S), or a precomputed `context`
+        returns: (B, C, H, W)
+        """
+        if context is None:
+            if text_hidden_states is None or text_mask is None:
+                raise ValueError("pass text_hidden_states and text_mask, or a precomputed context")
+            context = self.route_text(text_hidden_states, text_mask, t, normalized=text_normalized)
+        elif self.fusion.depends_on_t:
+            raise ValueError(
+                f"strategy {self.fusion.strategy!r} depends on t: its context cannot be reused across steps"
+            )
+        B, _, H, W = x.shape
+        p = self.config.patch_size
+        h = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, hidden)
+        c = self.t_embedder(t) if self.t_embedder is not None else None
+        rope = (self.rope_cos, self.rope_sin)
+        for block, kv in zip(self.blocks, context.keys_values):
+            h = block(h, c, rope, kv, context.mask)
+        h = self.final_layer(h, c)  # (B, N, p * p * C)
+        h = h.view(B, H // p, W // p, p, p, -1).permute(0, 5, 1, 3, 2, 4)
+        return h.reshape(B, -1, H, W)
+
+
+# Named presets; the CLI and configs use the keys as `model.preset` choices.
+DIT_PRESETS: dict[str, dict] = {
+    # The paper's DiT: 24 blocks x 2048 on SD3-VAE latents (256 px -> 32x32x16), no timestep embedding.
+    "paper": dict(
+        sample_size=32, in_channels=16, patch_size=2, hidden_size=2048, depth=24, num_heads=16,
+        mlp_ratio=4.0, mlp_conv=False, timestep_conditioning="none",
+    ),
+    # The CPU shapes demo: 16x16 pixels, patch 2, 6 x 256, conv MLP, adaLN-zero (~9M parameters).
+    "cpu-small": dict(
+        sample_size=16, in_channels=3, patch_size=2, hidden_size=256, depth=6, num_heads=4,
+        mlp_ratio=4.0, mlp_conv=True, timestep_conditioning="adaln-zero",
+    ),
+    # Unit tests.
+    "tiny": dict(
+        sample_size=8, in_channels=3, patch_size=2, hidden_size=32, depth=2, num_heads=2,
+        mlp_ratio=2.0, mlp_conv=True, timestep_conditioning="adaln-zero", gate_hidden_dim=16,
+    ),
+}

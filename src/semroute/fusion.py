@@ -1,0 +1,161 @@
+"""Unified normalized convex fusion of LLM layers: the six strategies of the paper in one module.
+
+    H_cond(t, d) = sum_l softmax(z_{t,d})_l * LN(H_l)
+
+Every strategy differs only in where the logits z come from and how many distinct mixes
+("groups") exist: one shared by all blocks, or one per DiT block.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, get_args
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Strategy = Literal["single", "uniform", "static", "time", "depth", "joint"]
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
+# The paper's names for the strategies, in the order of its tables.
+PAPER_IDS: dict[str, str] = {
+    "b1": "single",
+    "b2": "uniform",
+    "b3": "static",
+    "s1": "time",
+    "s2": "depth",
+    "s3": "joint",
+}
+LN_EPS = 1e-6
+
+
+def check_strategy(strategy: str) -> str:
+    """Return `strategy` as a canonical name, accepting the paper ids b1..s3."""
+    name = PAPER_IDS.get(strategy, strategy)
+    if name not in STRATEGIES:
+        raise ValueError(
+            f"unknown fusion strategy {strategy!r}; valid: {', '.join(STRATEGIES)} "
+            f"(or the paper ids {', '.join(PAPER_IDS)})"
+        )
+    return name
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal features of t in [0, 1] scaled to the usual 0..1000 timestep range. (B,) -> (B, dim)"""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = 1000.0 * t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class LayerFusion(nn.Module):
+    """Softmax-weighted mix of LayerNorm'd LLM layers, routed per DiT block and/or per time."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        strategy: Strategy = "depth",
+        single_layer: int = -2,
+        gate_embed_dim: int = 64,
+        gate_hidden_dim: int = 128,
+    ):
+        super().__init__()
+        self.strategy = check_strategy(strategy)
+        self.num_layers = num_layers
+        self.num_blocks = num_blocks
+        if not -num_layers <= single_layer < num_layers:
+            raise ValueError(f"single_layer={single_layer} is outside the {num_layers} LLM layers given")
+        self.single_layer = single_layer % num_layers
+        self.gate_embed_dim = gate_embed_dim
+        # Tracks the module's device for strategies that have no parameters.
+        self.register_buffer("_anchor", torch.zeros(()), persistent=False)
+        # Learned logits: one vector (static) or one per block (depth).
+        if self.strategy in ("static", "depth"):
+            self.logits = nn.Parameter(torch.zeros(self.num_groups, num_layers))
+        # Time gates g(phi(t)): one MLP (time) or one per block (joint), batched over groups.
+        if self.strategy in ("time", "joint"):
+            g = self.num_groups
+            bound = 1.0 / math.sqrt(gate_embed_dim)
+            self.gate_w1 = nn.Parameter(torch.empty(g, gate_embed_dim, gate_hidden_dim).uniform_(-bound, bound))
+            self.gate_b1 = nn.Parameter(torch.zeros(g, gate_hidden_dim))
+            # Zero-init output layer: every learned strategy starts exactly at uniform (B2).
+            self.gate_w2 = nn.Parameter(torch.zeros(g, gate_hidden_dim, num_layers))
+            self.gate_b2 = nn.Parameter(torch.zeros(g, num_layers))
+
+    @property
+    def depends_on_t(self) -> bool:
+        """Whether the weights change with diffusion time (then contexts must be recomputed per step)."""
+        return self.strategy in ("time", "joint")
+
+    @property
+    def num_groups(self) -> int:
+        """Number of distinct mixes: one per DiT block for depth/joint, else one shared by all."""
+        return self.num_blocks if self.strategy in ("depth", "joint") else 1
+
+    @staticmethod
+    def normalize(hidden_states: torch.Tensor) -> torch.Tensor:
+        """LayerNorm without affine over channels, per layer and token. (L, B, S, C) -> same"""
+        return F.layer_norm(hidden_states.float(), hidden_states.shape[-1:], eps=LN_EPS)
+
+    def group_logits(self, t: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits z: (G, L) if the strategy ignores t, else (B, G, L) for t of shape (B,)."""
+        if self.strategy == "single":
+            z = torch.full((1, self.num_layers), -math.inf)
+            z[0, self.single_layer] = 0.0
+            return z.to(self._device())
+        if self.strategy == "uniform":
+            return torch.zeros(1, self.num_layers, device=self._device())
+        if self.strategy in ("static", "depth"):
+            return self.logits
+        if t is None:
+            raise ValueError(f"strategy {self.strategy!r} depends on t: pass the diffusion time t")
+        phi = sinusoidal_embedding(t, self.gate_embed_dim)  # (B, E)
+        h = F.silu(torch.einsum("be,geh->bgh", phi, self.gate_w1) + self.gate_b1)
+        return torch.einsum("bgh,ghl->bgl", h, self.gate_w2) + self.gate_b2  # (B, G, L)
+
+    def group_weights(self, t: torch.Tensor | None = None) -> torch.Tensor:
+        """Softmax weights per group, shapes as in `group_logits`; each row sums to 1."""
+        return torch.softmax(self.group_logits(t).float(), dim=-1)
+
+    def layer_weights(self, t: torch.Tensor | None = None) -> torch.Tensor:
+        """Weights every DiT block applies to every LLM layer: (D, L), or (B, D, L) if they depend on t."""
+        w = self.group_weights(t)
+        return w.expand(*w.shape[:-2], self.num_blocks, self.num_layers)
+
+    def weight_entropy(self, t: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean entropy (nats) of the per-block weights; ln(L) is uniform, 0 is a single layer."""
+        if self.depends_on_t and t is None:
+            t = torch.linspace(0, 1, 11, device=self._device())
+        w = self.layer_weights(t)
+        return -(w * torch.log(w.clamp_min(1e-12))).sum(-1).mean()
+
+    def forward(
+        self, hidden_states: torch.Tensor, t: torch.Tensor | None = None, normalized: bool = False
+    ) -> torch.Tensor:
+        """Fuse LLM layers into one context per group.
+
+        hidden_states: (L, B, S, C) raw layer outputs, or LayerNorm'd ones with normalized=True
+        t: (B,) diffusion time in [0, 1]; required when `depends_on_t`
+        returns: (G, B, S, C) with G = `num_groups`
+        """
+        if hidden_states.shape[0] != self.num_layers:
+            raise ValueError(
+                f"fusion expects {self.num_layers} LLM layers but got {hidden_states.shape[0]}"
+            )
+        if self.strategy == "single":
+            h = hidden_states[self.single_layer : self.single_layer + 1]
+            return h if normalized else self.normalize(h)
+        h = hidden_states if normalized else self.normalize(hidden_states)
+        if self.strategy == "uniform":
+            return h.mean(0, keepdim=True)
+        w = self.group_weights(t).to(h.dtype)
+        if w.dim() == 2:
+            return torch.einsum("gl,lbsc->gbsc", w, h)
+        return torch.einsum("bgl,lbsc->gbsc", w, h)
+
+    def _device(self) -> torch.device:
+        return self._anchor.device

@@ -1,0 +1,142 @@
+"""Prompts -> images: encode once, route once (where the strategy allows), integrate the flow."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from tqdm.auto import tqdm
+
+from .dit import SemanticRoutingDiT
+from .flow import RectifiedFlow
+from .fusion import LayerFusion
+from .text_encoder import TextEncoder, TextEncoderConfig
+
+NULL_PROMPT = ""  # the unconditional prompt of classifier-free guidance (caption dropout target)
+TEXT_ENCODER_FILE = "text_encoder.json"
+
+
+@dataclass
+class PromptFeatures:
+    """LayerNorm'd LLM features of N prompts, padded to one length: computed once, indexed per batch."""
+
+    hidden: torch.Tensor  # (N, L, S, C)
+    mask: torch.Tensor  # (N, S) bool
+
+    def select(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features of prompts `ids` (B,) as the DiT takes them: (L, B, S, C) and (B, S)."""
+        return self.hidden[ids].transpose(0, 1), self.mask[ids]
+
+
+def encode_prompts(
+    encoder: TextEncoder, prompts: list[str], batch_size: int = 32, dtype=torch.float32, progress: bool = False
+) -> PromptFeatures:
+    """Run the LLM once per prompt and keep the LayerNorm'd layers (what every fusion strategy mixes)."""
+    hidden, masks = [], []
+    for i in tqdm(range(0, len(prompts), batch_size), desc="encoding prompts", disable=not progress):
+        h, m = encoder(prompts[i : i + batch_size])
+        hidden.append(LayerFusion.normalize(h).to(dtype).transpose(0, 1))  # (b, L, S, C)
+        masks.append(m)
+    length = max(m.shape[1] for m in masks)
+    hidden = torch.cat([F.pad(h, (0, 0, 0, length - h.shape[2])) for h in hidden])
+    mask = torch.cat([F.pad(m, (0, length - m.shape[1])) for m in masks])
+    return PromptFeatures(hidden, mask)
+
+
+def check_compatible(transformer: SemanticRoutingDiT, encoder: TextEncoder) -> None:
+    """The DiT's fusion must see exactly as many LLM layers, of the same width, as it was trained on."""
+    cfg = transformer.config
+    if cfg.num_text_layers != encoder.num_layers:
+        raise ValueError(
+            f"the checkpoint routes {cfg.num_text_layers} LLM layers but the text encoder gives {encoder.num_layers}; "
+            f"use the text encoder and layers it was trained with"
+        )
+    if cfg.text_dim != encoder.hidden_size:
+        raise ValueError(
+            f"the checkpoint expects LLM hidden size {cfg.text_dim} but the text encoder has {encoder.hidden_size}; "
+            f"use the text encoder it was trained with"
+        )
+
+
+class SemanticRoutingPipeline:
+    """Text encoder + routed DiT + rectified-flow sampler."""
+
+    def __init__(
+        self,
+        transformer: SemanticRoutingDiT,
+        text_encoder: TextEncoder,
+        flow: RectifiedFlow | None = None,
+        autocast_dtype: torch.dtype | None = torch.bfloat16,
+    ):
+        """autocast_dtype: run the DiT under autocast in this dtype (bf16 halves CPU sampling time); None = fp32."""
+        check_compatible(transformer, text_encoder)
+        self.transformer = transformer.eval()
+        self.text_encoder = text_encoder
+        self.flow = flow or RectifiedFlow()
+        self.autocast_dtype = autocast_dtype
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, text_encoder: str | None = None) -> "SemanticRoutingPipeline":
+        """Load a checkpoint directory written by `semroute train`; `text_encoder` overrides the model path."""
+        path = Path(path)
+        meta = path / TEXT_ENCODER_FILE
+        if not meta.is_file():
+            raise FileNotFoundError(f"{path} is not a semroute checkpoint (no {TEXT_ENCODER_FILE})")
+        config = TextEncoderConfig(**json.loads(meta.read_text()))
+        if text_encoder is not None:
+            config.model = text_encoder
+        transformer = SemanticRoutingDiT.from_pretrained(path)
+        return cls(transformer, TextEncoder(config))
+
+    def encode(self, prompts: list[str]) -> PromptFeatures:
+        return encode_prompts(self.text_encoder, list(prompts) + [NULL_PROMPT])
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompts: list[str],
+        num_inference_steps: int = 25,
+        guidance_scale: float = 4.0,
+        shift: float = 1.0,
+        seed: int = 0,
+        reuse_context: bool = True,
+        features: PromptFeatures | None = None,
+    ) -> torch.Tensor:
+        """Generate one image per prompt: (B, C, H, W) in [0, 1].
+
+        features: precomputed `encode(prompts)` (the prompts followed by the null prompt), to encode once
+        when sampling the same prompts many times. reuse_context=False recomputes the routed
+        context every step even when the strategy allows reuse (for testing and timing).
+        """
+        model = self.transformer
+        device = model.device
+        features = features or self.encode(prompts)
+        n = len(prompts)
+        if features.hidden.shape[0] != n + 1:
+            raise ValueError(f"features hold {features.hidden.shape[0]} prompts; expected {n} prompts + the null prompt")
+        ids = torch.arange(n)
+        if guidance_scale != 1.0:
+            ids = torch.cat([ids, torch.full((n,), n)])  # [conditional; unconditional]
+        text, mask = features.select(ids)
+        text, mask = text.to(device), mask.to(device)
+        cfg = model.config
+        generator = torch.Generator().manual_seed(seed)
+        noise = torch.randn(n, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=generator).to(device)
+        backends = [SDPBackend.MATH] if device.type == "cpu" else list(SDPBackend)  # faster for short sequences on CPU
+        amp = torch.autocast(device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None)
+        with sdpa_kernel(backends), amp:
+            context = None
+            if reuse_context and not model.fusion.depends_on_t:
+                context = model.route_text(text, mask, normalized=True)  # once for every step and both branches
+
+            def velocity(x, t):
+                if context is not None:
+                    return model(x, t, context=context)
+                return model(x, t, text, mask, text_normalized=True)
+
+            x = self.flow.sample(velocity, noise, num_inference_steps, guidance_scale, shift)
+        return ((x + 1) / 2).clamp(0, 1)

@@ -1,0 +1,81 @@
+"""Pictures: sample grids and what the router learned (block x LLM-layer weights, weights vs t)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from .fusion import LayerFusion  # noqa: E402
+
+
+def save_sample_grid(images: torch.Tensor, prompts: list[str], per_prompt: int, path: Path, title: str = "") -> Path:
+    """images: (len(prompts) * per_prompt, C, H, W) in [0, 1], grouped by prompt -> one row per prompt."""
+    rows = len(prompts)
+    fig, axes = plt.subplots(rows, per_prompt, figsize=(1.1 * per_prompt + 2.2, 1.1 * rows + 0.4), squeeze=False)
+    for r in range(rows):
+        for c in range(per_prompt):
+            ax = axes[r][c]
+            ax.imshow(images[r * per_prompt + c].permute(1, 2, 0).float().cpu().numpy(), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[r][0].set_ylabel(prompts[r], rotation=0, ha="right", va="center", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _heatmap(ax, weights: np.ndarray, layer_ids: list[int], title: str):
+    im = ax.imshow(weights, aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_xlabel("LLM layer")
+    ax.set_ylabel("DiT block")
+    step = max(1, len(layer_ids) // 10)
+    ax.set_xticks(range(0, len(layer_ids), step), [str(layer_ids[i]) for i in range(0, len(layer_ids), step)])
+    ax.set_title(title, fontsize=9)
+    return im
+
+
+def plot_routing(fusion: LayerFusion, path: Path, layer_ids: list[int] | None = None, title: str = "") -> Path:
+    """Heatmap of block x layer weights; for t-dependent strategies also heatmaps at three times and weight-vs-t curves."""
+    layer_ids = layer_ids or list(range(1, fusion.num_layers + 1))
+    uniform = 1.0 / fusion.num_layers
+    with torch.no_grad():
+        if not fusion.depends_on_t:
+            weights = fusion.layer_weights().cpu().numpy()
+            fig, ax = plt.subplots(figsize=(7, 0.35 * fusion.num_blocks + 1.8))
+            im = _heatmap(ax, weights, layer_ids, f"{fusion.strategy}: weights (uniform = {uniform:.3f})")
+            fig.colorbar(im, ax=ax)
+        else:
+            times = torch.tensor([0.0, 0.5, 1.0])
+            ts = torch.linspace(0, 1, 51)
+            weights_t = fusion.layer_weights(times.to(fusion._anchor.device)).cpu().numpy()  # (3, D, L)
+            curves = fusion.layer_weights(ts.to(fusion._anchor.device)).mean(1).cpu().numpy()  # (T, L), mean over blocks
+            fig, axes = plt.subplots(1, 4, figsize=(18, 0.35 * fusion.num_blocks + 2.2))
+            vmax = weights_t.max()
+            for ax, t, w in zip(axes[:3], times.tolist(), weights_t):
+                im = _heatmap(ax, w, layer_ids, f"{fusion.strategy}: weights at t = {t:.1f}")
+                im.set_clim(0, vmax)
+            fig.colorbar(im, ax=axes[2])
+            colours = plt.cm.viridis(np.linspace(0, 1, fusion.num_layers))
+            for layer in range(fusion.num_layers):
+                axes[3].plot(ts.numpy(), curves[:, layer], color=colours[layer], lw=1)
+            axes[3].axhline(uniform, color="grey", ls="--", lw=0.8)
+            axes[3].set_xlabel("t (1 = noise)")
+            axes[3].set_ylabel("weight (mean over blocks)")
+            axes[3].set_title("weight vs t; colour = LLM layer (dark = early)", fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

