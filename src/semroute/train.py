@@ -15,16 +15,16 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .config import RunConfig
-from .data.shapes import ShapesDataset, ShapesTask
+from .data.shapes import ShapesDataset, ShapesTask, caption
 from .dit import SemanticRoutingDiT
 from .flow import RectifiedFlow
-from .pipeline import NULL_PROMPT, TEXT_ENCODER_FILE, PromptFeatures, encode_prompts
+from .pipeline import NULL_PROMPT, TEXT_ENCODER_FILE, PromptFeatures, SemanticRoutingPipeline, encode_prompts
+from .plots import save_sample_grid
 from .text_encoder import TextEncoder
 
 logger = logging.getLogger(__name__)
@@ -114,9 +114,65 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return found[-1]
 
 
+def write_sample_grid(
+    model: SemanticRoutingDiT,
+    ema: EMAModel,
+    encoder: TextEncoder,
+    features: PromptFeatures,
+    dataset: ShapesDataset,
+    config: RunConfig,
+    path: Path,
+    title: str,
+) -> None:
+    """Sample the display prompts with the EMA weights and save a grid (features reused, no LLM call)."""
+    scenes = dataset.task.display_scenes()
+    k = config.sample.images_per_prompt
+    prompts = [caption(scene) for scene in scenes for _ in range(k)]
+    ids = torch.tensor([dataset.captions.index(p) for p in prompts] + [len(dataset.captions)])
+    grid_features = PromptFeatures(features.hidden[ids].float(), features.mask[ids])
+    ema.store(model.parameters())
+    ema.copy_to(model.parameters())
+    try:
+        pipe = SemanticRoutingPipeline(model, encoder)
+        s = config.sample
+        images = pipe(prompts, s.steps, s.guidance_scale, s.shift, seed=0, features=grid_features)
+    finally:
+        ema.restore(model.parameters())
+        model.train()
+    save_sample_grid(images, [caption(scene) for scene in scenes], k, path, title=title)
+
+
 def prompt_table(encoder: TextEncoder, captions: list[str], progress: bool) -> PromptFeatures:
     """Features of every training caption plus the null prompt (last row), computed once."""
     return encode_prompts(encoder, captions + [NULL_PROMPT], dtype=torch.bfloat16, progress=progress)
+
+
+def train_step(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    ema: EMAModel,
+    flow: RectifiedFlow,
+    features: PromptFeatures,
+    x0: torch.Tensor,
+    caption_ids: torch.Tensor,
+    null_id: int,
+    generator: torch.Generator,
+    grad_clip: float,
+) -> float:
+    """One optimisation step, the same for every strategy: only what the fusion returns differs."""
+    caption_ids = flow.drop_captions(caption_ids, null_id, generator)
+    text, mask = features.select(caption_ids.cpu())
+    text, mask = text.to(accelerator.device), mask.to(accelerator.device)
+    loss = flow.loss(lambda x, t: model(x, t, text, mask, text_normalized=True), x0, generator)
+    accelerator.backward(loss)
+    accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    ema.step(accelerator.unwrap_model(model).parameters())
+    return loss.item()
 
 
 def train(
@@ -157,54 +213,59 @@ def train(
     generator = torch.Generator(device=accelerator.device).manual_seed(t.seed + 1)
 
     log_path = out_dir / "log.jsonl"
-    bar = tqdm(total=max_steps, desc=f"train {raw_model.fusion.strategy}", disable=not progress or not accelerator.is_main_process)
+    # With a time budget the step count is unknown: the bar then counts steps and shows the rate.
+    bar = tqdm(
+        total=max_steps if minutes is None else None,
+        desc=f"train {raw_model.fusion.strategy}" + (f" ({minutes:g} min)" if minutes else ""),
+        disable=not progress or not accelerator.is_main_process,
+    )
     start = time.perf_counter()
-    window_loss, window_images, window_start = 0.0, 0, start
+    window_loss, window_images, window_steps, window_start = 0.0, 0, 0, start
     step, last_loss, images_per_s = 0, math.nan, 0.0
+
+    def log_window() -> dict:
+        """Average loss and throughput since the last log line; append them to log.jsonl."""
+        nonlocal window_loss, window_images, window_steps, window_start, last_loss, images_per_s
+        now = time.perf_counter()
+        last_loss = window_loss / window_steps
+        images_per_s = window_images / (now - window_start)
+        record = {
+            "step": step,
+            "loss": last_loss,
+            "images_per_s": images_per_s,
+            "lr": scheduler.get_last_lr()[0],
+            "fusion_entropy": raw_model.fusion.weight_entropy().item(),
+            "elapsed_s": now - start,
+        }
+        if accelerator.is_main_process:
+            with log_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        window_loss, window_images, window_steps, window_start = 0.0, 0, 0, now
+        return record
+
     checkpoint = None
     data = iter(loader)
     model.train()
-    # For these short sequences the plain math attention kernel is faster on CPU than the flash one.
-    backends = [SDPBackend.MATH] if accelerator.device.type == "cpu" else list(SDPBackend)
-    with sdpa_kernel(backends):
-        while step < max_steps:
-            if minutes is not None and time.perf_counter() - start > 60 * minutes:
-                logger.info("stopping at step %d: the %.1f-minute budget is spent", step, minutes)
-                break
-            x0, caption_ids = next(data)
-            caption_ids = flow.drop_captions(caption_ids, null_id, generator)
-            text, mask = features.select(caption_ids.cpu())
-            text, mask = text.to(accelerator.device), mask.to(accelerator.device)
-            loss = flow.loss(lambda x, tt: model(x, tt, text, mask, text_normalized=True), x0, generator)
-            accelerator.backward(loss)
-            accelerator.clip_grad_norm_(model.parameters(), t.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            ema.step(raw_model.parameters())
-            step += 1
-            window_loss += loss.item()
-            window_images += x0.shape[0] * accelerator.num_processes
-            if step % t.log_every == 0 or step == max_steps:
-                now = time.perf_counter()
-                last_loss = window_loss / max(1, step % t.log_every or t.log_every)
-                images_per_s = window_images / (now - window_start)
-                record = {
-                    "step": step,
-                    "loss": last_loss,
-                    "images_per_s": images_per_s,
-                    "lr": scheduler.get_last_lr()[0],
-                    "fusion_entropy": raw_model.fusion.weight_entropy().item(),
-                    "elapsed_s": now - start,
-                }
-                if accelerator.is_main_process:
-                    with log_path.open("a") as f:
-                        f.write(json.dumps(record) + "\n")
-                bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{images_per_s:.0f}", H=f"{record['fusion_entropy']:.3f}")
-                window_loss, window_images, window_start = 0.0, 0, now
-            bar.update(1)
-            if step % t.checkpoint_every == 0 and accelerator.is_main_process:
-                checkpoint = save_checkpoint(out_dir / "checkpoints" / f"step_{step:06d}", raw_model, ema, optimizer, step, config, encoder)
+    while step < max_steps:
+        if minutes is not None and time.perf_counter() - start > 60 * minutes:
+            logger.info("stopping at step %d: the %.1f-minute budget is spent", step, minutes)
+            break
+        x0, caption_ids = next(data)
+        loss = train_step(accelerator, model, optimizer, scheduler, ema, flow, features, x0, caption_ids, null_id, generator, t.grad_clip)
+        step += 1
+        window_loss += loss
+        window_images += x0.shape[0] * accelerator.num_processes
+        window_steps += 1
+        if step % t.log_every == 0 or step == max_steps:
+            record = log_window()
+            bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}", H=f"{record['fusion_entropy']:.3f}")
+        bar.update(1)
+        if step % t.checkpoint_every == 0 and accelerator.is_main_process:
+            checkpoint = save_checkpoint(out_dir / "checkpoints" / f"step_{step:06d}", raw_model, ema, optimizer, step, config, encoder)
+            write_sample_grid(raw_model, ema, encoder, features, dataset, config, out_dir / "samples" / f"step_{step:06d}.png",
+                              title=f"{raw_model.fusion.strategy}, step {step} (EMA)")
+    if window_steps:
+        log_window()
     bar.close()
     if accelerator.is_main_process and (checkpoint is None or not checkpoint.name.endswith(f"{step:06d}")):
         checkpoint = save_checkpoint(out_dir / "checkpoints" / f"step_{step:06d}", raw_model, ema, optimizer, step, config, encoder)

@@ -111,6 +111,15 @@ class ShapesTask:
             if n1 + n2 <= c.two_object_max_total
         ]
 
+    def display_scenes(self) -> list[Scene]:
+        """A fixed set for sample grids: every count with every shape, colours rotating."""
+        c = self.config
+        return [
+            (Group(n, c.colours[(i + j) % len(c.colours)], shape),)
+            for i, n in enumerate(c.counts)
+            for j, shape in enumerate(c.shapes)
+        ]
+
     def training_scenes(self) -> list[Scene]:
         return self.single_scenes + (self.two_object_scenes if self.config.two_object_fraction > 0 else [])
 

@@ -1,0 +1,65 @@
+"""Shared fixtures: a tiny random Llama with a word-level tokenizer, built and saved in the test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from semroute.data.shapes import COLOURS, NUMBERS, SHAPES
+
+SPECIALS = ["<unk>", "<pad>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+)
+
+
+def make_tiny_llama(directory: Path, num_layers: int = 4, hidden: int = 32, seed: int = 0) -> Path:
+    """Save a randomly initialised Llama and a word-level tokenizer that knows the shapes vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = ["user", "and", "an", "image", "of", "a", "hello", "world", *NUMBERS, *COLOURS, *SHAPES]
+    words += [s + "s" for s in SHAPES]
+    vocab = {w: i for i, w in enumerate(SPECIALS + sorted(set(words)))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", bos_token="<|im_start|>", eos_token="<|im_end|>"
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        pad_token_id=vocab["<pad>"], bos_token_id=vocab["<|im_start|>"], eos_token_id=vocab["<|im_end|>"],
+    )
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tiny_llama_dir):
+    from semroute.text_encoder import TextEncoder, TextEncoderConfig
+
+    return TextEncoder(TextEncoderConfig(model=str(tiny_llama_dir), max_length=16))
+
+
+def tiny_run_config(tiny_llama_dir: Path, strategy: str = "depth", **train) -> dict:
+    """A complete run config for an 8x8 shapes task that trains in seconds."""
+    return {
+        "model": {"preset": "tiny", "strategy": strategy},
+        "text_encoder": {"model": str(tiny_llama_dir), "max_length": 16},
+        "data": {"image_size": 8, "counts": [1, 2], "colours": ["red", "blue"], "shapes": ["square", "circle"]},
+        "train": {"batch_size": 16, "max_steps": 20, "log_every": 5, "checkpoint_every": 10, "warmup_steps": 2,
+                  "mixed_precision": "no", "lr": 3e-3, **train},
+        "sample": {"steps": 4, "guidance_scale": 2.0, "images_per_prompt": 2},
+    }

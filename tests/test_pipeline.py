@@ -1,0 +1,77 @@
+import pytest
+import torch
+
+from semroute.dit import DIT_PRESETS, SemanticRoutingDiT
+from semroute.pipeline import SemanticRoutingPipeline, check_compatible, encode_prompts
+from semroute.text_encoder import TextEncoder, TextEncoderConfig
+
+PROMPTS = ["two red circles", "one blue square"]
+
+
+def make_pipeline(encoder, strategy, **kwargs):
+    torch.manual_seed(0)
+    model = SemanticRoutingDiT(
+        **DIT_PRESETS["tiny"], text_dim=encoder.hidden_size, num_text_layers=encoder.num_layers, strategy=strategy
+    )
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return SemanticRoutingPipeline(model, encoder, **kwargs)
+
+
+@pytest.mark.parametrize("strategy", ["single", "uniform", "static", "depth"])
+@pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16])
+def test_cached_context_gives_the_same_images(tiny_encoder, strategy, autocast_dtype):
+    pipe = make_pipeline(tiny_encoder, strategy, autocast_dtype=autocast_dtype)
+    cached = pipe(PROMPTS, num_inference_steps=4, guidance_scale=3.0, seed=1)
+    uncached = pipe(PROMPTS, num_inference_steps=4, guidance_scale=3.0, seed=1, reuse_context=False)
+    assert cached.shape == (2, 3, 8, 8)
+    assert 0 <= cached.min() and cached.max() <= 1
+    torch.testing.assert_close(cached, uncached, rtol=0, atol=0)
+
+
+def test_context_is_routed_once_for_depth_and_every_step_for_time(tiny_encoder, monkeypatch):
+    calls = {}
+    for strategy, expected in (("depth", 1), ("joint", 5)):
+        pipe = make_pipeline(tiny_encoder, strategy)
+        original = pipe.transformer.route_text
+        calls[strategy] = 0
+
+        def counting(*args, _orig=original, _s=strategy, **kwargs):
+            calls[_s] += 1
+            return _orig(*args, **kwargs)
+
+        monkeypatch.setattr(pipe.transformer, "route_text", counting)
+        pipe(PROMPTS, num_inference_steps=5, guidance_scale=2.0)
+        assert calls[strategy] == expected
+
+
+def test_sampling_is_deterministic_by_seed(tiny_encoder):
+    pipe = make_pipeline(tiny_encoder, "time")
+    a = pipe(PROMPTS, 3, 2.0, seed=5)
+    torch.testing.assert_close(a, pipe(PROMPTS, 3, 2.0, seed=5), rtol=0, atol=0)
+    assert not torch.equal(a, pipe(PROMPTS, 3, 2.0, seed=6))
+
+
+def test_prompt_features_are_padded_and_layernormed(tiny_encoder):
+    feats = encode_prompts(tiny_encoder, ["one red circle", "two blue squares and one red circle", ""], batch_size=2)
+    assert feats.hidden.shape[:2] == (3, 4)
+    assert feats.mask.sum(1).tolist()[1] == feats.hidden.shape[2]
+    real = feats.hidden[0][:, feats.mask[0]]
+    torch.testing.assert_close(real.mean(-1), torch.zeros(real.shape[:-1]), atol=1e-4, rtol=0)
+    text, mask = feats.select(torch.tensor([2, 0]))
+    assert text.shape[:2] == (4, 2) and torch.equal(mask[1], feats.mask[0])
+
+
+def test_mismatched_encoder_names_both_numbers(tiny_encoder, tiny_llama_dir):
+    model = SemanticRoutingDiT(**DIT_PRESETS["tiny"], text_dim=tiny_encoder.hidden_size, num_text_layers=30)
+    with pytest.raises(ValueError, match="30 LLM layers but the text encoder gives 4"):
+        check_compatible(model, tiny_encoder)
+    model = SemanticRoutingDiT(**DIT_PRESETS["tiny"], text_dim=576, num_text_layers=4)
+    with pytest.raises(ValueError, match="hidden size 576 but the text encoder has 32"):
+        check_compatible(model, tiny_encoder)
+    fewer = TextEncoder(TextEncoderConfig(model=str(tiny_llama_dir), layers=[1, 2]))
+    with pytest.raises(ValueError, match="4 LLM layers but the text encoder gives 2"):
+        make_pipeline(tiny_encoder, "depth").__class__(
+            SemanticRoutingDiT(**DIT_PRESETS["tiny"], text_dim=32, num_text_layers=4), fewer
+        )

@@ -1,0 +1,106 @@
+import numpy as np
+import pytest
+import torch
+
+from semroute.data.shapes import (
+    COLOURS,
+    Group,
+    ShapesConfig,
+    ShapesDataset,
+    ShapesTask,
+    caption,
+    detect_objects,
+    parse_caption,
+    score,
+)
+
+
+@pytest.fixture(scope="module")
+def task():
+    return ShapesTask(ShapesConfig(two_object_fraction=0.3))
+
+
+def renders(task, n, seed=0):
+    for i in range(n):
+        rng = np.random.default_rng([seed, i])
+        scene = task.draw_scene(rng)
+        yield scene, task.render(scene, rng)
+
+
+def test_scorer_is_exact_on_clean_renders(task):
+    results = [score(image, scene) for scene, image in renders(task, 400)]
+    assert all(all(r.values()) for r in results)
+    assert any(len(scene) == 2 for scene, _ in renders(task, 50))
+
+
+def test_clean_renders_are_clean_objects(task):
+    for scene, image in renders(task, 100, seed=1):
+        objects = detect_objects(image)
+        assert len(objects) == sum(g.count for g in scene)
+        assert all(o.clean for o in objects)
+
+
+def test_scorer_is_robust_to_noise_and_blur(task):
+    g = torch.Generator().manual_seed(0)
+    ok = 0
+    total = 0
+    for scene, image in renders(task, 200, seed=2):
+        x = torch.from_numpy(image)
+        # dimmer, slightly blurred edges and noise, like samples of a half-trained model
+        blurred = 0.85 * x + 0.05 * torch.nn.functional.avg_pool2d(x[None], 3, 1, 1)[0]
+        noisy = (blurred + 0.06 * torch.randn(x.shape, generator=g)).clamp(0, 1)
+        ok += all(score(noisy, scene).values())
+        total += 1
+    assert ok / total > 0.97
+
+
+def test_known_defects_are_scored_wrong(task):
+    rng = np.random.default_rng(0)
+    scene = (Group(3, "red", "circle"),)
+    fewer = task.render((Group(2, "red", "circle"),), rng)
+    r = score(fewer, scene)
+    assert not r["count"] and not r["exact"] and r["colour"] and r["shape"]
+    recoloured = task.render((Group(3, "blue", "circle"),), rng)
+    r = score(recoloured, scene)
+    assert r["count"] and not r["colour"] and not r["exact"]
+    reshaped = task.render((Group(3, "red", "triangle"),), rng)
+    r = score(reshaped, scene)
+    assert r["count"] and r["colour"] and not r["shape"]
+    swapped = task.render((Group(1, "red", "circle"), Group(2, "blue", "square")), rng)
+    r = score(swapped, (Group(2, "red", "circle"), Group(1, "blue", "square")))
+    assert r["count"] and not r["exact"]
+    assert not score(np.zeros((3, 16, 16), dtype=np.float32), scene)["colour"]
+
+
+def test_specks_are_not_objects():
+    image = np.zeros((3, 16, 16), dtype=np.float32)
+    image[:, 2, 2] = 1.0
+    image[:, 8, 8:10] = 1.0
+    assert detect_objects(image) == []
+
+
+def test_rendering_is_deterministic_by_seed(task):
+    ds_a, ds_b = ShapesDataset(task, seed=3), ShapesDataset(task, seed=3)
+    for i in range(20):
+        xa, ca = ds_a[i]
+        xb, cb = ds_b[i]
+        assert ca == cb and torch.equal(xa, xb)
+    assert not torch.equal(ShapesDataset(task, seed=4)[0][0], ds_a[0][0])
+    x, _ = ds_a[0]
+    assert x.shape == (3, 16, 16) and x.min() == -1 and x.max() == 1
+
+
+def test_captions_round_trip(task):
+    for scene in task.single_scenes + task.two_object_scenes[:100]:
+        assert parse_caption(caption(scene)) == scene
+    assert caption((Group(2, "red", "circle"), Group(1, "blue", "square"))) == "two red circles and one blue square"
+    with pytest.raises(ValueError, match="cannot read"):
+        parse_caption("seven pink hexagons")
+
+
+def test_vocabulary_is_validated():
+    with pytest.raises(ValueError, match="unknown data.colours"):
+        ShapesConfig(colours=["red", "teal"])
+    with pytest.raises(ValueError, match="data.counts"):
+        ShapesConfig(counts=[0, 1])
+    assert len(ShapesTask().single_scenes) == 4 * len(COLOURS) * 3

@@ -1,0 +1,168 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from semroute.cli import main
+from semroute.config import load_config
+from semroute.dit import SemanticRoutingDiT
+from semroute.flow import RectifiedFlow
+from semroute.pipeline import SemanticRoutingPipeline
+from semroute.train import load_raw_weights, resolve_checkpoint, train
+
+from .conftest import tiny_run_config
+
+
+def fixed_batch_loss(model, features, dataset, null_id):
+    """Loss on a fixed batch with fixed noise and times: comparable before and after training."""
+    xs, ids = zip(*(dataset[i] for i in range(10**8, 10**8 + 64)))
+    x0, ids = torch.stack(xs), torch.tensor(ids)
+    text, mask = features.select(ids)
+    with torch.no_grad():
+        return RectifiedFlow().loss(
+            lambda x, t: model(x, t, text.float(), mask, text_normalized=True), x0, torch.Generator().manual_seed(0)
+        ).item()
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_llama_dir, tiny_encoder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    config = load_config(tiny_run_config(tiny_llama_dir, max_steps=60, checkpoint_every=30))
+    result = train(config, out, progress=False, encoder=tiny_encoder)
+    return config, out, result
+
+
+def test_short_training_lowers_the_loss_and_moves_the_gates(trained_run, tiny_encoder):
+    from semroute.data.shapes import ShapesDataset, ShapesTask
+    from semroute.train import prompt_table
+
+    config, out, result = trained_run
+    assert result.steps == 60
+    dataset = ShapesDataset(ShapesTask(config.data), seed=config.train.seed)
+    features = prompt_table(tiny_encoder, dataset.captions, progress=False)
+    null_id = len(dataset.captions)
+    trained = SemanticRoutingDiT(**config.model_kwargs(), text_dim=32, num_text_layers=4)
+    trained.load_state_dict(load_raw_weights(result.checkpoint))
+    torch.manual_seed(config.train.seed)
+    initial = SemanticRoutingDiT(**config.model_kwargs(), text_dim=32, num_text_layers=4)
+    # adaLN-zero starts at zero velocity; compare the trained loss with that starting loss.
+    assert fixed_batch_loss(trained, features, dataset, null_id) < 0.8 * fixed_batch_loss(initial, features, dataset, null_id)
+    logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs] == list(range(5, 61, 5))
+    assert logs[-1]["fusion_entropy"] < logs[0]["fusion_entropy"] <= torch.log(torch.tensor(4.0)).item() + 1e-6
+    assert not torch.allclose(trained.fusion.logits, torch.zeros_like(trained.fusion.logits))
+
+
+def test_checkpoint_round_trips_exactly(trained_run, tiny_encoder):
+    config, out, result = trained_run
+    assert resolve_checkpoint(out) == result.checkpoint == out / "checkpoints" / "step_000060"
+    assert (out / "checkpoints" / "step_000030" / "config.json").is_file()
+    reloaded = SemanticRoutingDiT.from_pretrained(result.checkpoint)
+    assert reloaded.config.strategy == "depth" and reloaded.config.num_text_layers == 4
+    # The diffusers weights are the EMA weights; the raw ones are kept for training.
+    raw = load_raw_weights(result.checkpoint)
+    ema = reloaded.state_dict()
+    assert ema.keys() == raw.keys()
+    assert any(not torch.equal(ema[k], raw[k]) for k in raw)
+    reloaded.save_pretrained(out / "again")
+    again = SemanticRoutingDiT.from_pretrained(out / "again").state_dict()
+    assert all(torch.equal(again[k], ema[k]) for k in ema)
+    saved = yaml.safe_load((result.checkpoint / "run_config.yaml").read_text())
+    assert load_config(saved) == config
+    pipe = SemanticRoutingPipeline.from_checkpoint(result.checkpoint)
+    images = pipe(["one red square"], num_inference_steps=3, guidance_scale=2.0)
+    assert images.shape == (1, 3, 8, 8)
+
+
+def test_cli_sample_and_routing(trained_run, tmp_path, capsys):
+    _, out, _ = trained_run
+    png = tmp_path / "s.png"
+    assert main(["sample", "--checkpoint", str(out), "--prompt", "two red circles", "--n", "2", "--steps", "3", "--out", str(png)]) == 0
+    assert png.stat().st_size > 1000
+    routing = tmp_path / "r.png"
+    assert main(["routing", "--checkpoint", str(out), "--out", str(routing)]) == 0
+    assert routing.stat().st_size > 1000
+
+
+def test_cli_train_end_to_end(tiny_llama_dir, tmp_path):
+    for strategy in ("time", "single"):
+        cfg = tmp_path / f"{strategy}.yaml"
+        cfg.write_text(yaml.safe_dump(tiny_run_config(tiny_llama_dir, strategy)))
+        out = tmp_path / f"run-{strategy}"
+        assert main(["train", "--config", str(cfg), "--out", str(out), "--max-steps", "3"]) == 0
+        assert (out / "checkpoints" / "step_000003" / "diffusion_pytorch_model.safetensors").is_file()
+    assert main(["routing", "--checkpoint", str(tmp_path / "run-time"), "--out", str(tmp_path / "t.png")]) == 0
+
+
+def _error(capsys, argv):
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"model": {"preset": "tiny", "strategy": "layerwise"}}, "valid: single, uniform, static, time, depth, joint"),
+        ({"model": {"preset": "huge"}}, "unknown model.preset 'huge'; valid: paper, cpu-small, tiny"),
+        ({"model": {"preset": "tiny", "dropout": 0.1}}, "unknown config key model.dropout"),
+        ({"model": {"preset": "tiny", "text_dim": 8}}, "set from the text encoder"),
+        ({"optimizer": {}}, "unknown config key optimizer; valid: model, text_encoder, data, train, sample"),
+        ({"train": {"batch_size": 16, "lr_decay": 1}}, "unknown config key train.lr_decay"),
+        ({"train": {"batch_size": "big"}}, "train.batch_size must be of type int"),
+        ({"train": {"batch_size": 0}}, "train.batch_size must be > 0"),
+        ({"sample": {"guidance_scale": 0.5}}, "guidance_scale must be >= 1"),
+        ({"data": {"image_size": 16}}, "model.sample_size 8 differs from data.image_size 16"),
+    ],
+)
+def test_bad_configs_exit_2_with_the_fix(tiny_llama_dir, tmp_path, capsys, change, message):
+    config = tiny_run_config(tiny_llama_dir)
+    for key, value in change.items():
+        config[key] = {**config.get(key, {}), **value} if key != "model" else value
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "out"
+    err = _error(capsys, ["train", "--config", str(path), "--out", str(out)])
+    assert message in err
+    assert not out.exists()
+
+
+def test_missing_inputs_exit_2_and_create_nothing(tmp_path, capsys):
+    png = tmp_path / "never.png"
+    err = _error(capsys, ["sample", "--checkpoint", str(tmp_path / "nope"), "--prompt", "x", "--out", str(png)])
+    assert "does not exist" in err and not png.exists()
+    err = _error(capsys, ["routing", "--checkpoint", str(tmp_path), "--out", str(png)])
+    assert "neither a checkpoint nor a run directory" in err and not png.exists()
+    err = _error(capsys, ["train", "--config", str(tmp_path / "none.yaml")])
+    assert "does not exist" in err
+
+
+def test_checkpoint_with_other_encoder_is_refused(trained_run, tmp_path, capsys):
+    from .conftest import make_tiny_llama
+
+    _, out, _ = trained_run
+    other = make_tiny_llama(tmp_path / "other", num_layers=3, hidden=32)
+    png = tmp_path / "x.png"
+    err = _error(capsys, ["sample", "--checkpoint", str(out), "--prompt", "x", "--text-encoder", str(other), "--out", str(png)])
+    assert "routes 4 LLM layers but the text encoder gives 3" in err and not png.exists()
+
+
+def test_argument_errors_are_usage_errors(capsys):
+    with pytest.raises(SystemExit) as err:
+        main(["sample", "--checkpoint", "x", "--prompt", "y", "--cfg", "0.5"])
+    assert err.value.code == 2 and "must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--config", "x.yaml", "--max-steps", "0"])
+
+
+def test_packaged_configs_load():
+    root = Path(__file__).parents[1] / "configs"
+    names = sorted(p.name for p in root.glob("*.yaml"))
+    assert names == ["b1-penultimate.yaml", "b2-uniform.yaml", "b3-static.yaml", "demo.yaml",
+                     "s1-time.yaml", "s2-depth.yaml", "s3-joint.yaml"]
+    strategies = {n: load_config(root / n).model_kwargs()["strategy"] for n in names}
+    assert strategies["b1-penultimate.yaml"] == "single" and strategies["s3-joint.yaml"] == "joint"
