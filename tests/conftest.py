@@ -54,11 +54,11 @@ def tiny_encoder(tiny_llama_dir):
 
 
 def tiny_run_config(tiny_llama_dir: Path, strategy: str = "depth", **train) -> dict:
-    """A complete run config for an 8x8 shapes task that trains in seconds."""
+    """A complete run config for a 12x12 shapes task that trains in seconds."""
     return {
-        "model": {"preset": "tiny", "strategy": strategy},
+        "model": {"preset": "tiny", "strategy": strategy, "sample_size": 12},
         "text_encoder": {"model": str(tiny_llama_dir), "max_length": 16},
-        "data": {"image_size": 8, "counts": [1, 2], "colours": ["red", "blue"], "shapes": ["square", "circle"]},
+        "data": {"image_size": 12, "counts": [1, 2], "colours": ["red", "blue"], "shapes": ["square", "circle"]},
         "train": {"batch_size": 16, "max_steps": 20, "log_every": 5, "checkpoint_every": 10, "warmup_steps": 2,
                   "mixed_precision": "no", "lr": 3e-3, **train},
         "sample": {"steps": 4, "guidance_scale": 2.0, "images_per_prompt": 2},

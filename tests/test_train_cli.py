@@ -41,7 +41,7 @@ def test_short_training_lowers_the_loss_and_moves_the_gates(trained_run, tiny_en
     config, out, result = trained_run
     assert result.steps == 60
     dataset = ShapesDataset(ShapesTask(config.data), seed=config.train.seed)
-    features = prompt_table(tiny_encoder, dataset.captions, progress=False)
+    features = prompt_table(tiny_encoder, dataset.captions, config.train.mixed_precision, progress=False)
     null_id = len(dataset.captions)
     trained = SemanticRoutingDiT(**config.model_kwargs(), text_dim=32, num_text_layers=4)
     trained.load_state_dict(load_raw_weights(result.checkpoint))
@@ -73,7 +73,7 @@ def test_checkpoint_round_trips_exactly(trained_run, tiny_encoder):
     assert load_config(saved) == config
     pipe = SemanticRoutingPipeline.from_checkpoint(result.checkpoint)
     images = pipe(["one red square"], num_inference_steps=3, guidance_scale=2.0)
-    assert images.shape == (1, 3, 8, 8)
+    assert images.shape == (1, 3, 12, 12)
 
 
 def test_cli_sample_and_routing(trained_run, tmp_path, capsys):
@@ -116,7 +116,7 @@ def _error(capsys, argv):
         ({"train": {"batch_size": "big"}}, "train.batch_size must be of type int"),
         ({"train": {"batch_size": 0}}, "train.batch_size must be > 0"),
         ({"sample": {"guidance_scale": 0.5}}, "guidance_scale must be >= 1"),
-        ({"data": {"image_size": 16}}, "model.sample_size 8 differs from data.image_size 16"),
+        ({"data": {"image_size": 16}}, "model.sample_size 12 differs from data.image_size 16"),
     ],
 )
 def test_bad_configs_exit_2_with_the_fix(tiny_llama_dir, tmp_path, capsys, change, message):

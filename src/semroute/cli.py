@@ -113,7 +113,7 @@ def cmd_routing(args) -> None:
 
     checkpoint = resolve_checkpoint(args.checkpoint)
     model = SemanticRoutingDiT.from_pretrained(checkpoint)
-    layers = json.loads((checkpoint / "text_encoder.json").read_text())["layers"]
+    layers = json.loads((checkpoint / "text_encoder.json").read_text())["resolved_layers"]
     plot_routing(model.fusion, args.out, layers, title=str(checkpoint))
     print(f"wrote {args.out}")
 

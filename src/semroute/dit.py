@@ -14,7 +14,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from .fusion import LayerFusion, check_strategy, sinusoidal_embedding
 
 TIMESTEP_CONDITIONING = ("none", "adaln-zero")
-_ALL_BACKENDS = list(SDPBackend)
 
 
 def rope_2d(grid_h: int, grid_w: int, head_dim: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,8 +70,9 @@ class RMSNorm(nn.RMSNorm):
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """scaled_dot_product_attention; on CPU the math kernel, faster than flash for these short sequences (measured)."""
-    backends = [SDPBackend.MATH] if q.device.type == "cpu" else _ALL_BACKENDS
-    with sdpa_kernel(backends):
+    if q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    with sdpa_kernel(SDPBackend.MATH):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
@@ -309,6 +309,8 @@ class SemanticRoutingDiT(ModelMixin, ConfigMixin):
         For t-independent strategies the result is valid for every sampling step of these prompts.
         """
         fused = self.fusion(text_hidden_states, t, normalized=normalized)  # (G, B, S, C)
+        if not torch.is_autocast_enabled(fused.device.type):
+            fused = fused.to(self.context_embedder.proj.weight.dtype)  # e.g. bf16 cached features, fp32 model
         context = self.context_embedder(fused)  # (G, B, S, H)
         kv = [block.cross_attn.keys_values(context[min(d, len(context) - 1)]) for d, block in enumerate(self.blocks)]
         return RoutedContext(kv, text_mask.bool())

@@ -85,7 +85,9 @@ class SemanticRoutingPipeline:
         meta = path / TEXT_ENCODER_FILE
         if not meta.is_file():
             raise FileNotFoundError(f"{path} is not a semroute checkpoint (no {TEXT_ENCODER_FILE})")
-        config = TextEncoderConfig(**json.loads(meta.read_text()))
+        stored = json.loads(meta.read_text())
+        stored.pop("resolved_layers", None)
+        config = TextEncoderConfig(**stored)
         if text_encoder is not None:
             config.model = text_encoder
         transformer = SemanticRoutingDiT.from_pretrained(path)

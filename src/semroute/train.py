@@ -85,7 +85,8 @@ def save_checkpoint(
         save_file({str(i): p.contiguous() for i, p in enumerate(ema.shadow_params)}, state_dir / "ema.safetensors")
         torch.save(optimizer.state_dict(), state_dir / "optimizer.pt")
         (state_dir / "state.json").write_text(json.dumps({"step": step, "ema_optimization_step": ema.optimization_step}))
-        (tmp / TEXT_ENCODER_FILE).write_text(json.dumps({**encoder.config.to_dict(), "layers": encoder.layers}, indent=2))
+        # The layers as configured (empty = all) and as resolved for this model.
+        (tmp / TEXT_ENCODER_FILE).write_text(json.dumps({**encoder.config.to_dict(), "resolved_layers": encoder.layers}, indent=2))
         config.save(tmp / RUN_CONFIG_FILE)
         if directory.exists():
             shutil.rmtree(directory)
@@ -142,9 +143,15 @@ def write_sample_grid(
     save_sample_grid(images, [caption(scene) for scene in scenes], k, path, title=title)
 
 
-def prompt_table(encoder: TextEncoder, captions: list[str], progress: bool) -> PromptFeatures:
-    """Features of every training caption plus the null prompt (last row), computed once."""
-    return encode_prompts(encoder, captions + [NULL_PROMPT], dtype=torch.bfloat16, progress=progress)
+FEATURE_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def prompt_table(encoder: TextEncoder, captions: list[str], mixed_precision: str, progress: bool) -> PromptFeatures:
+    """Features of every training caption plus the null prompt (last row), computed once.
+
+    Stored in the training precision: LayerNorm'd features are O(1), so bf16/fp16 lose nothing that matters.
+    """
+    return encode_prompts(encoder, captions + [NULL_PROMPT], dtype=FEATURE_DTYPES[mixed_precision], progress=progress)
 
 
 def train_step(
@@ -197,7 +204,7 @@ def train(
     task = ShapesTask(config.data)
     dataset = ShapesDataset(task, seed=t.seed)
     encoder = encoder or TextEncoder(config.text_encoder)
-    features = prompt_table(encoder, dataset.captions, progress)
+    features = prompt_table(encoder, dataset.captions, t.mixed_precision, progress)
     null_id = len(dataset.captions)
 
     model = SemanticRoutingDiT(**config.model_kwargs(), text_dim=encoder.hidden_size, num_text_layers=encoder.num_layers)

@@ -103,6 +103,14 @@ class ShapesTask:
         self.single_scenes: list[Scene] = [
             (Group(n, col, shp),) for n, col, shp in product(c.counts, c.colours, c.shapes)
         ]
+        largest = max(c.shapes, key=lambda name: SHAPES[name].size)
+        try:
+            self.render((Group(max(c.counts), c.colours[0], largest),), np.random.default_rng(0))
+        except ValueError:
+            raise ValueError(
+                f"{max(c.counts)} {largest}s do not fit on a {c.image_size}x{c.image_size} canvas; "
+                f"raise data.image_size or lower data.counts"
+            ) from None
         kinds = list(product(c.colours, c.shapes))
         self.two_object_scenes: list[Scene] = [
             (Group(n1, *k1), Group(n2, *k2))
