@@ -59,6 +59,7 @@ def test_checkpoint_round_trips_exactly(trained_run, tiny_encoder):
     config, out, result = trained_run
     assert resolve_checkpoint(out) == result.checkpoint == out / "checkpoints" / "step_000060"
     assert (out / "checkpoints" / "step_000030" / "config.json").is_file()
+    assert (out / "samples" / "step_000030.png").stat().st_size > 1000  # EMA sample grid at each checkpoint
     reloaded = SemanticRoutingDiT.from_pretrained(result.checkpoint)
     assert reloaded.config.strategy == "depth" and reloaded.config.num_text_layers == 4
     # The diffusers weights are the EMA weights; the raw ones are kept for training.
@@ -111,6 +112,7 @@ def _error(capsys, argv):
         ({"model": {"preset": "huge"}}, "unknown model.preset 'huge'; valid: paper, cpu-small, tiny"),
         ({"model": {"preset": "tiny", "dropout": 0.1}}, "unknown config key model.dropout"),
         ({"model": {"preset": "tiny", "text_dim": 8}}, "set from the text encoder"),
+        ({"model": {"preset": "tiny", "depth": "deep"}}, "model.depth must be of type int"),
         ({"optimizer": {}}, "unknown config key optimizer; valid: model, text_encoder, data, train, sample"),
         ({"train": {"batch_size": 16, "lr_decay": 1}}, "unknown config key train.lr_decay"),
         ({"train": {"batch_size": "big"}}, "train.batch_size must be of type int"),

@@ -41,8 +41,15 @@ def _guidance(text: str) -> float:
     return value
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except where there is none to show."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _HelpFormatter
     parser = argparse.ArgumentParser(
         prog="semroute",
         description="Train and sample text-to-image DiTs whose text conditioning is a per-block routed mix of LLM layers.",
@@ -76,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="train S2 on shapes with SmolLM2, then write samples, routing and metrics", formatter_class=fmt)
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory")
     p.add_argument("--config", type=Path, default=None, help=f"run config (default: the packaged {DEMO_CONFIG})")
-    p.add_argument("--minutes", type=_positive_float, default=None, help="training budget (default: from the config)")
+    p.add_argument("--minutes", type=_positive_float, default=None, help="training budget in minutes (default: train.minutes of the config)")
     p.add_argument("--max-steps", type=_positive_int, default=None, help="stop after this many steps")
     return parser
 

@@ -95,11 +95,13 @@ class RunConfig:
         preset = model.pop("preset", None)
         if preset is not None and preset not in DIT_PRESETS:
             raise ValueError(f"unknown model.preset {preset!r}; valid: {', '.join(DIT_PRESETS)}")
-        for key in model:
+        hints = typing.get_type_hints(SemanticRoutingDiT.__init__)
+        for key, value in model.items():
             if key in DERIVED_MODEL_KEYS:
                 raise ValueError(f"model.{key} is set from the text encoder; remove it from the config")
             if key not in valid:
                 raise ValueError(f"unknown config key model.{key}; valid: preset, {', '.join(valid)}")
+            model[key] = _check_type(value, hints[key], f"model.{key}")
         kwargs = {**DIT_PRESETS.get(preset, {}), **model}
         if "strategy" in kwargs:
             kwargs["strategy"] = check_strategy(kwargs["strategy"])

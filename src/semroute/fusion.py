@@ -131,7 +131,7 @@ class LayerFusion(nn.Module):
         if self.depends_on_t and t is None:
             t = torch.linspace(0, 1, 11, device=self._device())
         w = self.layer_weights(t)
-        return -(w * torch.log(w.clamp_min(1e-12))).sum(-1).mean()
+        return torch.special.entr(w).sum(-1).mean()
 
     def forward(
         self, hidden_states: torch.Tensor, t: torch.Tensor | None = None, normalized: bool = False

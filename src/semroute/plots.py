@@ -14,6 +14,16 @@ import torch  # noqa: E402
 from .fusion import LayerFusion  # noqa: E402
 
 
+def _save(fig, path: Path, title: str) -> Path:
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def save_sample_grid(images: torch.Tensor, prompts: list[str], per_prompt: int, path: Path, title: str = "") -> Path:
     """images: (len(prompts) * per_prompt, C, H, W) in [0, 1], grouped by prompt -> one row per prompt."""
     rows = len(prompts)
@@ -25,13 +35,7 @@ def save_sample_grid(images: torch.Tensor, prompts: list[str], per_prompt: int, 
             ax.set_xticks([])
             ax.set_yticks([])
         axes[r][0].set_ylabel(prompts[r], rotation=0, ha="right", va="center", fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title)
 
 
 def _heatmap(ax, weights: np.ndarray, layer_ids: list[int], title: str):
@@ -72,10 +76,4 @@ def plot_routing(fusion: LayerFusion, path: Path, layer_ids: list[int] | None = 
             axes[3].set_xlabel("t (1 = noise)")
             axes[3].set_ylabel("weight (mean over blocks)")
             axes[3].set_title("weight vs t; colour = LLM layer (dark = early)", fontsize=9)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title)
