@@ -5,11 +5,13 @@ import torch
 from semroute.data.shapes import (
     COLOURS,
     Group,
+    Scene,
     ShapesConfig,
     ShapesDataset,
     ShapesTask,
     caption,
     detect_objects,
+    fidelity_counts,
     parse_caption,
     score,
 )
@@ -17,7 +19,7 @@ from semroute.data.shapes import (
 
 @pytest.fixture(scope="module")
 def task():
-    return ShapesTask(ShapesConfig(two_object_fraction=0.3))
+    return ShapesTask(ShapesConfig(two_object_fraction=0.3, position_fraction=0.3))
 
 
 def renders(task, n, seed=0):
@@ -30,13 +32,14 @@ def renders(task, n, seed=0):
 def test_scorer_is_exact_on_clean_renders(task):
     results = [score(image, scene) for scene, image in renders(task, 400)]
     assert all(all(r.values()) for r in results)
-    assert any(len(scene) == 2 for scene, _ in renders(task, 50))
+    assert any(len(scene.groups) == 2 for scene, _ in renders(task, 50))
+    assert any(scene.relation for scene, _ in renders(task, 50))
 
 
 def test_clean_renders_are_clean_objects(task):
     for scene, image in renders(task, 100, seed=1):
         objects = detect_objects(image)
-        assert len(objects) == sum(g.count for g in scene)
+        assert len(objects) == scene.total
         assert all(o.clean for o in objects)
 
 
@@ -56,18 +59,18 @@ def test_scorer_is_robust_to_noise_and_blur(task):
 
 def test_known_defects_are_scored_wrong(task):
     rng = np.random.default_rng(0)
-    scene = (Group(3, "red", "circle"),)
-    fewer = task.render((Group(2, "red", "circle"),), rng)
+    scene = Scene((Group(3, "red", "circle"),))
+    fewer = task.render(Scene((Group(2, "red", "circle"),)), rng)
     r = score(fewer, scene)
     assert not r["count"] and not r["exact"] and r["colour"] and r["shape"]
-    recoloured = task.render((Group(3, "blue", "circle"),), rng)
+    recoloured = task.render(Scene((Group(3, "blue", "circle"),)), rng)
     r = score(recoloured, scene)
     assert r["count"] and not r["colour"] and not r["exact"]
-    reshaped = task.render((Group(3, "red", "triangle"),), rng)
+    reshaped = task.render(Scene((Group(3, "red", "triangle"),)), rng)
     r = score(reshaped, scene)
     assert r["count"] and r["colour"] and not r["shape"]
-    swapped = task.render((Group(1, "red", "circle"), Group(2, "blue", "square")), rng)
-    r = score(swapped, (Group(2, "red", "circle"), Group(1, "blue", "square")))
+    swapped = task.render(Scene((Group(1, "red", "circle"), Group(2, "blue", "square"))), rng)
+    r = score(swapped, Scene((Group(2, "red", "circle"), Group(1, "blue", "square"))))
     assert r["count"] and not r["exact"]
     assert not score(np.zeros((3, 16, 16), dtype=np.float32), scene)["colour"]
 
@@ -91,9 +94,9 @@ def test_rendering_is_deterministic_by_seed(task):
 
 
 def test_captions_round_trip(task):
-    for scene in task.single_scenes + task.two_object_scenes[:100]:
+    for scene in task.single_scenes + task.two_object_scenes[:100] + task.position_scenes[:100]:
         assert parse_caption(caption(scene)) == scene
-    assert caption((Group(2, "red", "circle"), Group(1, "blue", "square"))) == "two red circles and one blue square"
+    assert caption(Scene((Group(2, "red", "circle"), Group(1, "blue", "square")))) == "two red circles and one blue square"
     with pytest.raises(ValueError, match="cannot read"):
         parse_caption("seven pink hexagons")
 
@@ -104,3 +107,33 @@ def test_vocabulary_is_validated():
     with pytest.raises(ValueError, match="data.counts"):
         ShapesConfig(counts=[0, 1])
     assert len(ShapesTask().single_scenes) == 4 * len(COLOURS) * 3
+
+
+def test_relations_render_and_score(task):
+    rng = np.random.default_rng(5)
+    red_circle, blue_square = Group(1, "red", "circle"), Group(1, "blue", "square")
+    for relation, opposite in (("left of", "right of"), ("above", "below")):
+        scene = Scene((red_circle, blue_square), relation)
+        image = task.render(scene, rng)
+        assert score(image, scene)["exact"]
+        wrong = Scene((red_circle, blue_square), opposite)
+        r = score(image, wrong)
+        assert r["count"] and r["colour"] and r["shape"] and not r["exact"]
+        # The same relation read from the other object is the opposite relation.
+        assert score(image, Scene((blue_square, red_circle), opposite))["exact"]
+    assert caption(Scene((red_circle, blue_square), "above")) == "a red circle above a blue square"
+    with pytest.raises(ValueError, match="two single objects"):
+        Scene((Group(2, "red", "circle"), blue_square), "above")
+    with pytest.raises(ValueError, match="unknown relation"):
+        Scene((red_circle, blue_square), "behind")
+
+
+def test_fidelity_counts_specks_and_clean_objects(task):
+    image = task.render(Scene((Group(2, "green", "triangle"),)), np.random.default_rng(0))
+    assert fidelity_counts(image) == (2, 2)
+    drawn = np.zeros((3, 16, 16), dtype=np.float32)
+    drawn[0, 2:5, 2:5] = 1.0  # a clean red square
+    drawn[0, 12, 12] = 1.0  # a speck
+    drawn[2, 11:13, 2:4] = 1.0  # a 2x2 blob: no known shape
+    drawn[:, 7:10, 10:13] = 0.5  # a square of grey: no palette colour
+    assert fidelity_counts(drawn) == (1, 4)

@@ -1,4 +1,4 @@
-"""`semroute` command line: train, sample, routing, demo."""
+"""`semroute` command line: train, sample, routing, eval, demo."""
 
 from __future__ import annotations
 
@@ -80,6 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint directory or run directory")
     p.add_argument("--out", type=Path, required=True, help="output PNG")
 
+    p = sub.add_parser("eval", help="score a checkpoint on ShapesBench (counting, colour, two objects, position)", formatter_class=fmt)
+    p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint directory or run directory")
+    p.add_argument("--out", type=Path, default=None, help="results JSON (default: <checkpoint>/shapesbench.json)")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--n", type=_positive_int, default=4, help="images per prompt")
+    g.add_argument("--steps", type=_positive_int, default=25, help="Euler steps")
+    g.add_argument("--cfg", type=_guidance, default=3.0, help="classifier-free guidance scale")
+    g.add_argument("--shift", type=_positive_float, default=1.0, help="timestep shift of the flow-matching schedule")
+    g.add_argument("--seed", type=int, default=0, help="base noise seed (image k of prompt i uses seed + 1000 i + k)")
+
     p = sub.add_parser("demo", help="train S2 on shapes with SmolLM2, then write samples, routing and metrics", formatter_class=fmt)
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory")
     p.add_argument("--config", type=Path, default=None, help=f"run config (default: the packaged {DEMO_CONFIG})")
@@ -123,6 +133,27 @@ def cmd_routing(args) -> None:
     layers = json.loads((checkpoint / "text_encoder.json").read_text())["resolved_layers"]
     plot_routing(model.fusion, args.out, layers, title=str(checkpoint))
     print(f"wrote {args.out}")
+
+
+def cmd_eval(args) -> None:
+    from .bench import bench_prompts, run_bench
+    from .config import load_config
+    from .pipeline import SemanticRoutingPipeline
+    from .train import RUN_CONFIG_FILE, resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    out = args.out or checkpoint / "shapesbench.json"
+    if out.suffix.lower() != ".json":
+        raise ValueError(f"--out must be a .json file, got {out}")
+    config = load_config(checkpoint / RUN_CONFIG_FILE)
+    pipeline = SemanticRoutingPipeline.from_checkpoint(checkpoint)
+    results = run_bench(pipeline, bench_prompts(config.data), args.n, args.steps, args.cfg, args.shift, args.seed)
+    results["checkpoint"] = str(checkpoint)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    summary = {k: round(v, 4) for k, v in results["categories"].items()}
+    print(json.dumps({**summary, "overall": round(results["overall"], 4), "fidelity": round(results["fidelity"], 4)}))
+    print(f"wrote {out}")
 
 
 def cmd_demo(args) -> None:
@@ -173,7 +204,7 @@ def cmd_demo(args) -> None:
     print(f"wrote {args.out / 'samples.png'}, {args.out / 'routing.png'}, {args.out / 'metrics.json'}")
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "routing": cmd_routing, "demo": cmd_demo}
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "routing": cmd_routing, "eval": cmd_eval, "demo": cmd_demo}
 
 
 def configure_logging() -> None:

@@ -40,7 +40,7 @@ def accuracy(images: torch.Tensor, scenes: list[Scene], images_per_prompt: int) 
         result = score(image, scene)
         for key, ok in result.items():
             totals[key] += ok
-        per_count[sum(g.count for g in scene)].append(result["count"])
+        per_count[scene.total].append(result["count"])
     n = len(images)
     return {
         "images": n,

@@ -103,12 +103,14 @@ class SemanticRoutingPipeline:
         num_inference_steps: int = 25,
         guidance_scale: float = 4.0,
         shift: float = 1.0,
-        seed: int = 0,
+        seed: int | list[int] = 0,
         reuse_context: bool = True,
         features: PromptFeatures | None = None,
     ) -> torch.Tensor:
         """Generate one image per prompt: (B, C, H, W) in [0, 1].
 
+        seed: one seed for the whole batch, or one per prompt (each image's noise then does not depend
+        on what else is in the batch).
         features: precomputed `encode(prompts)` (the prompts followed by the null prompt), to encode once
         when sampling the same prompts many times. reuse_context=False recomputes the routed
         context every step even when the strategy allows reuse (for testing and timing).
@@ -125,8 +127,14 @@ class SemanticRoutingPipeline:
         text, mask = features.select(ids)
         text, mask = text.to(device), mask.to(device)
         cfg = model.config
-        generator = torch.Generator().manual_seed(seed)
-        noise = torch.randn(n, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=generator).to(device)
+        shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+        if isinstance(seed, int):
+            noise = torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed))
+        else:
+            if len(seed) != n:
+                raise ValueError(f"got {len(seed)} seeds for {n} prompts")
+            noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seed])
+        noise = noise.to(device)
         amp = torch.autocast(device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None)
         with amp:
             context = None

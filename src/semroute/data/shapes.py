@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from itertools import combinations, product
+from itertools import combinations, permutations, product
 
 import numpy as np
 import torch
@@ -45,29 +45,72 @@ class Group:
         return f"{NUMBERS[self.count]} {self.colour} {self.shape}{'s' if self.count > 1 else ''}"
 
 
-Scene = tuple[Group, ...]
+RELATIONS = ("left of", "right of", "above", "below")
+
+
+@dataclass(frozen=True)
+class Scene:
+    """What a caption asks for: groups of objects, or two single objects in a spatial relation."""
+
+    groups: tuple[Group, ...]
+    relation: str | None = None  # "left of" etc.: groups[0] <relation> groups[1]
+
+    def __post_init__(self):
+        if self.relation is not None:
+            if self.relation not in RELATIONS:
+                raise ValueError(f"unknown relation {self.relation!r}; valid: {', '.join(RELATIONS)}")
+            if len(self.groups) != 2 or any(g.count != 1 for g in self.groups):
+                raise ValueError("a relation needs exactly two single objects")
+            a, b = self.groups
+            if (a.colour, a.shape) == (b.colour, b.shape):
+                raise ValueError("a relation needs two objects that differ in colour or shape")
+
+    @property
+    def total(self) -> int:
+        return sum(g.count for g in self.groups)
 
 
 def caption(scene: Scene) -> str:
-    """"two red circles and one blue square"."""
-    return " and ".join(g.text() for g in scene)
+    """"two red circles and one blue square", or "a red circle left of a blue square"."""
+    if scene.relation is not None:
+        a, b = scene.groups
+        return f"a {a.colour} {a.shape} {scene.relation} a {b.colour} {b.shape}"
+    return " and ".join(g.text() for g in scene.groups)
 
 
 _GROUP_RE = re.compile(r"^(\w+) (\w+) (\w+?)s?$")
+_RELATION_RE = re.compile(r"^a (\w+) (\w+) (" + "|".join(RELATIONS) + r") a (\w+) (\w+)$")
+
+
+def _vocabulary_error(part: str) -> ValueError:
+    return ValueError(
+        f"cannot read {part!r} as '<count> <colour> <shape>' or 'a <colour> <shape> <relation> a <colour> <shape>'; "
+        f"counts {', '.join(NUMBERS[1:])}, colours {', '.join(COLOURS)}, shapes {', '.join(SHAPES)}, "
+        f"relations {', '.join(RELATIONS)}"
+    )
 
 
 def parse_caption(text: str) -> Scene:
     """Inverse of `caption`; raises ValueError naming the part it cannot read."""
+    text = text.strip().lower()
+    m = _RELATION_RE.match(text)
+    if m:
+        if m[1] not in COLOURS or m[2] not in SHAPES or m[4] not in COLOURS or m[5] not in SHAPES:
+            raise _vocabulary_error(text)
+        return Scene((Group(1, m[1], m[2]), Group(1, m[4], m[5])), m[3])
     groups = []
-    for part in text.strip().lower().split(" and "):
+    for part in text.split(" and "):
         m = _GROUP_RE.match(part.strip())
         if not m or m[1] not in NUMBERS or m[2] not in COLOURS or m[3] not in SHAPES:
-            raise ValueError(
-                f"cannot read {part!r} as '<count> <colour> <shape>'; counts {', '.join(NUMBERS[1:])}, "
-                f"colours {', '.join(COLOURS)}, shapes {', '.join(SHAPES)}"
-            )
+            raise _vocabulary_error(part)
         groups.append(Group(NUMBERS.index(m[1]), m[2], m[3]))
-    return tuple(groups)
+    return Scene(tuple(groups))
+
+
+def relation_holds(relation: str, a: tuple[float, float], b: tuple[float, float]) -> bool:
+    """Whether centre a (y, x) is <relation> centre b; image y grows downwards."""
+    (ay, ax), (by, bx) = a, b
+    return {"left of": ax < bx, "right of": ax > bx, "above": ay < by, "below": ay > by}[relation]
 
 
 @dataclass
@@ -82,6 +125,10 @@ class ShapesConfig:
     two_object_fraction: float = 0.0
     # Largest total object count in a two-object scene.
     two_object_max_total: int = 3
+    # Fraction of training scenes with two objects in a relation ("a red circle left of a blue square").
+    position_fraction: float = 0.0
+    # Never train on the ShapesBench prompts, so that the benchmark measures held-out compositions.
+    exclude_bench_prompts: bool = False
 
     def __post_init__(self):
         for name, values, valid in (("colours", self.colours, COLOURS), ("shapes", self.shapes, SHAPES)):
@@ -90,22 +137,25 @@ class ShapesConfig:
                 raise ValueError(f"unknown data.{name} {unknown}; valid: {', '.join(valid)}")
         if not self.counts or min(self.counts) < 1 or max(self.counts) >= len(NUMBERS):
             raise ValueError(f"data.counts must be within 1..{len(NUMBERS) - 1}, got {self.counts}")
-        if not 0.0 <= self.two_object_fraction <= 1.0:
-            raise ValueError(f"data.two_object_fraction must be in [0, 1], got {self.two_object_fraction}")
+        for name in ("two_object_fraction", "position_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"data.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.two_object_fraction + self.position_fraction > 1.0:
+            raise ValueError("data.two_object_fraction + data.position_fraction must be at most 1")
 
 
 class ShapesTask:
-    """The scene vocabulary, a deterministic renderer, and the lists of single- and two-object scenes."""
+    """The scene vocabulary, a deterministic renderer, and the lists of scenes of each kind."""
 
     def __init__(self, config: ShapesConfig | None = None):
         self.config = config or ShapesConfig()
         c = self.config
         self.single_scenes: list[Scene] = [
-            (Group(n, col, shp),) for n, col, shp in product(c.counts, c.colours, c.shapes)
+            Scene((Group(n, col, shp),)) for n, col, shp in product(c.counts, c.colours, c.shapes)
         ]
         largest = max(c.shapes, key=lambda name: SHAPES[name].size)
         try:
-            self.render((Group(max(c.counts), c.colours[0], largest),), np.random.default_rng(0))
+            self.render(Scene((Group(max(c.counts), c.colours[0], largest),)), np.random.default_rng(0))
         except ValueError:
             raise ValueError(
                 f"{max(c.counts)} {largest}s do not fit on a {c.image_size}x{c.image_size} canvas; "
@@ -113,33 +163,55 @@ class ShapesTask:
             ) from None
         kinds = list(product(c.colours, c.shapes))
         self.two_object_scenes: list[Scene] = [
-            (Group(n1, *k1), Group(n2, *k2))
+            Scene((Group(n1, *k1), Group(n2, *k2)))
             for k1, k2 in combinations(kinds, 2)
             for n1, n2 in product(c.counts, c.counts)
             if n1 + n2 <= c.two_object_max_total
+        ]
+        self.position_scenes: list[Scene] = [
+            Scene((Group(1, *k1), Group(1, *k2)), relation)
+            for k1, k2 in permutations(kinds, 2)
+            for relation in RELATIONS
+        ]
+        excluded = set()
+        if c.exclude_bench_prompts:
+            from ..bench.shapesbench import bench_prompts
+
+            excluded = {p.scene for p in bench_prompts(c)}
+        self._pools = [
+            (1.0 - c.two_object_fraction - c.position_fraction, [s for s in self.single_scenes if s not in excluded]),
+            (c.two_object_fraction, [s for s in self.two_object_scenes if s not in excluded]),
+            (c.position_fraction, [s for s in self.position_scenes if s not in excluded]),
         ]
 
     def display_scenes(self) -> list[Scene]:
         """A fixed set for sample grids: every count with every shape, colours rotating."""
         c = self.config
         return [
-            (Group(n, c.colours[(i + j) % len(c.colours)], shape),)
+            Scene((Group(n, c.colours[(i + j) % len(c.colours)], shape),))
             for i, n in enumerate(c.counts)
             for j, shape in enumerate(c.shapes)
         ]
 
     def training_scenes(self) -> list[Scene]:
-        return self.single_scenes + (self.two_object_scenes if self.config.two_object_fraction > 0 else [])
+        """Every scene training can draw (bench prompts left out when excluded)."""
+        return [scene for share, pool in self._pools if share > 0 for scene in pool]
 
     def draw_scene(self, rng: np.random.Generator) -> Scene:
-        if self.config.two_object_fraction > 0 and rng.random() < self.config.two_object_fraction:
-            return self.two_object_scenes[rng.integers(len(self.two_object_scenes))]
-        return self.single_scenes[rng.integers(len(self.single_scenes))]
+        u, cumulative = rng.random(), 0.0
+        for share, pool in self._pools:
+            cumulative += share
+            if share > 0 and u < cumulative:
+                return pool[rng.integers(len(pool))]
+        return self._pools[0][1][rng.integers(len(self._pools[0][1]))]
 
     def render(self, scene: Scene, rng: np.random.Generator, max_tries: int = 100) -> np.ndarray:
-        """Scene -> image (3, H, W) float32 in [0, 1]; objects never touch, not even diagonally."""
+        """Scene -> image (3, H, W) float32 in [0, 1]; objects never touch, not even diagonally.
+
+        For a relation, the two objects' boxes are also apart along the relation's axis.
+        """
         size = self.config.image_size
-        masks = [(SHAPES[g.shape], COLOURS[g.colour]) for g in scene for _ in range(g.count)]
+        masks = [(SHAPES[g.shape], COLOURS[g.colour]) for g in scene.groups for _ in range(g.count)]
         for _ in range(max_tries):
             occupied = np.zeros((size + 2, size + 2), dtype=bool)  # padded so a 1-px margin fits
             placed = []
@@ -153,7 +225,7 @@ class ShapesTask:
                         break
                 else:
                     break
-            if len(placed) == len(masks):
+            if len(placed) == len(masks) and (scene.relation is None or self._separated(scene.relation, placed)):
                 image = np.zeros((3, size, size), dtype=np.float32)
                 for y, x, mask, colour in placed:
                     h, w = mask.shape
@@ -161,6 +233,15 @@ class ShapesTask:
                         image[ch, y : y + h, x : x + w][mask] = colour[ch]
                 return image
         raise ValueError(f"could not fit {caption(scene)!r} on a {size}x{size} canvas")
+
+    @staticmethod
+    def _separated(relation: str, placed) -> bool:
+        (ay, ax, am, _), (by, bx, bm, _) = placed
+        if relation in ("left of", "right of"):
+            left, right = ((ax, am), (bx, bm)) if relation == "left of" else ((bx, bm), (ax, am))
+            return left[0] + left[1].shape[1] <= right[0]
+        top, bottom = ((ay, am), (by, bm)) if relation == "above" else ((by, bm), (ay, am))
+        return top[0] + top[1].shape[0] <= bottom[0]
 
 
 class ShapesDataset(torch.utils.data.Dataset):
@@ -212,8 +293,8 @@ _SHAPE_FEATURES = np.array([(m.shape[0], m.shape[1], m.sum()) for m in SHAPES.va
 _EIGHT_NEIGHBOURS = np.ones((3, 3), dtype=bool)
 
 
-def detect_objects(image: np.ndarray | torch.Tensor) -> list[DetectedObject]:
-    """Read the objects in an image (3, H, W) in [0, 1]: 8-connected bright components of >= 3 px.
+def detect_objects(image: np.ndarray | torch.Tensor, min_pixels: int = MIN_PIXELS) -> list[DetectedObject]:
+    """Read the objects in an image (3, H, W) in [0, 1]: 8-connected bright components of >= min_pixels.
 
     Each gets the nearest palette colour (mean RGB) and the nearest shape by (height, width, area).
     """
@@ -225,7 +306,7 @@ def detect_objects(image: np.ndarray | torch.Tensor) -> list[DetectedObject]:
     for index, slices in enumerate(ndimage.find_objects(labels), start=1):
         component = labels[slices] == index
         pixels = int(component.sum())
-        if pixels < MIN_PIXELS:
+        if pixels < min_pixels:
             continue
         mean = image[:, slices[0], slices[1]][:, component].mean(axis=1)
         colour_distances = np.linalg.norm(_PALETTE - mean, axis=1)
@@ -243,16 +324,28 @@ def score(image: np.ndarray | torch.Tensor, scene: Scene) -> dict[str, bool]:
     """Judge an image against its scene.
 
     count: the number of objects equals the total prompted; colour / shape: every object has a
-    prompted colour / shape; exact: the objects per (colour, shape) are exactly the prompted ones.
+    prompted colour / shape; exact: the objects per (colour, shape) are exactly the prompted ones
+    and, for a relation, the first object's centre stands in that relation to the second's.
     """
     objects = detect_objects(image)
     found = Counter((o.colour, o.shape) for o in objects)
-    wanted = Counter({(g.colour, g.shape): g.count for g in scene})
-    colours = {g.colour for g in scene}
-    shapes = {g.shape for g in scene}
+    wanted = Counter({(g.colour, g.shape): g.count for g in scene.groups})
+    colours = {g.colour for g in scene.groups}
+    shapes = {g.shape for g in scene.groups}
+    exact = found == wanted
+    if exact and scene.relation is not None:
+        a, b = scene.groups
+        centre = {(o.colour, o.shape): o.centre for o in objects}
+        exact = relation_holds(scene.relation, centre[(a.colour, a.shape)], centre[(b.colour, b.shape)])
     return {
-        "count": len(objects) == sum(g.count for g in scene),
+        "count": len(objects) == scene.total,
         "colour": bool(objects) and all(o.colour in colours for o in objects),
         "shape": bool(objects) and all(o.shape in shapes for o in objects),
-        "exact": found == wanted,
+        "exact": exact,
     }
+
+
+def fidelity_counts(image: np.ndarray | torch.Tensor) -> tuple[int, int]:
+    """(clean objects, all blobs including specks): how well-formed the image is, whatever the prompt."""
+    objects = detect_objects(image, min_pixels=1)
+    return sum(o.clean for o in objects), len(objects)
