@@ -48,6 +48,16 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
+def _sampling_arguments(parser: argparse.ArgumentParser, n_help: str, n_default: int, seed_help: str):
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--n", type=_positive_int, default=n_default, help=n_help)
+    group.add_argument("--steps", type=_positive_int, default=25, help="Euler steps")
+    group.add_argument("--cfg", type=_guidance, default=3.0, help="classifier-free guidance scale")
+    group.add_argument("--shift", type=_positive_float, default=1.0, help="timestep shift of the flow-matching schedule")
+    group.add_argument("--seed", type=int, default=0, help=seed_help)
+    return group
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = _HelpFormatter
     parser = argparse.ArgumentParser(
@@ -68,12 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint directory or run directory (newest checkpoint)")
     p.add_argument("--prompt", required=True, help="text prompt (empty string = unconditional)")
     p.add_argument("--out", type=Path, default=Path("samples.png"), help="output PNG grid")
-    g = p.add_argument_group("sampling")
-    g.add_argument("--n", type=_positive_int, default=8, help="number of images")
-    g.add_argument("--steps", type=_positive_int, default=25, help="Euler steps")
-    g.add_argument("--cfg", type=_guidance, default=3.0, help="classifier-free guidance scale")
-    g.add_argument("--shift", type=_positive_float, default=1.0, help="timestep shift of the flow-matching schedule")
-    g.add_argument("--seed", type=int, default=0, help="noise seed")
+    g = _sampling_arguments(p, n_help="number of images", n_default=8, seed_help="noise seed")
     g.add_argument("--text-encoder", default=None, help="override the text encoder path stored in the checkpoint")
 
     p = sub.add_parser("routing", help="plot the learned block x LLM-layer weights", formatter_class=fmt)
@@ -83,12 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="score a checkpoint on ShapesBench (counting, colour, two objects, position)", formatter_class=fmt)
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint directory or run directory")
     p.add_argument("--out", type=Path, default=None, help="results JSON (default: <checkpoint>/shapesbench.json)")
-    g = p.add_argument_group("sampling")
-    g.add_argument("--n", type=_positive_int, default=4, help="images per prompt")
-    g.add_argument("--steps", type=_positive_int, default=25, help="Euler steps")
-    g.add_argument("--cfg", type=_guidance, default=3.0, help="classifier-free guidance scale")
-    g.add_argument("--shift", type=_positive_float, default=1.0, help="timestep shift of the flow-matching schedule")
-    g.add_argument("--seed", type=int, default=0, help="base noise seed (image k of prompt i uses seed + 1000 i + k)")
+    _sampling_arguments(p, n_help="images per prompt", n_default=4,
+                        seed_help="base noise seed (image k of prompt i uses seed + 1000 i + k)")
 
     p = sub.add_parser("demo", help="train S2 on shapes with SmolLM2, then write samples, routing and metrics", formatter_class=fmt)
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory")
