@@ -164,7 +164,7 @@ def test_argument_errors_are_usage_errors(capsys):
 def test_packaged_configs_load():
     root = Path(__file__).parents[1] / "configs"
     names = sorted(p.name for p in root.glob("*.yaml"))
-    assert names == ["b1-penultimate.yaml", "b2-uniform.yaml", "b3-static.yaml", "demo.yaml",
+    assert names == ["ablation.yaml", "b1-penultimate.yaml", "b2-uniform.yaml", "b3-static.yaml", "demo.yaml",
                      "s1-time.yaml", "s2-depth.yaml", "s3-joint.yaml"]
     strategies = {n: load_config(root / n).model_kwargs()["strategy"] for n in names}
     assert strategies["b1-penultimate.yaml"] == "single" and strategies["s3-joint.yaml"] == "joint"

@@ -1,4 +1,4 @@
-"""`semroute` command line: train, sample, routing, eval, demo."""
+"""`semroute` command line: train, sample, routing, eval, ablate, demo."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from pathlib import Path
 
 logger = logging.getLogger("semroute")
 DEMO_CONFIG = "demo.yaml"
+ABLATION_CONFIG = "ablation.yaml"
+QUICK_MINUTES = 1.5
 
 
 def packaged_config(name: str) -> Path:
@@ -91,6 +93,20 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_arguments(p, n_help="images per prompt", n_default=4,
                         seed_help="base noise seed (image k of prompt i uses seed + 1000 i + k)")
 
+    p = sub.add_parser(
+        "ablate", help="train and ShapesBench every strategy with the same budget and seeds", formatter_class=fmt,
+        description="Trains each strategy for each seed with one budget, scores it on ShapesBench and writes "
+                    "table.md, results.json, bars.png and routing plots to --out. Re-running skips finished runs.",
+    )
+    p.add_argument("--out", type=Path, required=True, help="ablation directory")
+    p.add_argument("--config", type=Path, default=None, help=f"base run config (default: the packaged {ABLATION_CONFIG})")
+    p.add_argument("--strategies", default="b1,b2,b3,s1,s2,s3", help="paper ids, comma-separated")
+    p.add_argument("--seeds", type=_positive_int, default=3, help="seeds per strategy")
+    p.add_argument("--minutes-per-run", type=_positive_float, default=None, help="training budget per run (default: train.minutes of the config)")
+    p.add_argument("--max-steps", type=_positive_int, default=None, help="also stop each run after this many steps")
+    p.add_argument("--n", type=_positive_int, default=4, help="ShapesBench images per prompt")
+    p.add_argument("--quick", action="store_true", help=f"smoke test: 1 seed, {QUICK_MINUTES:g}-minute runs, 2 images per prompt")
+
     p = sub.add_parser("demo", help="train S2 on shapes with SmolLM2, then write samples, routing and metrics", formatter_class=fmt)
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory")
     p.add_argument("--config", type=Path, default=None, help=f"run config (default: the packaged {DEMO_CONFIG})")
@@ -157,6 +173,21 @@ def cmd_eval(args) -> None:
     print(f"wrote {out}")
 
 
+def cmd_ablate(args) -> None:
+    from .bench.ablation import parse_strategies, run_ablation
+    from .config import load_config
+
+    strategies = parse_strategies(args.strategies)
+    base = load_config(args.config or packaged_config(ABLATION_CONFIG))
+    seeds, minutes, n = args.seeds, args.minutes_per_run, args.n
+    if args.quick:
+        seeds, minutes, n = 1, QUICK_MINUTES, 2
+    result = run_ablation(base, args.out, strategies, seeds, minutes, n, max_steps=args.max_steps)
+    print((args.out / "table.md").read_text())
+    print(f"wrote {args.out}/table.md, results.json, bars.png; claims agree: "
+          f"{sum(c['agrees'] for c in result['claims'])}/{len(result['claims'])}")
+
+
 def cmd_demo(args) -> None:
     import torch
 
@@ -205,7 +236,7 @@ def cmd_demo(args) -> None:
     print(f"wrote {args.out / 'samples.png'}, {args.out / 'routing.png'}, {args.out / 'metrics.json'}")
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "routing": cmd_routing, "eval": cmd_eval, "demo": cmd_demo}
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "routing": cmd_routing, "eval": cmd_eval, "ablate": cmd_ablate, "demo": cmd_demo}
 
 
 def configure_logging() -> None:

@@ -77,3 +77,19 @@ def plot_routing(fusion: LayerFusion, path: Path, layer_ids: list[int] | None = 
             axes[3].set_ylabel("weight (mean over blocks)")
             axes[3].set_title("weight vs t; colour = LLM layer (dark = early)", fontsize=9)
     return _save(fig, path, title)
+
+
+def bar_chart(labels: list[str], stats: dict[str, list[tuple[float, float]]], path: Path, title: str = "") -> Path:
+    """Grouped bars: one group per metric, one bar per label, (mean, std) in [0, 1] shown in percent."""
+    metrics = list(stats)
+    width = 0.8 / len(labels)
+    fig, ax = plt.subplots(figsize=(1.6 * len(metrics) + 2, 3.6))
+    for i, label in enumerate(labels):
+        means = [100 * stats[m][i][0] for m in metrics]
+        stds = [100 * stats[m][i][1] for m in metrics]
+        ax.bar(np.arange(len(metrics)) + (i - (len(labels) - 1) / 2) * width, means, width, yerr=stds, label=label, capsize=2)
+    ax.set_xticks(range(len(metrics)), metrics)
+    ax.set_ylabel("%")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=7, ncol=min(3, len(labels)))
+    return _save(fig, path, title)

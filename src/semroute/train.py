@@ -189,8 +189,13 @@ def train(
     minutes: float | None = None,
     progress: bool = True,
     encoder: TextEncoder | None = None,
+    features: PromptFeatures | None = None,
 ) -> TrainResult:
-    """Train the configured DiT on the shapes task and write checkpoints under `out_dir/checkpoints`."""
+    """Train the configured DiT on the shapes task and write checkpoints under `out_dir/checkpoints`.
+
+    encoder / features: reuse a loaded text encoder and the `prompt_table` of this data config
+    across runs (the ablation does) instead of loading and encoding again.
+    """
     t = config.train
     max_steps = max_steps or t.max_steps
     minutes = minutes if minutes is not None else t.minutes
@@ -204,7 +209,10 @@ def train(
     task = ShapesTask(config.data)
     dataset = ShapesDataset(task, seed=t.seed)
     encoder = encoder or TextEncoder(config.text_encoder)
-    features = prompt_table(encoder, dataset.captions, t.mixed_precision, progress)
+    if features is None:
+        features = prompt_table(encoder, dataset.captions, t.mixed_precision, progress)
+    elif features.hidden.shape[0] != len(dataset.captions) + 1:
+        raise ValueError(f"features hold {features.hidden.shape[0]} prompts; this data config has {len(dataset.captions)} + the null prompt")
     null_id = len(dataset.captions)
 
     model = SemanticRoutingDiT(**config.model_kwargs(), text_dim=encoder.hidden_size, num_text_layers=encoder.num_layers)

@@ -1,0 +1,104 @@
+import json
+
+import pytest
+import yaml
+
+from semroute.bench.ablation import (
+    PAPER_NAMES,
+    claims,
+    paired_bootstrap,
+    parse_strategies,
+    run_ablation,
+    table_markdown,
+)
+from semroute.cli import main
+from semroute.config import load_config
+
+from .conftest import tiny_run_config
+
+
+def fake_result(sid, seed, counting, overall, fidelity):
+    prompts = [{"category": "counting", "prompt": f"p{i}", "correct": [ok, ok]} for i, ok in enumerate(counting)]
+    return {"strategy": sid, "seed": seed, "steps": 10, "overall": overall, "fidelity": fidelity,
+            "categories": {"counting": sum(counting) / len(counting), "colour": 1.0, "two_objects": 0.5, "position": 0.25},
+            "prompts": prompts}
+
+
+def test_table_and_claims_from_fixed_results():
+    found = {
+        "b1": [fake_result("b1", s, [True, False, False, False], 0.40, 0.90) for s in range(3)],
+        "s1": [fake_result("s1", s, [True, True, False, False], 0.45, 0.60) for s in range(3)],
+        "s2": [fake_result("s2", s, [True, True, True, True], 0.70 + 0.01 * s, 0.95) for s in range(3)],
+    }
+    checked = claims(found)
+    assert [c["claim"] for c in checked] == ["S2 beats B1 on counting", "S2 is best overall", "S1 has the lowest fidelity"]
+    assert all(c["agrees"] for c in checked)
+    assert checked[0]["bootstrap"]["mean"] == pytest.approx(0.75)
+    table = table_markdown(found, checked)
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "±" in line]
+    assert [r.split(" | ")[0][2:] for r in rows] == [PAPER_NAMES["b1"], PAPER_NAMES["s1"], PAPER_NAMES["s2"]]  # paper order
+    assert "| S2 depth-wise | 3 | 100.0 ± 0.0 | 100.0 ± 0.0 | 50.0 ± 0.0 | 25.0 ± 0.0 | 71.0 ± 1.0 | 95.0 ± 0.0 |" in table
+    assert "| S1 has the lowest fidelity | lowest fidelity: S1 time-wise | yes |" in table
+
+
+def test_claims_can_disagree():
+    found = {
+        "b1": [fake_result("b1", 0, [True, True, False, False], 0.8, 0.5)],
+        "s2": [fake_result("s2", 0, [True, False, False, False], 0.5, 0.9)],
+    }
+    checked = claims(found)
+    assert not checked[0]["agrees"] and not checked[1]["agrees"]
+
+
+def test_paired_bootstrap_interval():
+    a = {(0, i): 1.0 for i in range(50)}
+    b = {(0, i): 0.0 if i % 2 else 1.0 for i in range(50)}
+    boot = paired_bootstrap(a, b)
+    assert boot["mean"] == pytest.approx(0.5) and boot["pairs"] == 50
+    assert 0.3 < boot["ci95"][0] < 0.5 < boot["ci95"][1] < 0.7
+    same = paired_bootstrap(a, a)
+    assert same["ci95"] == [0.0, 0.0]
+    with pytest.raises(ValueError, match="no paired"):
+        paired_bootstrap(a, {(1, 0): 1.0})
+
+
+def test_parse_strategies():
+    assert parse_strategies("s2, b1") == ["b1", "s2"]
+    with pytest.raises(ValueError, match="valid: b1, b2, b3, s1, s2, s3"):
+        parse_strategies("b1,s9")
+
+
+def test_ablation_end_to_end_and_resume(tiny_llama_dir, tiny_encoder, tmp_path, monkeypatch):
+    raw = tiny_run_config(tiny_llama_dir)
+    raw["data"].update(two_object_fraction=0.2, position_fraction=0.2, exclude_bench_prompts=True)
+    base = load_config(raw)
+    out = tmp_path / "ablation"
+    # An interrupted run left behind: it is kept aside, not deleted.
+    (out / "runs" / "s3-seed0").mkdir(parents=True)
+    (out / "runs" / "s3-seed0" / "log.jsonl").write_text("{}\n")
+    result = run_ablation(base, out, ["b1", "s1", "s2", "s3"], 1, None, 1, max_steps=2, encoder=tiny_encoder, progress=False)
+    for name in ("table.md", "results.json", "bars.png", "routing-s1.png", "routing-s2.png", "routing-s3.png"):
+        assert (out / name).stat().st_size > 100, name
+    assert (out / "runs" / "s3-seed0.interrupted" / "log.jsonl").is_file()
+    assert {c["claim"] for c in result["claims"]} == {"S2 beats B1 on counting", "S2 is best overall", "S1 has the lowest fidelity"}
+    saved = json.loads((out / "results.json").read_text())
+    assert set(saved["summary"]) == {"b1", "s1", "s2", "s3"}
+    # Re-running trains nothing: every run is finished.
+    monkeypatch.setattr("semroute.train.train", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    again = run_ablation(base, out, ["b1", "s1", "s2", "s3"], 1, None, 1, max_steps=2, encoder=tiny_encoder, progress=False)
+    assert again["summary"] == result["summary"]
+
+
+def test_cli_ablate_rejects_unknown_strategy(tmp_path, capsys):
+    assert main(["ablate", "--out", str(tmp_path / "a"), "--strategies", "b1,x2"]) == 2
+    assert "valid: b1, b2, b3, s1, s2, s3" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+
+
+def test_cli_ablate_quick_sized_run(tiny_llama_dir, tmp_path):
+    raw = tiny_run_config(tiny_llama_dir)
+    config = tmp_path / "ablation.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "quick"
+    assert main(["ablate", "--out", str(out), "--config", str(config), "--strategies", "b1,s2", "--quick", "--max-steps", "2"]) == 0
+    assert "S2 depth-wise" in (out / "table.md").read_text()
