@@ -149,3 +149,19 @@ def test_wrong_layer_count_is_an_error():
         LayerFusion(L, D, "depth")(hidden()[:6])
     with pytest.raises(ValueError, match="outside"):
         LayerFusion(L, D, "single", single_layer=L)
+
+
+@pytest.mark.parametrize("strategy", LEARNED)
+def test_one_optimizer_step_moves_logits_by_about_the_fusion_lr(strategy):
+    torch.manual_seed(0)
+    fusion = LayerFusion(30, 6, strategy)
+    lr = 3e-2
+    opt = torch.optim.AdamW(fusion.optimizer_groups(lr))
+    t = torch.rand(64)
+    before = fusion.group_logits(t).detach().clone()
+    loss = (fusion.group_weights(t) * torch.randn(30)).sum()
+    loss.backward()
+    opt.step()
+    moved = (fusion.group_logits(t).detach() - before).abs().max().item()
+    # Plain logits move by exactly lr; the time gates by a small multiple, not by fan-in (128) times.
+    assert lr * 0.5 < moved < 4 * lr

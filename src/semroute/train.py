@@ -41,14 +41,11 @@ class TrainResult:
 
 
 def build_optimizer(model: SemanticRoutingDiT, config: RunConfig) -> torch.optim.AdamW:
-    """AdamW with the fusion gates in their own group at `fusion_lr`."""
+    """AdamW with the fusion gates in their own groups, scaled so that logits move at about `fusion_lr` per step."""
     t = config.train
-    fusion = [p for p in model.fusion.parameters() if p.requires_grad]
-    fusion_ids = {id(p) for p in fusion}
+    fusion_ids = {id(p) for p in model.fusion.parameters()}
     rest = [p for p in model.parameters() if id(p) not in fusion_ids]
-    groups = [{"params": rest, "lr": t.lr}]
-    if fusion:
-        groups.append({"params": fusion, "lr": t.fusion_lr, "weight_decay": 0.0})
+    groups = [{"params": rest, "lr": t.lr}, *model.fusion.optimizer_groups(t.fusion_lr)]
     return torch.optim.AdamW(groups, betas=tuple(t.betas), weight_decay=t.weight_decay)
 
 
