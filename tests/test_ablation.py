@@ -48,6 +48,10 @@ def test_claims_can_disagree():
     }
     checked = claims(found)
     assert not checked[0]["agrees"] and not checked[1]["agrees"]
+    tied = {sid: [fake_result(sid, 0, [False], 0.0, 0.0)] for sid in ("b1", "s1", "s2")}
+    checked = claims(tied)
+    assert not any(c["agrees"] for c in checked)
+    assert checked[2]["ours"] == "lowest fidelity: B1 penultimate = S1 time-wise = S2 depth-wise (tied at 0.0)"
 
 
 def test_paired_bootstrap_interval():

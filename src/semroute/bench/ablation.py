@@ -148,12 +148,16 @@ def claims(found: dict[str, list[dict]]) -> list[dict]:
             "agrees": bool(boot["ci95"][0] > 0),
             "bootstrap": boot,
         })
-    if len(found) > 1 and "s2" in found:
-        best = max(means, key=lambda s: means[s]["overall"])
-        out.append({"claim": "S2 is best overall", "ours": f"best overall: {PAPER_NAMES[best]}", "agrees": best == "s2"})
-    if len(found) > 1 and "s1" in found:
-        worst = min(means, key=lambda s: means[s]["fidelity"])
-        out.append({"claim": "S1 has the lowest fidelity", "ours": f"lowest fidelity: {PAPER_NAMES[worst]}", "agrees": worst == "s1"})
+    for sid, column, extreme, claim, word in (
+        ("s2", "overall", max, "S2 is best overall", "best overall"),
+        ("s1", "fidelity", min, "S1 has the lowest fidelity", "lowest fidelity"),
+    ):
+        if len(found) > 1 and sid in found:
+            value = extreme(m[column] for m in means.values())
+            leaders = [s for s in means if means[s][column] == value]
+            names = " = ".join(PAPER_NAMES[s] for s in leaders)
+            ours = f"{word}: {names}" + (f" (tied at {100 * value:.1f})" if len(leaders) > 1 else "")
+            out.append({"claim": claim, "ours": ours, "agrees": leaders == [sid]})
     return out
 
 
