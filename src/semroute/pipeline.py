@@ -101,7 +101,7 @@ class SemanticRoutingPipeline:
         self,
         prompts: list[str],
         num_inference_steps: int = 25,
-        guidance_scale: float = 4.0,
+        guidance_scale: float = 3.0,
         shift: float = 1.0,
         seed: int | list[int] = 0,
         reuse_context: bool = True,
