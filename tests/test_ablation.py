@@ -80,6 +80,7 @@ def test_ablation_end_to_end_and_resume(tiny_llama_dir, tiny_encoder, tmp_path, 
     # An interrupted run left behind: it is kept aside, not deleted.
     (out / "runs" / "s3-seed0").mkdir(parents=True)
     (out / "runs" / "s3-seed0" / "log.jsonl").write_text("{}\n")
+    base.train.checkpoint_every = 2  # also writes a sample grid while bench prompts are held out
     result = run_ablation(base, out, ["b1", "s1", "s2", "s3"], 1, None, 1, max_steps=2, encoder=tiny_encoder, progress=False)
     for name in ("table.md", "results.json", "bars.png", "routing-s1.png", "routing-s2.png", "routing-s3.png"):
         assert (out / name).stat().st_size > 100, name

@@ -123,7 +123,8 @@ def write_sample_grid(
     title: str,
 ) -> None:
     """Sample the display prompts with the EMA weights and save a grid (features reused, no LLM call)."""
-    scenes = dataset.task.display_scenes()
+    known = set(dataset.captions)  # held-out (benchmark) prompts have no cached features
+    scenes = [scene for scene in dataset.task.display_scenes() if caption(scene) in known]
     k = config.sample.images_per_prompt
     prompts = [caption(scene) for scene in scenes for _ in range(k)]
     ids = torch.tensor([dataset.captions.index(p) for p in prompts] + [len(dataset.captions)])
