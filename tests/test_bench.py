@@ -16,7 +16,7 @@ class RenderingPipeline:
         self.task = task
         self.defect = defect
 
-    def __call__(self, prompts, num_steps, guidance_scale, shift, seed):
+    def generate(self, prompts, num_steps, guidance_scale, shift, seed):
         images = []
         for prompt, s in zip(prompts, seed):
             scene = parse_caption(prompt)
@@ -92,11 +92,11 @@ def test_per_image_seeds_do_not_depend_on_the_batch(tiny_encoder):
     from .test_pipeline import make_pipeline
 
     pipe = make_pipeline(tiny_encoder, "depth")
-    batch = pipe(["two red circles", "one blue square"], 3, 2.0, seed=[11, 12])
-    alone = pipe(["one blue square"], 3, 2.0, seed=[12])
+    batch = pipe.generate(["two red circles", "one blue square"], 3, 2.0, seed=[11, 12])
+    alone = pipe.generate(["one blue square"], 3, 2.0, seed=[12])
     torch.testing.assert_close(batch[1], alone[0], atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="2 seeds for 1 prompts"):
-        pipe(["one blue square"], 3, 2.0, seed=[1, 2])
+        pipe.generate(["one blue square"], 3, 2.0, seed=[1, 2])
 
 
 def test_cli_eval_writes_results(tiny_llama_dir, tmp_path):

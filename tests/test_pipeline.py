@@ -16,15 +16,15 @@ def make_pipeline(encoder, strategy, **kwargs):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    return SemanticRoutingPipeline(model, encoder, **kwargs)
+    return SemanticRoutingPipeline.from_parts(model, encoder, **kwargs)
 
 
 @pytest.mark.parametrize("strategy", ["single", "uniform", "static", "depth"])
 @pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16])
 def test_cached_context_gives_the_same_images(tiny_encoder, strategy, autocast_dtype):
     pipe = make_pipeline(tiny_encoder, strategy, autocast_dtype=autocast_dtype)
-    cached = pipe(PROMPTS, num_inference_steps=4, guidance_scale=3.0, seed=1)
-    uncached = pipe(PROMPTS, num_inference_steps=4, guidance_scale=3.0, seed=1, reuse_context=False)
+    cached = pipe.generate(PROMPTS, num_inference_steps=4, guidance_scale=3.0, seed=1)
+    uncached = pipe.generate(PROMPTS, num_inference_steps=4, guidance_scale=3.0, seed=1, reuse_context=False)
     assert cached.shape == (2, 3, 8, 8)
     assert 0 <= cached.min() and cached.max() <= 1
     torch.testing.assert_close(cached, uncached, rtol=0, atol=0)
@@ -42,15 +42,15 @@ def test_context_is_routed_once_for_depth_and_every_step_for_time(tiny_encoder, 
             return _orig(*args, **kwargs)
 
         monkeypatch.setattr(pipe.transformer, "route_text", counting)
-        pipe(PROMPTS, num_inference_steps=5, guidance_scale=2.0)
+        pipe.generate(PROMPTS, num_inference_steps=5, guidance_scale=2.0)
         assert calls[strategy] == expected
 
 
 def test_sampling_is_deterministic_by_seed(tiny_encoder):
     pipe = make_pipeline(tiny_encoder, "time")
-    a = pipe(PROMPTS, 3, 2.0, seed=5)
-    torch.testing.assert_close(a, pipe(PROMPTS, 3, 2.0, seed=5), rtol=0, atol=0)
-    assert not torch.equal(a, pipe(PROMPTS, 3, 2.0, seed=6))
+    a = pipe.generate(PROMPTS, 3, 2.0, seed=5)
+    torch.testing.assert_close(a, pipe.generate(PROMPTS, 3, 2.0, seed=5), rtol=0, atol=0)
+    assert not torch.equal(a, pipe.generate(PROMPTS, 3, 2.0, seed=6))
 
 
 def test_prompt_features_are_padded_and_layernormed(tiny_encoder):
@@ -72,6 +72,4 @@ def test_mismatched_encoder_names_both_numbers(tiny_encoder, tiny_llama_dir):
         check_compatible(model, tiny_encoder)
     fewer = TextEncoder(TextEncoderConfig(model=str(tiny_llama_dir), layers=[1, 2]))
     with pytest.raises(ValueError, match="4 LLM layers but the text encoder gives 2"):
-        make_pipeline(tiny_encoder, "depth").__class__(
-            SemanticRoutingDiT(**DIT_PRESETS["tiny"], text_dim=32, num_text_layers=4), fewer
-        )
+        SemanticRoutingPipeline.from_parts(SemanticRoutingDiT(**DIT_PRESETS["tiny"], text_dim=32, num_text_layers=4), fewer)

@@ -73,7 +73,7 @@ def test_checkpoint_round_trips_exactly(trained_run, tiny_encoder):
     saved = yaml.safe_load((result.checkpoint / "run_config.yaml").read_text())
     assert load_config(saved) == config
     pipe = SemanticRoutingPipeline.from_checkpoint(result.checkpoint)
-    images = pipe(["one red square"], num_inference_steps=3, guidance_scale=2.0)
+    images = pipe.generate(["one red square"], num_inference_steps=3, guidance_scale=2.0)
     assert images.shape == (1, 3, 12, 12)
 
 
@@ -113,7 +113,7 @@ def _error(capsys, argv):
         ({"model": {"preset": "tiny", "dropout": 0.1}}, "unknown config key model.dropout"),
         ({"model": {"preset": "tiny", "text_dim": 8}}, "set from the text encoder"),
         ({"model": {"preset": "tiny", "depth": "deep"}}, "model.depth must be of type int"),
-        ({"optimizer": {}}, "unknown config key optimizer; valid: model, text_encoder, data, train, sample"),
+        ({"optimizer": {}}, "unknown config key optimizer; valid: model, text_encoder, data, dataset, train, sample"),
         ({"train": {"batch_size": 16, "lr_decay": 1}}, "unknown config key train.lr_decay"),
         ({"train": {"batch_size": "big"}}, "train.batch_size must be of type int"),
         ({"train": {"batch_size": 0}}, "train.batch_size must be > 0"),

@@ -135,7 +135,7 @@ def cmd_sample(args) -> None:
         raise ValueError(f"--out must be a .png file, got {args.out}")
     pipeline = SemanticRoutingPipeline.from_checkpoint(checkpoint, text_encoder=args.text_encoder)
     prompts = [args.prompt] * args.n
-    images = pipeline(prompts, args.steps, args.cfg, args.shift, seed=args.seed)
+    images = pipeline.generate(prompts, args.steps, args.cfg, args.shift, seed=args.seed)
     save_sample_grid(images, [args.prompt or "(unconditional)"], args.n, args.out, title=f"{checkpoint} cfg {args.cfg}")
     print(f"wrote {args.out}")
 
@@ -217,7 +217,7 @@ def cmd_demo(args) -> None:
         torch.stack(grid), [caption(sc) for sc in shown], s.images_per_prompt, args.out / "samples.png",
         title=f"{pipeline.transformer.fusion.strategy} after {result.steps} steps, cfg {s.guidance_scale}",
     )
-    plot_routing(pipeline.transformer.fusion, args.out / "routing.png", pipeline.text_encoder.layers,
+    plot_routing(pipeline.transformer.fusion, args.out / "routing.png", pipeline.encoder.layers,
                  title=f"learned routing after {result.steps} steps")
     metrics.update(
         strategy=pipeline.transformer.fusion.strategy,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from .data.images import DatasetConfig
 from .data.shapes import ShapesConfig
 from .dit import DIT_PRESETS, SemanticRoutingDiT
 from .fusion import check_strategy
@@ -25,7 +26,12 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 class TrainConfig:
     """Optimisation, budget and bookkeeping of a training run."""
 
+    # Global batch per micro-step, split across processes (must divide by the process count).
     batch_size: int = 64
+    # Micro-steps per optimizer step: the optimizer sees batch_size x gradient_accumulation_steps images.
+    gradient_accumulation_steps: int = 1
+    # Recompute each block's activations in the backward pass: less memory, about 30% more compute.
+    gradient_checkpointing: bool = False
     lr: float = 1e-3
     # The fusion gates get their own learning rate: at the DiT's lr their logits barely move.
     fusion_lr: float = 3e-2
@@ -63,6 +69,8 @@ class RunConfig:
     model: dict = field(default_factory=lambda: {"preset": "cpu-small"})
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     data: ShapesConfig = field(default_factory=ShapesConfig)
+    # Real image-caption data; when it names a manifest, a saved HF dataset or a cache, `data` is unused.
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
 
@@ -71,7 +79,8 @@ class RunConfig:
         self.model_kwargs()  # validate early
         t = self.train
         positive = {"batch_size": t.batch_size, "max_steps": t.max_steps, "log_every": t.log_every,
-                    "checkpoint_every": t.checkpoint_every, "lr": t.lr, "fusion_lr": t.fusion_lr}
+                    "checkpoint_every": t.checkpoint_every, "lr": t.lr, "fusion_lr": t.fusion_lr,
+                    "gradient_accumulation_steps": t.gradient_accumulation_steps}
         for key, value in positive.items():
             if value <= 0:
                 raise ValueError(f"train.{key} must be > 0, got {value}")
@@ -83,9 +92,24 @@ class RunConfig:
             raise ValueError(f"sample.guidance_scale must be >= 1 (1 disables guidance), got {self.sample.guidance_scale}")
         if self.sample.steps < 1:
             raise ValueError(f"sample.steps must be >= 1, got {self.sample.steps}")
-        size = self.model_kwargs().get("sample_size")
-        if size is not None and size != self.data.image_size:
-            raise ValueError(f"model.sample_size {size} differs from data.image_size {self.data.image_size}; make them equal")
+        model = self.model_settings()
+        if self.dataset.active:
+            if self.dataset.vae is None and self.dataset.cache is None:
+                if model["sample_size"] != self.dataset.resolution or model["in_channels"] != 3:
+                    raise ValueError(
+                        f"pixel-space training at dataset.resolution {self.dataset.resolution} needs model.sample_size "
+                        f"{self.dataset.resolution} and model.in_channels 3 (got {model['sample_size']}, {model['in_channels']}); "
+                        f"or set dataset.vae to train on latents"
+                    )
+        elif model["sample_size"] != self.data.image_size:
+            raise ValueError(
+                f"model.sample_size {model['sample_size']} differs from data.image_size {self.data.image_size}; make them equal"
+            )
+        if model["sample_size"] % model["patch_size"]:
+            raise ValueError(
+                f"model.sample_size {model['sample_size']} is not divisible by model.patch_size {model['patch_size']}; "
+                f"pick a resolution that is a multiple of the patch size"
+            )
 
     def model_kwargs(self) -> dict:
         """SemanticRoutingDiT arguments: the preset, overridden by explicit keys."""
@@ -107,11 +131,21 @@ class RunConfig:
             kwargs["strategy"] = check_strategy(kwargs["strategy"])
         return kwargs
 
+    def model_settings(self) -> dict:
+        """Every SemanticRoutingDiT argument this config gives (defaults filled in)."""
+        return {**inspect_defaults(), **self.model_kwargs()}
+
     def to_dict(self) -> dict:
         return asdict(self)
 
     def save(self, path: Path) -> None:
         path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def inspect_defaults() -> dict:
+    """SemanticRoutingDiT's default arguments."""
+    params = inspect.signature(SemanticRoutingDiT.__init__).parameters
+    return {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
 
 
 def _check_type(value, annotation, where: str):

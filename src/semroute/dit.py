@@ -231,6 +231,8 @@ class RoutedContext:
 class SemanticRoutingDiT(ModelMixin, ConfigMixin):
     """DiT conditioned on LLM layers fused per block by `LayerFusion` (strategy in the config)."""
 
+    _supports_gradient_checkpointing = True
+
     @register_to_config
     def __init__(
         self,
@@ -269,6 +271,7 @@ class SemanticRoutingDiT(ModelMixin, ConfigMixin):
             DiTBlock(hidden_size, num_heads, mlp_ratio, self.grid_size, mlp_conv, adaln) for _ in range(depth)
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, in_channels, adaln)
+        self.gradient_checkpointing = False  # enable_gradient_checkpointing() (diffusers) turns it on
         cos, sin = rope_2d(self.grid_size, self.grid_size, hidden_size // num_heads)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -344,7 +347,10 @@ class SemanticRoutingDiT(ModelMixin, ConfigMixin):
         c = self.t_embedder(t) if self.t_embedder is not None else None
         rope = (self.rope_cos, self.rope_sin)
         for block, kv in zip(self.blocks, context.keys_values):
-            h = block(h, c, rope, kv, context.mask)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                h = self._gradient_checkpointing_func(block, h, c, rope, kv, context.mask)
+            else:
+                h = block(h, c, rope, kv, context.mask)
         h = self.final_layer(h, c)  # (B, N, p * p * C)
         h = h.view(B, H // p, W // p, p, p, -1).permute(0, 5, 1, 3, 2, 4)
         return h.reshape(B, -1, H, W)

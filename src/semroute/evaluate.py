@@ -27,7 +27,7 @@ def sample_scenes(
     images = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="sampling", disable=not progress):
         chunk = prompts[start : start + batch_size]
-        images.append(pipeline(chunk, num_steps, guidance_scale, shift, seed=seed + start))
+        images.append(pipeline.generate(chunk, num_steps, guidance_scale, shift, seed=seed + start))
     return torch.cat(images)
 
 

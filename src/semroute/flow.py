@@ -31,9 +31,13 @@ class RectifiedFlow:
         z = torch.randn(batch_size, generator=generator, device=device)
         return torch.sigmoid(self.t_mean + self.t_std * z)
 
+    def drop_mask(self, batch_size: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+        """Which of `batch_size` captions to replace by the null prompt (teaches the unconditional branch). -> (B,) bool"""
+        return torch.rand(batch_size, generator=generator, device=device) < self.caption_dropout
+
     def drop_captions(self, caption_ids: torch.Tensor, null_id: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Replace a `caption_dropout` fraction of caption ids by the null caption (teaches the unconditional branch)."""
-        drop = torch.rand(caption_ids.shape, generator=generator, device=caption_ids.device) < self.caption_dropout
+        """Replace a `caption_dropout` fraction of caption ids by the null caption."""
+        drop = self.drop_mask(caption_ids.shape[0], generator, caption_ids.device)
         return torch.where(drop, torch.full_like(caption_ids, null_id), caption_ids)
 
     def loss(
@@ -41,31 +45,44 @@ class RectifiedFlow:
         velocity: VelocityFn,
         x0: torch.Tensor,
         generator: torch.Generator | None = None,
+        t: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Mean squared velocity error at a random time for each clean sample x0 (B, C, H, W)."""
-        t = self.sample_t(x0.shape[0], x0.device, generator)
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        """Mean squared velocity error at a random time for each clean sample x0 (B, C, H, W).
+
+        t (B,) and noise (B, C, H, W) are drawn from `generator` unless given (the trainer draws them
+        for the global batch so that results do not depend on the number of processes).
+        """
+        if t is None:
+            t = self.sample_t(x0.shape[0], x0.device, generator)
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         tb = t.view(-1, *([1] * (x0.dim() - 1)))
         x_t = (1 - tb) * x0 + tb * noise
         return F.mse_loss(velocity(x_t, t).float(), (noise - x0).float())
 
+    @staticmethod
     @torch.no_grad()
     def sample(
-        self,
         velocity: VelocityFn,
         noise: torch.Tensor,
         num_steps: int = 25,
         guidance_scale: float = 1.0,
         shift: float = 1.0,
+        scheduler: FlowMatchEulerDiscreteScheduler | None = None,
     ) -> torch.Tensor:
         """Integrate from noise (t = 1) to data (t = 0) with diffusers' flow-matching Euler schedule.
 
         With guidance_scale != 1, `velocity` is called on the batch doubled as [x; x] and must return
         [conditional; unconditional] velocities; they are combined as v_u + w (v_c - v_u).
+        scheduler: a FlowMatchEulerDiscreteScheduler to use (a copy is stepped); None builds one with `shift`.
         """
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+        if scheduler is None:
+            scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+        else:
+            scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
         scheduler.set_timesteps(num_steps, device=noise.device)
         guided = guidance_scale != 1.0
         x = noise

@@ -8,15 +8,18 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, ImagePipelineOutput
 from tqdm.auto import tqdm
 
 from .dit import SemanticRoutingDiT
 from .flow import RectifiedFlow
 from .fusion import LayerFusion
+from .latent import check_vae_matches, decode_latents, vae_downsample
 from .text_encoder import TextEncoder, TextEncoderConfig
 
 NULL_PROMPT = ""  # the unconditional prompt of classifier-free guidance (caption dropout target)
 TEXT_ENCODER_FILE = "text_encoder.json"
+VAE_FILE = "vae.json"  # in a checkpoint trained in latent space: where its VAE lives
 
 
 @dataclass
@@ -61,22 +64,54 @@ def check_compatible(transformer: SemanticRoutingDiT, encoder: TextEncoder) -> N
         )
 
 
-class SemanticRoutingPipeline:
-    """Text encoder + routed DiT + rectified-flow sampler."""
+class SemanticRoutingPipeline(DiffusionPipeline):
+    """A diffusers pipeline: causal LM + tokenizer -> routed DiT -> flow-matching Euler sampler -> (VAE) -> images.
+
+    `SemanticRoutingPipeline.from_pretrained(DIR)(prompt, num_inference_steps=.., guidance_scale=..)`
+    returns PIL images like any diffusers pipeline; `generate` returns tensors for library code.
+    text_layers / max_length / template say how the LLM is read (what the DiT was trained on).
+    """
+
+    model_cpu_offload_seq = "text_encoder->transformer->vae"
+    _optional_components = ["vae"]
 
     def __init__(
         self,
         transformer: SemanticRoutingDiT,
-        text_encoder: TextEncoder,
-        flow: RectifiedFlow | None = None,
-        autocast_dtype: torch.dtype | None = torch.bfloat16,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+        text_encoder,
+        tokenizer,
+        vae=None,
+        text_layers: list[int] | None = None,
+        max_length: int = 64,
+        template: str = "chat",
     ):
-        """autocast_dtype: run the DiT under autocast in this dtype (bf16 halves CPU sampling time); None = fp32."""
-        check_compatible(transformer, text_encoder)
-        self.transformer = transformer.eval()
-        self.text_encoder = text_encoder
-        self.flow = flow or RectifiedFlow()
-        self.autocast_dtype = autocast_dtype
+        super().__init__()
+        self.register_modules(transformer=transformer, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae)
+        layers = list(text_layers or [])
+        self.register_to_config(text_layers=layers, max_length=max_length, template=template)
+        config = TextEncoderConfig(model=getattr(text_encoder, "name_or_path", ""), layers=layers, max_length=max_length, template=template)
+        self.encoder = TextEncoder(config, model=text_encoder, tokenizer=tokenizer)
+        check_compatible(transformer, self.encoder)
+        if vae is not None:
+            check_vae_matches(vae, transformer.config.in_channels, transformer.config.sample_size,
+                              transformer.config.sample_size * vae_downsample(vae))
+        transformer.eval()
+        # Run the DiT under autocast in this dtype (bf16 halves CPU sampling time); None = fp32.
+        self.autocast_dtype: torch.dtype | None = torch.bfloat16
+
+    @classmethod
+    def from_parts(
+        cls, transformer: SemanticRoutingDiT, encoder: TextEncoder, vae=None, scheduler=None,
+        autocast_dtype: torch.dtype | None = torch.bfloat16,
+    ) -> "SemanticRoutingPipeline":
+        """Build from a loaded `TextEncoder` wrapper (its resolved layers become the pipeline's text_layers)."""
+        c = encoder.config
+        pipe = cls(transformer, scheduler or FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0),
+                   encoder.model, encoder.tokenizer, vae, text_layers=encoder.layers, max_length=c.max_length, template=c.template)
+        pipe.encoder = encoder
+        pipe.autocast_dtype = autocast_dtype
+        return pipe
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, text_encoder: str | None = None) -> "SemanticRoutingPipeline":
@@ -90,31 +125,42 @@ class SemanticRoutingPipeline:
         config = TextEncoderConfig(**stored)
         if text_encoder is not None:
             config.model = text_encoder
+        vae = None
+        vae_meta = path / VAE_FILE
+        if vae_meta.is_file():
+            from .latent import load_vae
+
+            vae = load_vae(json.loads(vae_meta.read_text())["path"])
         transformer = SemanticRoutingDiT.from_pretrained(path)
-        return cls(transformer, TextEncoder(config))
+        return cls.from_parts(transformer, TextEncoder(config), vae)
 
     def encode(self, prompts: list[str]) -> PromptFeatures:
-        return encode_prompts(self.text_encoder, list(prompts) + [NULL_PROMPT])
+        return encode_prompts(self.encoder, list(prompts) + [NULL_PROMPT])
 
     @torch.no_grad()
-    def __call__(
+    def generate(
         self,
         prompts: list[str],
         num_inference_steps: int = 25,
         guidance_scale: float = 3.0,
-        shift: float = 1.0,
+        shift: float | None = None,
         seed: int | list[int] = 0,
         reuse_context: bool = True,
         features: PromptFeatures | None = None,
     ) -> torch.Tensor:
-        """Generate one image per prompt: (B, C, H, W) in [0, 1].
+        """Generate one image per prompt: (B, 3, H, W) in [0, 1].
 
+        shift: timestep shift of the schedule (None: the scheduler's).
         seed: one seed for the whole batch, or one per prompt (each image's noise then does not depend
         on what else is in the batch).
         features: precomputed `encode(prompts)` (the prompts followed by the null prompt), to encode once
         when sampling the same prompts many times. reuse_context=False recomputes the routed
         context every step even when the strategy allows reuse (for testing and timing).
         """
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        if guidance_scale < 1:
+            raise ValueError(f"guidance_scale must be >= 1 (1 disables guidance), got {guidance_scale}")
         model = self.transformer
         device = model.device
         features = features or self.encode(prompts)
@@ -135,6 +181,7 @@ class SemanticRoutingPipeline:
                 raise ValueError(f"got {len(seed)} seeds for {n} prompts")
             noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seed])
         noise = noise.to(device)
+        scheduler = self.scheduler if shift is None else FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config, shift=shift)
         amp = torch.autocast(device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None)
         with amp:
             context = None
@@ -146,5 +193,34 @@ class SemanticRoutingPipeline:
                     return model(x, t, context=context)
                 return model(x, t, text, mask, text_normalized=True)
 
-            x = self.flow.sample(velocity, noise, num_inference_steps, guidance_scale, shift)
+            x = RectifiedFlow.sample(velocity, noise, num_inference_steps, guidance_scale, scheduler=scheduler)
+        if self.vae is not None:
+            x = decode_latents(self.vae, x)
         return ((x + 1) / 2).clamp(0, 1)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        num_inference_steps: int = 25,
+        guidance_scale: float = 3.0,
+        num_images_per_prompt: int = 1,
+        seed: int | list[int] = 0,
+        shift: float | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ):
+        """diffusers-style call: a prompt or prompts -> `ImagePipelineOutput` (PIL images by default).
+
+        output_type: "pil", "np" (B, H, W, 3 floats in [0, 1]) or "pt" (B, 3, H, W in [0, 1]).
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        if output_type not in ("pil", "np", "pt"):
+            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+        images = self.generate(prompts, num_inference_steps, guidance_scale, shift, seed)
+        if output_type != "pt":
+            images = images.permute(0, 2, 3, 1).float().cpu().numpy()
+            if output_type == "pil":
+                images = self.numpy_to_pil(images)
+        return ImagePipelineOutput(images=images) if return_dict else (images,)

@@ -102,17 +102,23 @@ def resolve_model_dir(model: str) -> Path:
 class TextEncoder(nn.Module):
     """Frozen causal LM returning the chosen layers' hidden states (L, B, S, C) and the attention mask."""
 
-    def __init__(self, config: TextEncoderConfig | None = None):
+    def __init__(self, config: TextEncoderConfig | None = None, model: nn.Module | None = None, tokenizer=None):
+        """Load `config.model`, or wrap an already loaded causal LM and its tokenizer (the diffusers pipeline)."""
         super().__init__()
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.config = config or TextEncoderConfig()
-        model_dir = resolve_model_dir(self.config.model)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        if (model is None) != (tokenizer is None):
+            raise ValueError("pass both model and tokenizer, or neither")
+        if model is None:
+            model_dir = resolve_model_dir(self.config.model)
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        self.tokenizer = tokenizer
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "right"
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval().requires_grad_(False)
+        self.model = model.eval().requires_grad_(False)
         text_config = self.model.config.get_text_config()
         self.num_model_layers = text_config.num_hidden_layers
         self.hidden_size = text_config.hidden_size

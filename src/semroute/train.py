@@ -20,10 +20,10 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .config import RunConfig
-from .data.shapes import ShapesDataset, ShapesTask, caption
+from .data.shapes import ShapesDataset, caption
 from .dit import SemanticRoutingDiT
 from .flow import RectifiedFlow
-from .pipeline import NULL_PROMPT, TEXT_ENCODER_FILE, PromptFeatures, SemanticRoutingPipeline, encode_prompts
+from .pipeline import NULL_PROMPT, TEXT_ENCODER_FILE, VAE_FILE, PromptFeatures, SemanticRoutingPipeline, encode_prompts
 from .plots import save_sample_grid
 from .text_encoder import TextEncoder
 
@@ -38,6 +38,7 @@ class TrainResult:
     steps: int
     final_loss: float
     images_per_s: float
+    skipped_images: int = 0  # missing or unreadable images of a real dataset
 
 
 def build_optimizer(model: SemanticRoutingDiT, config: RunConfig) -> torch.optim.AdamW:
@@ -62,6 +63,7 @@ def save_checkpoint(
     step: int,
     config: RunConfig,
     encoder: TextEncoder,
+    vae_path: str | None = None,
 ) -> Path:
     """Write a checkpoint atomically: EMA weights + config (what sampling loads) and the training state.
 
@@ -85,6 +87,8 @@ def save_checkpoint(
         # The layers as configured (empty = all) and as resolved for this model.
         (tmp / TEXT_ENCODER_FILE).write_text(json.dumps({**encoder.config.to_dict(), "resolved_layers": encoder.layers}, indent=2))
         config.save(tmp / RUN_CONFIG_FILE)
+        if vae_path is not None:
+            (tmp / VAE_FILE).write_text(json.dumps({"path": str(vae_path)}))
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(tmp, directory)
@@ -132,9 +136,9 @@ def write_sample_grid(
     ema.store(model.parameters())
     ema.copy_to(model.parameters())
     try:
-        pipe = SemanticRoutingPipeline(model, encoder)
+        pipe = SemanticRoutingPipeline.from_parts(model, encoder)
         s = config.sample
-        images = pipe(prompts, s.steps, s.guidance_scale, s.shift, seed=0, features=grid_features)
+        images = pipe.generate(prompts, s.steps, s.guidance_scale, s.shift, seed=0, features=grid_features)
     finally:
         ema.restore(model.parameters())
         model.train()
@@ -159,24 +163,34 @@ def train_step(
     scheduler,
     ema: EMAModel,
     flow: RectifiedFlow,
-    features: PromptFeatures,
-    x0: torch.Tensor,
-    caption_ids: torch.Tensor,
-    null_id: int,
+    source,
+    batch,
     generator: torch.Generator,
     grad_clip: float,
 ) -> float:
-    """One optimisation step, the same for every strategy: only what the fusion returns differs."""
-    caption_ids = flow.drop_captions(caption_ids, null_id, generator)
-    text, mask = features.select(caption_ids.cpu())
-    text, mask = text.to(accelerator.device), mask.to(accelerator.device)
-    loss = flow.loss(lambda x, t: model(x, t, text, mask, text_normalized=True), x0, generator)
-    accelerator.backward(loss)
-    accelerator.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    ema.step(accelerator.unwrap_model(model).parameters())
+    """One micro-step, the same for every strategy and data source: only what the fusion returns differs.
+
+    Caption dropout, t and noise are drawn for the global batch (every process draws all of them and
+    keeps its slice), so N processes train exactly like one process with the same global batch.
+    The optimizer, schedule and EMA step once every `gradient_accumulation_steps` micro-steps.
+    """
+    device = accelerator.device
+    n = len(batch[0])
+    total, offset = n * accelerator.num_processes, n * accelerator.process_index
+    drop = flow.drop_mask(total, generator, device)[offset : offset + n]
+    x0, text, mask = source.condition(batch, drop, device)
+    t = flow.sample_t(total, device, generator)[offset : offset + n]
+    noise = torch.randn((total, *x0.shape[1:]), generator=generator, device=device)[offset : offset + n]
+    with accelerator.accumulate(model):
+        loss = flow.loss(lambda x, tt: model(x, tt, text, mask, text_normalized=True), x0, t=t, noise=noise.to(x0.dtype))
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    if accelerator.sync_gradients:
+        ema.step(accelerator.unwrap_model(model).parameters())
     return loss.item()
 
 
@@ -189,41 +203,61 @@ def train(
     encoder: TextEncoder | None = None,
     features: PromptFeatures | None = None,
 ) -> TrainResult:
-    """Train the configured DiT on the shapes task and write checkpoints under `out_dir/checkpoints`.
+    """Train the configured DiT and write checkpoints under `out_dir/checkpoints`.
 
-    encoder / features: reuse a loaded text encoder and the `prompt_table` of this data config
+    Data: the shapes task, or `config.dataset` (a manifest or saved HF dataset through the VAE and
+    LLM, or a precomputed cache that needs neither). Runs under `accelerate launch` as DDP.
+    encoder / features: reuse a loaded text encoder and the shapes `prompt_table` of this data config
     across runs (the ablation does) instead of loading and encoding again.
     """
+    from accelerate.utils import DataLoaderConfiguration
+
+    from .data.sources import CachedEncoderInfo, ShapesSource, build_source
+
     t = config.train
     max_steps = max_steps or t.max_steps
     minutes = minutes if minutes is not None else t.minutes
     if t.threads:
         torch.set_num_threads(t.threads)
-    accelerator = Accelerator(mixed_precision=t.mixed_precision, log_with=None)
+    accelerator = Accelerator(
+        mixed_precision=t.mixed_precision,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
+    )
+    if t.batch_size % accelerator.num_processes:
+        raise ValueError(f"train.batch_size {t.batch_size} must divide by the {accelerator.num_processes} processes")
     set_seed(t.seed)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config.save(out_dir / RUN_CONFIG_FILE)
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        config.save(out_dir / RUN_CONFIG_FILE)
 
-    task = ShapesTask(config.data)
-    dataset = ShapesDataset(task, seed=t.seed)
-    encoder = encoder or TextEncoder(config.text_encoder)
-    if features is None:
-        features = prompt_table(encoder, dataset.captions, t.mixed_precision, progress)
-    elif features.hidden.shape[0] != len(dataset.captions) + 1:
-        raise ValueError(f"features hold {features.hidden.shape[0]} prompts; this data config has {len(dataset.captions)} + the null prompt")
-    null_id = len(dataset.captions)
+    def load_encoder():
+        return encoder or TextEncoder(config.text_encoder)
 
-    model = SemanticRoutingDiT(**config.model_kwargs(), text_dim=encoder.hidden_size, num_text_layers=encoder.num_layers)
+    source = build_source(config, load_encoder, features, progress and accelerator.is_main_process)
+    # The LLM as the DiT needs to know it; a cache describes it without loading it.
+    info = source.encoder if hasattr(source, "encoder") else CachedEncoderInfo(source.dataset.meta["recipe"])
+
+    model = SemanticRoutingDiT(**config.model_kwargs(), text_dim=info.hidden_size, num_text_layers=info.num_layers)
+    if t.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
     n_params = sum(p.numel() for p in model.parameters())
-    logger.info("DiT %.2fM parameters, strategy %s", n_params / 1e6, model.fusion.strategy)
+    logger.info("DiT %.2fM parameters, strategy %s, %d process(es)", n_params / 1e6, model.fusion.strategy, accelerator.num_processes)
     optimizer = build_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_schedule(t.warmup_steps))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=t.batch_size, shuffle=False)
+    loader = source.loader(t.batch_size, config.dataset.num_workers)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     raw_model = accelerator.unwrap_model(model)
     ema = EMAModel(raw_model.parameters(), decay=t.ema_decay, foreach=True)
     flow = RectifiedFlow(caption_dropout=t.caption_dropout)
     generator = torch.Generator(device=accelerator.device).manual_seed(t.seed + 1)
+    vae_path = config.dataset.vae
+    if config.dataset.cache is not None and source.dataset.meta["recipe"]["vae"]:
+        vae_path = source.dataset.meta["recipe"]["vae"]["path"]
+
+    def checkpoint_to(step: int) -> Path:
+        return save_checkpoint(out_dir / "checkpoints" / f"step_{step:06d}", raw_model, ema, optimizer, step, config, info,
+                               vae_path=vae_path)
 
     log_path = out_dir / "log.jsonl"
     # With a time budget the step count is unknown: the bar then counts steps and shows the rate.
@@ -256,31 +290,59 @@ def train(
         window_loss, window_images, window_steps, window_start = 0.0, 0, 0, now
         return record
 
+    if not isinstance(source, ShapesSource):
+        logger.info("sample grids at checkpoints are drawn for the shapes task only; sample this run with `semroute sample`")
     checkpoint = None
-    data = iter(loader)
+    epoch = 0
+
+    def batches():
+        """Micro-batches forever; a new epoch reshuffles (image data) and batches of only broken images are dropped."""
+        nonlocal epoch
+        while True:
+            for batch in loader:
+                if batch is not None:
+                    yield batch
+            epoch += 1
+            if hasattr(source, "set_epoch"):
+                source.set_epoch(epoch)
+
+    data = batches()
     model.train()
     while step < max_steps:
         if minutes is not None and time.perf_counter() - start > 60 * minutes:
             logger.info("stopping at step %d: the %.1f-minute budget is spent", step, minutes)
             break
-        x0, caption_ids = next(data)
-        loss = train_step(accelerator, model, optimizer, scheduler, ema, flow, features, x0, caption_ids, null_id, generator, t.grad_clip)
+        for _ in range(t.gradient_accumulation_steps):
+            batch = next(data)
+            loss = train_step(accelerator, model, optimizer, scheduler, ema, flow, source, batch, generator, t.grad_clip)
+            window_loss += loss / t.gradient_accumulation_steps
+            window_images += len(batch[0]) * accelerator.num_processes
         step += 1
-        window_loss += loss
-        window_images += x0.shape[0] * accelerator.num_processes
         window_steps += 1
         if step % t.log_every == 0 or step == max_steps:
             record = log_window()
             bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}", H=f"{record['fusion_entropy']:.3f}")
         bar.update(1)
         if step % t.checkpoint_every == 0 and accelerator.is_main_process:
-            checkpoint = save_checkpoint(out_dir / "checkpoints" / f"step_{step:06d}", raw_model, ema, optimizer, step, config, encoder)
-            write_sample_grid(raw_model, ema, encoder, features, dataset, config, out_dir / "samples" / f"step_{step:06d}.png",
-                              title=f"{raw_model.fusion.strategy}, step {step} (EMA)")
+            checkpoint = checkpoint_to(step)
+            if isinstance(source, ShapesSource):
+                write_sample_grid(raw_model, ema, info, source.features, source.dataset, config,
+                                  out_dir / "samples" / f"step_{step:06d}.png", title=f"{raw_model.fusion.strategy}, step {step} (EMA)")
     if window_steps:
         log_window()
     bar.close()
     if accelerator.is_main_process and (checkpoint is None or not checkpoint.name.endswith(f"{step:06d}")):
-        checkpoint = save_checkpoint(out_dir / "checkpoints" / f"step_{step:06d}", raw_model, ema, optimizer, step, config, encoder)
+        checkpoint = checkpoint_to(step)
+    skipped = getattr(source.dataset, "skips", None)
+    result = TrainResult(out_dir / "checkpoints" / f"step_{step:06d}", step, last_loss, images_per_s,
+                         skipped_images=len(skipped) if skipped is not None else 0)
+    if accelerator.is_main_process:
+        summary = {"steps": step, "final_loss": last_loss, "images_per_s": images_per_s, "epochs_started": epoch + 1,
+                   "processes": accelerator.num_processes, "skipped_images": result.skipped_images,
+                   "skipped": dict(skipped.skipped) if skipped is not None else {}, "checkpoint": str(result.checkpoint)}
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if result.skipped_images:
+            logger.warning("%d images were skipped (missing or unreadable); listed in %s", result.skipped_images, out_dir / "summary.json")
     accelerator.wait_for_everyone()
-    return TrainResult(checkpoint, step, last_loss, images_per_s)
+    accelerator.end_training()
+    return result

@@ -88,7 +88,7 @@ def run_bench(
     for start in tqdm(range(0, len(jobs), batch_size), desc="ShapesBench", disable=not progress):
         chunk = jobs[start : start + batch_size]
         t0 = time.perf_counter()
-        images = pipeline(
+        images = pipeline.generate(
             [prompts[i].text for i, _ in chunk], num_steps, guidance_scale, shift,
             seed=[seed + 1000 * i + k for i, k in chunk],
         )

@@ -1,0 +1,65 @@
+"""Latent space: a diffusers AutoencoderKL from a local directory, with the shift and scale of its config.
+
+The DiT sees (vae latent - shift_factor) * scaling_factor, as SD3 trains; pixel space (no VAE) sees
+images in [-1, 1] directly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def load_vae(path: str | Path):
+    """An AutoencoderKL from a local directory (config.json + weights), frozen and in eval mode."""
+    from diffusers import AutoencoderKL
+
+    path = Path(path).expanduser()
+    if not (path / "config.json").is_file():
+        # A full diffusers pipeline directory keeps the VAE in its vae/ folder.
+        if (path / "vae" / "config.json").is_file():
+            path = path / "vae"
+        else:
+            raise FileNotFoundError(f"VAE {path} is not a directory with an AutoencoderKL config.json (or a vae/ folder)")
+    return AutoencoderKL.from_pretrained(path).eval().requires_grad_(False)
+
+
+def vae_factors(vae) -> tuple[float, float]:
+    """(shift, scale) from the VAE's config; SD1/SDXL VAEs have no shift (0)."""
+    cfg = vae.config
+    return float(getattr(cfg, "shift_factor", None) or 0.0), float(cfg.scaling_factor)
+
+
+def vae_downsample(vae) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+@torch.no_grad()
+def encode_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """Images (B, 3, H, W) in [-1, 1] -> DiT inputs (B, C, H/f, W/f): the posterior mode, shifted and scaled."""
+    shift, scale = vae_factors(vae)
+    param = next(vae.parameters())
+    latents = vae.encode(pixels.to(param.device, param.dtype)).latent_dist.mode()
+    return ((latents - shift) * scale).float()
+
+
+@torch.no_grad()
+def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """DiT outputs (B, C, h, w) -> images (B, 3, h*f, w*f) in [-1, 1]."""
+    shift, scale = vae_factors(vae)
+    param = next(vae.parameters())
+    return vae.decode((latents / scale + shift).to(param.device, param.dtype)).sample.float()
+
+
+def check_vae_matches(vae, in_channels: int, sample_size: int, resolution: int) -> None:
+    """The DiT must take the VAE's latent channels, at resolution / downsample."""
+    channels, factor = vae.config.latent_channels, vae_downsample(vae)
+    if channels != in_channels:
+        raise ValueError(f"the VAE has {channels} latent channels but model.in_channels is {in_channels}; set model.in_channels: {channels}")
+    if resolution % factor or resolution // factor != sample_size:
+        raise ValueError(
+            f"resolution {resolution} through a VAE that downsamples by {factor} gives {resolution / factor:g} latents, "
+            f"but model.sample_size is {sample_size}; set model.sample_size: {resolution // factor} "
+            f"(and a resolution divisible by {factor})"
+        )
