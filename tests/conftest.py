@@ -63,3 +63,37 @@ def tiny_run_config(tiny_llama_dir: Path, strategy: str = "depth", **train) -> d
                   "mixed_precision": "no", "lr": 3e-3, **train},
         "sample": {"steps": 4, "guidance_scale": 2.0, "images_per_prompt": 2},
     }
+
+
+def make_tiny_vae(directory: Path, seed: int = 0) -> Path:
+    """A random AutoencoderKL that downsamples by 2 into 4 channels, with SD3-style shift and scale."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
+        sample_size=16, scaling_factor=1.5, shift_factor=0.1,
+    )
+    vae.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_vae_dir(tmp_path_factory) -> Path:
+    return make_tiny_vae(tmp_path_factory.mktemp("tiny_vae"))
+
+
+def write_image_folder(root: Path, n: int = 6, size: tuple[int, int] = (20, 14)) -> list[dict]:
+    """n small random RGB images and manifest rows for them (odd rows carry two captions)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    rows = []
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(root / "img" / f"{i}.png")
+        text = f"{['one', 'two', 'three'][i % 3]} red squares"
+        rows.append({"image": f"img/{i}.png", "text": [text, "a blue circle"] if i % 2 else text})
+    return rows

@@ -210,7 +210,7 @@ def train(
     encoder / features: reuse a loaded text encoder and the shapes `prompt_table` of this data config
     across runs (the ablation does) instead of loading and encoding again.
     """
-    from accelerate.utils import DataLoaderConfiguration
+    from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin
 
     from .data.sources import CachedEncoderInfo, ShapesSource, build_source
 
@@ -221,7 +221,8 @@ def train(
         torch.set_num_threads(t.threads)
     accelerator = Accelerator(
         mixed_precision=t.mixed_precision,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        # Our loop runs across epochs: an optimizer step is every k micro-batches, not at each epoch end.
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=t.gradient_accumulation_steps, sync_with_dataloader=False),
         dataloader_config=DataLoaderConfiguration(split_batches=True),
     )
     if t.batch_size % accelerator.num_processes:

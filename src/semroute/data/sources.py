@@ -81,7 +81,8 @@ class ImageSource:
         self.sampler.epoch = self.dataset.epoch = epoch
 
     def loader(self, batch_size: int, num_workers: int = 0) -> torch.utils.data.DataLoader:
-        return torch.utils.data.DataLoader(self.dataset, batch_size=batch_size, sampler=self.sampler,
+        _check_size(len(self.dataset), batch_size)
+        return torch.utils.data.DataLoader(self.dataset, batch_size=batch_size, sampler=self.sampler, drop_last=True,
                                            num_workers=num_workers, collate_fn=collate_skipping)
 
     def condition(self, batch, drop: torch.Tensor, device):
@@ -115,7 +116,9 @@ class CacheSource:
         self.sampler.epoch = epoch
 
     def loader(self, batch_size: int, num_workers: int = 0) -> torch.utils.data.DataLoader:
-        return torch.utils.data.DataLoader(self.dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers)
+        _check_size(len(self.dataset), batch_size)
+        return torch.utils.data.DataLoader(self.dataset, batch_size=batch_size, sampler=self.sampler, drop_last=True,
+                                           num_workers=num_workers)
 
     def condition(self, batch, drop: torch.Tensor, device):
         latents, text, mask = batch  # (B, C, h, w), (B, L, S, C), (B, S)
@@ -123,6 +126,12 @@ class CacheSource:
         text = torch.where(drop[:, None, None, None], self.null_text.to(text.dtype), text)
         mask = torch.where(drop[:, None], self.null_mask, mask)
         return latents.float().to(device), text.transpose(0, 1).to(device), mask.to(device)
+
+
+def _check_size(n: int, batch_size: int) -> None:
+    # Full batches only (the last partial batch of an epoch is dropped): every step sees batch_size images.
+    if n < batch_size:
+        raise ValueError(f"the dataset has {n} usable rows, fewer than train.batch_size {batch_size}; lower the batch size")
 
 
 def build_source(config, encoder_factory, features: PromptFeatures | None = None, progress: bool = True):
