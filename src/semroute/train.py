@@ -39,6 +39,7 @@ class TrainResult:
     final_loss: float
     images_per_s: float
     skipped_images: int = 0  # missing or unreadable images of a real dataset
+    model: SemanticRoutingDiT | None = None  # the trained (non-EMA) weights of this process
 
 
 def build_optimizer(model: SemanticRoutingDiT, config: RunConfig) -> torch.optim.AdamW:
@@ -336,7 +337,7 @@ def train(
         checkpoint = checkpoint_to(step)
     skipped = getattr(source.dataset, "skips", None)
     result = TrainResult(out_dir / "checkpoints" / f"step_{step:06d}", step, last_loss, images_per_s,
-                         skipped_images=len(skipped) if skipped is not None else 0)
+                         skipped_images=len(skipped) if skipped is not None else 0, model=raw_model)
     if accelerator.is_main_process:
         summary = {"steps": step, "final_loss": last_loss, "images_per_s": images_per_s, "epochs_started": epoch + 1,
                    "processes": accelerator.num_processes, "skipped_images": result.skipped_images,
