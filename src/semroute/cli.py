@@ -1,4 +1,4 @@
-"""`semroute` command line: train, sample, routing, eval, ablate, demo."""
+"""`semroute` command line: train, sample, routing, eval, ablate, precompute, sample-bench, export, demo."""
 
 from __future__ import annotations
 
@@ -107,6 +107,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=_positive_int, default=4, help="ShapesBench images per prompt")
     p.add_argument("--quick", action="store_true", help=f"smoke test: 1 seed, {QUICK_MINUTES:g}-minute runs, 2 images per prompt")
 
+    p = sub.add_parser(
+        "precompute", help="encode a dataset once: VAE latents + LLM features into safetensors shards", formatter_class=fmt,
+        description="Runs the VAE and the LLM once over config.dataset (a manifest or a saved HF dataset). Train on "
+                    "the result with dataset.cache: DIR; later epochs then never touch either model. Re-running "
+                    "resumes at the first missing shard; a directory made another way is refused.",
+    )
+    p.add_argument("--config", type=Path, required=True, help="run config whose dataset: names a manifest or hf_dataset")
+    p.add_argument("--out", type=Path, required=True, help="cache directory")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="storage precision of latents and features")
+    p.add_argument("--shard-size", type=_positive_int, default=1024, help="rows per safetensors shard")
+    p.add_argument("--batch-size", type=_positive_int, default=16, help="images per VAE / LLM batch")
+
+    p = sub.add_parser(
+        "sample-bench", help="sample GenEval / GenAI-Bench / DrawBench prompts into their scorers' folder layouts",
+        formatter_class=fmt,
+        description="Writes images for a public benchmark's prompts in the layout its own scorer reads (see "
+                    "semroute.bench.public). Re-running skips images already written.",
+    )
+    p.add_argument("--checkpoint", type=Path, required=True, help="semroute checkpoint, run directory or diffusers pipeline directory")
+    p.add_argument("--bench", choices=("geneval", "genaibench", "drawbench"), required=True, help="benchmark layout")
+    p.add_argument("--prompts", type=Path, required=True,
+                   help="your copy of the prompt file: GenEval evaluation_metadata.jsonl, GenAI-Bench genai_image.json, "
+                        "or a DrawBench CSV with columns Prompt,Category")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--limit", type=_positive_int, default=None, help="only the first N prompts")
+    p.add_argument("--batch-size", type=_positive_int, default=16, help="images per sampling batch")
+    _sampling_arguments(p, n_help="images per prompt (GenEval uses 4)", n_default=4,
+                        seed_help="base noise seed (image k of prompt i uses seed + 1000 i + k)")
+
+    p = sub.add_parser("export", help="write a checkpoint as a diffusers pipeline directory (from_pretrained-loadable)",
+                       formatter_class=fmt)
+    p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint directory or run directory")
+    p.add_argument("--out", type=Path, required=True, help="new pipeline directory")
+
     p = sub.add_parser("demo", help="train S2 on shapes with SmolLM2, then write samples, routing and metrics", formatter_class=fmt)
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory")
     p.add_argument("--config", type=Path, default=None, help=f"run config (default: the packaged {DEMO_CONFIG})")
@@ -188,6 +222,36 @@ def cmd_ablate(args) -> None:
           f"{sum(c['agrees'] for c in result['claims'])}/{len(result['claims'])}")
 
 
+def cmd_precompute(args) -> None:
+    from .config import load_config
+    from .data.cache import precompute
+
+    config = load_config(args.config)
+    meta = precompute(config, args.out, shard_size=args.shard_size, dtype=args.dtype, batch_size=args.batch_size)
+    print(f"cached {meta['rows']} rows in {len(meta['shards'])} shards ({len(meta['skipped'])} images skipped) in {args.out}; "
+          f"train on it with dataset: {{cache: {args.out}}}")
+
+
+def cmd_sample_bench(args) -> None:
+    from .bench.public import read_prompts, sample_bench
+    from .pipeline import load_pipeline
+
+    prompts = read_prompts(args.bench, args.prompts)[: args.limit]
+    pipeline = load_pipeline(args.checkpoint)
+    report = sample_bench(pipeline, args.bench, prompts, args.out, args.n, args.steps, args.cfg, args.shift, args.seed, args.batch_size)
+    print(f"{report['written']} images written, {report['already_there']} already there, "
+          f"{report['prompts']} prompts x {report['images_per_prompt']} in {args.out}")
+
+
+def cmd_export(args) -> None:
+    from .pipeline import load_pipeline
+
+    if args.out.exists() and any(args.out.iterdir()):
+        raise ValueError(f"{args.out} exists and is not empty; choose a new directory")
+    load_pipeline(args.checkpoint).save_pretrained(args.out)
+    print(f"wrote a diffusers pipeline to {args.out}; load it with SemanticRoutingPipeline.from_pretrained({str(args.out)!r})")
+
+
 def cmd_demo(args) -> None:
     import torch
 
@@ -236,7 +300,10 @@ def cmd_demo(args) -> None:
     print(f"wrote {args.out / 'samples.png'}, {args.out / 'routing.png'}, {args.out / 'metrics.json'}")
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "routing": cmd_routing, "eval": cmd_eval, "ablate": cmd_ablate, "demo": cmd_demo}
+COMMANDS = {
+    "train": cmd_train, "sample": cmd_sample, "routing": cmd_routing, "eval": cmd_eval, "ablate": cmd_ablate,
+    "precompute": cmd_precompute, "sample-bench": cmd_sample_bench, "export": cmd_export, "demo": cmd_demo,
+}
 
 
 def configure_logging() -> None:

@@ -224,3 +224,13 @@ class SemanticRoutingPipeline(DiffusionPipeline):
             if output_type == "pil":
                 images = self.numpy_to_pil(images)
         return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+
+def load_pipeline(path: str | Path, text_encoder: str | None = None) -> SemanticRoutingPipeline:
+    """A diffusers pipeline directory (model_index.json), a semroute checkpoint, or a run directory (newest checkpoint)."""
+    from .train import resolve_checkpoint
+
+    path = Path(path)
+    if (path / "model_index.json").is_file():
+        return SemanticRoutingPipeline.from_pretrained(path)
+    return SemanticRoutingPipeline.from_checkpoint(resolve_checkpoint(path), text_encoder=text_encoder)

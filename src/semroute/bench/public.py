@@ -1,0 +1,133 @@
+"""Sample the public benchmarks' prompts into the folder layouts their own scorers read.
+
+We write images; GenEval (Mask2Former + CLIP), GenAI-Bench (VQAScore) and DrawBench (human or
+model raters) are scored elsewhere with their own tools. Layouts:
+
+- geneval:    OUT/<index:05d>/metadata.jsonl (that prompt's line) and OUT/<index:05d>/samples/<k:04d>.png
+- genaibench: OUT/sample_<k>/<id>.jpeg, each sample_<k> folder laid out like one model's images for
+              t2v_metrics' GenAI-Bench evaluation (one image per prompt id)
+- drawbench:  OUT/images/<index:03d>_<k>.png and OUT/metadata.csv (file, Prompt, Category)
+
+Every image is written to a temporary name and renamed, so a re-run skips what exists and an
+interrupted run never leaves a half-written image behind.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+BENCHES = ("geneval", "genaibench", "drawbench")
+
+
+@dataclass
+class BenchPrompt:
+    index: int
+    key: str  # GenAI-Bench's id ("00001"), otherwise the index
+    prompt: str
+    metadata: dict  # the prompt's own record, written back where the layout wants it
+
+
+def read_prompts(bench: str, path: Path) -> list[BenchPrompt]:
+    """The prompts of a user-supplied benchmark file; errors name the file and what is wrong."""
+    if bench not in BENCHES:
+        raise ValueError(f"unknown --bench {bench!r}; valid: {', '.join(BENCHES)}")
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"prompt file {path} is not UTF-8 text: {err}") from None
+    prompts: list[BenchPrompt] = []
+    if bench == "geneval":
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path} line {number} is not JSON ({err.msg}); GenEval prompts are one JSON object a line") from None
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                raise ValueError(f"{path} line {number} has no string 'prompt'")
+            prompts.append(BenchPrompt(len(prompts), f"{len(prompts):05d}", record["prompt"], record))
+    elif bench == "genaibench":
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not JSON ({err.msg}); GenAI-Bench prompts are one object keyed by id") from None
+        if not isinstance(records, dict):
+            raise ValueError(f"{path} must be a JSON object keyed by prompt id (\"00001\": {{...}})")
+        for key in sorted(records):
+            record = records[key]
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                raise ValueError(f"{path} entry {key!r} has no string 'prompt'")
+            prompts.append(BenchPrompt(len(prompts), str(key), record["prompt"], record))
+    else:
+        reader = csv.DictReader(io.StringIO(text))
+        if not reader.fieldnames or "Prompt" not in reader.fieldnames:
+            raise ValueError(f"{path} must be a CSV with a header holding 'Prompt' (and 'Category'), got {reader.fieldnames}")
+        for row in reader:
+            prompts.append(BenchPrompt(len(prompts), f"{len(prompts):03d}", row["Prompt"], dict(row)))
+    if not prompts:
+        raise ValueError(f"prompt file {path} holds no prompts")
+    return prompts
+
+
+def image_path(bench: str, out: Path, prompt: BenchPrompt, k: int) -> Path:
+    if bench == "geneval":
+        return out / f"{prompt.index:05d}" / "samples" / f"{k:04d}.png"
+    if bench == "genaibench":
+        return out / f"sample_{k}" / f"{prompt.key}.jpeg"
+    return out / "images" / f"{prompt.index:03d}_{k}.png"
+
+
+def _write_atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_metadata(bench: str, out: Path, prompts: list[BenchPrompt], n: int) -> None:
+    """The per-prompt files the layout needs besides the images."""
+    if bench == "geneval":
+        for p in prompts:
+            _write_atomic(out / f"{p.index:05d}" / "metadata.jsonl", lambda tmp, p=p: tmp.write_text(json.dumps(p.metadata) + "\n"))
+    elif bench == "drawbench":
+        def write_csv(tmp: Path) -> None:
+            with tmp.open("w", newline="", encoding="utf-8") as f:
+                writer = csv.writer(f)
+                writer.writerow(["file", "Prompt", "Category"])
+                for p in prompts:
+                    for k in range(n):
+                        writer.writerow([image_path(bench, out, p, k).relative_to(out).as_posix(), p.prompt, p.metadata.get("Category", "")])
+
+        _write_atomic(out / "metadata.csv", write_csv)
+
+
+def sample_bench(pipeline, bench: str, prompts: list[BenchPrompt], out: Path, n: int = 4, steps: int = 25,
+                 guidance_scale: float = 3.0, shift: float | None = None, seed: int = 0, batch_size: int = 16,
+                 progress: bool = True) -> dict:
+    """Generate n images per prompt (image k of prompt i from seed + 1000 i + k), skipping existing ones."""
+    from PIL import Image
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_metadata(bench, out, prompts, n)
+    jobs = [(p, k) for p in prompts for k in range(n) if not image_path(bench, out, p, k).is_file()]
+    skipped = len(prompts) * n - len(jobs)
+    for start in tqdm(range(0, len(jobs), batch_size), desc=f"sample {bench}", disable=not progress):
+        chunk = jobs[start : start + batch_size]
+        images = pipeline.generate([p.prompt for p, _ in chunk], steps, guidance_scale, shift,
+                                   seed=[seed + 1000 * p.index + k for p, k in chunk])
+        for (p, k), image in zip(chunk, images):
+            array = (image.permute(1, 2, 0).float().cpu().numpy() * 255).round().astype("uint8")
+            path = image_path(bench, out, p, k)
+            fmt = "JPEG" if path.suffix == ".jpeg" else "PNG"
+            _write_atomic(path, lambda tmp, a=array, f=fmt: Image.fromarray(a).save(tmp, format=f, **({"quality": 95} if f == "JPEG" else {})))
+    return {"bench": bench, "prompts": len(prompts), "images_per_prompt": n, "written": len(jobs), "already_there": skipped}
