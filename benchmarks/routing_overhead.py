@@ -23,6 +23,7 @@ from diffusers.training_utils import EMAModel
 from semroute.cli import DEMO_CONFIG, packaged_config
 from semroute.config import load_config
 from semroute.data.shapes import ShapesDataset, ShapesTask
+from semroute.data.sources import ShapesSource
 from semroute.dit import SemanticRoutingDiT
 from semroute.flow import RectifiedFlow
 from semroute.pipeline import SemanticRoutingPipeline
@@ -30,7 +31,7 @@ from semroute.text_encoder import TextEncoder
 from semroute.train import build_optimizer, prompt_table, train_step, warmup_schedule
 
 
-def make_trainer(config, strategy, encoder, features, null_id):
+def make_trainer(config, strategy, encoder, source):
     kwargs = {**config.model_kwargs(), "strategy": strategy}
     torch.manual_seed(0)
     model = SemanticRoutingDiT(**kwargs, text_dim=encoder.hidden_size, num_text_layers=encoder.num_layers)
@@ -43,7 +44,7 @@ def make_trainer(config, strategy, encoder, features, null_id):
     generator = torch.Generator().manual_seed(0)
 
     def step(x0, ids):
-        return train_step(accelerator, model, optimizer, scheduler, ema, flow, features, x0, ids, null_id, generator, 1.0)
+        return train_step(accelerator, model, optimizer, scheduler, ema, flow, source, (x0, ids), generator, 1.0)
 
     return model, step
 
@@ -67,7 +68,8 @@ def main() -> None:
          torch.tensor([dataset[i][1] for i in range(k * batch, (k + 1) * batch)]))
         for k in range(4)
     ]
-    trainers = {s: make_trainer(config, s, encoder, features, null_id) for s in ("single", "depth")}
+    source = ShapesSource(config, encoder, features, progress=False)
+    trainers = {s: make_trainer(config, s, encoder, source) for s in ("single", "depth")}
     train_times = {s: [] for s in trainers}
     for s, (_, step) in trainers.items():  # warm-up
         for x0, ids in batches[:2]:
@@ -81,15 +83,15 @@ def main() -> None:
 
     sc = config.sample
     prompts = [dataset.captions[i % null_id] for i in range(args.sample_images)]
-    pipelines = {s: SemanticRoutingPipeline(model.eval(), encoder) for s, (model, _) in trainers.items()}
+    pipelines = {s: SemanticRoutingPipeline.from_parts(model.eval(), encoder) for s, (model, _) in trainers.items()}
     prompt_features = pipelines["single"].encode(prompts)  # the LLM is the same for both; time the DiT side
     sample_times = {s: [] for s in pipelines}
     for s, pipe in pipelines.items():
-        pipe(prompts[:8], 2, sc.guidance_scale, features=pipelines["single"].encode(prompts[:8]))
+        pipe.generate(prompts[:8], 2, sc.guidance_scale, features=pipelines["single"].encode(prompts[:8]))
     for _ in range(args.rounds):
         for s, pipe in pipelines.items():
             start = time.perf_counter()
-            pipe(prompts, sc.steps, sc.guidance_scale, sc.shift, features=prompt_features)
+            pipe.generate(prompts, sc.steps, sc.guidance_scale, sc.shift, features=prompt_features)
             sample_times[s].append((time.perf_counter() - start) / len(prompts))
 
     train_b1, train_s2 = (statistics.median(train_times[s]) for s in ("single", "depth"))

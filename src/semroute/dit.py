@@ -312,7 +312,8 @@ class SemanticRoutingDiT(ModelMixin, ConfigMixin):
         For t-independent strategies the result is valid for every sampling step of these prompts.
         """
         fused = self.fusion(text_hidden_states, t, normalized=normalized)  # (G, B, S, C)
-        if not torch.is_autocast_enabled(fused.device.type):
+        # (the meta device, used to count FLOPs, has no autocast)
+        if fused.device.type == "meta" or not torch.is_autocast_enabled(fused.device.type):
             fused = fused.to(self.context_embedder.proj.weight.dtype)  # e.g. bf16 cached features, fp32 model
         context = self.context_embedder(fused)  # (G, B, S, H)
         kv = [block.cross_attn.keys_values(context[min(d, len(context) - 1)]) for d, block in enumerate(self.blocks)]
