@@ -322,6 +322,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
         print(f"semroute: error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:
+        from .checkpoint import TrainingDiverged
+
+        if not isinstance(err, TrainingDiverged):
+            raise
+        print(f"semroute: training stopped: {err}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("semroute: interrupted", file=sys.stderr)
         return 130

@@ -48,6 +48,10 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 50
     checkpoint_every: int = 500
+    # Checkpoints kept on disk (the newest K; the newest good one is never deleted).
+    keep_checkpoints: int = 3
+    # A step with a non-finite loss or gradient is skipped and counted; this many in a row stop the run.
+    max_nonfinite_steps: int = 10
     # CPU threads for torch; null uses every core.
     threads: int | None = None
 
@@ -80,7 +84,8 @@ class RunConfig:
         t = self.train
         positive = {"batch_size": t.batch_size, "max_steps": t.max_steps, "log_every": t.log_every,
                     "checkpoint_every": t.checkpoint_every, "lr": t.lr, "fusion_lr": t.fusion_lr,
-                    "gradient_accumulation_steps": t.gradient_accumulation_steps}
+                    "gradient_accumulation_steps": t.gradient_accumulation_steps,
+                    "keep_checkpoints": t.keep_checkpoints, "max_nonfinite_steps": t.max_nonfinite_steps}
         for key, value in positive.items():
             if value <= 0:
                 raise ValueError(f"train.{key} must be > 0, got {value}")

@@ -13,13 +13,12 @@ from tqdm.auto import tqdm
 
 from .dit import SemanticRoutingDiT
 from .flow import RectifiedFlow
+from .checkpoint import TEXT_ENCODER_FILE, VAE_FILE
 from .fusion import LayerFusion
 from .latent import check_vae_matches, decode_latents, vae_downsample
 from .text_encoder import TextEncoder, TextEncoderConfig
 
 NULL_PROMPT = ""  # the unconditional prompt of classifier-free guidance (caption dropout target)
-TEXT_ENCODER_FILE = "text_encoder.json"
-VAE_FILE = "vae.json"  # in a checkpoint trained in latent space: where its VAE lives
 
 
 @dataclass
@@ -228,7 +227,7 @@ class SemanticRoutingPipeline(DiffusionPipeline):
 
 def load_pipeline(path: str | Path, text_encoder: str | None = None) -> SemanticRoutingPipeline:
     """A diffusers pipeline directory (model_index.json), a semroute checkpoint, or a run directory (newest checkpoint)."""
-    from .train import resolve_checkpoint
+    from .checkpoint import resolve_checkpoint
 
     path = Path(path)
     if (path / "model_index.json").is_file():

@@ -5,9 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,20 +13,31 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers.training_utils import EMAModel
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .checkpoint import (  # noqa: F401  (re-exported: the checkpoint API used to live here)
+    RUN_CONFIG_FILE,
+    TRAINING_STATE_DIR,
+    TrainingDiverged,
+    load_raw_weights,
+    load_training_state,
+    newest_loadable,
+    prune_checkpoints,
+    remove_leftovers,
+    resolve_checkpoint,
+    resume_differences,
+    rng_state,
+    save_checkpoint,
+)
 from .config import RunConfig
 from .data.shapes import ShapesDataset, caption
 from .dit import SemanticRoutingDiT
 from .flow import RectifiedFlow
-from .pipeline import NULL_PROMPT, TEXT_ENCODER_FILE, VAE_FILE, PromptFeatures, SemanticRoutingPipeline, encode_prompts
+from .pipeline import NULL_PROMPT, PromptFeatures, SemanticRoutingPipeline, encode_prompts
 from .plots import save_sample_grid
 from .text_encoder import TextEncoder
 
 logger = logging.getLogger(__name__)
-RUN_CONFIG_FILE = "run_config.yaml"
-TRAINING_STATE_DIR = "training_state"
 
 
 @dataclass
@@ -54,67 +62,6 @@ def build_optimizer(model: SemanticRoutingDiT, config: RunConfig) -> torch.optim
 def warmup_schedule(warmup_steps: int):
     """Linear warmup to the base LR, then constant (the paper's constant LR)."""
     return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
-
-
-def save_checkpoint(
-    directory: Path,
-    model: SemanticRoutingDiT,
-    ema: EMAModel,
-    optimizer: torch.optim.Optimizer,
-    step: int,
-    config: RunConfig,
-    encoder: TextEncoder,
-    vae_path: str | None = None,
-) -> Path:
-    """Write a checkpoint atomically: EMA weights + config (what sampling loads) and the training state.
-
-    Layout: config.json + diffusion_pytorch_model.safetensors (EMA weights, diffusers format),
-    text_encoder.json, run_config.yaml, training_state/{model.safetensors, ema.safetensors,
-    optimizer.pt, state.json}.
-    """
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        ema.store(model.parameters())
-        ema.copy_to(model.parameters())
-        model.save_pretrained(tmp)
-        ema.restore(model.parameters())
-        state_dir = tmp / TRAINING_STATE_DIR
-        state_dir.mkdir()
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, state_dir / "model.safetensors")
-        save_file({str(i): p.contiguous() for i, p in enumerate(ema.shadow_params)}, state_dir / "ema.safetensors")
-        torch.save(optimizer.state_dict(), state_dir / "optimizer.pt")
-        (state_dir / "state.json").write_text(json.dumps({"step": step, "ema_optimization_step": ema.optimization_step}))
-        # The layers as configured (empty = all) and as resolved for this model.
-        (tmp / TEXT_ENCODER_FILE).write_text(json.dumps({**encoder.config.to_dict(), "resolved_layers": encoder.layers}, indent=2))
-        config.save(tmp / RUN_CONFIG_FILE)
-        if vae_path is not None:
-            (tmp / VAE_FILE).write_text(json.dumps({"path": str(vae_path)}))
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return directory
-
-
-def load_raw_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """The non-EMA training weights of a checkpoint."""
-    return load_file(checkpoint / TRAINING_STATE_DIR / "model.safetensors")
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory, or a run directory (its newest checkpoint)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if (path / TEXT_ENCODER_FILE).is_file():
-        return path
-    found = sorted((path / "checkpoints").glob("step_*")) if (path / "checkpoints").is_dir() else []
-    found = [p for p in found if (p / TEXT_ENCODER_FILE).is_file()]
-    if not found:
-        raise FileNotFoundError(f"{path} is neither a checkpoint nor a run directory with checkpoints/step_*")
-    return found[-1]
 
 
 def write_sample_grid(
@@ -168,12 +115,14 @@ def train_step(
     batch,
     generator: torch.Generator,
     grad_clip: float,
-) -> float:
+) -> tuple[float, bool | None]:
     """One micro-step, the same for every strategy and data source: only what the fusion returns differs.
 
     Caption dropout, t and noise are drawn for the global batch (every process draws all of them and
     keeps its slice), so N processes train exactly like one process with the same global batch.
     The optimizer, schedule and EMA step once every `gradient_accumulation_steps` micro-steps.
+    Returns the loss and, on the micro-step that closes an optimizer step, whether the gradient was
+    finite (a non-finite one is dropped: no update, no schedule step, no EMA step); None otherwise.
     """
     device = accelerator.device
     n = len(batch[0])
@@ -182,17 +131,21 @@ def train_step(
     x0, text, mask = source.condition(batch, drop, device)
     t = flow.sample_t(total, device, generator)[offset : offset + n]
     noise = torch.randn((total, *x0.shape[1:]), generator=generator, device=device)[offset : offset + n]
+    finite = None
     with accelerator.accumulate(model):
         loss = flow.loss(lambda x, tt: model(x, tt, text, mask, text_normalized=True), x0, t=t, noise=noise.to(x0.dtype))
         accelerator.backward(loss)
         if accelerator.sync_gradients:
-            accelerator.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-    if accelerator.sync_gradients:
+            # The gradient norm is the same on every process (after the all-reduce), so all skip together.
+            norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+            finite = bool(torch.isfinite(norm))
+            if finite:
+                optimizer.step()
+                scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+    if finite:
         ema.step(accelerator.unwrap_model(model).parameters())
-    return loss.item()
+    return loss.item(), finite
 
 
 def train(
@@ -203,14 +156,20 @@ def train(
     progress: bool = True,
     encoder: TextEncoder | None = None,
     features: PromptFeatures | None = None,
+    resume: bool = True,
 ) -> TrainResult:
     """Train the configured DiT and write checkpoints under `out_dir/checkpoints`.
+
+    When `out_dir` already holds a checkpoint the run resumes from the newest loadable one, exactly:
+    weights, EMA, optimizer, schedule, step, data position and every RNG (a config that changes
+    anything that matters is refused). The step budget counts from 0; a minute budget is per session.
 
     Data: the shapes task, or `config.dataset` (a manifest or saved HF dataset through the VAE and
     LLM, or a precomputed cache that needs neither). Runs under `accelerate launch` as DDP.
     encoder / features: reuse a loaded text encoder and the shapes `prompt_table` of this data config
     across runs (the ablation does) instead of loading and encoding again.
     """
+    from accelerate.state import AcceleratorState
     from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin
 
     from .data.sources import CachedEncoderInfo, ShapesSource, build_source
@@ -220,6 +179,8 @@ def train(
     minutes = minutes if minutes is not None else t.minutes
     if t.threads:
         torch.set_num_threads(t.threads)
+    # accelerate keeps one precision per process; a later run in the same process may want another.
+    AcceleratorState._reset_state()
     accelerator = Accelerator(
         mixed_precision=t.mixed_precision,
         # Our loop runs across epochs: an optimizer step is every k micro-batches, not at each epoch end.
@@ -229,8 +190,20 @@ def train(
     if t.batch_size % accelerator.num_processes:
         raise ValueError(f"train.batch_size {t.batch_size} must divide by the {accelerator.num_processes} processes")
     set_seed(t.seed)
+    resume_from = None
+    if resume:
+        found = newest_loadable(out_dir, config)
+        if found is not None:
+            resume_from, saved = found
+            differences = resume_differences(saved, config)
+            if differences:
+                raise ValueError(
+                    f"{out_dir} holds a run ({resume_from.name}) made with another config; resuming would change "
+                    f"{'; '.join(differences)}. Restore those settings to resume, or train into a new --out"
+                )
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(out_dir)
         config.save(out_dir / RUN_CONFIG_FILE)
 
     def load_encoder():
@@ -257,9 +230,19 @@ def train(
     if config.dataset.cache is not None and source.dataset.meta["recipe"]["vae"]:
         vae_path = source.dataset.meta["recipe"]["vae"]["path"]
 
+    step, epoch, position, nonfinite_steps, bad_streak = 0, 0, 0, 0, 0
+    if resume_from is not None:
+        state = load_training_state(resume_from, raw_model, ema, optimizer, scheduler, generator)
+        step, epoch, position, nonfinite_steps = state["step"], state["epoch"], state["position"], state["nonfinite_steps"]
+        logger.info("resuming from %s (step %d)", resume_from, step)
+
     def checkpoint_to(step: int) -> Path:
-        return save_checkpoint(out_dir / "checkpoints" / f"step_{step:06d}", raw_model, ema, optimizer, step, config, info,
-                               vae_path=vae_path)
+        """Save, then keep the newest `keep_checkpoints` (the one just written is the newest)."""
+        state = {"step": step, "epoch": epoch, "position": position, "nonfinite_steps": nonfinite_steps}
+        path = save_checkpoint(out_dir / "checkpoints" / f"step_{step:06d}", raw_model, ema, optimizer, state, config, info,
+                               vae_path=vae_path, scheduler=scheduler, rng=rng_state(generator))
+        prune_checkpoints(out_dir, t.keep_checkpoints)
+        return path
 
     log_path = out_dir / "log.jsonl"
     # With a time budget the step count is unknown: the bar then counts steps and shows the rate.
@@ -270,13 +253,14 @@ def train(
     )
     start = time.perf_counter()
     window_loss, window_images, window_steps, window_start = 0.0, 0, 0, start
-    step, last_loss, images_per_s = 0, math.nan, 0.0
+    last_loss, images_per_s = math.nan, 0.0
+    bar.update(step)
 
     def log_window() -> dict:
         """Average loss and throughput since the last log line; append them to log.jsonl."""
         nonlocal window_loss, window_images, window_steps, window_start, last_loss, images_per_s
         now = time.perf_counter()
-        last_loss = window_loss / window_steps
+        last_loss = window_loss / window_steps if window_steps else math.nan
         images_per_s = window_images / (now - window_start)
         record = {
             "step": step,
@@ -284,6 +268,7 @@ def train(
             "images_per_s": images_per_s,
             "lr": scheduler.get_last_lr()[0],
             "fusion_entropy": raw_model.fusion.weight_entropy().item(),
+            "nonfinite_steps": nonfinite_steps,
             "elapsed_s": now - start,
         }
         if accelerator.is_main_process:
@@ -294,19 +279,23 @@ def train(
 
     if not isinstance(source, ShapesSource):
         logger.info("sample grids at checkpoints are drawn for the shapes task only; sample this run with `semroute sample`")
-    checkpoint = None
-    epoch = 0
+    checkpoint = resume_from
 
     def batches():
-        """Micro-batches forever; a new epoch reshuffles (image data) and batches of only broken images are dropped."""
-        nonlocal epoch
+        """Micro-batches forever from (epoch, position); a new epoch reshuffles (image data).
+
+        `position` counts the micro-batches consumed in this epoch, those dropped for holding only
+        broken images included, so a resumed run skips exactly what the first run consumed.
+        """
+        nonlocal epoch, position
         while True:
-            for batch in loader:
-                if batch is not None:
-                    yield batch
-            epoch += 1
             if hasattr(source, "set_epoch"):
                 source.set_epoch(epoch)
+            for batch in accelerator.skip_first_batches(loader, position) if position else loader:
+                position += 1
+                if batch is not None:
+                    yield batch
+            epoch, position = epoch + 1, 0
 
     data = batches()
     model.train()
@@ -314,13 +303,28 @@ def train(
         if minutes is not None and time.perf_counter() - start > 60 * minutes:
             logger.info("stopping at step %d: the %.1f-minute budget is spent", step, minutes)
             break
+        images, losses = 0, []
         for _ in range(t.gradient_accumulation_steps):
             batch = next(data)
-            loss = train_step(accelerator, model, optimizer, scheduler, ema, flow, source, batch, generator, t.grad_clip)
-            window_loss += loss / t.gradient_accumulation_steps
-            window_images += len(batch[0]) * accelerator.num_processes
+            loss, finite = train_step(accelerator, model, optimizer, scheduler, ema, flow, source, batch, generator, t.grad_clip)
+            losses.append(loss)
+            images += len(batch[0]) * accelerator.num_processes
         step += 1
-        window_steps += 1
+        if finite:
+            bad_streak = 0
+            window_loss += sum(losses) / len(losses)
+            window_images += images
+            window_steps += 1
+        else:
+            bad_streak += 1
+            nonfinite_steps += 1
+            logger.warning("step %d: non-finite loss or gradient, update skipped (%d in a row, %d in all)", step, bad_streak, nonfinite_steps)
+            if bad_streak >= t.max_nonfinite_steps:
+                raise TrainingDiverged(
+                    f"{bad_streak} consecutive steps had a non-finite loss or gradient (through step {step}); the last good "
+                    f"checkpoint is {checkpoint or 'none (nothing was saved yet)'}. Lower train.lr, raise "
+                    f"train.warmup_steps or check the data, then resume"
+                )
         if step % t.log_every == 0 or step == max_steps:
             record = log_window()
             bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}", H=f"{record['fusion_entropy']:.3f}")
@@ -340,6 +344,7 @@ def train(
                          skipped_images=len(skipped) if skipped is not None else 0, model=raw_model)
     if accelerator.is_main_process:
         summary = {"steps": step, "final_loss": last_loss, "images_per_s": images_per_s, "epochs_started": epoch + 1,
+                   "nonfinite_steps": nonfinite_steps,
                    "processes": accelerator.num_processes, "skipped_images": result.skipped_images,
                    "skipped": dict(skipped.skipped) if skipped is not None else {}, "checkpoint": str(result.checkpoint)}
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))

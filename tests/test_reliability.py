@@ -1,0 +1,154 @@
+"""Crash safety: exact resume, kept checkpoints, damaged checkpoints, non-finite steps."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from semroute.checkpoint import TrainingDiverged, list_checkpoints, newest_loadable
+from semroute.config import load_config
+from semroute.flow import RectifiedFlow
+from semroute.train import train
+
+from .conftest import tiny_run_config, write_image_folder
+
+
+def state_tensors(checkpoint) -> dict[str, torch.Tensor]:
+    """Raw weights, EMA and every optimizer state tensor of a checkpoint."""
+    state = checkpoint / "training_state"
+    tensors = {f"model.{k}": v for k, v in load_file(state / "model.safetensors").items()}
+    tensors.update({f"ema.{k}": v for k, v in load_file(state / "ema.safetensors").items()})
+    optimizer = torch.load(state / "optimizer.pt", weights_only=False)["state"]
+    for i, s in optimizer.items():
+        tensors.update({f"adam.{i}.{k}": torch.as_tensor(v) for k, v in s.items()})
+    return tensors
+
+
+def assert_same_state(a, b) -> None:
+    ta, tb = state_tensors(a), state_tensors(b)
+    assert ta.keys() == tb.keys()
+    for key in ta:
+        assert torch.equal(ta[key], tb[key]), f"{key} differs"
+    sa, sb = (json.loads((c / "training_state" / "state.json").read_text()) for c in (a, b))
+    assert sa == sb
+
+
+def image_config(tiny_llama_dir, root, **train):
+    rows = write_image_folder(root, n=10, size=(12, 12))
+    (root / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    raw = tiny_run_config(tiny_llama_dir, **train)
+    raw["model"]["sample_size"] = 12
+    raw["dataset"] = {"manifest": str(root / "data.jsonl"), "resolution": 12}
+    return raw
+
+
+@pytest.mark.parametrize("data", ["shapes", "images"])
+def test_n_steps_then_resume_to_2n_equals_2n_bitwise(tmp_path, tiny_llama_dir, tiny_encoder, data):
+    # Image data: 10 images, batch 4 -> 2 batches an epoch, 2 micro-batches a step; the resume lands mid-epoch.
+    kwargs = dict(batch_size=4, checkpoint_every=3, gradient_accumulation_steps=2, mixed_precision="bf16")
+    raw = image_config(tiny_llama_dir, tmp_path / "data", **kwargs) if data == "images" else tiny_run_config(tiny_llama_dir, **kwargs)
+    raw["train"]["max_steps"] = 6
+    whole = train(load_config(raw), tmp_path / "whole", progress=False, encoder=tiny_encoder)
+    raw["train"]["max_steps"] = 3
+    train(load_config(raw), tmp_path / "split", progress=False, encoder=tiny_encoder)
+    raw["train"]["max_steps"] = 6
+    resumed = train(load_config(raw), tmp_path / "split", progress=False, encoder=tiny_encoder)
+    assert resumed.steps == whole.steps == 6
+    assert_same_state(resumed.checkpoint, whole.checkpoint)
+    assert json.loads((tmp_path / "split" / "summary.json").read_text())["steps"] == 6
+
+
+def test_resume_with_another_config_lists_the_differences_and_keeps_the_run(tmp_path, tiny_llama_dir, tiny_encoder):
+    raw = tiny_run_config(tiny_llama_dir, max_steps=2)
+    result = train(load_config(raw), tmp_path, progress=False, encoder=tiny_encoder)
+    before = state_tensors(result.checkpoint)
+    raw["model"]["strategy"] = "single"
+    raw["text_encoder"]["layers"] = [1, 2]
+    raw["train"]["max_steps"] = 50  # the budget may change; the rest may not
+    with pytest.raises(ValueError) as err:
+        train(load_config(raw), tmp_path, progress=False, encoder=tiny_encoder)
+    assert "model.strategy: checkpoint 'depth', now 'single'" in str(err.value)
+    assert "text_encoder.layers: checkpoint [], now [1, 2]" in str(err.value)
+    assert "new --out" in str(err.value)
+    after = state_tensors(result.checkpoint)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert load_config(tmp_path / "run_config.yaml").model["strategy"] == "depth"
+
+
+def test_keeps_the_newest_k_and_clears_leftovers_of_killed_writes(tmp_path, tiny_llama_dir, tiny_encoder):
+    raw = tiny_run_config(tiny_llama_dir, max_steps=6, checkpoint_every=1, keep_checkpoints=2)
+    train(load_config(raw), tmp_path, progress=False, encoder=tiny_encoder)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000005", "step_000006"]
+    leftover = tmp_path / "checkpoints" / ".step_000007.abc123"
+    (leftover / "training_state").mkdir(parents=True)
+    raw["train"]["max_steps"] = 7
+    train(load_config(raw), tmp_path, progress=False, encoder=tiny_encoder)
+    assert not leftover.exists()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000006", "step_000007"]
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, tiny_llama_dir, tiny_encoder, caplog):
+    raw = tiny_run_config(tiny_llama_dir, max_steps=4, checkpoint_every=2)
+    config = load_config(raw)
+    train(config, tmp_path, progress=False, encoder=tiny_encoder)
+    newest = tmp_path / "checkpoints" / "step_000004" / "training_state" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:100])  # truncated, as a full disk would leave it
+    with caplog.at_level(logging.WARNING):
+        found, _ = newest_loadable(tmp_path, config)
+    assert found.name == "step_000002" and "trying an older checkpoint" in caplog.text
+
+
+def _nan_on(calls: set[int], monkeypatch):
+    """Make RectifiedFlow.loss return NaN on the given (1-based) calls."""
+    real, count = RectifiedFlow.loss, [0]
+
+    def loss(self, *args, **kwargs):
+        count[0] += 1
+        value = real(self, *args, **kwargs)
+        return value * float("nan") if count[0] in calls or (-1 in calls and count[0] >= min(calls - {-1})) else value
+
+    monkeypatch.setattr(RectifiedFlow, "loss", loss)
+
+
+def test_non_finite_steps_are_skipped_and_counted(tmp_path, tiny_llama_dir, tiny_encoder, monkeypatch):
+    _nan_on({3, 4}, monkeypatch)
+    raw = tiny_run_config(tiny_llama_dir, max_steps=6, checkpoint_every=100)
+    result = train(load_config(raw), tmp_path, progress=False, encoder=tiny_encoder)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["nonfinite_steps"] == 2 and result.steps == 6
+    state = json.loads((result.checkpoint / "training_state" / "state.json").read_text())
+    assert state["ema_optimization_step"] == 4 and state["nonfinite_steps"] == 2  # no EMA step on skipped steps
+    assert all(torch.isfinite(v).all() for v in state_tensors(result.checkpoint).values())
+    assert max(json.loads(line)["nonfinite_steps"] for line in (tmp_path / "log.jsonl").read_text().splitlines()) == 2
+
+
+def test_consecutive_non_finite_steps_stop_the_run_and_keep_the_good_checkpoint(tmp_path, tiny_llama_dir, tiny_encoder, monkeypatch, capsys):
+    _nan_on({5, -1}, monkeypatch)  # every call from the 5th on
+    raw = tiny_run_config(tiny_llama_dir, max_steps=50, checkpoint_every=2, max_nonfinite_steps=3)
+    with pytest.raises(TrainingDiverged, match=r"3 consecutive steps .*through step 7\).*step_000006"):
+        train(load_config(raw), tmp_path, progress=False, encoder=tiny_encoder)
+    names = [p.name for p in list_checkpoints(tmp_path)]
+    assert names[-1] == "step_000006"
+    for checkpoint in list_checkpoints(tmp_path):
+        assert all(torch.isfinite(v).all() for v in state_tensors(checkpoint).values())
+
+
+def test_a_checkpoint_with_non_finite_weights_is_never_written(tmp_path, tiny_llama_dir, tiny_encoder):
+    from diffusers.training_utils import EMAModel
+    from torch.optim import AdamW
+
+    from semroute.checkpoint import save_checkpoint
+    from semroute.dit import DIT_PRESETS, SemanticRoutingDiT
+
+    model = SemanticRoutingDiT(**DIT_PRESETS["tiny"], text_dim=32, num_text_layers=4)
+    ema = EMAModel(model.parameters())
+    with torch.no_grad():
+        next(model.parameters())[0] = float("inf")
+    with pytest.raises(TrainingDiverged, match="not all finite"):
+        save_checkpoint(tmp_path / "step_000001", model, ema, AdamW(model.parameters()), {"step": 1},
+                        load_config(tiny_run_config(tiny_llama_dir)), tiny_encoder)
+    assert list(tmp_path.iterdir()) == []
