@@ -175,12 +175,12 @@ def cmd_sample(args) -> None:
 
 
 def cmd_routing(args) -> None:
-    from .dit import SemanticRoutingDiT
+    from .pipeline import load_transformer
     from .plots import plot_routing
     from .train import resolve_checkpoint
 
     checkpoint = resolve_checkpoint(args.checkpoint)
-    model = SemanticRoutingDiT.from_pretrained(checkpoint)
+    model = load_transformer(checkpoint)
     layers = json.loads((checkpoint / "text_encoder.json").read_text())["resolved_layers"]
     plot_routing(model.fusion, args.out, layers, title=str(checkpoint))
     print(f"wrote {args.out}")
@@ -319,8 +319,13 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()
     try:
         COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
+    except (ValueError, FileNotFoundError, NotADirectoryError) as err:
         print(f"semroute: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # permissions, a full or read-only disk: nothing already written is touched
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"semroute: error: {err.strerror or err}{where}; check the free space and permissions of the output "
+              f"directory, or choose another one", file=sys.stderr)
         return 2
     except RuntimeError as err:
         from .checkpoint import TrainingDiverged

@@ -48,6 +48,8 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 50
     checkpoint_every: int = 500
+    # Sample the display prompts with the EMA weights at every checkpoint (shapes task).
+    sample_grids: bool = True
     # Checkpoints kept on disk (the newest K; the newest good one is never deleted).
     keep_checkpoints: int = 3
     # A step with a non-finite loss or gradient is skipped and counted; this many in a row stop the run.
@@ -89,6 +91,20 @@ class RunConfig:
         for key, value in positive.items():
             if value <= 0:
                 raise ValueError(f"train.{key} must be > 0, got {value}")
+        if not 0 <= t.caption_dropout < 1:
+            raise ValueError(f"train.caption_dropout must be in [0, 1), got {t.caption_dropout}")
+        if not 0 <= t.ema_decay < 1:
+            raise ValueError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+        if t.warmup_steps < 0 or t.grad_clip <= 0 or t.weight_decay < 0:
+            raise ValueError(f"train.warmup_steps and train.weight_decay must be >= 0 and train.grad_clip > 0, "
+                             f"got {t.warmup_steps}, {t.weight_decay}, {t.grad_clip}")
+        if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
+            raise ValueError(f"train.betas must be two numbers in [0, 1), got {t.betas}")
+        if t.threads is not None and t.threads < 1:
+            raise ValueError(f"train.threads must be >= 1 or null, got {t.threads}")
+        if self.sample.images_per_prompt < 1 or self.sample.shift <= 0:
+            raise ValueError(f"sample.images_per_prompt must be >= 1 and sample.shift > 0, "
+                             f"got {self.sample.images_per_prompt}, {self.sample.shift}")
         if t.minutes is not None and t.minutes <= 0:
             raise ValueError(f"train.minutes must be > 0 or null, got {t.minutes}")
         if t.mixed_precision not in MIXED_PRECISION:

@@ -130,7 +130,7 @@ class SemanticRoutingPipeline(DiffusionPipeline):
             from .latent import load_vae
 
             vae = load_vae(json.loads(vae_meta.read_text())["path"])
-        transformer = SemanticRoutingDiT.from_pretrained(path)
+        transformer = load_transformer(path)
         return cls.from_parts(transformer, TextEncoder(config), vae)
 
     def encode(self, prompts: list[str]) -> PromptFeatures:
@@ -223,6 +223,36 @@ class SemanticRoutingPipeline(DiffusionPipeline):
             if output_type == "pil":
                 images = self.numpy_to_pil(images)
         return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+
+def load_transformer(path: Path) -> SemanticRoutingDiT:
+    """The DiT of a checkpoint, strictly: a damaged file or another model's weights is an error, never a random init."""
+    from safetensors.torch import load_file
+
+    weights_file = path / "diffusion_pytorch_model.safetensors"
+    try:
+        config = SemanticRoutingDiT.load_config(path)
+        model = SemanticRoutingDiT.from_config(config)
+    except (OSError, ValueError, TypeError) as err:
+        raise ValueError(f"{path}/config.json is not a SemanticRoutingDiT config ({err}); point at a semroute checkpoint") from None
+    try:
+        weights = load_file(weights_file)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{weights_file} is missing; the checkpoint is incomplete") from None
+    except Exception as err:  # safetensors raises its own error type for truncated or foreign files
+        raise ValueError(f"{weights_file} cannot be read ({err}); it is truncated or not a safetensors file, "
+                         f"use another checkpoint of the run") from None
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(weights) if expected[k].shape != weights[k].shape)
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"{weights_file} holds weights of another model ({len(missing)} missing, {len(unexpected)} unexpected, "
+            f"{len(wrong)} of another shape, e.g. {(missing + unexpected + wrong)[0]}); use a checkpoint written by semroute"
+        )
+    model.load_state_dict(weights)
+    return model.eval()
 
 
 def load_pipeline(path: str | Path, text_encoder: str | None = None) -> SemanticRoutingPipeline:

@@ -331,7 +331,7 @@ def train(
         bar.update(1)
         if step % t.checkpoint_every == 0 and accelerator.is_main_process:
             checkpoint = checkpoint_to(step)
-            if isinstance(source, ShapesSource):
+            if isinstance(source, ShapesSource) and t.sample_grids:
                 write_sample_grid(raw_model, ema, info, source.features, source.dataset, config,
                                   out_dir / "samples" / f"step_{step:06d}.png", title=f"{raw_model.fusion.strategy}, step {step} (EMA)")
     if window_steps:
