@@ -37,7 +37,8 @@ def assert_answered(code: int, err: str, phrase: str) -> None:
     assert "Traceback" not in err
     lines = [line for line in err.strip().splitlines() if line.strip()]
     assert lines and phrase in lines[-1], err
-    assert len(lines) <= 3  # argparse prints usage + the error; ours is one line
+    # The answer is the last line, and the only error line (argparse prints its usage before it).
+    assert sum("error:" in line for line in lines) == 1, err
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +101,7 @@ CONFIG_CASES = {
     "zero sampling steps": ({"sample": {"steps": 0}}, "sample.steps must be >= 1"),
     "size not divisible by patch": ({"model": {"preset": "tiny", "sample_size": 13}, "data": {"image_size": 13}}, "not divisible by"),
     "model size differs from data": ({"model": {"preset": "tiny", "sample_size": 16}}, "differs from data.image_size"),
-    "unknown strategy": ({"model": {"preset": "tiny", "strategy": "random"}}, "unknown strategy"),
+    "unknown strategy": ({"model": {"preset": "tiny", "strategy": "random"}}, "unknown fusion strategy 'random'; valid:"),
     "unknown preset": ({"model": {"preset": "huge"}}, "unknown model.preset 'huge'; valid:"),
     "derived model key": ({"model": {"preset": "tiny", "text_dim": 9}}, "set from the text encoder"),
     "layer out of range": ({"text_encoder": {"layers": [99]}}, "layer 99 is out of range"),
@@ -115,7 +116,7 @@ CONFIG_CASES = {
 def _merge(base: dict, change: dict, tmp: Path) -> dict:
     for key, value in change.items():
         if isinstance(value, dict) and key != "model":
-            base[key] = {**base.get(key, {}), **{k: v.format(tmp=tmp) if isinstance(v, str) else v for k, v in value.items()}}
+            base[key] = {**base.get(key, {}), **{k: v.replace("{tmp}", str(tmp)) if isinstance(v, str) else v for k, v in value.items()}}
         else:
             base[key] = value
     return base

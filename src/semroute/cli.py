@@ -312,6 +312,7 @@ def configure_logging() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars on every model load
 
 
 def main(argv: list[str] | None = None) -> int:

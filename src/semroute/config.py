@@ -220,5 +220,5 @@ def load_config(source: Path | str | dict) -> RunConfig:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise ValueError(f"config file {path} is not valid UTF-8 YAML: {err}") from None
+        raise ValueError(f"config file {path} is not valid UTF-8 YAML: {' '.join(str(err).split())}") from None
     return _build(RunConfig, data or {}, "")
