@@ -171,10 +171,13 @@ def table_markdown(found: dict[str, list[dict]], checked: list[dict]) -> str:
         cells = []
         for column in COLUMNS:
             mean, std = mean_std([_value(r, column) for r in found[sid]])
-            cells.append(f"{100 * mean:.1f} ± {100 * std:.1f}")
+            # One seed has no spread to show.
+            cells.append(f"{100 * mean:.1f} ± {100 * std:.1f}" if len(found[sid]) > 1 else f"{100 * mean:.1f}")
         lines.append(f"| {PAPER_NAMES[sid]} | {len(found[sid])} | " + " | ".join(cells) + " |")
     lines += ["", "| paper claim | our numbers | agrees |", "|---|---|---|"]
     lines += [f"| {c['claim']} | {c['ours']} | {'yes' if c['agrees'] else 'no'} |" for c in checked]
+    if not checked:
+        lines.append("| (none: these strategies test no claim; each needs S2 with B1, or S1 with others) | | |")
     return "\n".join(lines) + "\n"
 
 
