@@ -81,16 +81,26 @@ def test_ablation_end_to_end_and_resume(tiny_llama_dir, tiny_encoder, tmp_path, 
     (out / "runs" / "s3-seed0").mkdir(parents=True)
     (out / "runs" / "s3-seed0" / "log.jsonl").write_text("{}\n")
     base.train.checkpoint_every = 2  # also writes a sample grid while bench prompts are held out
-    result = run_ablation(base, out, ["b1", "s1", "s2", "s3"], 1, None, 1, max_steps=2, encoder=tiny_encoder, progress=False)
+    # An interrupted run with a checkpoint: resumed, not restarted.
+    import copy
+
+    from semroute.train import train
+
+    partial = copy.deepcopy(base)
+    partial.model["strategy"] = "depth"
+    train(partial, out / "runs" / "s2-seed0", max_steps=2, progress=False, encoder=tiny_encoder)
+    result = run_ablation(base, out, ["b1", "s1", "s2", "s3"], 1, None, 1, max_steps=4, encoder=tiny_encoder, progress=False)
     for name in ("table.md", "results.json", "bars.png", "routing-s1.png", "routing-s2.png", "routing-s3.png"):
         assert (out / name).stat().st_size > 100, name
     assert (out / "runs" / "s3-seed0.interrupted" / "log.jsonl").is_file()
+    assert not (out / "runs" / "s2-seed0.interrupted").exists()
+    assert json.loads((out / "runs" / "s2-seed0" / "shapesbench.json").read_text())["steps"] == 4
     assert {c["claim"] for c in result["claims"]} == {"S2 beats B1 on counting", "S2 is best overall", "S1 has the lowest fidelity"}
     saved = json.loads((out / "results.json").read_text())
     assert set(saved["summary"]) == {"b1", "s1", "s2", "s3"}
     # Re-running trains nothing: every run is finished.
     monkeypatch.setattr("semroute.train.train", lambda *a, **k: pytest.fail("a finished run was trained again"))
-    again = run_ablation(base, out, ["b1", "s1", "s2", "s3"], 1, None, 1, max_steps=2, encoder=tiny_encoder, progress=False)
+    again = run_ablation(base, out, ["b1", "s1", "s2", "s3"], 1, None, 1, max_steps=4, encoder=tiny_encoder, progress=False)
     assert again["summary"] == result["summary"]
 
 

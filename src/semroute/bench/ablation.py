@@ -3,8 +3,8 @@
 Layout of an ablation directory:
     runs/<id>-seed<k>/           training run (checkpoints, log) and shapesbench.json when evaluated
     results.json, table.md, bars.png, routing-<id>.png
-Re-running skips every run whose shapesbench.json exists, so an interrupted ablation loses at most the
-run in progress.
+Re-running skips every run whose shapesbench.json exists and resumes an interrupted run from its
+newest checkpoint, so an interrupted ablation loses at most the steps since that checkpoint.
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ def run_ablation(
     from ..train import train
 
     from ..data.shapes import ShapesDataset, ShapesTask
+    from ..checkpoint import newest_loadable, resume_differences
     from ..train import prompt_table
 
     prompts = bench_prompts(base.data)
@@ -71,17 +72,21 @@ def run_ablation(
             if (run_dir / RESULTS_FILE).is_file():
                 logger.info("%s seed %d: done, skipped", sid, seed)
                 continue
-            if run_dir.exists():
-                # An interrupted run: keep it aside rather than delete it, and start the run again.
-                aside = run_dir.with_name(f"{run_dir.name}.interrupted")
-                n = 0
-                while aside.exists():
-                    n += 1
-                    aside = run_dir.with_name(f"{run_dir.name}.interrupted{n}")
-                run_dir.rename(aside)
             config = copy.deepcopy(base)
             config.model["strategy"] = PAPER_IDS[sid]
             config.train.seed = seed
+            if run_dir.exists():
+                found = newest_loadable(run_dir, config)
+                if found is not None and not resume_differences(found[1], config):
+                    logger.info("%s seed %d: resuming the interrupted run from %s", sid, seed, found[0].name)
+                else:
+                    # Nothing to resume (or made another way): keep it aside rather than delete it, and start again.
+                    aside = run_dir.with_name(f"{run_dir.name}.interrupted")
+                    n = 0
+                    while aside.exists():
+                        n += 1
+                        aside = run_dir.with_name(f"{run_dir.name}.interrupted{n}")
+                    run_dir.rename(aside)
             encoder = encoder or TextEncoder(base.text_encoder)
             if features is None:
                 captions = ShapesDataset(ShapesTask(base.data)).captions
