@@ -69,7 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train a DiT from a YAML config", formatter_class=fmt)
+    p = sub.add_parser(
+        "train", help="train a DiT from a YAML config", formatter_class=fmt,
+        description="Trains on the shapes task, or on config.dataset (a manifest, a saved HF dataset or a "
+                    "precomputed cache). If --out already holds a checkpoint the run resumes from it exactly; "
+                    "a config that changes the model, encoder, data or optimiser is refused. For several GPUs: "
+                    "accelerate launch -m semroute train --config ...",
+    )
     p.add_argument("--config", type=Path, required=True, help="YAML run config (see configs/)")
     p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<config name>)")
     budget = p.add_argument_group("budget (overrides train.max_steps / train.minutes)")
