@@ -23,6 +23,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ..data.images import parse_jsonl, read_user_text
+
 BENCHES = ("geneval", "genaibench", "drawbench")
 
 
@@ -38,23 +40,12 @@ def read_prompts(bench: str, path: Path) -> list[BenchPrompt]:
     """The prompts of a user-supplied benchmark file; errors name the file and what is wrong."""
     if bench not in BENCHES:
         raise ValueError(f"unknown --bench {bench!r}; valid: {', '.join(BENCHES)}")
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} does not exist")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"prompt file {path} is not UTF-8 text: {err}") from None
+    text = read_user_text(path, "prompt file")
     prompts: list[BenchPrompt] = []
     if bench == "geneval":
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path} line {number} is not JSON ({err.msg}); GenEval prompts are one JSON object a line") from None
+        for record in parse_jsonl(text, path, hint="; GenEval prompts are one JSON object a line"):
             if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                raise ValueError(f"{path} line {number} has no string 'prompt'")
+                raise ValueError(f"{path} prompt {len(prompts) + 1} has no string 'prompt'")
             prompts.append(BenchPrompt(len(prompts), f"{len(prompts):05d}", record["prompt"], record))
     elif bench == "genaibench":
         try:

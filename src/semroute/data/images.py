@@ -69,22 +69,33 @@ def to_training_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
+def read_user_text(path: Path, what: str) -> str:
+    """A user-supplied UTF-8 text file (a BOM is allowed); errors name what it is and the fix."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{what} {path} is not UTF-8 text: {err}") from None
+
+
+def parse_jsonl(text: str, path: Path, hint: str = "") -> list:
+    """One JSON value per non-blank line; a bad line is an error naming the file and line number."""
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path} line {number} is not JSON ({err.msg}){hint}") from None
+    return rows
+
+
 def read_manifest(path: Path) -> list[dict]:
     """Rows of a .json list or a .jsonl file; errors name the file and line."""
-    if not path.is_file():
-        raise FileNotFoundError(f"manifest {path} does not exist")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"manifest {path} is not UTF-8 text: {err}") from None
+    text = read_user_text(path, "manifest")
     if path.suffix == ".jsonl":
-        rows = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"manifest {path} line {number} is not JSON: {err.msg}") from None
+        rows = parse_jsonl(text, path)
     else:
         try:
             rows = json.loads(text)

@@ -75,7 +75,9 @@ class ImageSource:
         if self.vae is not None:
             check_vae_matches(self.vae, model["in_channels"], model["sample_size"], d.resolution)
         self.sampler = EpochShuffle(len(self.dataset), config.train.seed)
-        self.dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[config.train.mixed_precision]
+        from ..train import FEATURE_DTYPES
+
+        self.dtype = FEATURE_DTYPES[config.train.mixed_precision]
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.epoch = self.dataset.epoch = epoch
