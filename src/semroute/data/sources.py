@@ -98,9 +98,9 @@ class ImageSource:
 class CacheSource:
     """Rows of a `semroute precompute` cache: a step never runs the VAE or the LLM."""
 
-    def __init__(self, config, encoder_recipe: dict | None = None):
+    def __init__(self, config, encoder_recipe: dict | None = None, dataset: CachedDataset | None = None):
         d = config.dataset
-        self.dataset = CachedDataset(d.cache)
+        self.dataset = dataset or CachedDataset(d.cache)
         recipe = self.dataset.meta["recipe"]
         if encoder_recipe is not None:
             differences = recipe_differences(recipe, encoder_recipe)
@@ -140,7 +140,8 @@ def build_source(config, encoder_factory, features: PromptFeatures | None = None
     """The batch source the config asks for. `encoder_factory()` loads the LLM (not called for a cache)."""
     d = config.dataset
     if d.cache is not None:
-        return CacheSource(config, _recipe_from_config(config, CachedDataset(d.cache).meta["recipe"]))
+        dataset = CachedDataset(d.cache)
+        return CacheSource(config, _recipe_from_config(config, dataset.meta["recipe"]), dataset)
     if d.active:
         return ImageSource(config, encoder_factory())
     return ShapesSource(config, encoder_factory(), features, progress)
