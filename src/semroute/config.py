@@ -138,7 +138,7 @@ class RunConfig:
         valid = [k for k in params if k not in ("self", *DERIVED_MODEL_KEYS)]
         model = dict(self.model)
         preset = model.pop("preset", None)
-        if preset is not None and preset not in DIT_PRESETS:
+        if preset is not None and (not isinstance(preset, str) or preset not in DIT_PRESETS):
             raise ValueError(f"unknown model.preset {preset!r}; valid: {', '.join(DIT_PRESETS)}")
         hints = typing.get_type_hints(SemanticRoutingDiT.__init__)
         for key, value in model.items():
