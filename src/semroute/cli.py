@@ -11,6 +11,8 @@ import warnings
 from importlib import resources
 from pathlib import Path
 
+from .fileio import write_json
+
 logger = logging.getLogger("semroute")
 DEMO_CONFIG = "demo.yaml"
 ABLATION_CONFIG = "ablation.yaml"
@@ -206,8 +208,7 @@ def cmd_eval(args) -> None:
     pipeline = SemanticRoutingPipeline.from_checkpoint(checkpoint)
     results = run_bench(pipeline, bench_prompts(config.data), args.n, args.steps, args.cfg, args.shift, args.seed)
     results["checkpoint"] = str(checkpoint)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
+    write_json(out, results)
     summary = {k: round(v, 4) for k, v in results["categories"].items()}
     print(json.dumps({**summary, "overall": round(results["overall"], 4), "fidelity": round(results["fidelity"], 4)}))
     print(f"wrote {out}")
@@ -301,7 +302,7 @@ def cmd_demo(args) -> None:
         total_seconds=time.perf_counter() - start,
         checkpoint=str(result.checkpoint),
     )
-    (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_json(args.out / "metrics.json", metrics)
     print(json.dumps({k: metrics[k] for k in ("count_accuracy", "colour_accuracy", "shape_accuracy", "exact_accuracy")}))
     print(f"wrote {args.out / 'samples.png'}, {args.out / 'routing.png'}, {args.out / 'metrics.json'}")
 

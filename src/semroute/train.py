@@ -32,6 +32,7 @@ from .checkpoint import (  # noqa: F401  (re-exported: the checkpoint API used t
 from .config import RunConfig
 from .data.shapes import ShapesDataset, caption
 from .dit import SemanticRoutingDiT
+from .fileio import write_json
 from .flow import RectifiedFlow
 from .pipeline import NULL_PROMPT, PromptFeatures, SemanticRoutingPipeline, encode_prompts
 from .plots import save_sample_grid
@@ -347,7 +348,7 @@ def train(
                    "nonfinite_steps": nonfinite_steps,
                    "processes": accelerator.num_processes, "skipped_images": result.skipped_images,
                    "skipped": dict(skipped.skipped) if skipped is not None else {}, "checkpoint": str(result.checkpoint)}
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_json(out_dir / "summary.json", summary)
         if result.skipped_images:
             logger.warning("%d images were skipped (missing or unreadable); listed in %s", result.skipped_images, out_dir / "summary.json")
     accelerator.wait_for_everyone()

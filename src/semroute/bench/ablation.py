@@ -12,13 +12,13 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import statistics
 from pathlib import Path
 
 import numpy as np
 
 from ..config import RunConfig
+from ..fileio import write_json, write_text
 from ..fusion import PAPER_IDS
 from .shapesbench import CATEGORIES, bench_prompts, run_bench
 
@@ -36,12 +36,6 @@ def parse_strategies(text: str) -> list[str]:
     if unknown or not ids:
         raise ValueError(f"unknown strategies {unknown or text!r}; valid: {', '.join(PAPER_IDS)}")
     return [s for s in PAPER_IDS if s in ids]
-
-
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
 
 
 def run_ablation(
@@ -96,7 +90,7 @@ def run_ablation(
             s = config.sample
             bench = run_bench(pipeline, prompts, images_per_prompt, s.steps, s.guidance_scale, s.shift, progress=progress)
             bench.update(strategy=sid, seed=seed, steps=result.steps, checkpoint=str(result.checkpoint))
-            _write_json(run_dir / RESULTS_FILE, bench)
+            write_json(run_dir / RESULTS_FILE, bench)
     return summarize_ablation(out, strategies, seeds)
 
 
@@ -208,8 +202,8 @@ def summarize_ablation(out: Path, strategies: list[str], seeds: int) -> dict:
         | {"seeds": [r["seed"] for r in rs], "steps": [r["steps"] for r in rs]}
         for sid, rs in found.items()
     }
-    _write_json(out / "results.json", {"summary": summary, "claims": checked, "runs": found})
-    (out / "table.md").write_text(table_markdown(found, checked))
+    write_json(out / "results.json", {"summary": summary, "claims": checked, "runs": found})
+    write_text(out / "table.md", table_markdown(found, checked))
     plot_bars(found, out / "bars.png")
     for sid in ("s1", "s2", "s3"):
         if sid in found:

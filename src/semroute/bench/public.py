@@ -17,13 +17,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from ..data.images import parse_jsonl, read_user_text
+from ..fileio import write_atomic
 
 BENCHES = ("geneval", "genaibench", "drawbench")
 
@@ -78,18 +78,11 @@ def image_path(bench: str, out: Path, prompt: BenchPrompt, k: int) -> Path:
     return out / "images" / f"{prompt.index:03d}_{k}.png"
 
 
-def _write_atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def write_metadata(bench: str, out: Path, prompts: list[BenchPrompt], n: int) -> None:
     """The per-prompt files the layout needs besides the images."""
     if bench == "geneval":
         for p in prompts:
-            _write_atomic(out / f"{p.index:05d}" / "metadata.jsonl", lambda tmp, p=p: tmp.write_text(json.dumps(p.metadata) + "\n"))
+            write_atomic(out / f"{p.index:05d}" / "metadata.jsonl", lambda tmp, p=p: tmp.write_text(json.dumps(p.metadata) + "\n"))
     elif bench == "drawbench":
         def write_csv(tmp: Path) -> None:
             with tmp.open("w", newline="", encoding="utf-8") as f:
@@ -99,7 +92,7 @@ def write_metadata(bench: str, out: Path, prompts: list[BenchPrompt], n: int) ->
                     for k in range(n):
                         writer.writerow([image_path(bench, out, p, k).relative_to(out).as_posix(), p.prompt, p.metadata.get("Category", "")])
 
-        _write_atomic(out / "metadata.csv", write_csv)
+        write_atomic(out / "metadata.csv", write_csv)
 
 
 def sample_bench(pipeline, bench: str, prompts: list[BenchPrompt], out: Path, n: int = 4, steps: int = 25,
@@ -120,5 +113,5 @@ def sample_bench(pipeline, bench: str, prompts: list[BenchPrompt], out: Path, n:
             array = (image.permute(1, 2, 0).float().cpu().numpy() * 255).round().astype("uint8")
             path = image_path(bench, out, p, k)
             fmt = "JPEG" if path.suffix == ".jpeg" else "PNG"
-            _write_atomic(path, lambda tmp, a=array, f=fmt: Image.fromarray(a).save(tmp, format=f, **({"quality": 95} if f == "JPEG" else {})))
+            write_atomic(path, lambda tmp, a=array, f=fmt: Image.fromarray(a).save(tmp, format=f, **({"quality": 95} if f == "JPEG" else {})))
     return {"bench": bench, "prompts": len(prompts), "images_per_prompt": n, "written": len(jobs), "already_there": skipped}

@@ -20,6 +20,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from ..fileio import write_json
+
 logger = logging.getLogger(__name__)
 
 CACHE_META = "cache.json"
@@ -91,7 +93,7 @@ def precompute(config, out: Path, shard_size: int = 1024, dtype: str = "bf16", b
             logger.info("%s is already a complete cache of %d rows", out, found["rows"])
             return found
     meta = {"recipe": recipe, "complete": False, "rows": 0, "shards": [], "skipped": {}}
-    _write_json(meta_path, meta)
+    write_json(meta_path, meta)
 
     dataset = ImageCaptionDataset(d)
     pairs = [(i, c) for i in range(len(dataset)) for c in dataset.captions_of(i)]
@@ -136,15 +138,9 @@ def precompute(config, out: Path, shard_size: int = 1024, dtype: str = "bf16", b
     h, m = _pad(LayerFusion.normalize(h).transpose(0, 1), m, length)
     save_file({"text": h[0].to(store).contiguous(), "mask": m[0].contiguous()}, out / "null.safetensors")
     meta.update(complete=True, rows=rows, shards=shards, skipped=dataset.skips.skipped)
-    _write_json(meta_path, meta)
+    write_json(meta_path, meta)
     logger.info("cached %d rows in %d shards (%d images skipped) in %s", rows, len(shards), len(dataset.skips), out)
     return meta
-
-
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
 
 
 def read_cache_meta(path: Path) -> dict:
