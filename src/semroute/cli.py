@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategies", default="b1,b2,b3,s1,s2,s3", help="paper ids, comma-separated")
     p.add_argument("--seeds", type=_positive_int, default=3, help="seeds per strategy")
     p.add_argument("--minutes-per-run", type=_positive_float, default=None, help="training budget per run (default: train.minutes of the config)")
-    p.add_argument("--max-steps", type=_positive_int, default=None, help="also stop each run after this many steps")
+    p.add_argument("--max-steps", type=_positive_int, default=None,
+                   help=f"stop each run after this many steps (default: train.max_steps of the config; 1200 in {ABLATION_CONFIG}, the smallest budget measured to separate strategies)")
     p.add_argument("--n", type=_positive_int, default=4, help="ShapesBench images per prompt")
     p.add_argument("--quick", action="store_true", help=f"smoke test: 1 seed, {QUICK_MINUTES:g}-minute runs, 2 images per prompt")
 
