@@ -19,8 +19,8 @@ def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def write_json(path: Path, data, indent: int | None = 2) -> None:
-    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=indent)))
+def write_json(path: Path, data) -> None:
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2)))
 
 
 def write_text(path: Path, text: str) -> None:
