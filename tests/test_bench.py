@@ -31,6 +31,17 @@ class RenderingPipeline:
         return torch.stack(images)
 
 
+class NoisePipeline:
+    """A 'model' that has learned nothing: uniform random noise in [0, 1], or noise dimmed to look sparse."""
+
+    def __init__(self, size=16, scale=1.0):
+        self.size, self.scale = size, scale
+
+    def generate(self, prompts, num_steps, guidance_scale, shift, seed):
+        return torch.stack([self.scale * torch.rand(3, self.size, self.size, generator=torch.Generator().manual_seed(s))
+                            for s in seed])
+
+
 def test_prompt_set_is_fixed_and_covers_every_category():
     config = ShapesConfig()
     prompts = bench_prompts(config)
@@ -62,6 +73,15 @@ def test_a_perfect_model_scores_100_percent():
     assert results["overall"] == 1.0 and results["fidelity"] == 1.0
     # Scoring is cheap next to sampling; here "sampling" is rendering, so only check it is measured.
     assert results["timing"]["scoring_s"] > 0
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.45])
+def test_noise_scores_zero_in_every_category(scale):
+    # Full noise is one big blob; dimmed noise (0.45) breaks into many small blobs of random colour.
+    config = ShapesConfig()
+    results = run_bench(NoisePipeline(scale=scale), bench_prompts(config), images_per_prompt=4, progress=False)
+    assert results["categories"] == {c: 0.0 for c in CATEGORIES}
+    assert results["overall"] == 0.0 and results["fidelity"] < 0.05
 
 
 @pytest.mark.parametrize("defect, failing", [("miscount", {"counting", "colour", "two_objects", "position"}), ("flip_relation", {"position"})])

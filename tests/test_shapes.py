@@ -75,6 +75,33 @@ def test_known_defects_are_scored_wrong(task):
     assert not score(np.zeros((3, 16, 16), dtype=np.float32), scene)["colour"]
 
 
+def test_a_malformed_object_fails_every_check(task):
+    scene = Scene((Group(2, "red", "square"),))
+    image = task.render(scene, np.random.default_rng(0))
+    assert all(score(image, scene).values())
+    ys, xs = np.nonzero(image[0])
+    image[0, ys[0], xs[0]] = 0.0  # one corner pixel missing: no longer a clean square
+    assert not any(score(image, scene).values())
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.45])
+def test_demo_metrics_give_noise_zero_and_renders_one(task, scale):
+    from semroute.evaluate import accuracy
+
+    scenes = ShapesTask().single_scenes
+    g = torch.Generator().manual_seed(0)
+    noise = scale * torch.rand(len(scenes) * 4, 3, 16, 16, generator=g)
+    result = accuracy(noise, scenes, 4)
+    for key in ("count_accuracy", "colour_accuracy", "shape_accuracy", "exact_accuracy"):
+        assert result[key] == 0.0, key
+    assert set(result["count_accuracy_by_n"].values()) == {0.0}
+    rng = np.random.default_rng(1)
+    renders = torch.stack([torch.from_numpy(task.render(s, rng)) for s in scenes for _ in range(4)])
+    perfect = accuracy(renders, scenes, 4)
+    for key in ("count_accuracy", "colour_accuracy", "shape_accuracy", "exact_accuracy"):
+        assert perfect[key] == 1.0, key
+
+
 def test_specks_are_not_objects():
     image = np.zeros((3, 16, 16), dtype=np.float32)
     image[:, 2, 2] = 1.0

@@ -321,13 +321,18 @@ def detect_objects(image: np.ndarray | torch.Tensor, min_pixels: int = MIN_PIXEL
 
 
 def score(image: np.ndarray | torch.Tensor, scene: Scene) -> dict[str, bool]:
-    """Judge an image against its scene.
+    """Judge an image against its scene; every check fails unless every object in it is a clean shape.
 
-    count: the number of objects equals the total prompted; colour / shape: every object has a
-    prompted colour / shape; exact: the objects per (colour, shape) are exactly the prompted ones
-    and, for a relation, the first object's centre stands in that relation to the second's.
+    An object (a blob of >= MIN_PIXELS) that is not a pixel-exact shape in a palette colour is an object
+    drawn wrong, not nothing: otherwise a smear of noise reads as "one object of some colour" and earns
+    counting at N=1 (uniform noise scored 25% counting, 18% colour before this rule; now 0).
+    count: exactly the prompted total of objects; colour / shape: at least one object, each of a
+    prompted colour / shape; exact: the objects per (colour, shape) are exactly the prompted ones and,
+    for a relation, the first object's centre stands in that relation to the second's.
     """
     objects = detect_objects(image)
+    if not all(o.clean for o in objects):
+        return {"count": False, "colour": False, "shape": False, "exact": False}
     found = Counter((o.colour, o.shape) for o in objects)
     wanted = Counter({(g.colour, g.shape): g.count for g in scene.groups})
     colours = {g.colour for g in scene.groups}
