@@ -60,7 +60,7 @@ def main() -> None:
     config = load_config(packaged_config(DEMO_CONFIG))
     encoder = TextEncoder(config.text_encoder)
     dataset = ShapesDataset(ShapesTask(config.data), seed=0)
-    features = prompt_table(encoder, dataset.captions, config.train.mixed_precision, progress=False)
+    features = prompt_table(encoder, dataset.captions, precision.dtype, progress=False)
     null_id = len(dataset.captions)
     batch = config.train.batch_size
     batches = [

@@ -16,7 +16,7 @@ class RenderingPipeline:
         self.task = task
         self.defect = defect
 
-    def generate(self, prompts, num_steps, guidance_scale, shift, seed):
+    def generate(self, prompts, num_steps, guidance_scale, shift, seed, on_step=None):
         images = []
         for prompt, s in zip(prompts, seed):
             scene = parse_caption(prompt)
@@ -37,7 +37,7 @@ class NoisePipeline:
     def __init__(self, size=16, scale=1.0):
         self.size, self.scale = size, scale
 
-    def generate(self, prompts, num_steps, guidance_scale, shift, seed):
+    def generate(self, prompts, num_steps, guidance_scale, shift, seed, on_step=None):
         return torch.stack([self.scale * torch.rand(3, self.size, self.size, generator=torch.Generator().manual_seed(s))
                             for s in seed])
 

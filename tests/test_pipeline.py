@@ -18,13 +18,13 @@ def make_pipeline(encoder, strategy, **kwargs):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    return SemanticRoutingPipeline.from_parts(model, encoder, **kwargs)
+    return SemanticRoutingPipeline.from_parts(model, encoder, **{"precision": "fp32", **kwargs})
 
 
 @pytest.mark.parametrize("strategy", ["single", "uniform", "static", "depth"])
-@pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16])
-def test_cached_context_gives_the_same_images(tiny_encoder, strategy, autocast_dtype):
-    pipe = make_pipeline(tiny_encoder, strategy, autocast_dtype=autocast_dtype)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cached_context_gives_the_same_images(tiny_encoder, strategy, precision):
+    pipe = make_pipeline(tiny_encoder, strategy, precision=precision)
     cached = pipe.generate(PROMPTS, num_inference_steps=4, guidance_scale=3.0, seed=1)
     uncached = pipe.generate(PROMPTS, num_inference_steps=4, guidance_scale=3.0, seed=1, reuse_context=False)
     assert cached.shape == (2, 3, 8, 8)
@@ -53,6 +53,23 @@ def test_sampling_is_deterministic_by_seed(tiny_encoder):
     a = pipe.generate(PROMPTS, 3, 2.0, seed=5)
     torch.testing.assert_close(a, pipe.generate(PROMPTS, 3, 2.0, seed=5), rtol=0, atol=0)
     assert not torch.equal(a, pipe.generate(PROMPTS, 3, 2.0, seed=6))
+
+
+@pytest.mark.parametrize("strategy", ["single", "uniform", "static", "time", "depth", "joint"])
+def test_a_pipeline_cast_as_a_whole_samples_in_that_dtype(tiny_encoder, strategy):
+    """pipe.to(dtype=...) (float64 for checks, bf16 on GPUs) works for every strategy, time gates included."""
+    import copy
+
+    encoder = TextEncoder(tiny_encoder.config, model=copy.deepcopy(tiny_encoder.model), tokenizer=tiny_encoder.tokenizer)
+    pipe = make_pipeline(encoder, strategy)
+    reference = pipe.generate(PROMPTS, 3, 2.0, seed=1)
+    pipe.to(dtype=torch.float64)
+    assert pipe.transformer.dtype == torch.float64 and pipe.text_encoder.dtype == torch.float64
+    double = pipe.generate(PROMPTS, 3, 2.0, seed=1)
+    torch.testing.assert_close(double.float(), reference, rtol=0, atol=1e-4)
+    pipe.to(dtype=torch.bfloat16)
+    half = pipe.generate(PROMPTS, 3, 2.0, seed=1)
+    assert torch.isfinite(half).all() and (half.float() - reference).abs().max() < 0.1
 
 
 def test_prompt_features_are_padded_and_layernormed(tiny_encoder):

@@ -1,20 +1,32 @@
-"""semroute: semantic routing of multi-layer LLM features into Diffusion Transformer blocks."""
+"""semroute: semantic routing of multi-layer LLM features into Diffusion Transformer blocks.
 
-from .dit import DIT_PRESETS, SemanticRoutingDiT
-from .flow import RectifiedFlow
-from .fusion import PAPER_IDS, STRATEGIES, LayerFusion
-from .pipeline import SemanticRoutingPipeline
-from .text_encoder import TextEncoder, TextEncoderConfig
+The public names load on first use, so that `semroute --help` answers without importing torch.
+"""
 
-__all__ = [
-    "DIT_PRESETS",
-    "PAPER_IDS",
-    "STRATEGIES",
-    "LayerFusion",
-    "RectifiedFlow",
-    "SemanticRoutingDiT",
-    "SemanticRoutingPipeline",
-    "TextEncoder",
-    "TextEncoderConfig",
-]
+from importlib import import_module
+
+_EXPORTS = {
+    "DIT_PRESETS": "dit",
+    "SemanticRoutingDiT": "dit",
+    "RectifiedFlow": "flow",
+    "PAPER_IDS": "fusion",
+    "STRATEGIES": "fusion",
+    "LayerFusion": "fusion",
+    "SemanticRoutingPipeline": "pipeline",
+    "TextEncoder": "text_encoder",
+    "TextEncoderConfig": "text_encoder",
+}
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'semroute' has no attribute {name!r}")
+    value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -14,9 +14,12 @@ from pathlib import Path
 from .fileio import write_json
 
 logger = logging.getLogger("semroute")
+# runtime.PRECISIONS, repeated here so that --help never imports torch (a test keeps them equal).
+PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
 DEMO_CONFIG = "demo.yaml"
 ABLATION_CONFIG = "ablation.yaml"
 QUICK_MINUTES = 1.5
+NOT_LEARNED_EXIT = 4  # demo.NOT_LEARNED_EXIT (a test keeps them equal)
 
 
 def packaged_config(name: str) -> Path:
@@ -52,6 +55,19 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
+def _runtime_arguments(parser: argparse.ArgumentParser, precision_default: str | None = "auto", train: bool = False):
+    group = parser.add_argument_group("device and precision")
+    group.add_argument("--device", default="auto",
+                       help="auto (cuda, then mps, then cpu), cpu, cuda, mps" + ("" if train else ", or cuda:N"))
+    group.add_argument(
+        "--precision", choices=PRECISION_CHOICES, default=precision_default,
+        help=("default: train.mixed_precision of the config. " if precision_default is None else "")
+        + "auto picks bf16 only where it is measured faster than fp32 on this machine (timed once, cached), "
+          "fp16 with loss scaling on GPUs without bf16, else fp32",
+    )
+    return group
+
+
 def _sampling_arguments(parser: argparse.ArgumentParser, n_help: str, n_default: int, seed_help: str):
     group = parser.add_argument_group("sampling")
     group.add_argument("--n", type=_positive_int, default=n_default, help=n_help)
@@ -83,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     budget = p.add_argument_group("budget (overrides train.max_steps / train.minutes)")
     budget.add_argument("--max-steps", type=_positive_int, default=None, help="stop after this many steps")
     budget.add_argument("--minutes", type=_positive_float, default=None, help="stop after this many minutes of training")
+    _runtime_arguments(p, precision_default=None, train=True)
 
     p = sub.add_parser("sample", help="generate images for a prompt", formatter_class=fmt)
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint directory or run directory (newest checkpoint)")
@@ -90,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("samples.png"), help="output PNG grid")
     g = _sampling_arguments(p, n_help="number of images", n_default=8, seed_help="noise seed")
     g.add_argument("--text-encoder", default=None, help="override the text encoder path stored in the checkpoint")
+    _runtime_arguments(p)
 
     p = sub.add_parser("routing", help="plot the learned block x LLM-layer weights", formatter_class=fmt)
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint directory or run directory")
@@ -100,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="results JSON (default: <checkpoint>/shapesbench.json)")
     _sampling_arguments(p, n_help="images per prompt", n_default=4,
                         seed_help="base noise seed (image k of prompt i uses seed + 1000 i + k)")
+    _runtime_arguments(p)
 
     p = sub.add_parser(
         "ablate", help="train and ShapesBench every strategy with the same budget and seeds", formatter_class=fmt,
@@ -115,24 +134,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"stop each run after this many steps (default: train.max_steps of the config; 1200 in {ABLATION_CONFIG}, the smallest budget measured to separate strategies)")
     p.add_argument("--n", type=_positive_int, default=4, help="ShapesBench images per prompt")
     p.add_argument("--quick", action="store_true", help=f"smoke test: 1 seed, {QUICK_MINUTES:g}-minute runs, 2 images per prompt")
+    _runtime_arguments(p, precision_default=None, train=True)
 
     p = sub.add_parser(
         "precompute", help="encode a dataset once: VAE latents + LLM features into safetensors shards", formatter_class=fmt,
         description="Runs the VAE and the LLM once over config.dataset (a manifest or a saved HF dataset). Train on "
                     "the result with dataset.cache: DIR; later epochs then never touch either model. Re-running "
-                    "resumes at the first missing shard; a directory made another way is refused.",
+                    "resumes at the missing shards; a directory made another way is refused. Under "
+                    "`accelerate launch -m semroute precompute ...` the processes share out the shards.",
     )
     p.add_argument("--config", type=Path, required=True, help="run config whose dataset: names a manifest or hf_dataset")
     p.add_argument("--out", type=Path, required=True, help="cache directory")
-    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="storage precision of latents and features")
+    p.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                   help="storage precision of latents and features; auto: the dtype train.mixed_precision resolves to "
+                        "on this machine (a run in another precision converts on reading)")
     p.add_argument("--shard-size", type=_positive_int, default=1024, help="rows per safetensors shard")
     p.add_argument("--batch-size", type=_positive_int, default=16, help="images per VAE / LLM batch")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
 
     p = sub.add_parser(
         "sample-bench", help="sample GenEval / GenAI-Bench / DrawBench prompts into their scorers' folder layouts",
         formatter_class=fmt,
         description="Writes images for a public benchmark's prompts in the layout its own scorer reads (see "
-                    "semroute.bench.public). Re-running skips images already written.",
+                    "semroute.bench.public). Re-running skips images already written. Under "
+                    "`accelerate launch -m semroute sample-bench ...` the processes share out the batches; the "
+                    "files are those one process writes.",
     )
     p.add_argument("--checkpoint", type=Path, required=True, help="semroute checkpoint, run directory or diffusers pipeline directory")
     p.add_argument("--bench", choices=("geneval", "genaibench", "drawbench"), required=True, help="benchmark layout")
@@ -144,49 +170,78 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=16, help="images per sampling batch")
     _sampling_arguments(p, n_help="images per prompt (GenEval uses 4)", n_default=4,
                         seed_help="base noise seed (image k of prompt i uses seed + 1000 i + k)")
+    _runtime_arguments(p)
 
     p = sub.add_parser("export", help="write a checkpoint as a diffusers pipeline directory (from_pretrained-loadable)",
                        formatter_class=fmt)
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint directory or run directory")
     p.add_argument("--out", type=Path, required=True, help="new pipeline directory")
 
-    p = sub.add_parser("demo", help="train S2 on shapes with SmolLM2, then write samples, routing and metrics", formatter_class=fmt)
+    p = sub.add_parser(
+        "demo", help="train S2 on shapes with SmolLM2, then write samples, routing, metrics and a verdict", formatter_class=fmt,
+        description="Trains the packaged demo recipe for a fixed number of steps (the same result on every machine; "
+                    "the time is estimated after the first steps), samples 4 images of each of the 72 captions, "
+                    "scores them and says whether the model learned to count against the 25%% chance level. "
+                    f"Exit code {NOT_LEARNED_EXIT}: the model did not learn. Re-running with the same --out resumes "
+                    "from the newest checkpoint.",
+    )
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory")
     p.add_argument("--config", type=Path, default=None, help=f"run config (default: the packaged {DEMO_CONFIG})")
-    p.add_argument("--minutes", type=_positive_float, default=None, help="training budget in minutes (default: train.minutes of the config)")
-    p.add_argument("--max-steps", type=_positive_int, default=None, help="stop after this many steps")
+    p.add_argument("--max-steps", type=_positive_int, default=None, help="training steps (default: train.max_steps of the config)")
+    p.add_argument("--minutes", type=_positive_float, default=None,
+                   help="also stop training after this many minutes (a time box: a slow machine then learns less)")
+    _runtime_arguments(p, precision_default=None, train=True)
     return parser
 
 
-def cmd_train(args) -> None:
+def _config_for(args, default: str | None = None):
+    """The run config of --config (or a packaged default), with --precision applied."""
     from .config import load_config
+
+    config = load_config(args.config or packaged_config(default))
+    if args.precision is not None:
+        config.train.mixed_precision = args.precision
+    return config
+
+
+def _step_progress(total: int, desc: str):
+    """A bar over denoising steps (with an ETA) and the callback that advances it."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="step")
+    return bar, lambda: bar.update(1)
+
+
+def cmd_train(args) -> None:
     from .train import train
 
-    config = load_config(args.config)
+    config = _config_for(args)
     out = args.out or Path("runs") / args.config.stem
-    result = train(config, out, max_steps=args.max_steps, minutes=args.minutes)
+    result = train(config, out, max_steps=args.max_steps, minutes=args.minutes, device=args.device)
     print(f"trained {result.steps} steps, loss {result.final_loss:.4f}, {result.images_per_s:.0f} img/s; checkpoint {result.checkpoint}")
 
 
 def cmd_sample(args) -> None:
+    from .checkpoint import resolve_checkpoint
     from .pipeline import SemanticRoutingPipeline
     from .plots import save_sample_grid
-    from .train import resolve_checkpoint
 
     checkpoint = resolve_checkpoint(args.checkpoint)
     if args.out.suffix.lower() != ".png":
         raise ValueError(f"--out must be a .png file, got {args.out}")
-    pipeline = SemanticRoutingPipeline.from_checkpoint(checkpoint, text_encoder=args.text_encoder)
-    prompts = [args.prompt] * args.n
-    images = pipeline.generate(prompts, args.steps, args.cfg, args.shift, seed=args.seed)
+    pipeline = SemanticRoutingPipeline.from_checkpoint(checkpoint, text_encoder=args.text_encoder, device=args.device,
+                                                       precision=args.precision)
+    bar, on_step = _step_progress(args.steps, f"sampling {args.n} images")
+    with bar:
+        images = pipeline.generate([args.prompt] * args.n, args.steps, args.cfg, args.shift, seed=args.seed, on_step=on_step)
     save_sample_grid(images, [args.prompt or "(unconditional)"], args.n, args.out, title=f"{checkpoint} cfg {args.cfg}")
     print(f"wrote {args.out}")
 
 
 def cmd_routing(args) -> None:
+    from .checkpoint import resolve_checkpoint
     from .pipeline import load_transformer
     from .plots import plot_routing
-    from .train import resolve_checkpoint
 
     checkpoint = resolve_checkpoint(args.checkpoint)
     model = load_transformer(checkpoint)
@@ -197,16 +252,16 @@ def cmd_routing(args) -> None:
 
 def cmd_eval(args) -> None:
     from .bench import bench_prompts, run_bench
+    from .checkpoint import RUN_CONFIG_FILE, resolve_checkpoint
     from .config import load_config
     from .pipeline import SemanticRoutingPipeline
-    from .train import RUN_CONFIG_FILE, resolve_checkpoint
 
     checkpoint = resolve_checkpoint(args.checkpoint)
     out = args.out or checkpoint / "shapesbench.json"
     if out.suffix.lower() != ".json":
         raise ValueError(f"--out must be a .json file, got {out}")
     config = load_config(checkpoint / RUN_CONFIG_FILE)
-    pipeline = SemanticRoutingPipeline.from_checkpoint(checkpoint)
+    pipeline = SemanticRoutingPipeline.from_checkpoint(checkpoint, device=args.device, precision=args.precision)
     results = run_bench(pipeline, bench_prompts(config.data), args.n, args.steps, args.cfg, args.shift, args.seed)
     results["checkpoint"] = str(checkpoint)
     write_json(out, results)
@@ -217,14 +272,13 @@ def cmd_eval(args) -> None:
 
 def cmd_ablate(args) -> None:
     from .bench.ablation import parse_strategies, run_ablation
-    from .config import load_config
 
     strategies = parse_strategies(args.strategies)
-    base = load_config(args.config or packaged_config(ABLATION_CONFIG))
+    base = _config_for(args, ABLATION_CONFIG)
     seeds, minutes, n = args.seeds, args.minutes_per_run, args.n
     if args.quick:
         seeds, minutes, n = 1, QUICK_MINUTES, 2
-    result = run_ablation(base, args.out, strategies, seeds, minutes, n, max_steps=args.max_steps)
+    result = run_ablation(base, args.out, strategies, seeds, minutes, n, max_steps=args.max_steps, device=args.device)
     print((args.out / "table.md").read_text())
     print(f"wrote {args.out}/table.md, results.json, bars.png; claims agree: "
           f"{sum(c['agrees'] for c in result['claims'])}/{len(result['claims'])}")
@@ -235,9 +289,11 @@ def cmd_precompute(args) -> None:
     from .data.cache import precompute
 
     config = load_config(args.config)
-    meta = precompute(config, args.out, shard_size=args.shard_size, dtype=args.dtype, batch_size=args.batch_size)
-    print(f"cached {meta['rows']} rows in {len(meta['shards'])} shards ({len(meta['skipped'])} images skipped) in {args.out}; "
-          f"train on it with dataset: {{cache: {args.out}}}")
+    meta = precompute(config, args.out, shard_size=args.shard_size, dtype=args.dtype, batch_size=args.batch_size,
+                      device=args.device)
+    if meta is not None:
+        print(f"cached {meta['rows']} rows in {len(meta['shards'])} shards ({len(meta['skipped'])} images skipped) in "
+              f"{args.out}; train on it with dataset: {{cache: {args.out}}}")
 
 
 def cmd_sample_bench(args) -> None:
@@ -245,10 +301,19 @@ def cmd_sample_bench(args) -> None:
     from .pipeline import load_pipeline
 
     prompts = read_prompts(args.bench, args.prompts)[: args.limit]
-    pipeline = load_pipeline(args.checkpoint)
+    pipeline = load_pipeline(args.checkpoint, device=_process_device(args.device), precision=args.precision)
     report = sample_bench(pipeline, args.bench, prompts, args.out, args.n, args.steps, args.cfg, args.shift, args.seed, args.batch_size)
-    print(f"{report['written']} images written, {report['already_there']} already there, "
-          f"{report['prompts']} prompts x {report['images_per_prompt']} in {args.out}")
+    if report is not None:
+        print(f"{report['written']} images written, {report['already_there']} already there, "
+              f"{report['prompts']} prompts x {report['images_per_prompt']} in {args.out}")
+
+
+def _process_device(spec: str):
+    """--device, except that under `accelerate launch` `auto` means this process's own device."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=spec == "cpu")
+    return state.device if spec == "auto" and state.num_processes > 1 else spec
 
 
 def cmd_export(args) -> None:
@@ -260,52 +325,15 @@ def cmd_export(args) -> None:
     print(f"wrote a diffusers pipeline to {args.out}; load it with SemanticRoutingPipeline.from_pretrained({str(args.out)!r})")
 
 
-def cmd_demo(args) -> None:
-    import torch
+def cmd_demo(args) -> int:
+    from .demo import run_demo
 
-    from .config import load_config
-    from .data.shapes import ShapesTask, caption
-    from .evaluate import accuracy, sample_scenes
-    from .pipeline import SemanticRoutingPipeline
-    from .plots import plot_routing, save_sample_grid
-    from .text_encoder import TextEncoder
-    from .train import train
-
-    start = time.perf_counter()
-    config = load_config(args.config or packaged_config(DEMO_CONFIG))
-    encoder = TextEncoder(config.text_encoder)
-    result = train(config, args.out, max_steps=args.max_steps, minutes=args.minutes, encoder=encoder)
-    train_s = time.perf_counter() - start
-    pipeline = SemanticRoutingPipeline.from_checkpoint(result.checkpoint)
-    task = ShapesTask(config.data)
-    s = config.sample
-    scenes = task.single_scenes
-    images = sample_scenes(pipeline, scenes, s.images_per_prompt, s.steps, s.guidance_scale, s.shift, seed=12345)
-    metrics = accuracy(images, scenes, s.images_per_prompt)
-    shown = task.display_scenes()
-    index = {caption(sc): i for i, sc in enumerate(scenes)}
-    grid = [images[index[caption(sc)] * s.images_per_prompt + k] for sc in shown for k in range(s.images_per_prompt)]
-    save_sample_grid(
-        torch.stack(grid), [caption(sc) for sc in shown], s.images_per_prompt, args.out / "samples.png",
-        title=f"{pipeline.transformer.fusion.strategy} after {result.steps} steps, cfg {s.guidance_scale}",
-    )
-    plot_routing(pipeline.transformer.fusion, args.out / "routing.png", pipeline.encoder.layers,
-                 title=f"learned routing after {result.steps} steps")
-    metrics.update(
-        strategy=pipeline.transformer.fusion.strategy,
-        steps=result.steps,
-        train_images_per_s=result.images_per_s,
-        final_loss=result.final_loss,
-        fusion_entropy=pipeline.transformer.fusion.weight_entropy().item(),
-        sampling={"steps": s.steps, "guidance_scale": s.guidance_scale, "shift": s.shift,
-                  "images_per_prompt": s.images_per_prompt, "prompts": len(scenes)},
-        train_seconds=train_s,
-        total_seconds=time.perf_counter() - start,
-        checkpoint=str(result.checkpoint),
-    )
-    write_json(args.out / "metrics.json", metrics)
-    print(json.dumps({k: metrics[k] for k in ("count_accuracy", "colour_accuracy", "shape_accuracy", "exact_accuracy")}))
+    config = _config_for(args, DEMO_CONFIG)
+    metrics, verdict = run_demo(config, args.out, max_steps=args.max_steps, minutes=args.minutes, device=args.device)
+    print(json.dumps({k: round(metrics[k], 4) for k in ("count_accuracy", "colour_accuracy", "shape_accuracy", "exact_accuracy")}))
+    print(verdict.text())
     print(f"wrote {args.out / 'samples.png'}, {args.out / 'routing.png'}, {args.out / 'metrics.json'}")
+    return 0 if verdict.learned else NOT_LEARNED_EXIT
 
 
 COMMANDS = {
@@ -327,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging()
     try:
-        COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, NotADirectoryError) as err:
         print(f"semroute: error: {err}", file=sys.stderr)
         return 2
@@ -346,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("semroute: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

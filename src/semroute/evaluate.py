@@ -24,10 +24,13 @@ def sample_scenes(
 ) -> torch.Tensor:
     """images_per_prompt images of each scene, grouped by scene: (len(scenes) * k, C, H, W) in [0, 1]."""
     prompts = [caption(s) for s in scenes for _ in range(images_per_prompt)]
+    starts = range(0, len(prompts), batch_size)
     images = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc="sampling", disable=not progress):
-        chunk = prompts[start : start + batch_size]
-        images.append(pipeline.generate(chunk, num_steps, guidance_scale, shift, seed=seed + start))
+    with tqdm(total=len(starts) * num_steps, desc=f"sampling {len(prompts)} images", unit="step", disable=not progress) as bar:
+        for start in starts:
+            chunk = prompts[start : start + batch_size]
+            images.append(pipeline.generate(chunk, num_steps, guidance_scale, shift, seed=seed + start,
+                                            on_step=lambda: bar.update(1)))
     return torch.cat(images)
 
 

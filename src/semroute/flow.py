@@ -16,6 +16,11 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Guidance and the Euler update in fp32 (or in float64 when the model runs in it)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class RectifiedFlow:
     """Logit-normal time sampling, caption dropout for CFG, MSE on the velocity, Euler + CFG sampling."""
 
@@ -70,12 +75,14 @@ class RectifiedFlow:
         guidance_scale: float = 1.0,
         shift: float = 1.0,
         scheduler: FlowMatchEulerDiscreteScheduler | None = None,
+        on_step: Callable[[], None] | None = None,
     ) -> torch.Tensor:
         """Integrate from noise (t = 1) to data (t = 0) with diffusers' flow-matching Euler schedule.
 
         With guidance_scale != 1, `velocity` is called on the batch doubled as [x; x] and must return
         [conditional; unconditional] velocities; they are combined as v_u + w (v_c - v_u).
         scheduler: a FlowMatchEulerDiscreteScheduler to use (a copy is stepped); None builds one with `shift`.
+        on_step: called after every step (progress bars).
         """
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
@@ -89,9 +96,11 @@ class RectifiedFlow:
         for i, timestep in enumerate(scheduler.timesteps):
             t = scheduler.sigmas[i].to(noise.device).expand(x.shape[0]).float()
             if guided:
-                v_cond, v_uncond = velocity(torch.cat([x, x]), torch.cat([t, t])).float().chunk(2)
+                v_cond, v_uncond = _at_least_fp32(velocity(torch.cat([x, x]), torch.cat([t, t]))).chunk(2)
                 v = v_uncond + guidance_scale * (v_cond - v_uncond)
             else:
-                v = velocity(x, t).float()
+                v = _at_least_fp32(velocity(x, t))
             x = scheduler.step(v, timestep, x).prev_sample
+            if on_step is not None:
+                on_step()
         return x

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +18,10 @@ from .flow import RectifiedFlow
 from .checkpoint import TEXT_ENCODER_FILE, VAE_FILE
 from .fusion import LayerFusion
 from .latent import check_vae_matches, decode_latents, vae_downsample
-from .text_encoder import TextEncoder, TextEncoderConfig
+from .runtime import Precision, resolve_device, resolve_precision
+from .text_encoder import TextEncoder, TextEncoderConfig, llm_dtype
+
+logger = logging.getLogger(__name__)
 
 NULL_PROMPT = ""  # the unconditional prompt of classifier-free guidance (caption dropout target)
 
@@ -96,25 +101,39 @@ class SemanticRoutingPipeline(DiffusionPipeline):
             check_vae_matches(vae, transformer.config.in_channels, transformer.config.sample_size,
                               transformer.config.sample_size * vae_downsample(vae))
         transformer.eval()
-        # Run the DiT under autocast in this dtype (bf16 halves CPU sampling time); None = fp32.
-        self.autocast_dtype: torch.dtype | None = torch.bfloat16
+        # The DiT's sampling precision: auto | fp32 | bf16 | fp16, resolved for its device when sampling.
+        self.precision = "auto"
+        self._resolved: dict[tuple[str, str], Precision] = {}
 
     @classmethod
     def from_parts(
-        cls, transformer: SemanticRoutingDiT, encoder: TextEncoder, vae=None, scheduler=None,
-        autocast_dtype: torch.dtype | None = torch.bfloat16,
+        cls, transformer: SemanticRoutingDiT, encoder: TextEncoder, vae=None, scheduler=None, precision: str = "auto",
     ) -> "SemanticRoutingPipeline":
         """Build from a loaded `TextEncoder` wrapper (its resolved layers become the pipeline's text_layers)."""
         c = encoder.config
         pipe = cls(transformer, scheduler or FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0),
                    encoder.model, encoder.tokenizer, vae, text_layers=encoder.layers, max_length=c.max_length, template=c.template)
         pipe.encoder = encoder
-        pipe.autocast_dtype = autocast_dtype
+        pipe.precision = precision
         return pipe
 
+    def sampling_precision(self) -> Precision:
+        """`precision` resolved for the transformer's device (measured once per machine, logged once)."""
+        device = self.transformer.device
+        key = (str(device), self.precision)
+        if key not in self._resolved:
+            self._resolved[key] = resolve_precision(self.precision, device)
+            logger.info("sampling in %s on %s", self._resolved[key].describe(), device)
+        return self._resolved[key]
+
     @classmethod
-    def from_checkpoint(cls, path: str | Path, text_encoder: str | None = None) -> "SemanticRoutingPipeline":
-        """Load a checkpoint directory written by `semroute train`; `text_encoder` overrides the model path."""
+    def from_checkpoint(
+        cls, path: str | Path, text_encoder: str | None = None, device: str | torch.device = "cpu", precision: str = "auto",
+    ) -> "SemanticRoutingPipeline":
+        """Load a checkpoint directory written by `semroute train`; `text_encoder` overrides the model path.
+
+        device: where the DiT, the LLM and the VAE run (auto = cuda, then mps, then cpu).
+        """
         path = Path(path)
         meta = path / TEXT_ENCODER_FILE
         if not meta.is_file():
@@ -131,7 +150,9 @@ class SemanticRoutingPipeline(DiffusionPipeline):
 
             vae = load_vae(json.loads(vae_meta.read_text())["path"])
         transformer = load_transformer(path)
-        return cls.from_parts(transformer, TextEncoder(config), vae)
+        device = resolve_device(device)
+        pipe = cls.from_parts(transformer, TextEncoder(config, device=device), vae, precision=precision)
+        return pipe.to(device)
 
     def encode(self, prompts: list[str]) -> PromptFeatures:
         return encode_prompts(self.encoder, list(prompts) + [NULL_PROMPT])
@@ -146,6 +167,7 @@ class SemanticRoutingPipeline(DiffusionPipeline):
         seed: int | list[int] = 0,
         reuse_context: bool = True,
         features: PromptFeatures | None = None,
+        on_step: Callable[[], None] | None = None,
     ) -> torch.Tensor:
         """Generate one image per prompt: (B, 3, H, W) in [0, 1].
 
@@ -155,6 +177,10 @@ class SemanticRoutingPipeline(DiffusionPipeline):
         features: precomputed `encode(prompts)` (the prompts followed by the null prompt), to encode once
         when sampling the same prompts many times. reuse_context=False recomputes the routed
         context every step even when the strategy allows reuse (for testing and timing).
+        on_step: called after every denoising step (progress bars).
+
+        Precision: `self.precision` under autocast, unless the transformer was cast as a whole to
+        another dtype (`pipe.to(dtype=torch.bfloat16)`, or float64 for checks): then it runs in that dtype.
         """
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
@@ -169,8 +195,10 @@ class SemanticRoutingPipeline(DiffusionPipeline):
         ids = torch.arange(n)
         if guidance_scale != 1.0:
             ids = torch.cat([ids, torch.full((n,), n)])  # [conditional; unconditional]
+        weights = next(model.parameters()).dtype
+        autocast = self.sampling_precision().autocast_dtype if weights == torch.float32 else None
         text, mask = features.select(ids)
-        text, mask = text.to(device), mask.to(device)
+        text, mask = text.to(device, weights), mask.to(device)
         cfg = model.config
         shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
         if isinstance(seed, int):
@@ -179,20 +207,20 @@ class SemanticRoutingPipeline(DiffusionPipeline):
             if len(seed) != n:
                 raise ValueError(f"got {len(seed)} seeds for {n} prompts")
             noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seed])
-        noise = noise.to(device)
+        noise = noise.to(device, weights)
         scheduler = self.scheduler if shift is None else FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config, shift=shift)
-        amp = torch.autocast(device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None)
-        with amp:
+        with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
             context = None
             if reuse_context and not model.fusion.depends_on_t:
                 context = model.route_text(text, mask, normalized=True)  # once for every step and both branches
 
             def velocity(x, t):
+                x, t = x.to(weights), t.to(weights)
                 if context is not None:
                     return model(x, t, context=context)
                 return model(x, t, text, mask, text_normalized=True)
 
-            x = RectifiedFlow.sample(velocity, noise, num_inference_steps, guidance_scale, scheduler=scheduler)
+            x = RectifiedFlow.sample(velocity, noise, num_inference_steps, guidance_scale, scheduler=scheduler, on_step=on_step)
         if self.vae is not None:
             x = decode_latents(self.vae, x)
         return ((x + 1) / 2).clamp(0, 1)
@@ -255,11 +283,19 @@ def load_transformer(path: Path) -> SemanticRoutingDiT:
     return model.eval()
 
 
-def load_pipeline(path: str | Path, text_encoder: str | None = None) -> SemanticRoutingPipeline:
+def load_pipeline(
+    path: str | Path, text_encoder: str | None = None, device: str | torch.device = "cpu", precision: str = "auto",
+) -> SemanticRoutingPipeline:
     """A diffusers pipeline directory (model_index.json), a semroute checkpoint, or a run directory (newest checkpoint)."""
     from .checkpoint import resolve_checkpoint
 
     path = Path(path)
     if (path / "model_index.json").is_file():
-        return SemanticRoutingPipeline.from_pretrained(path)
-    return SemanticRoutingPipeline.from_checkpoint(resolve_checkpoint(path), text_encoder=text_encoder)
+        device = resolve_device(device)
+        pipe = SemanticRoutingPipeline.from_pretrained(path)
+        if device.type == "cuda":
+            pipe.text_encoder.to(llm_dtype(device))
+        pipe.precision = precision
+        return pipe.to(device)
+    return SemanticRoutingPipeline.from_checkpoint(resolve_checkpoint(path), text_encoder=text_encoder, device=device,
+                                                   precision=precision)

@@ -35,6 +35,7 @@ from .dit import SemanticRoutingDiT
 from .fileio import write_json
 from .flow import RectifiedFlow
 from .pipeline import NULL_PROMPT, PromptFeatures, SemanticRoutingPipeline, encode_prompts
+from .runtime import Precision, configure_device, cpu_capability, resolve_device, resolve_precision
 from .plots import save_sample_grid
 from .text_encoder import TextEncoder
 
@@ -94,15 +95,67 @@ def write_sample_grid(
     save_sample_grid(images, [caption(scene) for scene in scenes], k, path, title=title)
 
 
-FEATURE_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def prompt_table(encoder: TextEncoder, captions: list[str], mixed_precision: str, progress: bool) -> PromptFeatures:
+def prompt_table(encoder: TextEncoder, captions: list[str], dtype: torch.dtype, progress: bool) -> PromptFeatures:
     """Features of every training caption plus the null prompt (last row), computed once.
 
-    Stored in the training precision: LayerNorm'd features are O(1), so bf16/fp16 lose nothing that matters.
+    Stored in the training precision's dtype: LayerNorm'd features are O(1), so bf16/fp16 lose nothing
+    that matters, and features in fp32 keep an fp32 run free of (possibly emulated) bf16 arithmetic.
     """
-    return encode_prompts(encoder, captions + [NULL_PROMPT], dtype=FEATURE_DTYPES[mixed_precision], progress=progress)
+    return encode_prompts(encoder, captions + [NULL_PROMPT], dtype=dtype, progress=progress)
+
+
+def training_precision(requested: str, device: str) -> Precision:
+    """The precision a training run uses; with several processes the main one measures first and the rest reuse its cache."""
+    from accelerate import PartialState
+
+    if device not in ("auto", "cpu", "cuda", "mps"):
+        raise ValueError(f"training takes --device auto, cpu, cuda or mps, got {device!r}; to pick one GPU of several "
+                         f"set CUDA_VISIBLE_DEVICES (accelerate launch gives each process its own GPU)")
+    kind = "cpu" if device == "cpu" else resolve_device(device).type
+    with PartialState(cpu=device == "cpu").main_process_first():
+        return resolve_precision(requested, kind)
+
+
+def saved_precision(checkpoint: Path) -> str | None:
+    """The precision a checkpoint was trained in (None for checkpoints that predate the record)."""
+    try:
+        state = json.loads((checkpoint / TRAINING_STATE_DIR / "state.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return (state.get("precision") or {}).get("name") if isinstance(state, dict) else None
+
+
+class Pace:
+    """Times a few steps after warm-up, then calls `report(seconds_per_step, seconds_left)` once: an ETA for the user."""
+
+    WARMUP, MEASURED = 2, 10
+
+    def __init__(self, first_step: int, max_steps: int, minutes: float | None, report):
+        self.first_step, self.max_steps, self.minutes, self.report = first_step, max_steps, minutes, report
+        self.started: float | None = None
+
+    def update(self, step: int) -> None:
+        if self.report is None:
+            return
+        if step == self.first_step + self.WARMUP:
+            self.started = time.perf_counter()
+        elif self.started is not None and step == self.first_step + self.WARMUP + self.MEASURED:
+            per_step = (time.perf_counter() - self.started) / self.MEASURED
+            left = (self.max_steps - step) * per_step
+            self.report(per_step, left if self.minutes is None else min(left, 60 * self.minutes))
+            self.report = None
+
+
+def log_pace(seconds_per_step: float, seconds_left: float) -> None:
+    logger.info("%.2f s per step: about %s of training left", seconds_per_step, format_duration(seconds_left))
+
+
+def format_duration(seconds: float) -> str:
+    """'45 s', '12 min', '2 h 05 min'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 120 else f"{minutes // 60} h {minutes % 60:02d} min"
 
 
 def train_step(
@@ -158,6 +211,8 @@ def train(
     encoder: TextEncoder | None = None,
     features: PromptFeatures | None = None,
     resume: bool = True,
+    device: str = "auto",
+    on_pace=None,
 ) -> TrainResult:
     """Train the configured DiT and write checkpoints under `out_dir/checkpoints`.
 
@@ -169,6 +224,10 @@ def train(
     LLM, or a precomputed cache that needs neither). Runs under `accelerate launch` as DDP.
     encoder / features: reuse a loaded text encoder and the shapes `prompt_table` of this data config
     across runs (the ablation does) instead of loading and encoding again.
+    device: auto | cpu | cuda | mps (under `accelerate launch` each process takes its own GPU).
+    Precision: `config.train.mixed_precision`, resolved for the device (`runtime.resolve_precision`),
+    logged once and recorded in summary.json and every checkpoint.
+    on_pace(seconds_per_step, seconds_left): called once the step time is measured (default: log the time left).
     """
     from accelerate.state import AcceleratorState
     from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin
@@ -182,8 +241,10 @@ def train(
         torch.set_num_threads(t.threads)
     # accelerate keeps one precision per process; a later run in the same process may want another.
     AcceleratorState._reset_state()
+    precision = training_precision(t.mixed_precision, device)
     accelerator = Accelerator(
-        mixed_precision=t.mixed_precision,
+        cpu=device == "cpu",
+        mixed_precision=precision.accelerate,
         # Our loop runs across epochs: an optimizer step is every k micro-batches, not at each epoch end.
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=t.gradient_accumulation_steps, sync_with_dataloader=False),
         dataloader_config=DataLoaderConfiguration(split_batches=True),
@@ -202,15 +263,20 @@ def train(
                     f"{out_dir} holds a run ({resume_from.name}) made with another config; resuming would change "
                     f"{'; '.join(differences)}. Restore those settings to resume, or train into a new --out"
                 )
+            if saved_precision(resume_from) not in (None, precision.name):
+                logger.warning("%s was trained in %s; this session runs in %s, so the resumed run will not be bitwise "
+                               "what an uninterrupted run gives", resume_from.name, saved_precision(resume_from), precision.name)
+    configure_device(accelerator.device)
     if accelerator.is_main_process:
+        logger.info("%s on %s", precision.describe(), accelerator.device)
         out_dir.mkdir(parents=True, exist_ok=True)
         remove_leftovers(out_dir)
         config.save(out_dir / RUN_CONFIG_FILE)
 
     def load_encoder():
-        return encoder or TextEncoder(config.text_encoder)
+        return encoder or TextEncoder(config.text_encoder, device=accelerator.device)
 
-    source = build_source(config, load_encoder, features, progress and accelerator.is_main_process)
+    source = build_source(config, load_encoder, features, progress and accelerator.is_main_process, precision.dtype)
     # The LLM as the DiT needs to know it; a cache describes it without loading it.
     info = source.encoder if hasattr(source, "encoder") else CachedEncoderInfo(source.dataset.meta["recipe"])
 
@@ -239,7 +305,8 @@ def train(
 
     def checkpoint_to(step: int) -> Path:
         """Save, then keep the newest `keep_checkpoints` (the one just written is the newest)."""
-        state = {"step": step, "epoch": epoch, "position": position, "nonfinite_steps": nonfinite_steps}
+        state = {"step": step, "epoch": epoch, "position": position, "nonfinite_steps": nonfinite_steps,
+                 "precision": precision.to_dict(), "device": str(accelerator.device)}
         path = save_checkpoint(out_dir / "checkpoints" / f"step_{step:06d}", raw_model, ema, optimizer, state, config, info,
                                vae_path=vae_path, scheduler=scheduler, rng=rng_state(generator))
         prune_checkpoints(out_dir, t.keep_checkpoints)
@@ -300,6 +367,7 @@ def train(
 
     data = batches()
     model.train()
+    pace = Pace(step, max_steps, minutes, (on_pace or log_pace) if accelerator.is_main_process else None)
     while step < max_steps:
         if minutes is not None and time.perf_counter() - start > 60 * minutes:
             logger.info("stopping at step %d: the %.1f-minute budget is spent", step, minutes)
@@ -311,6 +379,7 @@ def train(
             losses.append(loss)
             images += len(batch[0]) * accelerator.num_processes
         step += 1
+        pace.update(step)
         if finite:
             bad_streak = 0
             window_loss += sum(losses) / len(losses)
@@ -345,7 +414,8 @@ def train(
                          skipped_images=len(skipped) if skipped is not None else 0, model=raw_model)
     if accelerator.is_main_process:
         summary = {"steps": step, "final_loss": last_loss, "images_per_s": images_per_s, "epochs_started": epoch + 1,
-                   "nonfinite_steps": nonfinite_steps,
+                   "nonfinite_steps": nonfinite_steps, "precision": precision.to_dict(), "device": str(accelerator.device),
+                   "cpu_capability": cpu_capability(),
                    "processes": accelerator.num_processes, "skipped_images": result.skipped_images,
                    "skipped": dict(skipped.skipped) if skipped is not None else {}, "checkpoint": str(result.checkpoint)}
         write_json(out_dir / "summary.json", summary)

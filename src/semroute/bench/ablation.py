@@ -48,6 +48,7 @@ def run_ablation(
     max_steps: int | None = None,
     encoder=None,
     progress: bool = True,
+    device: str = "auto",
 ) -> dict:
     """Train and evaluate every (strategy, seed) not done yet, then write the table, plots and claims."""
     from ..pipeline import SemanticRoutingPipeline
@@ -56,6 +57,7 @@ def run_ablation(
 
     from ..data.shapes import ShapesDataset, ShapesTask
     from ..checkpoint import newest_loadable, resume_differences
+    from ..runtime import resolve_precision
     from ..train import prompt_table
 
     prompts = bench_prompts(base.data)
@@ -84,9 +86,11 @@ def run_ablation(
             encoder = encoder or TextEncoder(base.text_encoder)
             if features is None:
                 captions = ShapesDataset(ShapesTask(base.data)).captions
-                features = prompt_table(encoder, captions, base.train.mixed_precision, progress)
-            result = train(config, run_dir, max_steps, minutes, progress, encoder, features)
-            pipeline = SemanticRoutingPipeline.from_checkpoint(result.checkpoint)
+                dtype = resolve_precision(base.train.mixed_precision, "cpu" if device == "cpu" else "auto").dtype
+                features = prompt_table(encoder, captions, dtype, progress)
+            result = train(config, run_dir, max_steps, minutes, progress, encoder, features, device=device)
+            pipeline = SemanticRoutingPipeline.from_checkpoint(result.checkpoint, device=result.model.device,
+                                                               precision=config.train.mixed_precision)
             s = config.sample
             bench = run_bench(pipeline, prompts, images_per_prompt, s.steps, s.guidance_scale, s.shift, progress=progress)
             bench.update(strategy=sid, seed=seed, steps=result.steps, checkpoint=str(result.checkpoint))

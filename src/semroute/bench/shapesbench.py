@@ -85,12 +85,14 @@ def run_bench(
     correct: list[list[bool]] = [[] for _ in prompts]
     clean = blobs = 0
     sampling_s = scoring_s = 0.0
-    for start in tqdm(range(0, len(jobs), batch_size), desc="ShapesBench", disable=not progress):
+    starts = range(0, len(jobs), batch_size)
+    bar = tqdm(total=len(starts) * num_steps, desc=f"ShapesBench ({len(jobs)} images)", unit="step", disable=not progress)
+    for start in starts:
         chunk = jobs[start : start + batch_size]
         t0 = time.perf_counter()
         images = pipeline.generate(
             [prompts[i].text for i, _ in chunk], num_steps, guidance_scale, shift,
-            seed=[seed + 1000 * i + k for i, k in chunk],
+            seed=[seed + 1000 * i + k for i, k in chunk], on_step=lambda: bar.update(1),
         )
         t1 = time.perf_counter()
         for (i, _), image in zip(chunk, images):
@@ -99,6 +101,7 @@ def run_bench(
             clean, blobs = clean + c, blobs + b
         sampling_s += t1 - t0
         scoring_s += time.perf_counter() - t1
+    bar.close()
     per_prompt = [
         {"category": p.category, "prompt": p.text, "correct": ok} for p, ok in zip(prompts, correct)
     ]

@@ -37,18 +37,18 @@ class EpochShuffle(torch.utils.data.Sampler):
 class ShapesSource:
     """Endless deterministic shapes scenes; captions are ids into a feature table computed once."""
 
-    def __init__(self, config, encoder, features: PromptFeatures | None, progress: bool):
+    def __init__(self, config, encoder, features: PromptFeatures | None, progress: bool, dtype: torch.dtype = torch.float32):
         from ..train import prompt_table
 
         t = config.train
         self.dataset = ShapesDataset(ShapesTask(config.data), seed=t.seed)
         if features is None:
-            features = prompt_table(encoder, self.dataset.captions, t.mixed_precision, progress)
+            features = prompt_table(encoder, self.dataset.captions, dtype, progress)
         elif features.hidden.shape[0] != len(self.dataset.captions) + 1:
             raise ValueError(
                 f"features hold {features.hidden.shape[0]} prompts; this data config has {len(self.dataset.captions)} + the null prompt"
             )
-        self.features = features
+        self.features = PromptFeatures(features.hidden.to(dtype), features.mask)
         self.encoder = encoder
         self.null_id = len(self.dataset.captions)
         self.sampler = None  # items are drawn from rng(seed, index): the order is already fixed
@@ -66,7 +66,7 @@ class ShapesSource:
 class ImageSource:
     """Images + captions through the VAE (or pixels) and the LLM, every step."""
 
-    def __init__(self, config, encoder):
+    def __init__(self, config, encoder, dtype: torch.dtype = torch.float32):
         d = config.dataset
         self.dataset = ImageCaptionDataset(d, seed=config.train.seed)
         self.encoder = encoder
@@ -75,9 +75,7 @@ class ImageSource:
         if self.vae is not None:
             check_vae_matches(self.vae, model["in_channels"], model["sample_size"], d.resolution)
         self.sampler = EpochShuffle(len(self.dataset), config.train.seed)
-        from ..train import FEATURE_DTYPES
-
-        self.dtype = FEATURE_DTYPES[config.train.mixed_precision]
+        self.dtype = dtype
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.epoch = self.dataset.epoch = epoch
@@ -98,7 +96,8 @@ class ImageSource:
 class CacheSource:
     """Rows of a `semroute precompute` cache: a step never runs the VAE or the LLM."""
 
-    def __init__(self, config, encoder_recipe: dict | None = None, dataset: CachedDataset | None = None):
+    def __init__(self, config, encoder_recipe: dict | None = None, dataset: CachedDataset | None = None,
+                 dtype: torch.dtype = torch.float32):
         d = config.dataset
         self.dataset = dataset or CachedDataset(d.cache)
         recipe = self.dataset.meta["recipe"]
@@ -112,6 +111,7 @@ class CacheSource:
         if channels != model["in_channels"]:
             raise ValueError(f"the cache holds {channels}-channel inputs but model.in_channels is {model['in_channels']}")
         self.null_text, self.null_mask = self.dataset.null_features()
+        self.dtype = dtype  # the training precision's, whatever the cache stores: no bf16 math in an fp32 run
         self.sampler = EpochShuffle(len(self.dataset), config.train.seed)
 
     def set_epoch(self, epoch: int) -> None:
@@ -127,7 +127,7 @@ class CacheSource:
         drop = drop.to(text.device)
         text = torch.where(drop[:, None, None, None], self.null_text.to(text.dtype), text)
         mask = torch.where(drop[:, None], self.null_mask, mask)
-        return latents.float().to(device), text.transpose(0, 1).to(device), mask.to(device)
+        return latents.float().to(device), text.transpose(0, 1).to(device, self.dtype), mask.to(device)
 
 
 def _check_size(n: int, batch_size: int) -> None:
@@ -136,15 +136,19 @@ def _check_size(n: int, batch_size: int) -> None:
         raise ValueError(f"the dataset has {n} usable rows, fewer than train.batch_size {batch_size}; lower the batch size")
 
 
-def build_source(config, encoder_factory, features: PromptFeatures | None = None, progress: bool = True):
-    """The batch source the config asks for. `encoder_factory()` loads the LLM (not called for a cache)."""
+def build_source(config, encoder_factory, features: PromptFeatures | None = None, progress: bool = True,
+                 dtype: torch.dtype = torch.float32):
+    """The batch source the config asks for. `encoder_factory()` loads the LLM (not called for a cache).
+
+    dtype: what the LN'd text features are handed to the DiT in (the training precision's dtype).
+    """
     d = config.dataset
     if d.cache is not None:
         dataset = CachedDataset(d.cache)
-        return CacheSource(config, _recipe_from_config(config, dataset.meta["recipe"]), dataset)
+        return CacheSource(config, _recipe_from_config(config, dataset.meta["recipe"]), dataset, dtype)
     if d.active:
-        return ImageSource(config, encoder_factory())
-    return ShapesSource(config, encoder_factory(), features, progress)
+        return ImageSource(config, encoder_factory(), dtype)
+    return ShapesSource(config, encoder_factory(), features, progress, dtype)
 
 
 def _recipe_from_config(config, cached: dict) -> dict:
