@@ -164,11 +164,11 @@ def test_interrupted_precompute_resumes_from_its_shards(tmp_path, manifest, tiny
 
     real_save, calls = cache_module.save_file, []
 
-    def dies_on_second_shard(tensors, path, *args):
+    def dies_on_second_shard(tensors, path, *args, **kwargs):
         calls.append(path)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real_save(tensors, path, *args)
+        return real_save(tensors, path, *args, **kwargs)
 
     monkeypatch.setattr(cache_module, "save_file", dies_on_second_shard)
     with pytest.raises(KeyboardInterrupt):

@@ -14,23 +14,28 @@ from .conftest import tiny_run_config
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
-def launch(config: Path, out: Path, processes: int) -> None:
+def launch(processes: int, *script: str) -> None:
+    """`accelerate launch` with `processes` CPU processes (gloo) running `script` (a file or `-m module` and its arguments)."""
     accelerate = Path(sys.executable).with_name("accelerate")
     command = [str(accelerate), "launch", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     # --multi_gpu on a machine without GPUs runs torch.distributed on CPU with the gloo backend.
     command += ["--multi_gpu", "--num_processes", str(processes)] if processes > 1 else ["--cpu", "--num_processes", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(29500 + os.getpid() % 1000)}
-    done = subprocess.run([*command, "--main_process_port", env["MASTER_PORT"], str(WORKER), str(config), str(out)],
+    done = subprocess.run([*command, "--main_process_port", env["MASTER_PORT"], *script],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def files_of(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path, tiny_llama_dir):
     raw = tiny_run_config(tiny_llama_dir, max_steps=4, batch_size=8, checkpoint_every=100, threads=1)
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(raw))
-    launch(config, tmp_path / "ddp", 2)
-    launch(config, tmp_path / "single", 1)
+    launch(2, str(WORKER), str(config), str(tmp_path / "ddp"))
+    launch(1, str(WORKER), str(config), str(tmp_path / "single"))
     rank0, rank1 = load_file(tmp_path / "ddp" / "rank0.safetensors"), load_file(tmp_path / "ddp" / "rank1.safetensors")
     single = load_file(tmp_path / "single" / "rank0.safetensors")
     moved = 0
@@ -40,3 +45,50 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, tiny_llama
         moved += int(w.abs().sum() > 0)
     assert moved > len(single) // 2
     assert (tmp_path / "ddp" / "checkpoints" / "step_000004").is_dir()
+
+
+def test_sample_bench_shared_by_two_processes_writes_what_one_writes(tmp_path, tiny_llama_dir):
+    from semroute.cli import main
+
+    raw = tiny_run_config(tiny_llama_dir, max_steps=3, checkpoint_every=100, threads=1)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    assert main(["train", "--config", str(config), "--out", str(tmp_path / "run"), "--device", "cpu"]) == 0
+    prompts = tmp_path / "drawbench.csv"
+    prompts.write_text("Prompt,Category\none red square,Counting\ntwo blue circles,Counting\none blue square,Colors\n"
+                       "two red squares,Counting\none red circle,Colors\n", encoding="utf-8")
+    args = ["-m", "semroute", "sample-bench", "--checkpoint", str(tmp_path / "run"), "--bench", "drawbench",
+            "--prompts", str(prompts), "--n", "2", "--batch-size", "3", "--steps", "3", "--device", "cpu", "--precision", "fp32"]
+    launch(2, *args, "--out", str(tmp_path / "two"))
+    launch(1, *args, "--out", str(tmp_path / "one"))
+    one, two = files_of(tmp_path / "one"), files_of(tmp_path / "two")
+    assert len(one) == 5 * 2 + 1 and one.keys() == two.keys()
+    for name in one:
+        assert one[name] == two[name], f"{name} differs between 2 processes and 1"
+    # An interrupted shared run resumes: the missing images come back identical.
+    for name in ("images/001_1.png", "images/004_0.png"):
+        (tmp_path / "two" / name).unlink()
+    launch(2, *args, "--out", str(tmp_path / "two"))
+    assert files_of(tmp_path / "two") == one
+
+
+def test_precompute_shared_by_two_processes_writes_what_one_writes(tmp_path, tiny_llama_dir):
+    from .test_data import image_run_config
+    from .conftest import write_image_folder
+    import json
+
+    rows = write_image_folder(tmp_path / "data", n=7)
+    manifest = tmp_path / "data" / "train.json"
+    manifest.write_text(json.dumps(rows))
+    raw = image_run_config(tiny_llama_dir, {"manifest": str(manifest)})
+    raw["train"]["mixed_precision"] = "fp32"
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    args = ["-m", "semroute", "precompute", "--config", str(config), "--shard-size", "3", "--device", "cpu"]
+    launch(2, *args, "--out", str(tmp_path / "two"))
+    launch(1, *args, "--out", str(tmp_path / "one"))
+    one, two = files_of(tmp_path / "one"), files_of(tmp_path / "two")
+    assert sorted(one) == sorted(two) == ["cache.json", "null.safetensors", "shard_00000.safetensors",
+                                          "shard_00001.safetensors", "shard_00002.safetensors", "shard_00003.safetensors"]
+    for name in one:
+        assert one[name] == two[name], f"{name} differs between 2 processes and 1"

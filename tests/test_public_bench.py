@@ -28,7 +28,7 @@ class CountingPipeline:
     def __init__(self):
         self.images = 0
 
-    def generate(self, prompts, steps, guidance_scale, shift, seed):
+    def generate(self, prompts, steps, guidance_scale, shift, seed, on_step=None):
         self.images += len(prompts)
         return torch.stack([torch.full((3, 8, 8), (s % 251) / 251) for s in seed])
 
@@ -55,8 +55,12 @@ def test_geneval_layout_and_resume(tmp_path):
     pixel = Image.open(tmp_path / "00002" / "samples" / "0001.png").getpixel((0, 0))[0]
     assert abs(pixel - round(2001 % 251 / 251 * 255)) <= 1
     (tmp_path / "00001" / "samples" / "0000.png").unlink()
-    again = sample_bench(pipe, "geneval", prompts, tmp_path, n=2, progress=False)
-    assert again == {**again, "written": 1, "already_there": 5} and pipe.images == 7
+    kept = (tmp_path / "00001" / "samples" / "0001.png").stat().st_mtime_ns
+    again = sample_bench(pipe, "geneval", prompts, tmp_path, n=2, batch_size=4, progress=False)
+    # Only the batch holding the missing image is sampled again (batches are fixed, so its images are the same);
+    # only the missing image is written.
+    assert again == {**again, "written": 1, "already_there": 5} and pipe.images == 6 + 4
+    assert (tmp_path / "00001" / "samples" / "0001.png").stat().st_mtime_ns == kept
     assert not list(tmp_path.rglob(".*.tmp"))
 
 

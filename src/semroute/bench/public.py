@@ -97,21 +97,46 @@ def write_metadata(bench: str, out: Path, prompts: list[BenchPrompt], n: int) ->
 
 def sample_bench(pipeline, bench: str, prompts: list[BenchPrompt], out: Path, n: int = 4, steps: int = 25,
                  guidance_scale: float = 3.0, shift: float | None = None, seed: int = 0, batch_size: int = 16,
-                 progress: bool = True) -> dict:
-    """Generate n images per prompt (image k of prompt i from seed + 1000 i + k), skipping existing ones."""
-    from PIL import Image
+                 progress: bool = True) -> dict | None:
+    """Generate n images per prompt (image k of prompt i from seed + 1000 i + k), skipping existing ones.
 
-    out.mkdir(parents=True, exist_ok=True)
-    write_metadata(bench, out, prompts, n)
-    jobs = [(p, k) for p in prompts for k in range(n) if not image_path(bench, out, p, k).is_file()]
-    skipped = len(prompts) * n - len(jobs)
-    for start in tqdm(range(0, len(jobs), batch_size), desc=f"sample {bench}", disable=not progress):
-        chunk = jobs[start : start + batch_size]
+    The batches are fixed slices of the full (prompt, k) list, whatever is already on disk and however
+    many processes run: under `accelerate launch` process r samples batches r, r + N, ..., so every
+    image is computed in the same batch as by one process, and the files are the same. A batch whose
+    images all exist is skipped; in a partly written one only the missing images are saved. The main
+    process returns the report; the others return None.
+    """
+    from accelerate import PartialState
+
+    state = PartialState()
+    if state.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        write_metadata(bench, out, prompts, n)
+    jobs = [(p, k) for p in prompts for k in range(n)]
+    batches = [jobs[start : start + batch_size] for start in range(0, len(jobs), batch_size)]
+    state.wait_for_everyone()  # everyone sees the same files before deciding what is missing
+    missing = [[not image_path(bench, out, p, k).is_file() for p, k in batch] for batch in batches]
+    state.wait_for_everyone()
+    mine = [i for i in range(len(batches)) if i % state.num_processes == state.process_index and any(missing[i])]
+    for i in tqdm(mine, desc=f"sample {bench}", disable=not progress or not state.is_main_process):
+        chunk = batches[i]
         images = pipeline.generate([p.prompt for p, _ in chunk], steps, guidance_scale, shift,
                                    seed=[seed + 1000 * p.index + k for p, k in chunk])
-        for (p, k), image in zip(chunk, images):
-            array = (image.permute(1, 2, 0).float().cpu().numpy() * 255).round().astype("uint8")
-            path = image_path(bench, out, p, k)
-            fmt = "JPEG" if path.suffix == ".jpeg" else "PNG"
-            write_atomic(path, lambda tmp, a=array, f=fmt: Image.fromarray(a).save(tmp, format=f, **({"quality": 95} if f == "JPEG" else {})))
-    return {"bench": bench, "prompts": len(prompts), "images_per_prompt": n, "written": len(jobs), "already_there": skipped}
+        for (p, k), image, todo in zip(chunk, images, missing[i]):
+            if todo:
+                _save_image(image, image_path(bench, out, p, k))
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return None
+    written = sum(map(sum, missing))
+    return {"bench": bench, "prompts": len(prompts), "images_per_prompt": n, "written": written,
+            "already_there": len(jobs) - written}
+
+
+def _save_image(image, path: Path) -> None:
+    """(3, H, W) in [0, 1] -> an 8-bit PNG or JPEG (quality 95), written atomically."""
+    from PIL import Image
+
+    array = (image.permute(1, 2, 0).float().cpu().numpy() * 255).round().astype("uint8")
+    fmt = "JPEG" if path.suffix == ".jpeg" else "PNG"
+    write_atomic(path, lambda tmp: Image.fromarray(array).save(tmp, format=fmt, **({"quality": 95} if fmt == "JPEG" else {})))

@@ -64,27 +64,41 @@ def _pad(hidden: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.T
     return F.pad(hidden, (0, 0, 0, pad)), F.pad(mask, (0, pad))
 
 
-def precompute(config, out: Path, shard_size: int = 1024, dtype: str = "bf16", batch_size: int = 16,
-               progress: bool = True, encoder=None) -> dict:
-    """Encode every (image, caption) pair of `config.dataset` once; returns the cache's metadata."""
+def precompute(config, out: Path, shard_size: int = 1024, dtype: str = "auto", batch_size: int = 16,
+               progress: bool = True, encoder=None, device: str = "auto") -> dict | None:
+    """Encode every (image, caption) pair of `config.dataset` once; returns the cache's metadata.
+
+    Under `accelerate launch` the processes share out the shards (shard i goes to process i mod N) and
+    write the same files one process would; the main process then writes the null prompt and
+    cache.json (the others return None). Images skipped while making a shard are recorded in that
+    shard's own metadata, so a resumed or shared precompute reports all of them.
+    dtype: storage precision; auto is the dtype `train.mixed_precision` resolves to on this machine.
+    """
+    from accelerate import PartialState
+
     from ..fusion import LayerFusion
     from ..latent import encode_latents, load_vae
     from ..pipeline import NULL_PROMPT
+    from ..runtime import resolve_device, resolve_precision
     from ..text_encoder import TextEncoder
     from .images import ImageCaptionDataset, to_training_tensor
 
-    if dtype not in CACHE_DTYPES:
-        raise ValueError(f"cache dtype must be one of {', '.join(CACHE_DTYPES)}, got {dtype!r}")
+    if dtype not in ("auto", *CACHE_DTYPES):
+        raise ValueError(f"cache dtype must be auto or one of {', '.join(CACHE_DTYPES)}, got {dtype!r}")
     d = config.dataset
     if d.manifest is None and d.hf_dataset is None:
         raise ValueError("precompute needs dataset.manifest or dataset.hf_dataset in the config")
-    encoder = encoder or TextEncoder(config.text_encoder)
-    vae = load_vae(d.vae) if d.vae else None
+    state = PartialState(cpu=device == "cpu")
+    device = state.device if device == "auto" and state.num_processes > 1 else resolve_device(device)
+    if dtype == "auto":
+        with state.main_process_first():
+            dtype = resolve_precision(config.train.mixed_precision, device).name
+    encoder = encoder or TextEncoder(config.text_encoder, device=device)
+    vae = load_vae(d.vae).to(device) if d.vae else None
     recipe = cache_recipe(encoder, d, vae, dtype)
-    out.mkdir(parents=True, exist_ok=True)
     meta_path = out / CACHE_META
-    if meta_path.is_file():
-        found = json.loads(meta_path.read_text())
+    found = _read_meta(meta_path)
+    if found is not None:
         differences = recipe_differences(found["recipe"], recipe)
         if differences:
             raise ValueError(f"{out} holds a cache made another way ({'; '.join(differences)}); "
@@ -92,26 +106,27 @@ def precompute(config, out: Path, shard_size: int = 1024, dtype: str = "bf16", b
         if found.get("complete"):
             logger.info("%s is already a complete cache of %d rows", out, found["rows"])
             return found
-    meta = {"recipe": recipe, "complete": False, "rows": 0, "shards": [], "skipped": {}}
-    write_json(meta_path, meta)
+    if state.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(meta_path, {"recipe": recipe, "complete": False, "rows": 0, "shards": [], "skipped": {}})
+    state.wait_for_everyone()
 
     dataset = ImageCaptionDataset(d)
     pairs = [(i, c) for i in range(len(dataset)) for c in dataset.captions_of(i)]
     length = encoder.config.max_length
     store = CACHE_DTYPES[dtype]
-    shards, rows = [], 0
-    bar = tqdm(total=len(pairs), desc="precompute", disable=not progress)
-    for number, start in enumerate(range(0, len(pairs), shard_size)):
-        name = f"shard_{number:05d}.safetensors"
+    starts = list(range(0, len(pairs), shard_size))
+    mine = [(number, start) for number, start in enumerate(starts) if number % state.num_processes == state.process_index]
+    bar = tqdm(total=sum(len(pairs[s : s + shard_size]) for _, s in mine), desc="precompute",
+               disable=not progress or not state.is_main_process)
+    for number, start in mine:
+        path = out / _shard_name(number)
         chunk = pairs[start : start + shard_size]
-        if (out / name).is_file():
-            with safe_open(out / name, "pt") as f:
-                n = f.get_slice("mask").get_shape()[0]
-            shards.append({"file": name, "rows": n})
-            rows += n
+        if path.is_file():
             bar.update(len(chunk))
             continue
         latents, hidden, masks = [], [], []
+        before = dict(dataset.skips.skipped)
         for b in range(0, len(chunk), batch_size):
             batch = chunk[b : b + batch_size]
             bar.update(len(batch))
@@ -120,26 +135,54 @@ def precompute(config, out: Path, shard_size: int = 1024, dtype: str = "bf16", b
             if not batch:
                 continue
             pixels = torch.stack([to_training_tensor(images[i], d.resolution) for i, _ in batch])
-            latents.append((encode_latents(vae, pixels) if vae is not None else pixels).to(store))
+            latents.append((encode_latents(vae, pixels) if vae is not None else pixels).to("cpu", store))
             h, m = encoder([c for _, c in batch])
             h, m = _pad(LayerFusion.normalize(h).transpose(0, 1), m, length)
-            hidden.append(h.to(store))
-            masks.append(m)
-        if not latents:
-            continue
-        tensors = {"latents": torch.cat(latents), "text": torch.cat(hidden), "mask": torch.cat(masks)}
-        tmp = out / f".{name}.tmp"
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-        os.replace(tmp, out / name)
-        shards.append({"file": name, "rows": len(tensors["mask"])})
-        rows += len(tensors["mask"])
+            hidden.append(h.to("cpu", store))
+            masks.append(m.cpu())
+        skipped = {k: v for k, v in dataset.skips.skipped.items() if k not in before}
+        # A shard whose images were all unreadable is still written (with no rows), so it is not redone.
+        tensors = {"mask": torch.cat(masks) if masks else torch.zeros(0, length, dtype=torch.bool)}
+        if latents:
+            tensors.update(latents=torch.cat(latents), text=torch.cat(hidden))
+        tmp = out / f".{path.name}.tmp"
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"skipped": json.dumps(skipped)})
+        os.replace(tmp, path)
     bar.close()
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return None
+    shards, skipped = [], dict(dataset.skips.skipped)
+    for number in range(len(starts)):
+        name = _shard_name(number)
+        with safe_open(out / name, "pt") as f:
+            rows = f.get_slice("mask").get_shape()[0]
+            skipped.update(json.loads((f.metadata() or {}).get("skipped", "{}")))
+        if rows:
+            shards.append({"file": name, "rows": rows})
     h, m = encoder([NULL_PROMPT])
     h, m = _pad(LayerFusion.normalize(h).transpose(0, 1), m, length)
-    save_file({"text": h[0].to(store).contiguous(), "mask": m[0].contiguous()}, out / "null.safetensors")
-    meta.update(complete=True, rows=rows, shards=shards, skipped=dataset.skips.skipped)
+    save_file({"text": h[0].to("cpu", store).contiguous(), "mask": m[0].cpu().contiguous()}, out / "null.safetensors")
+    rows = sum(shard["rows"] for shard in shards)
+    meta = {"recipe": recipe, "complete": True, "rows": rows, "shards": shards, "skipped": skipped}
     write_json(meta_path, meta)
-    logger.info("cached %d rows in %d shards (%d images skipped) in %s", rows, len(shards), len(dataset.skips), out)
+    logger.info("cached %d rows in %d shards (%d images skipped) in %s", rows, len(shards), len(skipped), out)
+    return meta
+
+
+def _shard_name(number: int) -> str:
+    return f"shard_{number:05d}.safetensors"
+
+
+def _read_meta(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text())
+    except ValueError:
+        raise ValueError(f"{path} is not valid JSON; it is damaged: precompute into a new directory") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("recipe"), dict):
+        raise ValueError(f"{path} is not a semroute cache description; precompute into a new directory")
     return meta
 
 

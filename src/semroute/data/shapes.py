@@ -328,11 +328,12 @@ def score(image: np.ndarray | torch.Tensor, scene: Scene) -> dict[str, bool]:
     counting at N=1 (uniform noise scored 25% counting, 18% colour before this rule; now 0).
     count: exactly the prompted total of objects; colour / shape: at least one object, each of a
     prompted colour / shape; exact: the objects per (colour, shape) are exactly the prompted ones and,
-    for a relation, the first object's centre stands in that relation to the second's.
+    for a relation, the first object's centre stands in that relation to the second's; clean: at least
+    one object, and all of them clean (whatever the prompt).
     """
     objects = detect_objects(image)
     if not all(o.clean for o in objects):
-        return {"count": False, "colour": False, "shape": False, "exact": False}
+        return {"count": False, "colour": False, "shape": False, "exact": False, "clean": False}
     found = Counter((o.colour, o.shape) for o in objects)
     wanted = Counter({(g.colour, g.shape): g.count for g in scene.groups})
     colours = {g.colour for g in scene.groups}
@@ -347,6 +348,7 @@ def score(image: np.ndarray | torch.Tensor, scene: Scene) -> dict[str, bool]:
         "colour": bool(objects) and all(o.colour in colours for o in objects),
         "shape": bool(objects) and all(o.shape in shapes for o in objects),
         "exact": exact,
+        "clean": bool(objects),  # something drawn, and all of it clean shapes
     }
 
 
