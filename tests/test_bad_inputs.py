@@ -73,6 +73,10 @@ FLAG_CASES = {
     "sample-bench --bench other": (["sample-bench", "--checkpoint", "{run}", "--bench", "other", "--prompts", "p", "--out", "o"], "invalid choice"),
     "export --out non-empty": (["export", "--checkpoint", "{run}", "--out", "{run}"], "not empty"),
     "precompute without a dataset": (["precompute", "--config", "{config}", "--out", "{tmp}/cache"], "needs dataset.manifest"),
+    "sample --device tpu": (["sample", "--checkpoint", "{run}", "--prompt", "x", "--device", "tpu"], "valid: auto, cpu, cuda, cuda:N or mps"),
+    "sample --device cuda without a GPU": (["sample", "--checkpoint", "{run}", "--prompt", "x", "--device", "cuda"], "use --device cpu or auto"),
+    "train --device cuda:1": (["train", "--config", "{config}", "--device", "cuda:1"], "set CUDA_VISIBLE_DEVICES"),
+    "eval --precision fp8": (["eval", "--checkpoint", "{run}", "--precision", "fp8"], "invalid choice: 'fp8'"),
 }
 
 

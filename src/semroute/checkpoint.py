@@ -69,7 +69,7 @@ def save_checkpoint(
     rng: dict | None = None,
 ) -> Path:
     """Write a checkpoint atomically; `state` holds at least {"step": N} and is stored as training_state/state.json."""
-    weights = {k: v.contiguous() for k, v in model.state_dict().items()}
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if not all_finite(weights.values()) or not all_finite(ema.shadow_params):
         raise TrainingDiverged(f"the weights at step {state['step']} are not all finite; no checkpoint was written")
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -82,7 +82,7 @@ def save_checkpoint(
         state_dir = tmp / TRAINING_STATE_DIR
         state_dir.mkdir()
         save_file(weights, state_dir / "model.safetensors")
-        save_file({str(i): p.contiguous() for i, p in enumerate(ema.shadow_params)}, state_dir / "ema.safetensors")
+        save_file({str(i): p.detach().cpu().contiguous() for i, p in enumerate(ema.shadow_params)}, state_dir / "ema.safetensors")
         torch.save(optimizer.state_dict(), state_dir / "optimizer.pt")
         if scheduler is not None:
             torch.save(scheduler.state_dict(), state_dir / "scheduler.pt")
@@ -146,13 +146,17 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def rng_state(generator: torch.Generator) -> dict:
-    return {"generator": generator.get_state(), "torch": torch.get_rng_state(), "python": random.getstate(),
+    # On a GPU the global CUDA generators are saved too, so that every RNG a step may touch resumes where it was.
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return {"generator": generator.get_state(), "torch": torch.get_rng_state(), "cuda": cuda, "python": random.getstate(),
             "numpy": np.random.get_state()}
 
 
 def set_rng_state(state: dict, generator: torch.Generator) -> None:
     generator.set_state(state["generator"])
     torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
 
@@ -192,9 +196,10 @@ def load_training_state(checkpoint: Path, model, ema, optimizer, scheduler, gene
         raise ValueError(f"{checkpoint} holds {len(shadow)} EMA tensors, the model has {len(ema.shadow_params)}")
     for i, p in enumerate(ema.shadow_params):
         p.data.copy_(shadow[str(i)])
-    optimizer.load_state_dict(torch.load(state_dir / "optimizer.pt", weights_only=False))
-    scheduler.load_state_dict(torch.load(state_dir / "scheduler.pt", weights_only=False))
-    set_rng_state(torch.load(state_dir / "rng.pt", weights_only=False), generator)
+    # Loaded on the CPU whatever device wrote them: the optimizer moves its state to its parameters' device.
+    optimizer.load_state_dict(torch.load(state_dir / "optimizer.pt", weights_only=False, map_location="cpu"))
+    scheduler.load_state_dict(torch.load(state_dir / "scheduler.pt", weights_only=False, map_location="cpu"))
+    set_rng_state(torch.load(state_dir / "rng.pt", weights_only=False, map_location="cpu"), generator)
     state = json.loads((state_dir / "state.json").read_text())
     ema.optimization_step = state["ema_optimization_step"]
     return state

@@ -149,7 +149,7 @@ class RunConfig:
             if key in DERIVED_MODEL_KEYS:
                 raise ValueError(f"model.{key} is set from the text encoder; remove it from the config")
             if key not in valid:
-                raise ValueError(f"unknown config key model.{key}; valid: preset, {', '.join(valid)}")
+                raise ValueError(f"unknown config key model.{_shown(key)}; valid: preset, {', '.join(valid)}")
             model[key] = _check_type(value, hints[key], f"model.{key}")
         kwargs = {**DIT_PRESETS.get(preset, {}), **model}
         if "strategy" in kwargs:
@@ -196,6 +196,11 @@ def _check_type(value, annotation, where: str):
     return value
 
 
+def _shown(key) -> str:
+    """A key as an error message shows it: plain names as they are, anything else quoted (one line, visible)."""
+    return key if isinstance(key, str) and key.isidentifier() else repr(key)
+
+
 def _build(cls, data, where: str):
     if not isinstance(data, dict):
         raise ValueError(f"{where or 'the config'} must be a mapping of keys to values, got {data!r}")
@@ -203,7 +208,7 @@ def _build(cls, data, where: str):
     fields = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
-        name = f"{where}.{key}" if where else str(key)
+        name = f"{where}.{_shown(key)}" if where else _shown(key)
         if key not in fields:
             raise ValueError(f"unknown config key {name}; valid: {', '.join(fields)}")
         hint = hints[key]

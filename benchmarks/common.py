@@ -1,0 +1,98 @@
+"""Shared parts of the timing benchmarks: the demo's model and data, trainers and samplers, interleaved rounds.
+
+Every figure is a ratio of two things timed alternately in the same run, so that a busy machine slows
+both alike; each ratio is printed as the median over rounds with the lowest and highest round beside it.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from diffusers.training_utils import EMAModel
+
+from semroute.cli import DEMO_CONFIG, packaged_config
+from semroute.config import load_config
+from semroute.data.shapes import ShapesDataset, ShapesTask
+from semroute.data.sources import ShapesSource
+from semroute.dit import SemanticRoutingDiT
+from semroute.flow import RectifiedFlow
+from semroute.pipeline import SemanticRoutingPipeline
+from semroute.runtime import Precision, cpu_capability
+from semroute.text_encoder import TextEncoder
+from semroute.train import build_optimizer, prompt_table, train_step, warmup_schedule
+
+
+class DemoSetup:
+    """The demo config, SmolLM2 features of its captions, and a few fixed training batches."""
+
+    def __init__(self, batches: int = 4):
+        self.config = load_config(packaged_config(DEMO_CONFIG))
+        self.encoder = TextEncoder(self.config.text_encoder)
+        self.dataset = ShapesDataset(ShapesTask(self.config.data), seed=0)
+        self.features = prompt_table(self.encoder, self.dataset.captions, torch.float32, progress=False)
+        b = self.config.train.batch_size
+        self.batches = [
+            (torch.stack([self.dataset[i][0] for i in range(k * b, (k + 1) * b)]),
+             torch.tensor([self.dataset[i][1] for i in range(k * b, (k + 1) * b)]))
+            for k in range(batches)
+        ]
+
+    def trainer(self, strategy: str, precision: Precision) -> tuple[SemanticRoutingDiT, Callable[[int], None]]:
+        """A model and `step(i)`, one optimizer step on batch i (mod the batches) in `precision`."""
+        config = self.config
+        torch.manual_seed(0)
+        model = SemanticRoutingDiT(**{**config.model_kwargs(), "strategy": strategy},
+                                   text_dim=self.encoder.hidden_size, num_text_layers=self.encoder.num_layers)
+        AcceleratorState._reset_state()
+        accelerator = Accelerator(cpu=True, mixed_precision=precision.accelerate)
+        optimizer = build_optimizer(model, config)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_schedule(config.train.warmup_steps))
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        ema = EMAModel(accelerator.unwrap_model(model).parameters(), decay=config.train.ema_decay, foreach=True)
+        flow = RectifiedFlow(caption_dropout=config.train.caption_dropout)
+        source = ShapesSource(config, self.encoder, self.features, progress=False, dtype=precision.dtype)
+        generator = torch.Generator().manual_seed(0)
+
+        def step(i: int) -> None:
+            # prepare() wrapped this model's forward in its own autocast, so trainers of several precisions can alternate.
+            train_step(accelerator, model, optimizer, scheduler, ema, flow, source, self.batches[i % len(self.batches)],
+                       generator, 1.0)
+
+        return accelerator.unwrap_model(model), step
+
+    def sampler(self, model: SemanticRoutingDiT, precision: str, images: int) -> Callable[[], None]:
+        """`sample()`: `images` images of the demo's sampling recipe (Euler steps, CFG) from fixed features."""
+        s = self.config.sample
+        pipe = SemanticRoutingPipeline.from_parts(model.eval(), self.encoder, precision=precision)
+        prompts = [self.dataset.captions[i % len(self.dataset.captions)] for i in range(images)]
+        features = pipe.encode(prompts)
+        return lambda: pipe.generate(prompts, s.steps, s.guidance_scale, s.shift, features=features)
+
+
+def interleaved(jobs: dict[str, Callable[[], None]], rounds: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds of each job in each round; the jobs take turns within every round."""
+    for _ in range(warmup):
+        for job in jobs.values():
+            job()
+    times: dict[str, list[float]] = {name: [] for name in jobs}
+    for _ in range(rounds):
+        for name, job in jobs.items():
+            start = time.perf_counter()
+            job()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def ratio_line(name: str, numerator: list[float], denominator: list[float]) -> str:
+    """`name median [lowest, highest] over N rounds` of the per-round ratios."""
+    ratios = [a / b for a, b in zip(numerator, denominator)]
+    return f"{name} {statistics.median(ratios):.4f}   [{min(ratios):.4f}, {max(ratios):.4f}] over {len(ratios)} rounds"
+
+
+def machine_line() -> str:
+    return f"machine cpu_capability={cpu_capability()} threads={torch.get_num_threads()} torch={torch.__version__}"
