@@ -19,7 +19,9 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/semroute demo --out runs/demo
+	@$(BIN)/semroute demo --out runs/demo; status=$$?; \
+	echo "semroute is installed in $(VENV): '. $(VENV)/bin/activate' puts it on your PATH for the README's next commands"; \
+	exit $$status
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

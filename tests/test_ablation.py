@@ -19,7 +19,7 @@ from .conftest import tiny_run_config
 
 def fake_result(sid, seed, counting, overall, fidelity):
     prompts = [{"category": "counting", "prompt": f"p{i}", "correct": [ok, ok]} for i, ok in enumerate(counting)]
-    return {"strategy": sid, "seed": seed, "steps": 10, "overall": overall, "fidelity": fidelity,
+    return {"version": "shapesbench-2", "strategy": sid, "seed": seed, "steps": 10, "overall": overall, "fidelity": fidelity,
             "categories": {"counting": sum(counting) / len(counting), "colour": 1.0, "two_objects": 0.5, "position": 0.25},
             "prompts": prompts}
 
@@ -102,6 +102,17 @@ def test_ablation_end_to_end_and_resume(tiny_llama_dir, tiny_encoder, tmp_path, 
     monkeypatch.setattr("semroute.train.train", lambda *a, **k: pytest.fail("a finished run was trained again"))
     again = run_ablation(base, out, ["b1", "s1", "s2", "s3"], 1, None, 1, max_steps=4, encoder=tiny_encoder, progress=False)
     assert again["summary"] == result["summary"]
+    # A run scored by an older ShapesBench is never mixed in: it is scored again from its checkpoint, not retrained.
+    path = out / "runs" / "b1-seed0" / "shapesbench.json"
+    old = json.loads(path.read_text())
+    path.write_text(json.dumps({**old, "version": "shapesbench-1", "overall": 0.99}))
+    with pytest.raises(ValueError, match="scored with shapesbench-1, not shapesbench-2"):
+        from semroute.bench.ablation import summarize_ablation
+
+        summarize_ablation(out, ["b1", "s1", "s2", "s3"], 1)
+    rescored = run_ablation(base, out, ["b1", "s1", "s2", "s3"], 1, None, 1, max_steps=4, encoder=tiny_encoder, progress=False)
+    assert json.loads(path.read_text())["version"] == "shapesbench-2"
+    assert rescored["summary"] == result["summary"]
 
 
 def test_cli_ablate_rejects_unknown_strategy(tmp_path, capsys):

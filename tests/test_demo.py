@@ -9,7 +9,7 @@ import yaml
 
 from semroute.cli import main, packaged_config
 from semroute.config import load_config
-from semroute.demo import NOT_LEARNED_EXIT, TARGET_COUNTING, judge
+from semroute.demo import NOT_LEARNED_EXIT, judge
 
 from .conftest import tiny_run_config
 
@@ -17,7 +17,8 @@ from .conftest import tiny_run_config
 def test_the_packaged_demo_is_a_step_budget_with_frequent_checkpoints():
     config = load_config(packaged_config("demo.yaml"))
     t = config.train
-    assert t.minutes is None and t.max_steps <= 2000
+    # Steps, not minutes; and no more images than the budget the README's demo table measured.
+    assert t.minutes is None and t.max_steps * t.batch_size <= 3200 * 32
     assert t.mixed_precision == "auto"
     assert t.checkpoint_every <= t.max_steps // 4  # a killed demo loses little; re-running resumes
 
@@ -66,7 +67,10 @@ def test_verdicts_against_chance_per_count():
     assert ignores_count.level == "not learned" and "ignores the prompt" in ignores_count.text()
     diverged = judge(metrics(0.0, dict.fromkeys("1234", 0.0), loss=float("nan")), counts, 800, 800)
     assert "diverged" in diverged.text()
-    assert TARGET_COUNTING == pytest.approx(0.6)
+    # Twice chance is the line between partly learned and learned; with two counts chance is 50%.
+    assert judge(metrics(0.49, {"1": 0.9, "2": 0.08}), [1, 2], 10, 10).level == "not learned"
+    assert judge(metrics(0.62, {"1": 0.9, "2": 0.34}), [1, 2], 10, 10).level == "partly learned"
+    assert judge(metrics(0.5, {"1": 0.6, "2": 0.4}), counts, 10, 10).level == "learned"
 
 
 def test_training_reports_its_pace_once(tiny_llama_dir, tmp_path):

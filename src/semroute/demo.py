@@ -25,9 +25,11 @@ from .text_encoder import TextEncoder
 from .train import format_duration, train
 
 logger = logging.getLogger(__name__)
-# The counting accuracy the packaged recipe reaches (see the README's demo table); below it, but clearly
-# above chance, the model has partly learned.
-TARGET_COUNTING = 0.6
+# What the packaged recipe reaches (59-62% counting in the README's demo table), quoted in the verdict.
+RECIPE_COUNTING = 0.6
+# Counting at twice the chance level or more: the model learned to count. Between chance (plus two
+# standard errors) and that: partly learned. At chance: not learned.
+LEARNED_OVER_CHANCE = 2.0
 # Exit code of `semroute demo` when the model did not learn (2 is bad input, 3 divergence).
 NOT_LEARNED_EXIT = 4
 SAMPLE_SEED = 12345
@@ -61,16 +63,16 @@ def judge(metrics: dict, counts: list[int], steps: int, recipe_steps: int) -> Ve
     per_count = metrics["count_accuracy_by_n"]
     per_n = n // len(counts)
     lines = [f"counting {100 * counting:.1f}% (chance {100 * chance:.0f}%: guessing one of {len(counts)} counts; "
-             f"this recipe reaches about {100 * TARGET_COUNTING:.0f}%)"]
+             f"the packaged recipe reaches about {100 * RECIPE_COUNTING:.0f}%)"]
     lines += [f"  N={k}: {100 * v:.0f}%" + ("" if above_chance(v, chance, per_n) else "  (not above chance)")
               for k, v in per_count.items()]
-    if counting >= TARGET_COUNTING:
+    if counting >= LEARNED_OVER_CHANCE * chance:
         return Verdict("learned", lines)
     short = steps < recipe_steps
     if above_chance(counting, chance, n):
         fix = (f"it trained {steps} of the recipe's {recipe_steps} steps; run the full budget: semroute demo --max-steps {recipe_steps}"
                if short else "train longer (--max-steps) for a higher score")
-        return Verdict("partly learned", lines + [f"above chance, below the recipe's {100 * TARGET_COUNTING:.0f}%: {fix}"])
+        return Verdict("partly learned", lines + [f"above chance, but below {LEARNED_OVER_CHANCE:g}x chance: {fix}"])
     clean = metrics.get("clean_accuracy", 0.0)
     if not math.isfinite(metrics.get("final_loss", 0.0)):
         why = "the training loss is not finite: training diverged"

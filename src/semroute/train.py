@@ -276,7 +276,8 @@ def train(
     def load_encoder():
         return encoder or TextEncoder(config.text_encoder, device=accelerator.device)
 
-    source = build_source(config, load_encoder, features, progress and accelerator.is_main_process, precision.dtype)
+    source = build_source(config, load_encoder, features, progress and accelerator.is_main_process, precision.dtype,
+                          accelerator.device)
     # The LLM as the DiT needs to know it; a cache describes it without loading it.
     info = source.encoder if hasattr(source, "encoder") else CachedEncoderInfo(source.dataset.meta["recipe"])
 

@@ -20,7 +20,7 @@ import numpy as np
 from ..config import RunConfig
 from ..fileio import write_json, write_text
 from ..fusion import PAPER_IDS
-from .shapesbench import CATEGORIES, bench_prompts, run_bench
+from .shapesbench import BENCH_VERSION, CATEGORIES, bench_prompts, run_bench
 
 logger = logging.getLogger(__name__)
 PAPER_NAMES = {"b1": "B1 penultimate", "b2": "B2 uniform", "b3": "B3 static", "s1": "S1 time-wise",
@@ -50,8 +50,10 @@ def run_ablation(
     progress: bool = True,
     device: str = "auto",
 ) -> dict:
-    """Train and evaluate every (strategy, seed) not done yet, then write the table, plots and claims."""
-    from ..pipeline import SemanticRoutingPipeline
+    """Train and evaluate every (strategy, seed) not done yet, then write the table, plots and claims.
+
+    A run scored by an older ShapesBench version is scored again from its checkpoint (not retrained).
+    """
     from ..text_encoder import TextEncoder
     from ..train import train
 
@@ -65,12 +67,20 @@ def run_ablation(
     for seed in range(seeds):
         for sid in strategies:
             run_dir = out / "runs" / f"{sid}-seed{seed}"
-            if (run_dir / RESULTS_FILE).is_file():
-                logger.info("%s seed %d: done, skipped", sid, seed)
-                continue
             config = copy.deepcopy(base)
             config.model["strategy"] = PAPER_IDS[sid]
             config.train.seed = seed
+            previous = _read_results(run_dir)
+            if previous is not None and previous.get("version") == BENCH_VERSION:
+                logger.info("%s seed %d: done, skipped", sid, seed)
+                continue
+            if previous is not None and Path(previous.get("checkpoint", "")).is_dir():
+                # Scored by an older ShapesBench: the same checkpoint is scored again, nothing is retrained.
+                logger.info("%s seed %d: scored with %s; scoring its checkpoint with %s", sid, seed, previous.get("version"),
+                            BENCH_VERSION)
+                _evaluate(Path(previous["checkpoint"]), config, prompts, images_per_prompt, previous["steps"], sid, seed,
+                          run_dir, device, progress)
+                continue
             if run_dir.exists():
                 found = newest_loadable(run_dir, config)
                 if found is not None and not resume_differences(found[1], config):
@@ -89,13 +99,31 @@ def run_ablation(
                 dtype = resolve_precision(base.train.mixed_precision, "cpu" if device == "cpu" else "auto").dtype
                 features = prompt_table(encoder, captions, dtype, progress)
             result = train(config, run_dir, max_steps, minutes, progress, encoder, features, device=device)
-            pipeline = SemanticRoutingPipeline.from_checkpoint(result.checkpoint, device=result.model.device,
-                                                               precision=config.train.mixed_precision)
-            s = config.sample
-            bench = run_bench(pipeline, prompts, images_per_prompt, s.steps, s.guidance_scale, s.shift, progress=progress)
-            bench.update(strategy=sid, seed=seed, steps=result.steps, checkpoint=str(result.checkpoint))
-            write_json(run_dir / RESULTS_FILE, bench)
+            _evaluate(result.checkpoint, config, prompts, images_per_prompt, result.steps, sid, seed, run_dir,
+                      result.model.device, progress)
     return summarize_ablation(out, strategies, seeds)
+
+
+def _read_results(run_dir: Path) -> dict | None:
+    path = run_dir / RESULTS_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        raise ValueError(f"{path} is not valid JSON; delete it to score that run again") from None
+
+
+def _evaluate(checkpoint: Path, config: RunConfig, prompts, images_per_prompt: int, steps: int, sid: str, seed: int,
+              run_dir: Path, device, progress: bool) -> None:
+    """ShapesBench on a run's checkpoint with the config's sampling settings, written to the run's results file."""
+    from ..pipeline import SemanticRoutingPipeline
+
+    pipeline = SemanticRoutingPipeline.from_checkpoint(checkpoint, device=device, precision=config.train.mixed_precision)
+    s = config.sample
+    bench = run_bench(pipeline, prompts, images_per_prompt, s.steps, s.guidance_scale, s.shift, progress=progress)
+    bench.update(strategy=sid, seed=seed, steps=steps, checkpoint=str(checkpoint))
+    write_json(run_dir / RESULTS_FILE, bench)
 
 
 def collect(out: Path, strategies: list[str], seeds: int) -> dict[str, list[dict]]:
@@ -103,9 +131,13 @@ def collect(out: Path, strategies: list[str], seeds: int) -> dict[str, list[dict
     found: dict[str, list[dict]] = {}
     for sid in strategies:
         for seed in range(seeds):
-            path = out / "runs" / f"{sid}-seed{seed}" / RESULTS_FILE
-            if path.is_file():
-                found.setdefault(sid, []).append(json.loads(path.read_text()))
+            result = _read_results(out / "runs" / f"{sid}-seed{seed}")
+            if result is None:
+                continue
+            if result.get("version") != BENCH_VERSION:
+                raise ValueError(f"{out}/runs/{sid}-seed{seed} was scored with {result.get('version')}, not {BENCH_VERSION}; "
+                                 f"re-run semroute ablate on {out} to score it again")
+            found.setdefault(sid, []).append(result)
     return found
 
 

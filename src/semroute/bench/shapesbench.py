@@ -15,7 +15,8 @@ from tqdm.auto import tqdm
 
 from ..data.shapes import Group, Scene, ShapesConfig, ShapesTask, caption, fidelity_counts, score
 
-BENCH_VERSION = "shapesbench-1"
+# 2: an image with any malformed object (a blob of >= 3 px that is not a clean shape) fails every check.
+BENCH_VERSION = "shapesbench-2"
 CATEGORIES = ("counting", "colour", "two_objects", "position")
 _SEED = 20260203  # part of the version: changing it changes the prompt set
 PROMPTS_PER_CATEGORY = 12

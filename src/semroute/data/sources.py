@@ -66,11 +66,11 @@ class ShapesSource:
 class ImageSource:
     """Images + captions through the VAE (or pixels) and the LLM, every step."""
 
-    def __init__(self, config, encoder, dtype: torch.dtype = torch.float32):
+    def __init__(self, config, encoder, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         d = config.dataset
         self.dataset = ImageCaptionDataset(d, seed=config.train.seed)
         self.encoder = encoder
-        self.vae = load_vae(d.vae) if d.vae else None
+        self.vae = load_vae(d.vae).to(device) if d.vae else None
         model = config.model_settings()
         if self.vae is not None:
             check_vae_matches(self.vae, model["in_channels"], model["sample_size"], d.resolution)
@@ -137,17 +137,18 @@ def _check_size(n: int, batch_size: int) -> None:
 
 
 def build_source(config, encoder_factory, features: PromptFeatures | None = None, progress: bool = True,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
     """The batch source the config asks for. `encoder_factory()` loads the LLM (not called for a cache).
 
     dtype: what the LN'd text features are handed to the DiT in (the training precision's dtype).
+    device: where a VAE runs (the LLM is placed by `encoder_factory`).
     """
     d = config.dataset
     if d.cache is not None:
         dataset = CachedDataset(d.cache)
         return CacheSource(config, _recipe_from_config(config, dataset.meta["recipe"]), dataset, dtype)
     if d.active:
-        return ImageSource(config, encoder_factory(), dtype)
+        return ImageSource(config, encoder_factory(), dtype, device)
     return ShapesSource(config, encoder_factory(), features, progress, dtype)
 
 
