@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import sys
-import time
 import warnings
 from importlib import resources
 from pathlib import Path
@@ -181,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="train S2 on shapes with SmolLM2, then write samples, routing, metrics and a verdict", formatter_class=fmt,
         description="Trains the packaged demo recipe for a fixed number of steps (the same result on every machine; "
                     "the time is estimated after the first steps), samples 4 images of each of the 72 captions, "
-                    "scores them and says whether the model learned to count against the 25%% chance level. "
+                    "scores them and says whether the model learned to count against the 25% chance level. "
                     f"Exit code {NOT_LEARNED_EXIT}: the model did not learn. Re-running with the same --out resumes "
                     "from the newest checkpoint.",
     )

@@ -18,7 +18,7 @@ from .flow import RectifiedFlow
 from .checkpoint import TEXT_ENCODER_FILE, VAE_FILE
 from .fusion import LayerFusion
 from .latent import check_vae_matches, decode_latents, vae_downsample
-from .runtime import Precision, resolve_device, resolve_precision
+from .runtime import Precision, configure_device, resolve_device, resolve_precision
 from .text_encoder import TextEncoder, TextEncoderConfig, llm_dtype
 
 logger = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ class SemanticRoutingPipeline(DiffusionPipeline):
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | Path, text_encoder: str | None = None, device: str | torch.device = "cpu", precision: str = "auto",
+        cls, path: str | Path, text_encoder: str | None = None, device: str | torch.device = "auto", precision: str = "auto",
     ) -> "SemanticRoutingPipeline":
         """Load a checkpoint directory written by `semroute train`; `text_encoder` overrides the model path.
 
@@ -151,6 +151,7 @@ class SemanticRoutingPipeline(DiffusionPipeline):
             vae = load_vae(json.loads(vae_meta.read_text())["path"])
         transformer = load_transformer(path)
         device = resolve_device(device)
+        configure_device(device)
         pipe = cls.from_parts(transformer, TextEncoder(config, device=device), vae, precision=precision)
         return pipe.to(device)
 
@@ -284,7 +285,7 @@ def load_transformer(path: Path) -> SemanticRoutingDiT:
 
 
 def load_pipeline(
-    path: str | Path, text_encoder: str | None = None, device: str | torch.device = "cpu", precision: str = "auto",
+    path: str | Path, text_encoder: str | None = None, device: str | torch.device = "auto", precision: str = "auto",
 ) -> SemanticRoutingPipeline:
     """A diffusers pipeline directory (model_index.json), a semroute checkpoint, or a run directory (newest checkpoint)."""
     from .checkpoint import resolve_checkpoint
@@ -292,6 +293,7 @@ def load_pipeline(
     path = Path(path)
     if (path / "model_index.json").is_file():
         device = resolve_device(device)
+        configure_device(device)
         pipe = SemanticRoutingPipeline.from_pretrained(path)
         if device.type == "cuda":
             pipe.text_encoder.to(llm_dtype(device))

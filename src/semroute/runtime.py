@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import platform
-import statistics
 import time
 from dataclasses import asdict, dataclass
 

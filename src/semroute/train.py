@@ -86,7 +86,7 @@ def write_sample_grid(
     ema.store(model.parameters())
     ema.copy_to(model.parameters())
     try:
-        pipe = SemanticRoutingPipeline.from_parts(model, encoder)
+        pipe = SemanticRoutingPipeline.from_parts(model, encoder, precision=config.train.mixed_precision)
         s = config.sample
         images = pipe.generate(prompts, s.steps, s.guidance_scale, s.shift, seed=0, features=grid_features)
     finally:
@@ -111,7 +111,7 @@ def training_precision(requested: str, device: str) -> Precision:
     if device not in ("auto", "cpu", "cuda", "mps"):
         raise ValueError(f"training takes --device auto, cpu, cuda or mps, got {device!r}; to pick one GPU of several "
                          f"set CUDA_VISIBLE_DEVICES (accelerate launch gives each process its own GPU)")
-    kind = "cpu" if device == "cpu" else resolve_device(device).type
+    kind = resolve_device(device).type
     with PartialState(cpu=device == "cpu").main_process_first():
         return resolve_precision(requested, kind)
 

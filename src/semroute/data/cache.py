@@ -79,7 +79,7 @@ def precompute(config, out: Path, shard_size: int = 1024, dtype: str = "auto", b
     from ..fusion import LayerFusion
     from ..latent import encode_latents, load_vae
     from ..pipeline import NULL_PROMPT
-    from ..runtime import resolve_device, resolve_precision
+    from ..runtime import configure_device, resolve_device, resolve_precision
     from ..text_encoder import TextEncoder
     from .images import ImageCaptionDataset, to_training_tensor
 
@@ -90,6 +90,7 @@ def precompute(config, out: Path, shard_size: int = 1024, dtype: str = "auto", b
         raise ValueError("precompute needs dataset.manifest or dataset.hf_dataset in the config")
     state = PartialState(cpu=device == "cpu")
     device = state.device if device == "auto" and state.num_processes > 1 else resolve_device(device)
+    configure_device(device)
     if dtype == "auto":
         with state.main_process_first():
             dtype = resolve_precision(config.train.mixed_precision, device).name
