@@ -24,7 +24,8 @@ from semroute.flow import RectifiedFlow
 from semroute.pipeline import SemanticRoutingPipeline
 from semroute.runtime import Precision, cpu_capability
 from semroute.text_encoder import TextEncoder
-from semroute.train import build_optimizer, prompt_table, train_step, warmup_schedule
+from semroute.features import prompt_table
+from semroute.train import build_optimizer, train_step, warmup_schedule
 
 
 class DemoSetup:

@@ -9,7 +9,16 @@ from semroute.bench.shapesbench import summarize
 from semroute.data.shapes import Group, Scene, ShapesConfig, ShapesTask, parse_caption
 
 
-class RenderingPipeline:
+class FakePipeline:
+    """What the benches need of a pipeline besides `generate`: its default sampling settings."""
+
+    def sampling(self, steps=None, guidance_scale=None, shift=None):
+        from semroute.flow import SampleConfig
+
+        return SampleConfig(steps=steps or 2, guidance_scale=guidance_scale or 3.0, shift=shift or 1.0)
+
+
+class RenderingPipeline(FakePipeline):
     """A 'model' that draws exactly what it is asked (optionally with a defect) by rendering the scene."""
 
     def __init__(self, task, defect=None):
@@ -31,7 +40,7 @@ class RenderingPipeline:
         return torch.stack(images)
 
 
-class NoisePipeline:
+class NoisePipeline(FakePipeline):
     """A 'model' that has learned nothing: uniform random noise in [0, 1], or noise dimmed to look sparse."""
 
     def __init__(self, size=16, scale=1.0):

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from semroute.dit import DIT_PRESETS, SemanticRoutingDiT
-from semroute.pipeline import SemanticRoutingPipeline, check_compatible, encode_prompts
+from semroute.features import encode_prompts
+from semroute.pipeline import SemanticRoutingPipeline, check_compatible
 from semroute.text_encoder import TextEncoder, TextEncoderConfig
 
 PROMPTS = ["two red circles", "one blue square"]

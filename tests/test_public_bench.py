@@ -25,6 +25,11 @@ needs_shared = pytest.mark.skipif(not GENEVAL.is_file(), reason="../shared/eval 
 class CountingPipeline:
     """Returns a distinct flat image per (prompt, seed) and counts calls."""
 
+    def sampling(self, steps=None, guidance_scale=None, shift=None):
+        from semroute.flow import SampleConfig
+
+        return SampleConfig()
+
     def __init__(self):
         self.images = 0
 

@@ -2,19 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from semroute.data.shapes import (
-    COLOURS,
-    Group,
-    Scene,
-    ShapesConfig,
-    ShapesDataset,
-    ShapesTask,
-    caption,
-    detect_objects,
-    fidelity_counts,
-    parse_caption,
-    score,
-)
+from semroute.bench.scoring import detect_objects, fidelity_counts, score
+from semroute.data.shapes import COLOURS, Group, Scene, ShapesConfig, ShapesDataset, ShapesTask, caption, parse_caption
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +75,7 @@ def test_a_malformed_object_fails_every_check(task):
 
 @pytest.mark.parametrize("scale", [1.0, 0.45])
 def test_demo_metrics_give_noise_zero_and_renders_one(task, scale):
-    from semroute.evaluate import accuracy
+    from semroute.bench.scoring import accuracy
 
     scenes = ShapesTask().single_scenes
     g = torch.Generator().manual_seed(0)

@@ -36,7 +36,7 @@ def trained_run(tiny_llama_dir, tiny_encoder, tmp_path_factory):
 
 def test_short_training_lowers_the_loss_and_moves_the_gates(trained_run, tiny_encoder):
     from semroute.data.shapes import ShapesDataset, ShapesTask
-    from semroute.train import prompt_table
+    from semroute.features import prompt_table
 
     config, out, result = trained_run
     assert result.steps == 60

@@ -14,6 +14,7 @@ import yaml
 from .data.images import DatasetConfig
 from .data.shapes import ShapesConfig
 from .dit import DIT_PRESETS, SemanticRoutingDiT
+from .flow import SampleConfig
 from .fusion import check_strategy
 from .runtime import PRECISIONS, check_precision
 from .text_encoder import TextEncoderConfig
@@ -61,16 +62,6 @@ class TrainConfig:
 
 
 @dataclass
-class SampleConfig:
-    """Sampling used for grids and evaluation."""
-
-    steps: int = 25
-    guidance_scale: float = 4.0
-    shift: float = 1.0
-    images_per_prompt: int = 4
-
-
-@dataclass
 class RunConfig:
     """Everything a run needs; `model` holds SemanticRoutingDiT arguments, optionally from a `preset`."""
 
@@ -104,19 +95,12 @@ class RunConfig:
             raise ValueError(f"train.betas must be two numbers in [0, 1), got {t.betas}")
         if t.threads is not None and t.threads < 1:
             raise ValueError(f"train.threads must be >= 1 or null, got {t.threads}")
-        if self.sample.images_per_prompt < 1 or self.sample.shift <= 0:
-            raise ValueError(f"sample.images_per_prompt must be >= 1 and sample.shift > 0, "
-                             f"got {self.sample.images_per_prompt}, {self.sample.shift}")
         if t.minutes is not None and t.minutes <= 0:
             raise ValueError(f"train.minutes must be > 0 or null, got {t.minutes}")
         try:
             t.mixed_precision = check_precision(t.mixed_precision)
         except ValueError:
             raise ValueError(f"train.mixed_precision must be one of {', '.join(PRECISIONS)}, got {t.mixed_precision!r}") from None
-        if self.sample.guidance_scale < 1:
-            raise ValueError(f"sample.guidance_scale must be >= 1 (1 disables guidance), got {self.sample.guidance_scale}")
-        if self.sample.steps < 1:
-            raise ValueError(f"sample.steps must be >= 1, got {self.sample.steps}")
         model = self.model_settings()
         if self.dataset.active:
             if self.dataset.vae is None and self.dataset.cache is None:

@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 
 from .config import RunConfig
+from .bench.sampling import sample_all
+from .bench.scoring import accuracy
 from .data.shapes import ShapesTask, caption
-from .evaluate import accuracy, sample_scenes
 from .fileio import write_json
 from .pipeline import SemanticRoutingPipeline, load_transformer
 from .plots import plot_routing, save_sample_grid
@@ -103,9 +104,9 @@ def run_demo(
     s = config.sample
     task = ShapesTask(config.data)
     scenes = task.single_scenes
-    # Sampling one image runs the DiT forward 2 x steps times (both guidance branches); a training image
-    # is a forward and a backward, about 3 forwards.
-    sampling_per_train_image = len(scenes) * s.images_per_prompt * s.steps * (2 if s.guidance_scale != 1 else 1) / 3
+    # Sampling one image runs the DiT forward once per scheduler call and guidance branch; a training
+    # image is a forward and a backward, about 3 forwards.
+    sampling_per_train_image = len(scenes) * s.images_per_prompt * s.scheduler_calls() * (2 if s.guidance_scale != 1 else 1) / 3
 
     def announce(seconds_per_step: float, seconds_left: float) -> None:
         sampling = sampling_per_train_image * seconds_per_step / config.train.batch_size
@@ -118,9 +119,10 @@ def run_demo(
     result = train(config, out, max_steps=max_steps, minutes=minutes, encoder=encoder, device=device, on_pace=announce)
     train_s = time.perf_counter() - start
     pipeline = SemanticRoutingPipeline.from_parts(
-        load_transformer(result.checkpoint), encoder, precision=config.train.mixed_precision
+        load_transformer(result.checkpoint), encoder, sample=s, precision=config.train.mixed_precision
     ).to(result.model.device)
-    images = sample_scenes(pipeline, scenes, s.images_per_prompt, s.steps, s.guidance_scale, s.shift, seed=SAMPLE_SEED)
+    images = sample_all(pipeline, [caption(sc) for sc in scenes], s.images_per_prompt, seed=SAMPLE_SEED,
+                        desc=f"sampling {len(scenes) * s.images_per_prompt} images")
     metrics = accuracy(images, scenes, s.images_per_prompt)
     metrics["final_loss"] = result.final_loss
     recipe_steps = config.train.max_steps
@@ -148,7 +150,7 @@ def run_demo(
         precision=summary["precision"],
         device=summary["device"],
         cpu_capability=summary["cpu_capability"],
-        sampling={"steps": s.steps, "guidance_scale": s.guidance_scale, "shift": s.shift,
+        sampling={"scheduler": s.scheduler, "steps": s.steps, "guidance_scale": s.guidance_scale, "shift": s.shift,
                   "images_per_prompt": k, "prompts": len(scenes), "seed": SAMPLE_SEED},
         train_seconds=train_s,
         total_seconds=time.perf_counter() - start,

@@ -1,4 +1,4 @@
-"""Rectified flow: the training loss and the guided Euler sampler. The trainer calls only these.
+"""Rectified flow: the training loss and the guided sampler, and the sampling settings. The trainer calls only these.
 
 Convention (t in [0, 1], 1 = pure noise):
     x_t = (1 - t) * x0 + t * noise        target velocity v = noise - x0
@@ -6,23 +6,24 @@ Convention (t in [0, 1], 1 = pure noise):
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from diffusers import FlowMatchEulerDiscreteScheduler
 
 # velocity(x_t (B, C, H, W), t (B,)) -> v (B, C, H, W)
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    """Guidance and the Euler update in fp32 (or in float64 when the model runs in it)."""
+    """Guidance and the scheduler update in fp32 (or in float64 when the model runs in it)."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 class RectifiedFlow:
-    """Logit-normal time sampling, caption dropout for CFG, MSE on the velocity, Euler + CFG sampling."""
+    """Logit-normal time sampling, caption dropout draws for CFG, MSE on the velocity, guided sampling."""
 
     def __init__(self, t_mean: float = 0.0, t_std: float = 1.0, caption_dropout: float = 0.1):
         if not 0.0 <= caption_dropout < 1.0:
@@ -39,11 +40,6 @@ class RectifiedFlow:
     def drop_mask(self, batch_size: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
         """Which of `batch_size` captions to replace by the null prompt (teaches the unconditional branch). -> (B,) bool"""
         return torch.rand(batch_size, generator=generator, device=device) < self.caption_dropout
-
-    def drop_captions(self, caption_ids: torch.Tensor, null_id: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Replace a `caption_dropout` fraction of caption ids by the null caption."""
-        drop = self.drop_mask(caption_ids.shape[0], generator, caption_ids.device)
-        return torch.where(drop, torch.full_like(caption_ids, null_id), caption_ids)
 
     def loss(
         self,
@@ -71,30 +67,27 @@ class RectifiedFlow:
     def sample(
         velocity: VelocityFn,
         noise: torch.Tensor,
-        num_steps: int = 25,
-        guidance_scale: float = 1.0,
-        shift: float = 1.0,
-        scheduler: FlowMatchEulerDiscreteScheduler | None = None,
+        scheduler,
+        num_steps: int,
+        guidance_scale: float,
         on_step: Callable[[], None] | None = None,
     ) -> torch.Tensor:
-        """Integrate from noise (t = 1) to data (t = 0) with diffusers' flow-matching Euler schedule.
+        """Integrate from noise (t = 1) to data (t = 0) with the given diffusers flow-matching scheduler.
 
-        With guidance_scale != 1, `velocity` is called on the batch doubled as [x; x] and must return
-        [conditional; unconditional] velocities; they are combined as v_u + w (v_c - v_u).
-        scheduler: a FlowMatchEulerDiscreteScheduler to use (a copy is stepped); None builds one with `shift`.
-        on_step: called after every step (progress bars).
+        The scheduler is copied, so the caller's is never stepped; each of its timesteps is handed to the
+        model as t = timestep / num_train_timesteps (a second-order scheduler such as Heun visits some
+        twice). With guidance_scale != 1, `velocity` is called on the batch doubled as [x; x] and must
+        return [conditional; unconditional] velocities, combined as v_u + w (v_c - v_u).
+        on_step: called after every scheduler step (progress bars).
         """
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-        if scheduler is None:
-            scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
-        else:
-            scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
+        scheduler = copy.deepcopy(scheduler)
         scheduler.set_timesteps(num_steps, device=noise.device)
         guided = guidance_scale != 1.0
         x = noise
-        for i, timestep in enumerate(scheduler.timesteps):
-            t = scheduler.sigmas[i].to(noise.device).expand(x.shape[0]).float()
+        for timestep in scheduler.timesteps:
+            t = (timestep / scheduler.config.num_train_timesteps).to(noise.device).expand(x.shape[0]).float()
             if guided:
                 v_cond, v_uncond = _at_least_fp32(velocity(torch.cat([x, x]), torch.cat([t, t]))).chunk(2)
                 v = v_uncond + guidance_scale * (v_cond - v_uncond)
@@ -104,3 +97,47 @@ class RectifiedFlow:
             if on_step is not None:
                 on_step()
         return x
+
+
+def flow_schedulers() -> list[str]:
+    """The diffusers flow-matching scheduler classes a `SampleConfig` may name."""
+    import diffusers
+
+    return sorted(name for name in dir(diffusers) if name.startswith("FlowMatch") and name.endswith("Scheduler"))
+
+
+@dataclass
+class SampleConfig:
+    """How images are sampled, saved with every checkpoint: the default of `sample`, `eval`, `sample-bench` and the pipeline."""
+
+    # A diffusers flow-matching scheduler class (FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler, ...).
+    scheduler: str = "FlowMatchEulerDiscreteScheduler"
+    steps: int = 25
+    guidance_scale: float = 3.0
+    # Time shift of the schedule (1 = none); > 1 spends more steps at high noise.
+    shift: float = 1.0
+    # Images per prompt in sample grids, the demo and ShapesBench.
+    images_per_prompt: int = 4
+
+    def __post_init__(self):
+        if self.images_per_prompt < 1 or self.shift <= 0:
+            raise ValueError(f"sample.images_per_prompt must be >= 1 and sample.shift > 0, "
+                             f"got {self.images_per_prompt}, {self.shift}")
+        if self.guidance_scale < 1:
+            raise ValueError(f"sample.guidance_scale must be >= 1 (1 disables guidance), got {self.guidance_scale}")
+        if self.steps < 1:
+            raise ValueError(f"sample.steps must be >= 1, got {self.steps}")
+        if self.scheduler not in flow_schedulers():
+            raise ValueError(f"sample.scheduler {self.scheduler!r} is not a diffusers flow-matching scheduler; "
+                             f"valid: {', '.join(flow_schedulers())}")
+
+    def make_scheduler(self):
+        import diffusers
+
+        return getattr(diffusers, self.scheduler)(num_train_timesteps=1000, shift=self.shift)
+
+    def scheduler_calls(self) -> int:
+        """Model evaluations per image and guidance branch: the scheduler's timesteps for `steps` (Heun: 2 steps - 1)."""
+        scheduler = self.make_scheduler()
+        scheduler.set_timesteps(self.steps)
+        return len(scheduler.timesteps)

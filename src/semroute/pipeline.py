@@ -5,53 +5,20 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, ImagePipelineOutput
-from tqdm.auto import tqdm
+from diffusers import DiffusionPipeline, ImagePipelineOutput
 
 from .dit import SemanticRoutingDiT
-from .flow import RectifiedFlow
+from .flow import RectifiedFlow, SampleConfig
 from .checkpoint import TEXT_ENCODER_FILE, VAE_FILE
-from .fusion import LayerFusion
+from .features import NULL_PROMPT, PromptFeatures, encode_prompts
 from .latent import check_vae_matches, decode_latents, vae_downsample
 from .runtime import Precision, configure_device, resolve_device, resolve_precision
 from .text_encoder import TextEncoder, TextEncoderConfig, llm_dtype
 
 logger = logging.getLogger(__name__)
-
-NULL_PROMPT = ""  # the unconditional prompt of classifier-free guidance (caption dropout target)
-
-
-@dataclass
-class PromptFeatures:
-    """LayerNorm'd LLM features of N prompts, padded to one length: computed once, indexed per batch."""
-
-    hidden: torch.Tensor  # (N, L, S, C)
-    mask: torch.Tensor  # (N, S) bool
-
-    def select(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features of prompts `ids` (B,) as the DiT takes them: (L, B, S, C) and (B, S)."""
-        return self.hidden[ids].transpose(0, 1), self.mask[ids]
-
-
-def encode_prompts(
-    encoder: TextEncoder, prompts: list[str], batch_size: int = 32, dtype=torch.float32, progress: bool = False
-) -> PromptFeatures:
-    """Run the LLM once per prompt and keep the LayerNorm'd layers (what every fusion strategy mixes)."""
-    hidden, masks = [], []
-    for i in tqdm(range(0, len(prompts), batch_size), desc="encoding prompts", disable=not progress):
-        h, m = encoder(prompts[i : i + batch_size])
-        hidden.append(LayerFusion.normalize(h).to(dtype).transpose(0, 1))  # (b, L, S, C)
-        masks.append(m)
-    length = max(m.shape[1] for m in masks)
-    hidden = torch.cat([F.pad(h, (0, 0, 0, length - h.shape[2])) for h in hidden])
-    mask = torch.cat([F.pad(m, (0, length - m.shape[1])) for m in masks])
-    return PromptFeatures(hidden, mask)
-
 
 def check_compatible(transformer: SemanticRoutingDiT, encoder: TextEncoder) -> None:
     """The DiT's fusion must see exactly as many LLM layers, of the same width, as it was trained on."""
@@ -82,18 +49,22 @@ class SemanticRoutingPipeline(DiffusionPipeline):
     def __init__(
         self,
         transformer: SemanticRoutingDiT,
-        scheduler: FlowMatchEulerDiscreteScheduler,
+        scheduler,  # any diffusers flow-matching scheduler
         text_encoder,
         tokenizer,
         vae=None,
         text_layers: list[int] | None = None,
         max_length: int = 64,
         template: str = "chat",
+        steps: int = 25,
+        guidance_scale: float = 3.0,
     ):
         super().__init__()
         self.register_modules(transformer=transformer, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae)
         layers = list(text_layers or [])
-        self.register_to_config(text_layers=layers, max_length=max_length, template=template)
+        # steps / guidance_scale: the sampling defaults of the run (its SampleConfig); the scheduler carries the shift.
+        self.register_to_config(text_layers=layers, max_length=max_length, template=template, steps=steps,
+                                guidance_scale=guidance_scale)
         config = TextEncoderConfig(model=getattr(text_encoder, "name_or_path", ""), layers=layers, max_length=max_length, template=template)
         self.encoder = TextEncoder(config, model=text_encoder, tokenizer=tokenizer)
         check_compatible(transformer, self.encoder)
@@ -107,15 +78,30 @@ class SemanticRoutingPipeline(DiffusionPipeline):
 
     @classmethod
     def from_parts(
-        cls, transformer: SemanticRoutingDiT, encoder: TextEncoder, vae=None, scheduler=None, precision: str = "auto",
+        cls, transformer: SemanticRoutingDiT, encoder: TextEncoder, vae=None, sample: SampleConfig | None = None,
+        precision: str = "auto",
     ) -> "SemanticRoutingPipeline":
-        """Build from a loaded `TextEncoder` wrapper (its resolved layers become the pipeline's text_layers)."""
-        c = encoder.config
-        pipe = cls(transformer, scheduler or FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0),
-                   encoder.model, encoder.tokenizer, vae, text_layers=encoder.layers, max_length=c.max_length, template=c.template)
+        """Build from a loaded `TextEncoder` wrapper (its resolved layers become the pipeline's text_layers).
+
+        sample: the run's sampling settings (scheduler, steps, guidance, shift), the pipeline's defaults.
+        """
+        c, sample = encoder.config, sample or SampleConfig()
+        pipe = cls(transformer, sample.make_scheduler(), encoder.model, encoder.tokenizer, vae, text_layers=encoder.layers,
+                   max_length=c.max_length, template=c.template, steps=sample.steps, guidance_scale=sample.guidance_scale)
         pipe.encoder = encoder
         pipe.precision = precision
         return pipe
+
+    def sampling(self, steps: int | None = None, guidance_scale: float | None = None, shift: float | None = None,
+                 scheduler: str | None = None) -> SampleConfig:
+        """The settings a `generate` call uses: the given ones, else the pipeline's own (its run's `sample:`)."""
+        current = type(self.scheduler).__name__
+        return SampleConfig(
+            scheduler=scheduler or current,
+            steps=self.config.steps if steps is None else steps,
+            guidance_scale=self.config.guidance_scale if guidance_scale is None else guidance_scale,
+            shift=self.scheduler.config.shift if shift is None else shift,
+        )
 
     def sampling_precision(self) -> Precision:
         """`precision` resolved for the transformer's device (measured once per machine, logged once)."""
@@ -152,7 +138,8 @@ class SemanticRoutingPipeline(DiffusionPipeline):
         transformer = load_transformer(path)
         device = resolve_device(device)
         configure_device(device)
-        pipe = cls.from_parts(transformer, TextEncoder(config, device=device), vae, precision=precision)
+        pipe = cls.from_parts(transformer, TextEncoder(config, device=device), vae, sample=_saved_sampling(path),
+                              precision=precision)
         return pipe.to(device)
 
     def encode(self, prompts: list[str]) -> PromptFeatures:
@@ -162,8 +149,8 @@ class SemanticRoutingPipeline(DiffusionPipeline):
     def generate(
         self,
         prompts: list[str],
-        num_inference_steps: int = 25,
-        guidance_scale: float = 3.0,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         shift: float | None = None,
         seed: int | list[int] = 0,
         reuse_context: bool = True,
@@ -172,7 +159,8 @@ class SemanticRoutingPipeline(DiffusionPipeline):
     ) -> torch.Tensor:
         """Generate one image per prompt: (B, 3, H, W) in [0, 1].
 
-        shift: timestep shift of the schedule (None: the scheduler's).
+        num_inference_steps / guidance_scale / shift: None takes the pipeline's own (`sampling()`); a shift
+        makes a copy of the pipeline's scheduler (of the same class) with that shift.
         seed: one seed for the whole batch, or one per prompt (each image's noise then does not depend
         on what else is in the batch).
         features: precomputed `encode(prompts)` (the prompts followed by the null prompt), to encode once
@@ -183,10 +171,12 @@ class SemanticRoutingPipeline(DiffusionPipeline):
         Precision: `self.precision` under autocast, unless the transformer was cast as a whole to
         another dtype (`pipe.to(dtype=torch.bfloat16)`, or float64 for checks): then it runs in that dtype.
         """
-        if num_inference_steps < 1:
+        if num_inference_steps is not None and num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
-        if guidance_scale < 1:
+        if guidance_scale is not None and guidance_scale < 1:
             raise ValueError(f"guidance_scale must be >= 1 (1 disables guidance), got {guidance_scale}")
+        settings = self.sampling(num_inference_steps, guidance_scale, shift)
+        guidance_scale = settings.guidance_scale
         model = self.transformer
         device = model.device
         features = features or self.encode(prompts)
@@ -209,7 +199,7 @@ class SemanticRoutingPipeline(DiffusionPipeline):
                 raise ValueError(f"got {len(seed)} seeds for {n} prompts")
             noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seed])
         noise = noise.to(device, weights)
-        scheduler = self.scheduler if shift is None else FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config, shift=shift)
+        scheduler = self.scheduler if shift is None else type(self.scheduler).from_config(self.scheduler.config, shift=shift)
         with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
             context = None
             if reuse_context and not model.fusion.depends_on_t:
@@ -221,7 +211,7 @@ class SemanticRoutingPipeline(DiffusionPipeline):
                     return model(x, t, context=context)
                 return model(x, t, text, mask, text_normalized=True)
 
-            x = RectifiedFlow.sample(velocity, noise, num_inference_steps, guidance_scale, scheduler=scheduler, on_step=on_step)
+            x = RectifiedFlow.sample(velocity, noise, scheduler, settings.steps, guidance_scale, on_step=on_step)
         if self.vae is not None:
             x = decode_latents(self.vae, x)
         return ((x + 1) / 2).clamp(0, 1)
@@ -230,8 +220,8 @@ class SemanticRoutingPipeline(DiffusionPipeline):
     def __call__(
         self,
         prompt: str | list[str],
-        num_inference_steps: int = 25,
-        guidance_scale: float = 3.0,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         num_images_per_prompt: int = 1,
         seed: int | list[int] = 0,
         shift: float | None = None,
@@ -241,6 +231,7 @@ class SemanticRoutingPipeline(DiffusionPipeline):
         """diffusers-style call: a prompt or prompts -> `ImagePipelineOutput` (PIL images by default).
 
         output_type: "pil", "np" (B, H, W, 3 floats in [0, 1]) or "pt" (B, 3, H, W in [0, 1]).
+        num_inference_steps / guidance_scale: None takes the pipeline's own (its run's sample settings).
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
@@ -282,6 +273,15 @@ def load_transformer(path: Path) -> SemanticRoutingDiT:
         )
     model.load_state_dict(weights)
     return model.eval()
+
+
+def _saved_sampling(checkpoint: Path) -> SampleConfig:
+    """The `sample:` section of a checkpoint's run config (checkpoints without one sample with the defaults)."""
+    from .checkpoint import RUN_CONFIG_FILE
+    from .config import load_config
+
+    path = checkpoint / RUN_CONFIG_FILE
+    return load_config(path).sample if path.is_file() else SampleConfig()
 
 
 def load_pipeline(

@@ -34,7 +34,8 @@ from .data.shapes import ShapesDataset, caption
 from .dit import SemanticRoutingDiT
 from .fileio import write_json
 from .flow import RectifiedFlow
-from .pipeline import NULL_PROMPT, PromptFeatures, SemanticRoutingPipeline, encode_prompts
+from .features import PromptFeatures
+from .pipeline import SemanticRoutingPipeline
 from .runtime import Precision, configure_device, cpu_capability, resolve_device, resolve_precision
 from .plots import save_sample_grid
 from .text_encoder import TextEncoder
@@ -93,15 +94,6 @@ def write_sample_grid(
         ema.restore(model.parameters())
         model.train()
     save_sample_grid(images, [caption(scene) for scene in scenes], k, path, title=title)
-
-
-def prompt_table(encoder: TextEncoder, captions: list[str], dtype: torch.dtype, progress: bool) -> PromptFeatures:
-    """Features of every training caption plus the null prompt (last row), computed once.
-
-    Stored in the training precision's dtype: LayerNorm'd features are O(1), so bf16/fp16 lose nothing
-    that matters, and features in fp32 keep an fp32 run free of (possibly emulated) bf16 arithmetic.
-    """
-    return encode_prompts(encoder, captions + [NULL_PROMPT], dtype=dtype, progress=progress)
 
 
 def training_precision(requested: str, device: str) -> Precision:

@@ -60,7 +60,7 @@ def run_ablation(
     from ..data.shapes import ShapesDataset, ShapesTask
     from ..checkpoint import newest_loadable, resume_differences
     from ..runtime import resolve_precision
-    from ..train import prompt_table
+    from ..features import prompt_table
 
     prompts = bench_prompts(base.data)
     features = None  # every run shares the data config, so the captions are encoded once

@@ -20,33 +20,33 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm.auto import tqdm
 
 from ..data.images import parse_jsonl, read_user_text
 from ..fileio import write_atomic
+from .sampling import batches, sample_batches
 
 BENCHES = ("geneval", "genaibench", "drawbench")
 
 
 @dataclass
-class BenchPrompt:
+class PublicPrompt:
     index: int
     key: str  # GenAI-Bench's id ("00001"), otherwise the index
     prompt: str
     metadata: dict  # the prompt's own record, written back where the layout wants it
 
 
-def read_prompts(bench: str, path: Path) -> list[BenchPrompt]:
+def read_prompts(bench: str, path: Path) -> list[PublicPrompt]:
     """The prompts of a user-supplied benchmark file; errors name the file and what is wrong."""
     if bench not in BENCHES:
         raise ValueError(f"unknown --bench {bench!r}; valid: {', '.join(BENCHES)}")
     text = read_user_text(path, "prompt file")
-    prompts: list[BenchPrompt] = []
+    prompts: list[PublicPrompt] = []
     if bench == "geneval":
         for record in parse_jsonl(text, path, hint="; GenEval prompts are one JSON object a line"):
             if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
                 raise ValueError(f"{path} prompt {len(prompts) + 1} has no string 'prompt'")
-            prompts.append(BenchPrompt(len(prompts), f"{len(prompts):05d}", record["prompt"], record))
+            prompts.append(PublicPrompt(len(prompts), f"{len(prompts):05d}", record["prompt"], record))
     elif bench == "genaibench":
         try:
             records = json.loads(text)
@@ -58,19 +58,19 @@ def read_prompts(bench: str, path: Path) -> list[BenchPrompt]:
             record = records[key]
             if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
                 raise ValueError(f"{path} entry {key!r} has no string 'prompt'")
-            prompts.append(BenchPrompt(len(prompts), str(key), record["prompt"], record))
+            prompts.append(PublicPrompt(len(prompts), str(key), record["prompt"], record))
     else:
         reader = csv.DictReader(io.StringIO(text))
         if not reader.fieldnames or "Prompt" not in reader.fieldnames:
             raise ValueError(f"{path} must be a CSV with a header holding 'Prompt' (and 'Category'), got {reader.fieldnames}")
         for row in reader:
-            prompts.append(BenchPrompt(len(prompts), f"{len(prompts):03d}", row["Prompt"], dict(row)))
+            prompts.append(PublicPrompt(len(prompts), f"{len(prompts):03d}", row["Prompt"], dict(row)))
     if not prompts:
         raise ValueError(f"prompt file {path} holds no prompts")
     return prompts
 
 
-def image_path(bench: str, out: Path, prompt: BenchPrompt, k: int) -> Path:
+def image_path(bench: str, out: Path, prompt: PublicPrompt, k: int) -> Path:
     if bench == "geneval":
         return out / f"{prompt.index:05d}" / "samples" / f"{k:04d}.png"
     if bench == "genaibench":
@@ -78,7 +78,7 @@ def image_path(bench: str, out: Path, prompt: BenchPrompt, k: int) -> Path:
     return out / "images" / f"{prompt.index:03d}_{k}.png"
 
 
-def write_metadata(bench: str, out: Path, prompts: list[BenchPrompt], n: int) -> None:
+def write_metadata(bench: str, out: Path, prompts: list[PublicPrompt], n: int) -> None:
     """The per-prompt files the layout needs besides the images."""
     if bench == "geneval":
         for p in prompts:
@@ -95,8 +95,8 @@ def write_metadata(bench: str, out: Path, prompts: list[BenchPrompt], n: int) ->
         write_atomic(out / "metadata.csv", write_csv)
 
 
-def sample_bench(pipeline, bench: str, prompts: list[BenchPrompt], out: Path, n: int = 4, steps: int = 25,
-                 guidance_scale: float = 3.0, shift: float | None = None, seed: int = 0, batch_size: int = 16,
+def sample_bench(pipeline, bench: str, prompts: list[PublicPrompt], out: Path, n: int = 4, steps: int | None = None,
+                 guidance_scale: float | None = None, shift: float | None = None, seed: int = 0, batch_size: int = 16,
                  progress: bool = True) -> dict | None:
     """Generate n images per prompt (image k of prompt i from seed + 1000 i + k), skipping existing ones.
 
@@ -104,7 +104,8 @@ def sample_bench(pipeline, bench: str, prompts: list[BenchPrompt], out: Path, n:
     many processes run: under `accelerate launch` process r samples batches r, r + N, ..., so every
     image is computed in the same batch as by one process, and the files are the same. A batch whose
     images all exist is skipped; in a partly written one only the missing images are saved. The main
-    process returns the report; the others return None.
+    process returns the report; the others return None. steps / guidance_scale / shift: None takes
+    the pipeline's own.
     """
     from accelerate import PartialState
 
@@ -112,25 +113,22 @@ def sample_bench(pipeline, bench: str, prompts: list[BenchPrompt], out: Path, n:
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         write_metadata(bench, out, prompts, n)
-    jobs = [(p, k) for p in prompts for k in range(n)]
-    batches = [jobs[start : start + batch_size] for start in range(0, len(jobs), batch_size)]
     state.wait_for_everyone()  # everyone sees the same files before deciding what is missing
-    missing = [[not image_path(bench, out, p, k).is_file() for p, k in batch] for batch in batches]
+    missing = [[not image_path(bench, out, prompts[i], k).is_file() for i, k in jobs] for jobs in batches(len(prompts), n, batch_size)]
     state.wait_for_everyone()
-    mine = [i for i in range(len(batches)) if i % state.num_processes == state.process_index and any(missing[i])]
-    for i in tqdm(mine, desc=f"sample {bench}", disable=not progress or not state.is_main_process):
-        chunk = batches[i]
-        images = pipeline.generate([p.prompt for p, _ in chunk], steps, guidance_scale, shift,
-                                   seed=[seed + 1000 * p.index + k for p, k in chunk])
-        for (p, k), image, todo in zip(chunk, images, missing[i]):
+    mine = [b for b in range(len(missing)) if b % state.num_processes == state.process_index and any(missing[b])]
+    sampled = sample_batches(pipeline, [p.prompt for p in prompts], n, steps, guidance_scale, shift, seed, batch_size,
+                             progress and state.is_main_process, desc=f"sample {bench}", only=mine)
+    for b, (jobs, images) in zip(mine, sampled):
+        for (i, k), image, todo in zip(jobs, images, missing[b]):
             if todo:
-                _save_image(image, image_path(bench, out, p, k))
+                _save_image(image, image_path(bench, out, prompts[i], k))
     state.wait_for_everyone()
     if not state.is_main_process:
         return None
     written = sum(map(sum, missing))
     return {"bench": bench, "prompts": len(prompts), "images_per_prompt": n, "written": written,
-            "already_there": len(jobs) - written}
+            "already_there": len(prompts) * n - written}
 
 
 def _save_image(image, path: Path) -> None:

@@ -78,7 +78,7 @@ def precompute(config, out: Path, shard_size: int = 1024, dtype: str = "auto", b
 
     from ..fusion import LayerFusion
     from ..latent import encode_latents, load_vae
-    from ..pipeline import NULL_PROMPT
+    from ..features import NULL_PROMPT
     from ..runtime import configure_device, resolve_device, resolve_precision
     from ..text_encoder import TextEncoder
     from .images import ImageCaptionDataset, to_training_tensor

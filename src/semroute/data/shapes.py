@@ -1,19 +1,18 @@
-"""Procedural coloured-shape scenes with captions, and the exact scorer that reads images back.
+"""Procedural coloured-shape scenes: captions, a deterministic renderer, and the held-out evaluation split.
 
 Scenes are tiny (16x16 by default) so that a DiT learns whole objects on a CPU in minutes:
 a 3x3 square, a 4x4 circle with cut corners and a 5x3 triangle, at least 1 px apart on black.
+The scorer that reads images back is `bench/scoring.py`.
 """
 
 from __future__ import annotations
 
 import re
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import combinations, permutations, product
 
 import numpy as np
 import torch
-from scipy import ndimage
 
 COLOURS: dict[str, tuple[float, float, float]] = {
     "red": (1.0, 0.0, 0.0),
@@ -29,8 +28,6 @@ SHAPES: dict[str, np.ndarray] = {
     "triangle": np.array([[0, 0, 1, 0, 0], [0, 1, 1, 1, 0], [1, 1, 1, 1, 1]], dtype=bool),
 }
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six")
-ON_THRESHOLD = 0.35  # a pixel belongs to an object if its brightest channel exceeds this
-MIN_PIXELS = 3  # smaller components are sampling specks, not objects
 
 
 @dataclass(frozen=True)
@@ -107,12 +104,6 @@ def parse_caption(text: str) -> Scene:
     return Scene(tuple(groups))
 
 
-def relation_holds(relation: str, a: tuple[float, float], b: tuple[float, float]) -> bool:
-    """Whether centre a (y, x) is <relation> centre b; image y grows downwards."""
-    (ay, ax), (by, bx) = a, b
-    return {"left of": ax < bx, "right of": ax > bx, "above": ay < by, "below": ay > by}[relation]
-
-
 @dataclass
 class ShapesConfig:
     """What scenes the task draws: sizes, vocabulary and the share of two-object prompts."""
@@ -173,11 +164,7 @@ class ShapesTask:
             for k1, k2 in permutations(kinds, 2)
             for relation in RELATIONS
         ]
-        excluded = set()
-        if c.exclude_bench_prompts:
-            from ..bench.shapesbench import bench_prompts
-
-            excluded = {p.scene for p in bench_prompts(c)}
+        excluded = {scene for _, scene in held_out_scenes(c)} if c.exclude_bench_prompts else set()
         self._pools = [
             (1.0 - c.two_object_fraction - c.position_fraction, [s for s in self.single_scenes if s not in excluded]),
             (c.two_object_fraction, [s for s in self.two_object_scenes if s not in excluded]),
@@ -267,92 +254,25 @@ class ShapesDataset(torch.utils.data.Dataset):
         return torch.from_numpy(image) * 2 - 1, self._ids[caption(scene)]
 
 
-# ---------------------------------------------------------------- scoring
+# The held-out split that ShapesBench evaluates on; part of the bench version (changing it changes the prompts).
+HELD_OUT_SEED = 20260203
+HELD_OUT_PER_CATEGORY = 12
 
 
-@dataclass(frozen=True)
-class DetectedObject:
-    """One connected component read back from an image."""
+def held_out_scenes(config: ShapesConfig) -> list[tuple[str, Scene]]:
+    """The fixed (category, scene) evaluation split of a shapes vocabulary (the same config always gives the same list).
 
-    colour: str
-    shape: str
-    pixels: int
-    bbox: tuple[int, int, int, int]  # y0, x0, y1, x1 (exclusive)
-    clean: bool  # pixel-exact template of a known shape in a palette colour
-
-    @property
-    def centre(self) -> tuple[float, float]:
-        y0, x0, y1, x1 = self.bbox
-        return (y0 + y1) / 2, (x0 + x1) / 2
-
-
-_PALETTE = np.array(list(COLOURS.values()), dtype=np.float32)
-_COLOUR_NAMES = list(COLOURS)
-_SHAPE_NAMES = list(SHAPES)
-_SHAPE_FEATURES = np.array([(m.shape[0], m.shape[1], m.sum()) for m in SHAPES.values()], dtype=np.float32)
-_EIGHT_NEIGHBOURS = np.ones((3, 3), dtype=bool)
-
-
-def detect_objects(image: np.ndarray | torch.Tensor, min_pixels: int = MIN_PIXELS) -> list[DetectedObject]:
-    """Read the objects in an image (3, H, W) in [0, 1]: 8-connected bright components of >= min_pixels.
-
-    Each gets the nearest palette colour (mean RGB) and the nearest shape by (height, width, area).
+    counting: every count with every shape, colour drawn; colour (single objects that are not also
+    counting scenes), two_objects and position: drawn without replacement.
     """
-    if isinstance(image, torch.Tensor):
-        image = image.detach().float().cpu().numpy()
-    on = image.max(axis=0) > ON_THRESHOLD
-    labels, _ = ndimage.label(on, structure=_EIGHT_NEIGHBOURS)
-    objects = []
-    for index, slices in enumerate(ndimage.find_objects(labels), start=1):
-        component = labels[slices] == index
-        pixels = int(component.sum())
-        if pixels < min_pixels:
-            continue
-        mean = image[:, slices[0], slices[1]][:, component].mean(axis=1)
-        colour_distances = np.linalg.norm(_PALETTE - mean, axis=1)
-        colour = int(colour_distances.argmin())
-        h, w = component.shape
-        shape = int(np.abs(_SHAPE_FEATURES - np.array([h, w, pixels], dtype=np.float32)).sum(axis=1).argmin())
-        template = SHAPES[_SHAPE_NAMES[shape]]
-        clean = template.shape == component.shape and bool((template == component).all()) and colour_distances[colour] < 0.3
-        bbox = (slices[0].start, slices[1].start, slices[0].stop, slices[1].stop)
-        objects.append(DetectedObject(_COLOUR_NAMES[colour], _SHAPE_NAMES[shape], pixels, bbox, clean))
-    return objects
-
-
-def score(image: np.ndarray | torch.Tensor, scene: Scene) -> dict[str, bool]:
-    """Judge an image against its scene; every check fails unless every object in it is a clean shape.
-
-    An object (a blob of >= MIN_PIXELS) that is not a pixel-exact shape in a palette colour is an object
-    drawn wrong, not nothing: otherwise a smear of noise reads as "one object of some colour" and earns
-    counting at N=1 (uniform noise scored 25% counting, 18% colour before this rule; now 0).
-    count: exactly the prompted total of objects; colour / shape: at least one object, each of a
-    prompted colour / shape; exact: the objects per (colour, shape) are exactly the prompted ones and,
-    for a relation, the first object's centre stands in that relation to the second's; clean: at least
-    one object, and all of them clean (whatever the prompt).
-    """
-    objects = detect_objects(image)
-    if not all(o.clean for o in objects):
-        return {"count": False, "colour": False, "shape": False, "exact": False, "clean": False}
-    found = Counter((o.colour, o.shape) for o in objects)
-    wanted = Counter({(g.colour, g.shape): g.count for g in scene.groups})
-    colours = {g.colour for g in scene.groups}
-    shapes = {g.shape for g in scene.groups}
-    exact = found == wanted
-    if exact and scene.relation is not None:
-        a, b = scene.groups
-        centre = {(o.colour, o.shape): o.centre for o in objects}
-        exact = relation_holds(scene.relation, centre[(a.colour, a.shape)], centre[(b.colour, b.shape)])
-    return {
-        "count": len(objects) == scene.total,
-        "colour": bool(objects) and all(o.colour in colours for o in objects),
-        "shape": bool(objects) and all(o.shape in shapes for o in objects),
-        "exact": exact,
-        "clean": bool(objects),  # something drawn, and all of it clean shapes
-    }
-
-
-def fidelity_counts(image: np.ndarray | torch.Tensor) -> tuple[int, int]:
-    """(clean objects, all blobs including specks): how well-formed the image is, whatever the prompt."""
-    objects = detect_objects(image, min_pixels=1)
-    return sum(o.clean for o in objects), len(objects)
+    task = ShapesTask(replace(config, exclude_bench_prompts=False))
+    c = task.config
+    rng = np.random.default_rng(HELD_OUT_SEED)
+    split = [("counting", Scene((Group(n, c.colours[rng.integers(len(c.colours))], shape),)))
+             for n in c.counts for shape in c.shapes]
+    taken = {scene for _, scene in split}
+    singles = [s for s in task.single_scenes if s.total == 1 and s not in taken]  # no scene in two categories
+    for category, pool in (("colour", singles), ("two_objects", task.two_object_scenes), ("position", task.position_scenes)):
+        picks = rng.choice(len(pool), size=min(HELD_OUT_PER_CATEGORY, len(pool)), replace=False)
+        split += [(category, pool[i]) for i in sorted(picks)]
+    return split

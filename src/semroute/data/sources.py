@@ -12,7 +12,7 @@ import torch
 
 from ..fusion import LayerFusion
 from ..latent import check_vae_matches, encode_latents, load_vae
-from ..pipeline import NULL_PROMPT, PromptFeatures
+from ..features import NULL_PROMPT, PromptFeatures, prompt_table
 from .cache import CachedDataset, recipe_differences
 from .images import ImageCaptionDataset, collate_skipping
 from .shapes import ShapesDataset, ShapesTask
@@ -38,8 +38,6 @@ class ShapesSource:
     """Endless deterministic shapes scenes; captions are ids into a feature table computed once."""
 
     def __init__(self, config, encoder, features: PromptFeatures | None, progress: bool, dtype: torch.dtype = torch.float32):
-        from ..train import prompt_table
-
         t = config.train
         self.dataset = ShapesDataset(ShapesTask(config.data), seed=t.seed)
         if features is None:

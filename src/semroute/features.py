@@ -1,0 +1,83 @@
+"""Text features: prompts -> LayerNorm'd LLM layers, computed once and indexed per batch.
+
+Every fusion strategy mixes the same thing, LN(H_l) for the chosen layers, so they are computed
+once per prompt (and the null prompt of classifier-free guidance) and reused by training,
+sampling and caches alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .fusion import LayerFusion
+
+NULL_PROMPT = ""  # the unconditional prompt of classifier-free guidance (caption dropout target)
+
+
+class EncoderInfo(Protocol):
+    """What the DiT and a checkpoint need to know about the LLM: a loaded `TextEncoder` or a cache's description."""
+
+    config: object  # TextEncoderConfig
+    layers: list[int]
+    num_layers: int
+    hidden_size: int
+
+
+@dataclass
+class PromptFeatures:
+    """LayerNorm'd LLM features of N prompts, padded to one length: computed once, indexed per batch."""
+
+    hidden: torch.Tensor  # (N, L, S, C)
+    mask: torch.Tensor  # (N, S) bool
+
+    def select(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features of prompts `ids` (B,) as the DiT takes them: (L, B, S, C) and (B, S)."""
+        return self.hidden[ids].transpose(0, 1), self.mask[ids]
+
+    def to(self, dtype: torch.dtype) -> "PromptFeatures":
+        return PromptFeatures(self.hidden.to(dtype), self.mask)
+
+
+def encode_prompts(
+    encoder, prompts: list[str], batch_size: int = 32, dtype=torch.float32, progress: bool = False
+) -> PromptFeatures:
+    """Run the LLM once per prompt and keep the LayerNorm'd layers (what every fusion strategy mixes)."""
+    hidden, masks = [], []
+    for i in tqdm(range(0, len(prompts), batch_size), desc="encoding prompts", disable=not progress):
+        h, m = encoder(prompts[i : i + batch_size])
+        hidden.append(LayerFusion.normalize(h).to(dtype).transpose(0, 1))  # (b, L, S, C)
+        masks.append(m)
+    length = max(m.shape[1] for m in masks)
+    hidden = torch.cat([F.pad(h, (0, 0, 0, length - h.shape[2])) for h in hidden])
+    mask = torch.cat([F.pad(m, (0, length - m.shape[1])) for m in masks])
+    return PromptFeatures(hidden, mask)
+
+
+def prompt_table(encoder, captions: list[str], dtype: torch.dtype, progress: bool) -> PromptFeatures:
+    """Features of every training caption plus the null prompt (last row), computed once.
+
+    Stored in the training precision's dtype: LayerNorm'd features are O(1), so bf16/fp16 lose nothing
+    that matters, and features in fp32 keep an fp32 run free of (possibly emulated) bf16 arithmetic.
+    """
+    return encode_prompts(encoder, captions + [NULL_PROMPT], dtype=dtype, progress=progress)
+
+
+def drop_captions(
+    text: torch.Tensor, mask: torch.Tensor, null_text: torch.Tensor, null_mask: torch.Tensor, drop: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Caption dropout: the features of the prompts where `drop` (B,) is True become the null prompt's.
+
+    text (L, B, S, C), mask (B, S); null_text (L, S', C), null_mask (S',). Both are padded to the longer
+    length first (padding is masked out, so it changes nothing the DiT sees).
+    """
+    length = max(text.shape[2], null_text.shape[1])
+    text, mask = F.pad(text, (0, 0, 0, length - text.shape[2])), F.pad(mask, (0, length - mask.shape[1]))
+    null_text = F.pad(null_text, (0, 0, 0, length - null_text.shape[1])).to(text.device, text.dtype)
+    null_mask = F.pad(null_mask, (0, length - null_mask.shape[0])).to(mask.device)
+    drop = drop.to(text.device)
+    return torch.where(drop[None, :, None, None], null_text[:, None], text), torch.where(drop[:, None], null_mask, mask)
