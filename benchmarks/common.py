@@ -47,7 +47,7 @@ class DemoSetup:
         """A model and `step(i)`, one optimizer step on batch i (mod the batches) in `precision`."""
         config = self.config
         torch.manual_seed(0)
-        model = SemanticRoutingDiT(**{**config.model_kwargs(), "strategy": strategy},
+        model = SemanticRoutingDiT(**{**config.model.dit_kwargs(), "strategy": strategy},
                                    text_dim=self.encoder.hidden_size, num_text_layers=self.encoder.num_layers)
         AcceleratorState._reset_state()
         accelerator = Accelerator(cpu=True, mixed_precision=precision.accelerate)

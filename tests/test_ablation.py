@@ -4,7 +4,6 @@ import pytest
 import yaml
 
 from semroute.bench.ablation import (
-    PAPER_NAMES,
     claims,
     paired_bootstrap,
     parse_strategies,
@@ -12,6 +11,7 @@ from semroute.bench.ablation import (
     table_markdown,
 )
 from semroute.cli import main
+from semroute.fusion import PAPER_NAMES
 from semroute.config import load_config
 
 from .conftest import tiny_run_config
@@ -87,7 +87,7 @@ def test_ablation_end_to_end_and_resume(tiny_llama_dir, tiny_encoder, tmp_path, 
     from semroute.train import train
 
     partial = copy.deepcopy(base)
-    partial.model["strategy"] = "depth"
+    partial.model.strategy = "depth"
     train(partial, out / "runs" / "s2-seed0", max_steps=2, progress=False, encoder=tiny_encoder)
     result = run_ablation(base, out, ["b1", "s1", "s2", "s3"], 1, None, 1, max_steps=4, encoder=tiny_encoder, progress=False)
     for name in ("table.md", "results.json", "bars.png", "routing-s1.png", "routing-s2.png", "routing-s3.png"):

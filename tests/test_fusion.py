@@ -165,3 +165,18 @@ def test_one_optimizer_step_moves_logits_by_about_the_fusion_lr(strategy):
     moved = (fusion.group_logits(t).detach() - before).abs().max().item()
     # Plain logits move by exactly lr; the time gates by a small multiple, not by fan-in (128) times.
     assert lr * 0.5 < moved < 4 * lr
+
+
+def test_the_strategy_table_is_the_one_source_of_names():
+    from typing import get_args
+
+    from semroute.fusion import PAPER_IDS, PAPER_NAMES, STRATEGY_TABLE, Strategy
+
+    assert tuple(STRATEGY_TABLE) == get_args(Strategy)
+    assert list(PAPER_IDS) == ["b1", "b2", "b3", "s1", "s2", "s3"]
+    assert PAPER_NAMES["s2"] == "S2 depth-wise"
+    for name, spec in STRATEGY_TABLE.items():
+        fusion = LayerFusion(5, 3, name)
+        assert fusion.depends_on_t == spec.depends_on_t == (name in ("time", "joint"))
+        assert fusion.num_groups == (3 if name in ("depth", "joint") else 1)
+        assert any(True for _ in fusion.parameters()) == (name in ("static", "time", "depth", "joint"))

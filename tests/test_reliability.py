@@ -76,7 +76,7 @@ def test_resume_with_another_config_lists_the_differences_and_keeps_the_run(tmp_
     assert "new --out" in str(err.value)
     after = state_tensors(result.checkpoint)
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert load_config(tmp_path / "run_config.yaml").model["strategy"] == "depth"
+    assert load_config(tmp_path / "run_config.yaml").model.strategy == "depth"
 
 
 def test_keeps_the_newest_k_and_clears_leftovers_of_killed_writes(tmp_path, tiny_llama_dir, tiny_encoder):

@@ -43,10 +43,10 @@ def test_short_training_lowers_the_loss_and_moves_the_gates(trained_run, tiny_en
     dataset = ShapesDataset(ShapesTask(config.data), seed=config.train.seed)
     features = prompt_table(tiny_encoder, dataset.captions, torch.float32, progress=False)
     null_id = len(dataset.captions)
-    trained = SemanticRoutingDiT(**config.model_kwargs(), text_dim=32, num_text_layers=4)
+    trained = SemanticRoutingDiT(**config.model.dit_kwargs(), text_dim=32, num_text_layers=4)
     trained.load_state_dict(load_raw_weights(result.checkpoint))
     torch.manual_seed(config.train.seed)
-    initial = SemanticRoutingDiT(**config.model_kwargs(), text_dim=32, num_text_layers=4)
+    initial = SemanticRoutingDiT(**config.model.dit_kwargs(), text_dim=32, num_text_layers=4)
     # adaLN-zero starts at zero velocity; compare the trained loss with that starting loss.
     assert fixed_batch_loss(trained, features, dataset, null_id) < 0.8 * fixed_batch_loss(initial, features, dataset, null_id)
     logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -166,5 +166,20 @@ def test_packaged_configs_load():
     names = sorted(p.name for p in root.glob("*.yaml"))
     assert names == ["ablation.yaml", "b1-penultimate.yaml", "b2-uniform.yaml", "b3-static.yaml", "demo.yaml",
                      "s1-time.yaml", "s2-depth.yaml", "s3-joint.yaml"]
-    strategies = {n: load_config(root / n).model_kwargs()["strategy"] for n in names}
+    strategies = {n: load_config(root / n).model.dit_kwargs()["strategy"] for n in names}
     assert strategies["b1-penultimate.yaml"] == "single" and strategies["s3-joint.yaml"] == "joint"
+
+
+def test_model_config_is_typed_and_covers_every_dit_argument():
+    import dataclasses
+    import inspect
+
+    from semroute.config import DERIVED_MODEL_KEYS, ModelConfig
+
+    dit = [k for k in inspect.signature(SemanticRoutingDiT.__init__).parameters if k not in ("self", *DERIVED_MODEL_KEYS)]
+    assert [f.name for f in dataclasses.fields(ModelConfig)] == ["preset", *dit]
+    config = load_config({"model": {"preset": "tiny", "strategy": "s2", "sample_size": 12}, "data": {"image_size": 12}})
+    assert config.model.strategy == "depth" and config.model.dit_kwargs()["hidden_size"] == 32
+    assert config.to_dict()["model"] == {"preset": "tiny", "sample_size": 12, "strategy": "depth"}
+    with pytest.raises(ValueError, match="model.hidden_size must be of type int"):
+        load_config({"model": {"preset": "tiny", "hidden_size": "wide"}})

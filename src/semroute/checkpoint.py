@@ -176,7 +176,7 @@ def resume_differences(saved, current) -> list[str]:
             if a.get(key) != b.get(key):
                 diffs.append(f"{where}.{key}: checkpoint {a.get(key)!r}, now {b.get(key)!r}")
 
-    compare("model", saved.model_settings(), current.model_settings())
+    compare("model", saved.model.settings(), current.model.settings())
     compare("text_encoder", saved.text_encoder.to_dict(), current.text_encoder.to_dict())
     if saved.dataset.active or current.dataset.active:
         compare("dataset", asdict(saved.dataset), asdict(current.dataset))

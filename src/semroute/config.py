@@ -15,12 +15,59 @@ from .data.images import DatasetConfig
 from .data.shapes import ShapesConfig
 from .dit import DIT_PRESETS, SemanticRoutingDiT
 from .flow import SampleConfig
-from .fusion import check_strategy
+from .fusion import Strategy, check_strategy
 from .runtime import PRECISIONS, check_precision
 from .text_encoder import TextEncoderConfig
 
 # DiT arguments that come from the text encoder, never from the config file.
 DERIVED_MODEL_KEYS = ("text_dim", "num_text_layers")
+# accelerate trackers the training metrics can also go to (train.report_to).
+TRACKERS = ("none", "tensorboard", "wandb")
+
+
+@dataclass
+class ModelConfig:
+    """The DiT of a run: a named preset, overridden key by key (None: the preset's value, else the DiT's default)."""
+
+    preset: str | None = None
+    sample_size: int | None = None
+    in_channels: int | None = None
+    patch_size: int | None = None
+    hidden_size: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    mlp_ratio: float | None = None
+    mlp_conv: bool | None = None
+    timestep_conditioning: str | None = None
+    # One of the paper's strategies (single, uniform, static, time, depth, joint) or its id (b1..s3).
+    strategy: Strategy | None = None
+    single_layer: int | None = None
+    gate_hidden_dim: int | None = None
+
+    def __post_init__(self):
+        if self.preset is not None and self.preset not in DIT_PRESETS:
+            raise ValueError(f"unknown model.preset {self.preset!r}; valid: {', '.join(DIT_PRESETS)}")
+        if self.strategy is not None:
+            self.strategy = check_strategy(self.strategy)
+
+    def overrides(self) -> dict:
+        """The keys this config sets explicitly (what a run config file holds under `model:`)."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    def dit_kwargs(self) -> dict:
+        """SemanticRoutingDiT arguments: the preset, overridden by explicit keys."""
+        explicit = self.overrides()
+        explicit.pop("preset", None)
+        return {**DIT_PRESETS.get(self.preset, {}), **explicit}
+
+    def settings(self) -> dict:
+        """Every SemanticRoutingDiT argument this config gives (defaults filled in)."""
+        return {**_dit_defaults(), **self.dit_kwargs()}
+
+
+def _dit_defaults() -> dict:
+    params = inspect.signature(SemanticRoutingDiT.__init__).parameters
+    return {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
 
 
 @dataclass
@@ -59,13 +106,44 @@ class TrainConfig:
     max_nonfinite_steps: int = 10
     # CPU threads for torch; null uses every core.
     threads: int | None = None
+    # Also send the logged metrics to accelerate's trackers (rank 0 only); log.jsonl is always written.
+    report_to: str = "none"
+
+    def __post_init__(self):
+        positive = {"batch_size": self.batch_size, "max_steps": self.max_steps, "log_every": self.log_every,
+                    "checkpoint_every": self.checkpoint_every, "lr": self.lr, "fusion_lr": self.fusion_lr,
+                    "gradient_accumulation_steps": self.gradient_accumulation_steps,
+                    "keep_checkpoints": self.keep_checkpoints, "max_nonfinite_steps": self.max_nonfinite_steps}
+        for key, value in positive.items():
+            if value <= 0:
+                raise ValueError(f"train.{key} must be > 0, got {value}")
+        if not 0 <= self.caption_dropout < 1:
+            raise ValueError(f"train.caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.warmup_steps < 0 or self.grad_clip <= 0 or self.weight_decay < 0:
+            raise ValueError(f"train.warmup_steps and train.weight_decay must be >= 0 and train.grad_clip > 0, "
+                             f"got {self.warmup_steps}, {self.weight_decay}, {self.grad_clip}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"train.betas must be two numbers in [0, 1), got {self.betas}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"train.threads must be >= 1 or null, got {self.threads}")
+        if self.minutes is not None and self.minutes <= 0:
+            raise ValueError(f"train.minutes must be > 0 or null, got {self.minutes}")
+        try:
+            self.mixed_precision = check_precision(self.mixed_precision)
+        except ValueError:
+            raise ValueError(f"train.mixed_precision must be one of {', '.join(PRECISIONS)}, "
+                             f"got {self.mixed_precision!r}") from None
+        if self.report_to not in TRACKERS:
+            raise ValueError(f"train.report_to must be one of {', '.join(TRACKERS)}, got {self.report_to!r}")
 
 
 @dataclass
 class RunConfig:
-    """Everything a run needs; `model` holds SemanticRoutingDiT arguments, optionally from a `preset`."""
+    """Everything a run needs: the DiT, the text encoder, the data, training and sampling."""
 
-    model: dict = field(default_factory=lambda: {"preset": "cpu-small"})
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(preset="cpu-small"))
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     data: ShapesConfig = field(default_factory=ShapesConfig)
     # Real image-caption data; when it names a manifest, a saved HF dataset or a cache, `data` is unused.
@@ -74,34 +152,7 @@ class RunConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
 
     def __post_init__(self):
-        self.model = dict(self.model)
-        self.model_kwargs()  # validate early
-        t = self.train
-        positive = {"batch_size": t.batch_size, "max_steps": t.max_steps, "log_every": t.log_every,
-                    "checkpoint_every": t.checkpoint_every, "lr": t.lr, "fusion_lr": t.fusion_lr,
-                    "gradient_accumulation_steps": t.gradient_accumulation_steps,
-                    "keep_checkpoints": t.keep_checkpoints, "max_nonfinite_steps": t.max_nonfinite_steps}
-        for key, value in positive.items():
-            if value <= 0:
-                raise ValueError(f"train.{key} must be > 0, got {value}")
-        if not 0 <= t.caption_dropout < 1:
-            raise ValueError(f"train.caption_dropout must be in [0, 1), got {t.caption_dropout}")
-        if not 0 <= t.ema_decay < 1:
-            raise ValueError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
-        if t.warmup_steps < 0 or t.grad_clip <= 0 or t.weight_decay < 0:
-            raise ValueError(f"train.warmup_steps and train.weight_decay must be >= 0 and train.grad_clip > 0, "
-                             f"got {t.warmup_steps}, {t.weight_decay}, {t.grad_clip}")
-        if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
-            raise ValueError(f"train.betas must be two numbers in [0, 1), got {t.betas}")
-        if t.threads is not None and t.threads < 1:
-            raise ValueError(f"train.threads must be >= 1 or null, got {t.threads}")
-        if t.minutes is not None and t.minutes <= 0:
-            raise ValueError(f"train.minutes must be > 0 or null, got {t.minutes}")
-        try:
-            t.mixed_precision = check_precision(t.mixed_precision)
-        except ValueError:
-            raise ValueError(f"train.mixed_precision must be one of {', '.join(PRECISIONS)}, got {t.mixed_precision!r}") from None
-        model = self.model_settings()
+        model = self.model.settings()
         if self.dataset.active:
             if self.dataset.vae is None and self.dataset.cache is None:
                 if model["sample_size"] != self.dataset.resolution or model["in_channels"] != 3:
@@ -120,41 +171,11 @@ class RunConfig:
                 f"pick a resolution that is a multiple of the patch size"
             )
 
-    def model_kwargs(self) -> dict:
-        """SemanticRoutingDiT arguments: the preset, overridden by explicit keys."""
-        params = inspect.signature(SemanticRoutingDiT.__init__).parameters
-        valid = [k for k in params if k not in ("self", *DERIVED_MODEL_KEYS)]
-        model = dict(self.model)
-        preset = model.pop("preset", None)
-        if preset is not None and (not isinstance(preset, str) or preset not in DIT_PRESETS):
-            raise ValueError(f"unknown model.preset {preset!r}; valid: {', '.join(DIT_PRESETS)}")
-        hints = typing.get_type_hints(SemanticRoutingDiT.__init__)
-        for key, value in model.items():
-            if key in DERIVED_MODEL_KEYS:
-                raise ValueError(f"model.{key} is set from the text encoder; remove it from the config")
-            if key not in valid:
-                raise ValueError(f"unknown config key model.{_shown(key)}; valid: preset, {', '.join(valid)}")
-            model[key] = _check_type(value, hints[key], f"model.{key}")
-        kwargs = {**DIT_PRESETS.get(preset, {}), **model}
-        if "strategy" in kwargs:
-            kwargs["strategy"] = check_strategy(kwargs["strategy"])
-        return kwargs
-
-    def model_settings(self) -> dict:
-        """Every SemanticRoutingDiT argument this config gives (defaults filled in)."""
-        return {**inspect_defaults(), **self.model_kwargs()}
-
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "model": self.model.overrides()}
 
     def save(self, path: Path) -> None:
         path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-
-
-def inspect_defaults() -> dict:
-    """SemanticRoutingDiT's default arguments."""
-    params = inspect.signature(SemanticRoutingDiT.__init__).parameters
-    return {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
 
 
 def _check_type(value, annotation, where: str):
@@ -166,6 +187,8 @@ def _check_type(value, annotation, where: str):
             return None
         annotation = next(a for a in options if a is not type(None))
         origin = typing.get_origin(annotation)
+    if origin is typing.Literal:  # which of the values: checked where the field knows the valid ones
+        annotation, origin = str, None
     if origin is list:
         (item,) = typing.get_args(annotation)
         if not isinstance(value, list):
@@ -193,6 +216,8 @@ def _build(cls, data, where: str):
     kwargs = {}
     for key, value in data.items():
         name = f"{where}.{_shown(key)}" if where else _shown(key)
+        if cls is ModelConfig and key in DERIVED_MODEL_KEYS:
+            raise ValueError(f"model.{key} is set from the text encoder; remove it from the config")
         if key not in fields:
             raise ValueError(f"unknown config key {name}; valid: {', '.join(fields)}")
         hint = hints[key]
@@ -203,15 +228,49 @@ def _build(cls, data, where: str):
     return cls(**kwargs)
 
 
-def load_config(source: Path | str | dict) -> RunConfig:
-    """Load a RunConfig from a YAML file or a dict; every unknown key or wrong type is an error."""
+def load_config(source: Path | str | dict, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Load a RunConfig from a YAML file or a dict; every unknown key or wrong type is an error.
+
+    overrides: `section.key=value` strings (`--set model.strategy=depth`), applied on top; values are
+    read as YAML (`train.lr=3e-4`, `data.counts=[1,2]`) and checked like the file's.
+    """
     if isinstance(source, dict):
-        return _build(RunConfig, source, "")
-    path = Path(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
+        data = source
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise ValueError(f"config file {path} is not valid UTF-8 YAML: {' '.join(str(err).split())}") from None
+        data = data or {}
+    for override in overrides:
+        data = _override(data, override)
+    return _build(RunConfig, data, "")
+
+
+def _override(data, override: str) -> dict:
+    """A copy of `data` with one `dotted.key=value` applied."""
+    key, sep, text = override.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"--set takes section.key=value (e.g. model.strategy=depth), got {override!r}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise ValueError(f"config file {path} is not valid UTF-8 YAML: {' '.join(str(err).split())}") from None
-    return _build(RunConfig, data or {}, "")
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ValueError(f"--set {override!r}: the value is not valid YAML ({' '.join(str(err).split())})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"the config must be a mapping of keys to values, got {data!r}")
+    data = dict(data)
+    node = data
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = {}
+        elif not isinstance(child, dict):
+            raise ValueError(f"--set {override!r}: {part} is not a section of the config")
+        node[part] = dict(child)
+        node = node[part]
+    node[parts[-1]] = value
+    return data

@@ -11,7 +11,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .fusion import LayerFusion, check_strategy, sinusoidal_embedding
+from .fusion import LayerFusion, Strategy, sinusoidal_embedding
 
 TIMESTEP_CONDITIONING = ("none", "adaln-zero")
 
@@ -247,7 +247,7 @@ class SemanticRoutingDiT(ModelMixin, ConfigMixin):
         timestep_conditioning: str = "adaln-zero",
         text_dim: int = 576,
         num_text_layers: int = 30,
-        strategy: str = "depth",
+        strategy: Strategy = "depth",
         single_layer: int = -2,
         gate_hidden_dim: int = 128,
     ):
@@ -260,7 +260,6 @@ class SemanticRoutingDiT(ModelMixin, ConfigMixin):
             raise ValueError(
                 f"unknown timestep_conditioning {timestep_conditioning!r}; valid: {', '.join(TIMESTEP_CONDITIONING)}"
             )
-        strategy = check_strategy(strategy)
         self.grid_size = sample_size // patch_size
         adaln = timestep_conditioning == "adaln-zero"
         self.fusion = LayerFusion(num_text_layers, depth, strategy, single_layer, gate_hidden_dim=gate_hidden_dim)

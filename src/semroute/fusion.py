@@ -9,23 +9,46 @@ Every strategy differs only in where the logits z come from and how many distinc
 from __future__ import annotations
 
 import math
-from typing import Literal, get_args
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 Strategy = Literal["single", "uniform", "static", "time", "depth", "joint"]
-STRATEGIES: tuple[str, ...] = get_args(Strategy)
-# The paper's names for the strategies, in the order of its tables.
-PAPER_IDS: dict[str, str] = {
-    "b1": "single",
-    "b2": "uniform",
-    "b3": "static",
-    "s1": "time",
-    "s2": "depth",
-    "s3": "joint",
+# Where a strategy's logits z come from: a fixed one-hot, fixed zeros, a learned vector, or an MLP of t.
+LogitSource = Literal["one_hot", "zeros", "vector", "time_mlp"]
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    """One row of the paper's table: where the logits come from, and one mix per DiT block or one for all."""
+
+    paper_id: str
+    paper_name: str
+    logits: LogitSource
+    per_block: bool
+
+    @property
+    def depends_on_t(self) -> bool:
+        return self.logits == "time_mlp"
+
+
+# The strategies in the order of the paper's tables. A new strategy is a row here (and, for a new kind
+# of logits, a branch in `LayerFusion.group_logits`).
+STRATEGY_TABLE: dict[str, StrategySpec] = {
+    "single": StrategySpec("b1", "B1 penultimate", "one_hot", per_block=False),
+    "uniform": StrategySpec("b2", "B2 uniform", "zeros", per_block=False),
+    "static": StrategySpec("b3", "B3 static", "vector", per_block=False),
+    "time": StrategySpec("s1", "S1 time-wise", "time_mlp", per_block=False),
+    "depth": StrategySpec("s2", "S2 depth-wise", "vector", per_block=True),
+    "joint": StrategySpec("s3", "S3 joint", "time_mlp", per_block=True),
 }
+STRATEGIES: tuple[str, ...] = tuple(STRATEGY_TABLE)
+# The paper's ids (b1..s3) for the strategies, in the order of its tables.
+PAPER_IDS: dict[str, str] = {spec.paper_id: name for name, spec in STRATEGY_TABLE.items()}
+PAPER_NAMES: dict[str, str] = {spec.paper_id: spec.paper_name for spec in STRATEGY_TABLE.values()}
 LN_EPS = 1e-6
 
 
@@ -65,6 +88,7 @@ class LayerFusion(nn.Module):
     ):
         super().__init__()
         self.strategy = check_strategy(strategy)
+        self.spec = STRATEGY_TABLE[self.strategy]
         self.num_layers = num_layers
         self.num_blocks = num_blocks
         if not -num_layers <= single_layer < num_layers:
@@ -74,10 +98,10 @@ class LayerFusion(nn.Module):
         # Tracks the module's device for strategies that have no parameters.
         self.register_buffer("_anchor", torch.zeros(()), persistent=False)
         # Learned logits: one vector (static) or one per block (depth).
-        if self.strategy in ("static", "depth"):
+        if self.spec.logits == "vector":
             self.logits = nn.Parameter(torch.zeros(self.num_groups, num_layers))
         # Time gates g(phi(t)): one MLP (time) or one per block (joint), batched over groups.
-        if self.strategy in ("time", "joint"):
+        if self.spec.logits == "time_mlp":
             g = self.num_groups
             bound = 1.0 / math.sqrt(gate_embed_dim)
             self.gate_w1 = nn.Parameter(torch.empty(g, gate_embed_dim, gate_hidden_dim).uniform_(-bound, bound))
@@ -102,12 +126,12 @@ class LayerFusion(nn.Module):
     @property
     def depends_on_t(self) -> bool:
         """Whether the weights change with diffusion time (then contexts must be recomputed per step)."""
-        return self.strategy in ("time", "joint")
+        return self.spec.depends_on_t
 
     @property
     def num_groups(self) -> int:
         """Number of distinct mixes: one per DiT block for depth/joint, else one shared by all."""
-        return self.num_blocks if self.strategy in ("depth", "joint") else 1
+        return self.num_blocks if self.spec.per_block else 1
 
     @staticmethod
     def normalize(hidden_states: torch.Tensor) -> torch.Tensor:
@@ -116,13 +140,14 @@ class LayerFusion(nn.Module):
 
     def group_logits(self, t: torch.Tensor | None = None) -> torch.Tensor:
         """Logits z: (G, L) if the strategy ignores t, else (B, G, L) for t of shape (B,)."""
-        if self.strategy == "single":
+        source = self.spec.logits
+        if source == "one_hot":
             z = torch.full((1, self.num_layers), -math.inf)
             z[0, self.single_layer] = 0.0
             return z.to(self._device())
-        if self.strategy == "uniform":
+        if source == "zeros":
             return torch.zeros(1, self.num_layers, device=self._device())
-        if self.strategy in ("static", "depth"):
+        if source == "vector":
             return self.logits
         if t is None:
             raise ValueError(f"strategy {self.strategy!r} depends on t: pass the diffusion time t")
@@ -159,11 +184,11 @@ class LayerFusion(nn.Module):
             raise ValueError(
                 f"fusion expects {self.num_layers} LLM layers but got {hidden_states.shape[0]}"
             )
-        if self.strategy == "single":
+        if self.spec.logits == "one_hot":  # a selection, not a mix: only that layer is normalized
             h = hidden_states[self.single_layer : self.single_layer + 1]
             return h if normalized else self.normalize(h)
         h = hidden_states if normalized else self.normalize(hidden_states)
-        if self.strategy == "uniform":
+        if self.spec.logits == "zeros":  # softmax of zeros: the plain mean
             return h.mean(0, keepdim=True)
         w = self.group_weights(t).to(h.dtype)
         if w.dim() == 2:

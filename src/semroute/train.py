@@ -273,7 +273,7 @@ def train(
     # The LLM as the DiT needs to know it; a cache describes it without loading it.
     info = source.encoder if hasattr(source, "encoder") else CachedEncoderInfo(source.dataset.meta["recipe"])
 
-    model = SemanticRoutingDiT(**config.model_kwargs(), text_dim=info.hidden_size, num_text_layers=info.num_layers)
+    model = SemanticRoutingDiT(**config.model.dit_kwargs(), text_dim=info.hidden_size, num_text_layers=info.num_layers)
     if t.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     n_params = sum(p.numel() for p in model.parameters())

@@ -10,6 +10,7 @@ newest checkpoint, so an interrupted ablation loses at most the steps since that
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import statistics
@@ -19,12 +20,10 @@ import numpy as np
 
 from ..config import RunConfig
 from ..fileio import write_json, write_text
-from ..fusion import PAPER_IDS
+from ..fusion import PAPER_IDS, PAPER_NAMES
 from .shapesbench import BENCH_VERSION, CATEGORIES, bench_prompts, run_bench
 
 logger = logging.getLogger(__name__)
-PAPER_NAMES = {"b1": "B1 penultimate", "b2": "B2 uniform", "b3": "B3 static", "s1": "S1 time-wise",
-               "s2": "S2 depth-wise", "s3": "S3 joint"}
 RESULTS_FILE = "shapesbench.json"
 COLUMNS = (*CATEGORIES, "overall", "fidelity")
 
@@ -68,7 +67,7 @@ def run_ablation(
         for sid in strategies:
             run_dir = out / "runs" / f"{sid}-seed{seed}"
             config = copy.deepcopy(base)
-            config.model["strategy"] = PAPER_IDS[sid]
+            config.model = dataclasses.replace(config.model, strategy=PAPER_IDS[sid])
             config.train.seed = seed
             previous = _read_results(run_dir)
             if previous is not None and previous.get("version") == BENCH_VERSION:

@@ -69,7 +69,7 @@ class ImageSource:
         self.dataset = ImageCaptionDataset(d, seed=config.train.seed)
         self.encoder = encoder
         self.vae = load_vae(d.vae).to(device) if d.vae else None
-        model = config.model_settings()
+        model = config.model.settings()
         if self.vae is not None:
             check_vae_matches(self.vae, model["in_channels"], model["sample_size"], d.resolution)
         self.sampler = EpochShuffle(len(self.dataset), config.train.seed)
@@ -104,7 +104,7 @@ class CacheSource:
             if differences:
                 raise ValueError(f"the cache in {d.cache} was made another way than this run: {'; '.join(differences)}; "
                                  f"precompute a new cache for this config")
-        model = config.model_settings()
+        model = config.model.settings()
         channels = recipe["vae"]["latent_channels"] if recipe["vae"] else 3
         if channels != model["in_channels"]:
             raise ValueError(f"the cache holds {channels}-channel inputs but model.in_channels is {model['in_channels']}")
