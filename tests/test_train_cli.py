@@ -10,7 +10,8 @@ from semroute.config import load_config
 from semroute.dit import SemanticRoutingDiT
 from semroute.flow import RectifiedFlow
 from semroute.pipeline import SemanticRoutingPipeline
-from semroute.train import load_raw_weights, resolve_checkpoint, train
+from semroute.checkpoint import load_raw_weights, resolve_checkpoint
+from semroute.train import train
 
 from .conftest import tiny_run_config
 

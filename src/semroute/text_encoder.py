@@ -99,6 +99,20 @@ def resolve_model_dir(model: str) -> Path:
     return path
 
 
+def resolve_layers(layers: list[int], num_model_layers: int) -> list[int]:
+    """Configured layers (1-based, negatives from the end, empty = all) -> 1-based indices into `hidden_states`."""
+    n = num_model_layers
+    if not layers:
+        return list(range(1, n + 1))
+    resolved = []
+    for layer in layers:
+        index = layer + n + 1 if layer < 0 else layer
+        if not 1 <= index <= n:
+            raise ValueError(f"text encoder layer {layer} is out of range: the model has layers 1..{n} (or -1..-{n})")
+        resolved.append(index)
+    return resolved
+
+
 def llm_dtype(device: torch.device) -> torch.dtype:
     """The frozen LLM's weights: bf16 on a GPU that has it (half the memory, full speed), fp32 elsewhere."""
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
@@ -135,24 +149,12 @@ class TextEncoder(nn.Module):
         text_config = self.model.config.get_text_config()
         self.num_model_layers = text_config.num_hidden_layers
         self.hidden_size = text_config.hidden_size
-        self.layers = self._resolve_layers(self.config.layers)
+        self.layers = resolve_layers(self.config.layers, self.num_model_layers)
         self._check_template()
 
     @property
     def num_layers(self) -> int:
         return len(self.layers)
-
-    def _resolve_layers(self, layers: list[int]) -> list[int]:
-        n = self.num_model_layers
-        if not layers:
-            return list(range(1, n + 1))
-        resolved = []
-        for layer in layers:
-            index = layer + n + 1 if layer < 0 else layer
-            if not 1 <= index <= n:
-                raise ValueError(f"text encoder layer {layer} is out of range: the model has layers 1..{n} (or -1..-{n})")
-            resolved.append(index)
-        return resolved
 
     def _check_template(self) -> None:
         template = self.config.template

@@ -227,3 +227,16 @@ class CachedDataset(torch.utils.data.Dataset):
     def null_features(self) -> tuple[torch.Tensor, torch.Tensor]:
         with safe_open(self.path / "null.safetensors", "pt") as f:
             return f.get_tensor("text"), f.get_tensor("mask")
+
+
+class CachedEncoderInfo:
+    """What training needs to know about the LLM of a cache, without loading it (an `EncoderInfo`)."""
+
+    def __init__(self, recipe: dict):
+        from ..text_encoder import TextEncoderConfig
+
+        self.config = TextEncoderConfig(model=recipe["text_model"], layers=list(recipe["configured_layers"]),
+                                        max_length=recipe["max_length"], template=recipe["template"])
+        self.layers = list(recipe["text_layers"])
+        self.num_layers = len(self.layers)
+        self.hidden_size = recipe["text_hidden_size"]

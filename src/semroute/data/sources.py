@@ -1,23 +1,55 @@
 """Where training batches come from: the shapes task, images + captions, or a precomputed cache.
 
-Every source gives the trainer the same thing: clean DiT inputs x0 (B, C, H, W) and the LN'd LLM
-layers (L, B, S, C) + mask (B, S), with a given subset of captions replaced by the null prompt.
+Each is a `BatchSource`; the trainer uses only the protocol, never asks which one it has, and applies
+caption dropout itself (`features.drop_captions`) with the null prompt's features the source gives.
 """
 
 from __future__ import annotations
 
-import logging
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
+from ..features import NULL_PROMPT, EncoderInfo, PromptFeatures, prompt_table
 from ..fusion import LayerFusion
 from ..latent import check_vae_matches, encode_latents, load_vae
-from ..features import NULL_PROMPT, PromptFeatures, prompt_table
-from .cache import CachedDataset, recipe_differences
+from .cache import CachedDataset, CachedEncoderInfo, recipe_differences
 from .images import ImageCaptionDataset, collate_skipping
-from .shapes import ShapesDataset, ShapesTask
+from .shapes import ShapesDataset, ShapesTask, caption
 
-logger = logging.getLogger(__name__)
+
+@dataclass
+class Preview:
+    """Prompts to draw sample grids of a run in progress, with their features (no LLM call at a checkpoint)."""
+
+    captions: list[str]
+    features: PromptFeatures  # the captions' rows, then the null prompt's
+
+
+class BatchSource(Protocol):
+    """What the trainer draws batches from.
+
+    A batch is whatever `loader()` yields; `condition` turns it into DiT inputs on `device`:
+    clean inputs x0 (B, C, H, W), LN'd LLM layers (L, B, S, C) in the training dtype and a mask (B, S).
+    """
+
+    encoder: EncoderInfo  # the LLM as the DiT must know it (a cache describes it without loading it)
+    null: tuple[torch.Tensor, torch.Tensor]  # the null prompt's LN'd layers (L, S, C) and mask (S,): dropout's target
+    vae_path: str | None  # recorded with checkpoints, so that sampling decodes as training encoded
+
+    def loader(self, batch_size: int, num_workers: int = 0) -> torch.utils.data.DataLoader: ...
+
+    def set_epoch(self, epoch: int) -> None:
+        """Order the data for `epoch` (a function of the seed and the epoch, for exact resume)."""
+
+    def condition(self, batch, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+    def skipped(self) -> dict[str, str]:
+        """Images that could not be used, with why."""
+
+    def preview(self) -> Preview | None:
+        """Prompts for sample grids at checkpoints, or None where the source has none."""
 
 
 class EpochShuffle(torch.utils.data.Sampler):
@@ -37,28 +69,41 @@ class EpochShuffle(torch.utils.data.Sampler):
 class ShapesSource:
     """Endless deterministic shapes scenes; captions are ids into a feature table computed once."""
 
+    vae_path = None
+
     def __init__(self, config, encoder, features: PromptFeatures | None, progress: bool, dtype: torch.dtype = torch.float32):
-        t = config.train
-        self.dataset = ShapesDataset(ShapesTask(config.data), seed=t.seed)
+        self.dataset = ShapesDataset(ShapesTask(config.data), seed=config.train.seed)
         if features is None:
             features = prompt_table(encoder, self.dataset.captions, dtype, progress)
         elif features.hidden.shape[0] != len(self.dataset.captions) + 1:
             raise ValueError(
                 f"features hold {features.hidden.shape[0]} prompts; this data config has {len(self.dataset.captions)} + the null prompt"
             )
-        self.features = PromptFeatures(features.hidden.to(dtype), features.mask)
+        self.features = features.to(dtype)
         self.encoder = encoder
-        self.null_id = len(self.dataset.captions)
-        self.sampler = None  # items are drawn from rng(seed, index): the order is already fixed
+        self.null = (self.features.hidden[-1], self.features.mask[-1])
 
     def loader(self, batch_size: int, num_workers: int = 0) -> torch.utils.data.DataLoader:
+        # Items are drawn from rng(seed, index): the order is already fixed, every epoch alike.
         return torch.utils.data.DataLoader(self.dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
 
-    def condition(self, batch, drop: torch.Tensor, device):
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def condition(self, batch, device):
         x0, ids = batch
-        ids = torch.where(drop.to(ids.device), torch.full_like(ids, self.null_id), ids)
         text, mask = self.features.select(ids.cpu())
         return x0, text.to(device), mask.to(device)
+
+    def skipped(self) -> dict[str, str]:
+        return {}
+
+    def preview(self) -> Preview:
+        """The task's display scenes that training knows (held-out benchmark prompts have no features)."""
+        known = set(self.dataset.captions)
+        captions = [caption(scene) for scene in self.dataset.task.display_scenes() if caption(scene) in known]
+        ids = torch.tensor([self.dataset.captions.index(c) for c in captions] + [len(self.dataset.captions)])
+        return Preview(captions, PromptFeatures(self.features.hidden[ids], self.features.mask[ids]))
 
 
 class ImageSource:
@@ -69,11 +114,14 @@ class ImageSource:
         self.dataset = ImageCaptionDataset(d, seed=config.train.seed)
         self.encoder = encoder
         self.vae = load_vae(d.vae).to(device) if d.vae else None
+        self.vae_path = d.vae
         model = config.model.settings()
         if self.vae is not None:
             check_vae_matches(self.vae, model["in_channels"], model["sample_size"], d.resolution)
         self.sampler = EpochShuffle(len(self.dataset), config.train.seed)
         self.dtype = dtype
+        hidden, mask = encoder([NULL_PROMPT])
+        self.null = (LayerFusion.normalize(hidden)[:, 0].to(dtype), mask[0])
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.epoch = self.dataset.epoch = epoch
@@ -83,34 +131,40 @@ class ImageSource:
         return torch.utils.data.DataLoader(self.dataset, batch_size=batch_size, sampler=self.sampler, drop_last=True,
                                            num_workers=num_workers, collate_fn=collate_skipping)
 
-    def condition(self, batch, drop: torch.Tensor, device):
+    def condition(self, batch, device):
         pixels, captions = batch
-        captions = [NULL_PROMPT if d else c for c, d in zip(captions, drop.tolist())]
         x0 = encode_latents(self.vae, pixels) if self.vae is not None else pixels
-        hidden, mask = self.encoder(captions)
+        hidden, mask = self.encoder(list(captions))
         return x0.to(device), LayerFusion.normalize(hidden).to(device, self.dtype), mask.to(device)
+
+    def skipped(self) -> dict[str, str]:
+        return dict(self.dataset.skips.skipped)
+
+    def preview(self) -> None:
+        return None
 
 
 class CacheSource:
     """Rows of a `semroute precompute` cache: a step never runs the VAE or the LLM."""
 
-    def __init__(self, config, encoder_recipe: dict | None = None, dataset: CachedDataset | None = None,
-                 dtype: torch.dtype = torch.float32):
+    def __init__(self, config, dataset: CachedDataset, dtype: torch.dtype = torch.float32):
         d = config.dataset
-        self.dataset = dataset or CachedDataset(d.cache)
-        recipe = self.dataset.meta["recipe"]
-        if encoder_recipe is not None:
-            differences = recipe_differences(recipe, encoder_recipe)
-            if differences:
-                raise ValueError(f"the cache in {d.cache} was made another way than this run: {'; '.join(differences)}; "
-                                 f"precompute a new cache for this config")
+        self.dataset = dataset
+        recipe = dataset.meta["recipe"]
+        differences = recipe_differences(recipe, _recipe_from_config(config, recipe))
+        if differences:
+            raise ValueError(f"the cache in {d.cache} was made another way than this run: {'; '.join(differences)}; "
+                             f"precompute a new cache for this config")
         model = config.model.settings()
         channels = recipe["vae"]["latent_channels"] if recipe["vae"] else 3
         if channels != model["in_channels"]:
             raise ValueError(f"the cache holds {channels}-channel inputs but model.in_channels is {model['in_channels']}")
-        self.null_text, self.null_mask = self.dataset.null_features()
+        self.encoder = CachedEncoderInfo(recipe)
+        self.vae_path = recipe["vae"]["path"] if recipe["vae"] else None
         self.dtype = dtype  # the training precision's, whatever the cache stores: no bf16 math in an fp32 run
-        self.sampler = EpochShuffle(len(self.dataset), config.train.seed)
+        null_text, null_mask = dataset.null_features()
+        self.null = (null_text.to(dtype), null_mask)
+        self.sampler = EpochShuffle(len(dataset), config.train.seed)
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.epoch = epoch
@@ -120,12 +174,15 @@ class CacheSource:
         return torch.utils.data.DataLoader(self.dataset, batch_size=batch_size, sampler=self.sampler, drop_last=True,
                                            num_workers=num_workers)
 
-    def condition(self, batch, drop: torch.Tensor, device):
+    def condition(self, batch, device):
         latents, text, mask = batch  # (B, C, h, w), (B, L, S, C), (B, S)
-        drop = drop.to(text.device)
-        text = torch.where(drop[:, None, None, None], self.null_text.to(text.dtype), text)
-        mask = torch.where(drop[:, None], self.null_mask, mask)
         return latents.float().to(device), text.transpose(0, 1).to(device, self.dtype), mask.to(device)
+
+    def skipped(self) -> dict[str, str]:
+        return {}
+
+    def preview(self) -> None:
+        return None
 
 
 def _check_size(n: int, batch_size: int) -> None:
@@ -135,7 +192,7 @@ def _check_size(n: int, batch_size: int) -> None:
 
 
 def build_source(config, encoder_factory, features: PromptFeatures | None = None, progress: bool = True,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> BatchSource:
     """The batch source the config asks for. `encoder_factory()` loads the LLM (not called for a cache).
 
     dtype: what the LN'd text features are handed to the DiT in (the training precision's dtype).
@@ -143,8 +200,7 @@ def build_source(config, encoder_factory, features: PromptFeatures | None = None
     """
     d = config.dataset
     if d.cache is not None:
-        dataset = CachedDataset(d.cache)
-        return CacheSource(config, _recipe_from_config(config, dataset.meta["recipe"]), dataset, dtype)
+        return CacheSource(config, CachedDataset(d.cache), dtype)
     if d.active:
         return ImageSource(config, encoder_factory(), dtype, device)
     return ShapesSource(config, encoder_factory(), features, progress, dtype)
@@ -155,29 +211,14 @@ def _recipe_from_config(config, cached: dict) -> dict:
 
     The VAE's factors and the LLM's depth are read from the cache; everything the config names is compared.
     """
+    from ..text_encoder import resolve_layers
+
     t = config.text_encoder
-    depth = cached["text_model_layers"]
-    layers = [x + depth + 1 if x < 0 else x for x in t.layers] if t.layers else list(range(1, depth + 1))
-    wanted = {**cached, "text_model": t.model, "text_layers": layers, "max_length": t.max_length,
-              "template": t.template, "resolution": config.dataset.resolution}
+    wanted = {**cached, "text_model": t.model, "text_layers": resolve_layers(t.layers, cached["text_model_layers"]),
+              "max_length": t.max_length, "template": t.template, "resolution": config.dataset.resolution}
     vae = config.dataset.vae
     if vae is None:
         wanted["vae"] = None
     elif cached["vae"] is None or cached["vae"]["path"] != str(vae):
         wanted["vae"] = {**(cached["vae"] or {}), "path": str(vae)}
     return wanted
-
-
-class CachedEncoderInfo:
-    """What training needs to know about the LLM of a cache, without loading it."""
-
-    def __init__(self, recipe: dict):
-        from ..text_encoder import TextEncoderConfig
-
-        self.config = TextEncoderConfig(model=recipe["text_model"], layers=list(recipe["configured_layers"]),
-                                        max_length=recipe["max_length"], template=recipe["template"])
-        self.layers = list(recipe["text_layers"])
-        self.num_layers = len(self.layers)
-        self.hidden_size = recipe["text_hidden_size"]
-
-

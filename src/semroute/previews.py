@@ -1,0 +1,32 @@
+"""Sample grids of a run in progress: the source's preview prompts, drawn with the EMA weights at a checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .data.sources import Preview
+from .features import PromptFeatures
+from .flow import SampleConfig
+from .pipeline import SemanticRoutingPipeline
+from .plots import save_sample_grid
+
+
+def write_sample_grid(model, ema, encoder, preview: Preview, sample: SampleConfig, precision: str, path: Path,
+                      title: str) -> None:
+    """`sample.images_per_prompt` images of every preview prompt, from its stored features (no LLM call)."""
+    k = sample.images_per_prompt
+    n = len(preview.captions)
+    ids = torch.cat([torch.arange(n).repeat_interleave(k), torch.tensor([n])])  # each caption k times, then the null prompt
+    features = PromptFeatures(preview.features.hidden[ids].float(), preview.features.mask[ids])
+    prompts = [c for c in preview.captions for _ in range(k)]
+    ema.store(model.parameters())
+    ema.copy_to(model.parameters())
+    try:
+        pipe = SemanticRoutingPipeline.from_parts(model, encoder, sample=sample, precision=precision)
+        images = pipe.generate(prompts, seed=0, features=features)
+    finally:
+        ema.restore(model.parameters())
+        model.train()
+    save_sample_grid(images, preview.captions, k, path, title=title)
