@@ -77,6 +77,10 @@ FLAG_CASES = {
     "sample --device cuda without a GPU": (["sample", "--checkpoint", "{run}", "--prompt", "x", "--device", "cuda"], "use --device cpu or auto"),
     "train --device cuda:1": (["train", "--config", "{config}", "--device", "cuda:1"], "set CUDA_VISIBLE_DEVICES"),
     "eval --precision fp8": (["eval", "--checkpoint", "{run}", "--precision", "fp8"], "invalid choice: 'fp8'"),
+    "train --set without =": (["train", "--config", "{config}", "--set", "train.lr"], "--set takes section.key=value"),
+    "train --set unknown key": (["train", "--config", "{config}", "--set", "train.learning_rate=1"], "unknown config key train.learning_rate"),
+    "sample --scheduler DDIMScheduler": (["sample", "--checkpoint", "{run}", "--prompt", "x", "--scheduler", "DDIMScheduler"],
+                                         "not a diffusers flow-matching scheduler; valid: FlowMatch"),
 }
 
 

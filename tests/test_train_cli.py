@@ -163,12 +163,19 @@ def test_argument_errors_are_usage_errors(capsys):
 
 
 def test_packaged_configs_load():
+    from semroute.fusion import PAPER_IDS
+
     root = Path(__file__).parents[1] / "configs"
     names = sorted(p.name for p in root.glob("*.yaml"))
-    assert names == ["ablation.yaml", "b1-penultimate.yaml", "b2-uniform.yaml", "b3-static.yaml", "demo.yaml",
-                     "s1-time.yaml", "s2-depth.yaml", "s3-joint.yaml"]
-    strategies = {n: load_config(root / n).model.dit_kwargs()["strategy"] for n in names}
-    assert strategies["b1-penultimate.yaml"] == "single" and strategies["s3-joint.yaml"] == "joint"
+    assert names == ["ablation.yaml", "demo.yaml", "paper.yaml"]
+    for name in names:
+        load_config(root / name)
+    # The paper's six strategies are one config and one override each (by name or paper id).
+    strategies = {sid: load_config(root / "paper.yaml", [f"model.strategy={sid}"]).model.dit_kwargs()["strategy"]
+                  for sid in PAPER_IDS}
+    assert strategies == PAPER_IDS
+    paper = load_config(root / "paper.yaml")
+    assert (paper.model.dit_kwargs()["hidden_size"], paper.model.dit_kwargs()["depth"], paper.sample.guidance_scale) == (2048, 24, 6.5)
 
 
 def test_model_config_is_typed_and_covers_every_dit_argument():
@@ -184,3 +191,43 @@ def test_model_config_is_typed_and_covers_every_dit_argument():
     assert config.to_dict()["model"] == {"preset": "tiny", "sample_size": 12, "strategy": "depth"}
     with pytest.raises(ValueError, match="model.hidden_size must be of type int"):
         load_config({"model": {"preset": "tiny", "hidden_size": "wide"}})
+
+
+def test_set_overrides_any_key_and_is_checked_like_the_file(tiny_llama_dir, tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tiny_run_config(tiny_llama_dir)))
+    config = load_config(path, ["model.strategy=s1", "train.lr=3e-4", "data.counts=[1]", "sample.scheduler=FlowMatchHeunDiscreteScheduler"])
+    assert (config.model.strategy, config.train.lr, config.data.counts) == ("time", 3e-4, [1])
+    assert config.sample.scheduler == "FlowMatchHeunDiscreteScheduler"
+    for bad, message in (("train.lr", "takes section.key=value"), ("train.lr=-1", "train.lr must be > 0"),
+                         ("train.nope=1", "unknown config key train.nope"), ("model.strategy=random", "unknown fusion strategy"),
+                         ("train.lr.x=1", "lr is not a section")):
+        with pytest.raises(ValueError, match=message):
+            load_config(path, [bad])
+
+
+def test_metrics_go_to_tensorboard_when_asked(tiny_llama_dir, tmp_path):
+    config = load_config(tiny_run_config(tiny_llama_dir, max_steps=4, log_every=2, checkpoint_every=100, report_to="tensorboard"))
+    train(config, tmp_path / "run", progress=False)
+    events = list((tmp_path / "run").rglob("events.out.tfevents.*"))
+    assert events and sum(e.stat().st_size for e in events) > 100
+    assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 2  # log.jsonl is kept
+
+
+def test_sample_and_eval_default_to_the_runs_own_sample_settings(trained_run, tmp_path, capsys):
+    config, out, result = trained_run
+    bench = tmp_path / "bench.json"
+    assert main(["eval", "--checkpoint", str(out), "--n", "1", "--out", str(bench), "--device", "cpu"]) == 0
+    sampling = json.loads(bench.read_text())["sampling"]
+    s = config.sample
+    assert (sampling["steps"], sampling["guidance_scale"], sampling["scheduler"]) == (s.steps, s.guidance_scale, s.scheduler)
+    assert main(["eval", "--checkpoint", str(out), "--n", "1", "--out", str(bench), "--cfg", "1.5", "--steps", "2",
+                 "--scheduler", "FlowMatchHeunDiscreteScheduler"]) == 0
+    sampling = json.loads(bench.read_text())["sampling"]
+    assert (sampling["steps"], sampling["guidance_scale"], sampling["scheduler"]) == (2, 1.5, "FlowMatchHeunDiscreteScheduler")
+    got = SemanticRoutingPipeline.from_checkpoint(result.checkpoint, device="cpu").sampling()
+    assert (got.scheduler, got.steps, got.guidance_scale, got.shift) == (s.scheduler, s.steps, s.guidance_scale, s.shift)
+    capsys.readouterr()
+    code = main(["sample", "--checkpoint", str(out), "--prompt", "one red square", "--scheduler", "DDIMScheduler",
+                 "--out", str(tmp_path / "x.png")])
+    assert code == 2 and "not a diffusers flow-matching scheduler" in capsys.readouterr().err

@@ -224,3 +224,12 @@ def newest_loadable(run_dir: Path, config) -> tuple[Path, object] | None:
             continue
         return checkpoint, saved
     return None
+
+
+def saved_precision(checkpoint: Path) -> str | None:
+    """The precision a checkpoint was trained in (None for checkpoints that predate the record)."""
+    try:
+        state = json.loads((checkpoint / TRAINING_STATE_DIR / "state.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return (state.get("precision") or {}).get("name") if isinstance(state, dict) else None

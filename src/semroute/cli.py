@@ -67,14 +67,27 @@ def _runtime_arguments(parser: argparse.ArgumentParser, precision_default: str |
     return group
 
 
-def _sampling_arguments(parser: argparse.ArgumentParser, n_help: str, n_default: int, seed_help: str):
-    group = parser.add_argument_group("sampling")
+def _sampling_arguments(parser: argparse.ArgumentParser, n_help: str, n_default: int | None, seed_help: str):
+    group = parser.add_argument_group("sampling (defaults: the checkpoint's own sample: settings, saved when it was trained)")
     group.add_argument("--n", type=_positive_int, default=n_default, help=n_help)
-    group.add_argument("--steps", type=_positive_int, default=25, help="Euler steps")
-    group.add_argument("--cfg", type=_guidance, default=3.0, help="classifier-free guidance scale")
-    group.add_argument("--shift", type=_positive_float, default=1.0, help="timestep shift of the flow-matching schedule")
+    group.add_argument("--steps", type=_positive_int, default=None, help="scheduler steps (default: the checkpoint's sample.steps)")
+    group.add_argument("--cfg", type=_guidance, default=None,
+                       help="classifier-free guidance scale (default: the checkpoint's sample.guidance_scale)")
+    group.add_argument("--shift", type=_positive_float, default=None,
+                       help="timestep shift of the schedule (default: the checkpoint's sample.shift)")
+    group.add_argument("--scheduler", default=None,
+                       help="a diffusers flow-matching scheduler class, e.g. FlowMatchHeunDiscreteScheduler "
+                            "(default: the checkpoint's sample.scheduler)")
     group.add_argument("--seed", type=int, default=0, help=seed_help)
+    group.add_argument("--text-encoder", default=None,
+                       help="the LLM to load instead of the path stored in a semroute checkpoint (the same model moved)")
     return group
+
+
+def _set_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config key, e.g. --set model.strategy=depth --set train.lr=3e-4 "
+                             "(repeatable; values read as YAML and checked like the file's)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "accelerate launch -m semroute train --config ...",
     )
     p.add_argument("--config", type=Path, required=True, help="YAML run config (see configs/)")
+    _set_argument(p)
+    p.add_argument("--report-to", choices=("none", "tensorboard", "wandb"), default=None,
+                   help="also send the logged metrics to this accelerate tracker (default: train.report_to of the config)")
     p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<config name>)")
     budget = p.add_argument_group("budget (overrides train.max_steps / train.minutes)")
     budget.add_argument("--max-steps", type=_positive_int, default=None, help="stop after this many steps")
@@ -104,8 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint directory or run directory (newest checkpoint)")
     p.add_argument("--prompt", required=True, help="text prompt (empty string = unconditional)")
     p.add_argument("--out", type=Path, default=Path("samples.png"), help="output PNG grid")
-    g = _sampling_arguments(p, n_help="number of images", n_default=8, seed_help="noise seed")
-    g.add_argument("--text-encoder", default=None, help="override the text encoder path stored in the checkpoint")
+    _sampling_arguments(p, n_help="number of images", n_default=8, seed_help="noise seed")
     _runtime_arguments(p)
 
     p = sub.add_parser("routing", help="plot the learned block x LLM-layer weights", formatter_class=fmt)
@@ -115,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="score a checkpoint on ShapesBench (counting, colour, two objects, position)", formatter_class=fmt)
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint directory or run directory")
     p.add_argument("--out", type=Path, default=None, help="results JSON (default: <checkpoint>/shapesbench.json)")
-    _sampling_arguments(p, n_help="images per prompt", n_default=4,
+    _sampling_arguments(p, n_help="images per prompt (default: the checkpoint's sample.images_per_prompt)", n_default=None,
                         seed_help="base noise seed (image k of prompt i uses seed + 1000 i + k)")
     _runtime_arguments(p)
 
@@ -126,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", type=Path, required=True, help="ablation directory")
     p.add_argument("--config", type=Path, default=None, help=f"base run config (default: the packaged {ABLATION_CONFIG})")
+    _set_argument(p)
     p.add_argument("--strategies", default="b1,b2,b3,s1,s2,s3", help="paper ids, comma-separated")
     p.add_argument("--seeds", type=_positive_int, default=3, help="seeds per strategy")
     p.add_argument("--minutes-per-run", type=_positive_float, default=None, help="training budget per run (default: train.minutes of the config)")
@@ -143,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "`accelerate launch -m semroute precompute ...` the processes share out the shards.",
     )
     p.add_argument("--config", type=Path, required=True, help="run config whose dataset: names a manifest or hf_dataset")
+    _set_argument(p)
     p.add_argument("--out", type=Path, required=True, help="cache directory")
     p.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
                    help="storage precision of latents and features; auto: the dtype train.mixed_precision resolves to "
@@ -186,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory")
     p.add_argument("--config", type=Path, default=None, help=f"run config (default: the packaged {DEMO_CONFIG})")
+    _set_argument(p)
     p.add_argument("--max-steps", type=_positive_int, default=None, help="training steps (default: train.max_steps of the config)")
     p.add_argument("--minutes", type=_positive_float, default=None,
                    help="also stop training after this many minutes (a time box: a slow machine then learns less)")
@@ -193,47 +211,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _config_for(args, default: str | None = None):
-    """The run config of --config (or a packaged default), with --precision applied."""
+def _config_for(path: Path | None, sets: list[str], precision: str | None = None, default: str | None = None,
+                extra: tuple[str, ...] = ()):
+    """The run config of --config (or a packaged default) with --set and the flags that override config keys."""
     from .config import load_config
 
-    config = load_config(args.config or packaged_config(default))
-    if args.precision is not None:
-        config.train.mixed_precision = args.precision
-    return config
+    overrides = [*sets, *extra] + ([f"train.mixed_precision={precision}"] if precision is not None else [])
+    return load_config(path or packaged_config(default), overrides)
 
 
-def _step_progress(total: int, desc: str):
-    """A bar over denoising steps (with an ETA) and the callback that advances it."""
-    from tqdm.auto import tqdm
+def _sampling_pipeline(args, checkpoint: Path | None = None):
+    """The pipeline of --checkpoint on --device in --precision, sampling with --scheduler if given."""
+    from .pipeline import load_pipeline
 
-    bar = tqdm(total=total, desc=desc, unit="step")
-    return bar, lambda: bar.update(1)
+    pipeline = load_pipeline(checkpoint or args.checkpoint, text_encoder=args.text_encoder,
+                             device=_process_device(args.device), precision=args.precision)
+    if args.scheduler is not None:
+        pipeline.use_scheduler(args.scheduler)
+    return pipeline
 
 
 def cmd_train(args) -> None:
     from .train import train
 
-    config = _config_for(args)
+    report = (f"train.report_to={args.report_to}",) if args.report_to else ()
+    config = _config_for(args.config, args.set, args.precision, extra=report)
     out = args.out or Path("runs") / args.config.stem
     result = train(config, out, max_steps=args.max_steps, minutes=args.minutes, device=args.device)
     print(f"trained {result.steps} steps, loss {result.final_loss:.4f}, {result.images_per_s:.0f} img/s; checkpoint {result.checkpoint}")
 
 
 def cmd_sample(args) -> None:
+    from tqdm.auto import tqdm
+
     from .checkpoint import resolve_checkpoint
-    from .pipeline import SemanticRoutingPipeline
     from .plots import save_sample_grid
 
     checkpoint = resolve_checkpoint(args.checkpoint)
     if args.out.suffix.lower() != ".png":
         raise ValueError(f"--out must be a .png file, got {args.out}")
-    pipeline = SemanticRoutingPipeline.from_checkpoint(checkpoint, text_encoder=args.text_encoder, device=args.device,
-                                                       precision=args.precision)
-    bar, on_step = _step_progress(args.steps, f"sampling {args.n} images")
-    with bar:
-        images = pipeline.generate([args.prompt] * args.n, args.steps, args.cfg, args.shift, seed=args.seed, on_step=on_step)
-    save_sample_grid(images, [args.prompt or "(unconditional)"], args.n, args.out, title=f"{checkpoint} cfg {args.cfg}")
+    pipeline = _sampling_pipeline(args, checkpoint)
+    settings = pipeline.sampling(args.steps, args.cfg, args.shift)
+    with tqdm(total=settings.scheduler_calls(), desc=f"sampling {args.n} images", unit="step") as bar:
+        images = pipeline.generate([args.prompt] * args.n, args.steps, args.cfg, args.shift, seed=args.seed,
+                                   on_step=lambda: bar.update(1))
+    save_sample_grid(images, [args.prompt or "(unconditional)"], args.n, args.out,
+                     title=f"{checkpoint} cfg {settings.guidance_scale}")
     print(f"wrote {args.out}")
 
 
@@ -253,15 +276,15 @@ def cmd_eval(args) -> None:
     from .bench import bench_prompts, run_bench
     from .checkpoint import RUN_CONFIG_FILE, resolve_checkpoint
     from .config import load_config
-    from .pipeline import SemanticRoutingPipeline
 
     checkpoint = resolve_checkpoint(args.checkpoint)
     out = args.out or checkpoint / "shapesbench.json"
     if out.suffix.lower() != ".json":
         raise ValueError(f"--out must be a .json file, got {out}")
     config = load_config(checkpoint / RUN_CONFIG_FILE)
-    pipeline = SemanticRoutingPipeline.from_checkpoint(checkpoint, device=args.device, precision=args.precision)
-    results = run_bench(pipeline, bench_prompts(config.data), args.n, args.steps, args.cfg, args.shift, args.seed)
+    pipeline = _sampling_pipeline(args, checkpoint)
+    n = args.n or config.sample.images_per_prompt
+    results = run_bench(pipeline, bench_prompts(config.data), n, args.steps, args.cfg, args.shift, args.seed)
     results["checkpoint"] = str(checkpoint)
     write_json(out, results)
     summary = {k: round(v, 4) for k, v in results["categories"].items()}
@@ -273,7 +296,7 @@ def cmd_ablate(args) -> None:
     from .bench.ablation import parse_strategies, run_ablation
 
     strategies = parse_strategies(args.strategies)
-    base = _config_for(args, ABLATION_CONFIG)
+    base = _config_for(args.config, args.set, args.precision, ABLATION_CONFIG)
     seeds, minutes, n = args.seeds, args.minutes_per_run, args.n
     if args.quick:
         seeds, minutes, n = 1, QUICK_MINUTES, 2
@@ -284,10 +307,9 @@ def cmd_ablate(args) -> None:
 
 
 def cmd_precompute(args) -> None:
-    from .config import load_config
     from .data.cache import precompute
 
-    config = load_config(args.config)
+    config = _config_for(args.config, args.set)
     meta = precompute(config, args.out, shard_size=args.shard_size, dtype=args.dtype, batch_size=args.batch_size,
                       device=args.device)
     if meta is not None:
@@ -297,10 +319,9 @@ def cmd_precompute(args) -> None:
 
 def cmd_sample_bench(args) -> None:
     from .bench.public import read_prompts, sample_bench
-    from .pipeline import load_pipeline
 
     prompts = read_prompts(args.bench, args.prompts)[: args.limit]
-    pipeline = load_pipeline(args.checkpoint, device=_process_device(args.device), precision=args.precision)
+    pipeline = _sampling_pipeline(args)
     report = sample_bench(pipeline, args.bench, prompts, args.out, args.n, args.steps, args.cfg, args.shift, args.seed, args.batch_size)
     if report is not None:
         print(f"{report['written']} images written, {report['already_there']} already there, "
@@ -327,7 +348,7 @@ def cmd_export(args) -> None:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    config = _config_for(args, DEMO_CONFIG)
+    config = _config_for(args.config, args.set, args.precision, DEMO_CONFIG)
     metrics, verdict = run_demo(config, args.out, max_steps=args.max_steps, minutes=args.minutes, device=args.device)
     print(json.dumps({k: round(metrics[k], 4) for k in ("count_accuracy", "colour_accuracy", "shape_accuracy", "exact_accuracy")}))
     print(verdict.text())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -21,6 +22,7 @@ from .text_encoder import TextEncoderConfig
 
 # DiT arguments that come from the text encoder, never from the config file.
 DERIVED_MODEL_KEYS = ("text_dim", "num_text_layers")
+_YAML11_EXPONENT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 # accelerate trackers the training metrics can also go to (train.report_to).
 TRACKERS = ("none", "tensorboard", "wandb")
 
@@ -196,6 +198,8 @@ def _check_type(value, annotation, where: str):
         return [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str) and _YAML11_EXPONENT.match(value):
+        return float(value)  # YAML 1.1 reads 3e-4 (no dot) as a string
     if annotation is dict and isinstance(value, dict):
         return value
     if not isinstance(value, annotation) or (annotation is int and isinstance(value, bool)):

@@ -92,6 +92,13 @@ class SemanticRoutingPipeline(DiffusionPipeline):
         pipe.precision = precision
         return pipe
 
+    def use_scheduler(self, name: str) -> None:
+        """Sample with another diffusers flow-matching scheduler class, keeping this one's settings (shift)."""
+        import diffusers
+
+        SampleConfig(scheduler=name)  # checks the name
+        self.register_modules(scheduler=getattr(diffusers, name).from_config(self.scheduler.config))
+
     def sampling(self, steps: int | None = None, guidance_scale: float | None = None, shift: float | None = None,
                  scheduler: str | None = None) -> SampleConfig:
         """The settings a `generate` call uses: the given ones, else the pipeline's own (its run's `sample:`)."""

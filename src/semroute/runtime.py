@@ -242,3 +242,15 @@ def resolve_precision(requested: str, device: torch.device | str = "cpu", ratio=
     if r <= BF16_FASTER:
         return Precision("bf16", requested, f"measured {_speed_words(r)} than fp32 on {where}")
     return Precision("fp32", requested, f"bf16 measured {_speed_words(r)} on {where}")
+
+
+def training_precision(requested: str, device: str) -> Precision:
+    """The precision a training run uses; with several processes the main one measures first and the rest reuse its cache."""
+    from accelerate import PartialState
+
+    if device not in ("auto", "cpu", "cuda", "mps"):
+        raise ValueError(f"training takes --device auto, cpu, cuda or mps, got {device!r}; to pick one GPU of several "
+                         f"set CUDA_VISIBLE_DEVICES (accelerate launch gives each process its own GPU)")
+    kind = resolve_device(device).type
+    with PartialState(cpu=device == "cpu").main_process_first():
+        return resolve_precision(requested, kind)

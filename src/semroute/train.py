@@ -6,11 +6,9 @@ log, checkpoint and preview until the budget is spent; the run's state lives in 
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -21,7 +19,6 @@ from tqdm.auto import tqdm
 
 from .checkpoint import (
     RUN_CONFIG_FILE,
-    TRAINING_STATE_DIR,
     TrainingDiverged,
     load_training_state,
     newest_loadable,
@@ -30,6 +27,7 @@ from .checkpoint import (
     resume_differences,
     rng_state,
     save_checkpoint,
+    saved_precision,
 )
 from .config import RunConfig
 from .data.sources import BatchSource, build_source
@@ -38,7 +36,8 @@ from .features import PromptFeatures, drop_captions
 from .fileio import write_json
 from .flow import RectifiedFlow
 from .progress import Pace, log_pace
-from .runtime import Precision, configure_device, cpu_capability, resolve_device, resolve_precision
+from .reporting import MetricsWindow, check_tracker, flat_config
+from .runtime import Precision, configure_device, cpu_capability, training_precision
 from .text_encoder import TextEncoder
 
 logger = logging.getLogger(__name__)
@@ -104,27 +103,6 @@ def build_optimizer(model: SemanticRoutingDiT, config: RunConfig) -> torch.optim
 def warmup_schedule(warmup_steps: int):
     """Linear warmup to the base LR, then constant (the paper's constant LR)."""
     return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
-
-
-def training_precision(requested: str, device: str) -> Precision:
-    """The precision a training run uses; with several processes the main one measures first and the rest reuse its cache."""
-    from accelerate import PartialState
-
-    if device not in ("auto", "cpu", "cuda", "mps"):
-        raise ValueError(f"training takes --device auto, cpu, cuda or mps, got {device!r}; to pick one GPU of several "
-                         f"set CUDA_VISIBLE_DEVICES (accelerate launch gives each process its own GPU)")
-    kind = resolve_device(device).type
-    with PartialState(cpu=device == "cpu").main_process_first():
-        return resolve_precision(requested, kind)
-
-
-def saved_precision(checkpoint: Path) -> str | None:
-    """The precision a checkpoint was trained in (None for checkpoints that predate the record)."""
-    try:
-        state = json.loads((checkpoint / TRAINING_STATE_DIR / "state.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return (state.get("precision") or {}).get("name") if isinstance(state, dict) else None
 
 
 def train_step(
@@ -197,40 +175,12 @@ class BatchStream:
         return next(self.batches)
 
 
-@dataclass
-class MetricsWindow:
-    """Loss and throughput since the last log line; `flush` writes them to log.jsonl and the trackers."""
-
-    start: float = field(default_factory=time.perf_counter)
-    loss: float = 0.0
-    images: int = 0
-    steps: int = 0
-    last_loss: float = math.nan
-    images_per_s: float = 0.0
-
-    def add(self, loss: float, images: int) -> None:
-        self.loss, self.images, self.steps = self.loss + loss, self.images + images, self.steps + 1
-
-    def flush(self, run: Run, state: TrainState, started: float) -> dict:
-        now = time.perf_counter()
-        self.last_loss = self.loss / self.steps if self.steps else math.nan
-        self.images_per_s = self.images / (now - self.start)
-        record = {"step": state.step, "loss": self.last_loss, "images_per_s": self.images_per_s,
-                  "lr": run.scheduler.get_last_lr()[0], "fusion_entropy": run.raw_model.fusion.weight_entropy().item(),
-                  "nonfinite_steps": state.nonfinite_steps, "elapsed_s": now - started}
-        if run.accelerator.is_main_process:
-            with (run.out_dir / "log.jsonl").open("a") as f:
-                f.write(json.dumps(record) + "\n")
-        run.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=state.step)
-        self.start, self.loss, self.images, self.steps = now, 0.0, 0, 0
-        return record
-
-
 def _accelerator(config: RunConfig, out_dir: Path, device: str, precision: Precision) -> Accelerator:
     from accelerate.state import AcceleratorState
     from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin
 
     t = config.train
+    check_tracker(t.report_to)
     # accelerate keeps one precision per process; a later run in the same process may want another.
     AcceleratorState._reset_state()
     accelerator = Accelerator(
@@ -323,6 +273,12 @@ def _count_step(run: Run, state: TrainState, losses: list[float], finite: bool, 
         )
 
 
+def _log(run: Run, state: TrainState, window: MetricsWindow, started: float) -> dict:
+    extra = {"lr": run.scheduler.get_last_lr()[0], "fusion_entropy": run.raw_model.fusion.weight_entropy().item(),
+             "nonfinite_steps": state.nonfinite_steps}
+    return window.flush(run.accelerator, run.out_dir / "log.jsonl", state.step, extra, started)
+
+
 def _summary(run: Run, state: TrainState, window: MetricsWindow) -> dict:
     skipped = run.source.skipped()
     return {"steps": state.step, "final_loss": window.last_loss, "images_per_s": window.images_per_s,
@@ -330,12 +286,6 @@ def _summary(run: Run, state: TrainState, window: MetricsWindow) -> dict:
             "precision": run.precision.to_dict(), "device": str(run.accelerator.device), "cpu_capability": cpu_capability(),
             "processes": run.accelerator.num_processes, "skipped_images": len(skipped), "skipped": skipped,
             "checkpoint": str(run.last_checkpoint)}
-
-
-def _flat_config(config: RunConfig) -> dict:
-    """The run config as `section.key: value` scalars, as trackers store hyperparameters."""
-    return {f"{section}.{key}": value if isinstance(value, (int, float, str, bool)) else str(value)
-            for section, values in config.to_dict().items() for key, value in values.items()}
 
 
 def train(
@@ -389,7 +339,7 @@ def train(
         logger.info("resuming from %s (step %d)", resume_from, state.step)
     if run.source.preview() is None and t.sample_grids:
         logger.info("this data source has no preview prompts: no sample grids at checkpoints; sample the run with `semroute sample`")
-    accelerator.init_trackers(out_dir.name, config=_flat_config(config))
+    accelerator.init_trackers(out_dir.name, config=flat_config(config.to_dict()))
 
     # With a time budget the step count is unknown: the bar then counts steps and shows the rate.
     bar = tqdm(total=max_steps if minutes is None else None, initial=state.step,
@@ -414,14 +364,14 @@ def train(
         pace.update(state.step)
         _count_step(run, state, losses, finite, images, window)
         if state.step % t.log_every == 0 or state.step == max_steps:
-            record = window.flush(run, state, started)
+            record = _log(run, state, window, started)
             bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}", H=f"{record['fusion_entropy']:.3f}")
         bar.update(1)
         if state.step % t.checkpoint_every == 0 and accelerator.is_main_process:
             _save(run, state)
             _preview(run, state)
     if window.steps:
-        window.flush(run, state, started)
+        _log(run, state, window, started)
     bar.close()
     final = run.out_dir / "checkpoints" / f"step_{state.step:06d}"
     if accelerator.is_main_process and run.last_checkpoint != final:
