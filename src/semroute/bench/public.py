@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from ..data.images import parse_jsonl, read_user_text
+from ..data.images import parse_json, parse_jsonl, read_user_text
 from ..fileio import write_atomic
 from .sampling import batches, sample_batches
 
@@ -48,12 +48,7 @@ def read_prompts(bench: str, path: Path) -> list[PublicPrompt]:
                 raise ValueError(f"{path} prompt {len(prompts) + 1} has no string 'prompt'")
             prompts.append(PublicPrompt(len(prompts), f"{len(prompts):05d}", record["prompt"], record))
     elif bench == "genaibench":
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not JSON ({err.msg}); GenAI-Bench prompts are one object keyed by id") from None
-        if not isinstance(records, dict):
-            raise ValueError(f"{path} must be a JSON object keyed by prompt id (\"00001\": {{...}})")
+        records = parse_json(text, str(path), dict, 'GenAI-Bench prompts are one object keyed by prompt id ("00001": {...})')
         for key in sorted(records):
             record = records[key]
             if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):

@@ -91,18 +91,24 @@ def parse_jsonl(text: str, path: Path, hint: str = "") -> list:
     return rows
 
 
+def parse_json(text: str, what: str, expected: type, hint: str):
+    """One JSON document of the `expected` type; otherwise an error naming `what` (the file) and `hint` (the fix)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{what} is not JSON ({err.msg} at line {err.lineno}); {hint}") from None
+    if not isinstance(value, expected):
+        raise ValueError(f"{what} must hold a JSON {expected.__name__}, got {type(value).__name__}; {hint}")
+    return value
+
+
 def read_manifest(path: Path) -> list[dict]:
     """Rows of a .json list or a .jsonl file; errors name the file and line."""
     text = read_user_text(path, "manifest")
     if path.suffix == ".jsonl":
         rows = parse_jsonl(text, path)
     else:
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"manifest {path} is not JSON ({err.msg} at line {err.lineno}); use .jsonl for one row a line") from None
-        if not isinstance(rows, list):
-            raise ValueError(f"manifest {path} must hold a JSON list of rows, got {type(rows).__name__}")
+        rows = parse_json(text, f"manifest {path}", list, "a .json manifest is a list of rows; use .jsonl for one row a line")
     if not rows:
         raise ValueError(f"manifest {path} has no rows")
     return rows
