@@ -231,3 +231,19 @@ def test_sample_and_eval_default_to_the_runs_own_sample_settings(trained_run, tm
     code = main(["sample", "--checkpoint", str(out), "--prompt", "one red square", "--scheduler", "DDIMScheduler",
                  "--out", str(tmp_path / "x.png")])
     assert code == 2 and "not a diffusers flow-matching scheduler" in capsys.readouterr().err
+
+
+def test_a_checkpoint_written_before_the_typed_config_still_loads_and_resumes(tiny_llama_dir, tmp_path):
+    """Run configs of earlier releases: model as a plain mapping, no sample.scheduler, mixed_precision 'no'."""
+    raw = tiny_run_config(tiny_llama_dir, max_steps=2, checkpoint_every=100)
+    result = train(load_config(raw), tmp_path / "run", progress=False)
+    old = {**raw, "model": {"preset": "tiny", "strategy": "depth", "sample_size": 12},
+           "sample": {"steps": 4, "guidance_scale": 2.0, "shift": 1.0, "images_per_prompt": 2},
+           "train": {**raw["train"], "mixed_precision": "no"}}
+    (result.checkpoint / "run_config.yaml").write_text(yaml.safe_dump(old))
+    (tmp_path / "run" / "run_config.yaml").write_text(yaml.safe_dump(old))
+    pipe = SemanticRoutingPipeline.from_checkpoint(result.checkpoint, device="cpu")
+    assert pipe.sampling().scheduler == "FlowMatchEulerDiscreteScheduler" and pipe.sampling().steps == 4
+    assert pipe.generate(["one red square"], seed=0).shape == (1, 3, 12, 12)
+    resumed = train(load_config(old), tmp_path / "run", max_steps=3, progress=False)
+    assert resumed.steps == 3

@@ -56,8 +56,8 @@ class SemanticRoutingPipeline(DiffusionPipeline):
         text_layers: list[int] | None = None,
         max_length: int = 64,
         template: str = "chat",
-        steps: int = 25,
-        guidance_scale: float = 3.0,
+        steps: int = SampleConfig.steps,
+        guidance_scale: float = SampleConfig.guidance_scale,
     ):
         super().__init__()
         self.register_modules(transformer=transformer, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae)
