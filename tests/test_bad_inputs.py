@@ -163,7 +163,7 @@ def test_truncated_weights(run, tmp_path, capsys):
     weights = copy / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:200])
     code, err = run_cli(capsys, ["sample", "--checkpoint", str(copy), "--prompt", "x", "--out", str(tmp_path / "s.png")])
-    assert_answered(code, err, "truncated or not a safetensors file")
+    assert_answered(code, err, "diffusion_pytorch_model.safetensors is truncated or damaged")
 
 
 def test_foreign_safetensors(run, tmp_path, capsys):
@@ -173,6 +173,9 @@ def test_foreign_safetensors(run, tmp_path, capsys):
     copy = tmp_path / "ckpt"
     shutil.copytree(run / "run" / "checkpoints" / "step_000002", copy)
     save_file({"encoder.layer.0.weight": torch.zeros(4, 4)}, copy / "diffusion_pytorch_model.safetensors")
+    code, err = run_cli(capsys, ["routing", "--checkpoint", str(copy), "--out", str(tmp_path / "r.png")])
+    assert_answered(code, err, "diffusion_pytorch_model.safetensors is truncated or damaged")  # checkpoint.json's sizes
+    (copy / "checkpoint.json").unlink()  # as written before checkpoint.json: the weights themselves are checked
     code, err = run_cli(capsys, ["routing", "--checkpoint", str(copy), "--out", str(tmp_path / "r.png")])
     assert_answered(code, err, "holds weights of another model")
 
@@ -185,39 +188,6 @@ def test_checkpoint_of_another_strategy_on_resume(run, tiny_llama_dir, tmp_path,
     code, err = run_cli(capsys, ["train", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "run")])
     assert_answered(code, err, "model.strategy: checkpoint 'depth', now 'single'")
     assert snapshot(tmp_path / "run") == before
-
-
-def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(run, tiny_llama_dir, tmp_path, capsys, monkeypatch):
-    import semroute.checkpoint as checkpoint_module
-
-    shutil.copytree(run / "run", tmp_path / "run")
-    before = snapshot(tmp_path / "run" / "checkpoints")
-    raw = tiny_run_config(tiny_llama_dir, max_steps=4)
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
-
-    def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device", str(args[1]))
-
-    monkeypatch.setattr(checkpoint_module, "save_file", full)
-    code, err = run_cli(capsys, ["train", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "run")])
-    assert_answered(code, err, "No space left on device")
-    assert "check the free space and permissions" in err
-    assert snapshot(tmp_path / "run" / "checkpoints") == before  # nothing half-written, nothing lost
-
-
-def test_output_directory_that_cannot_be_written(run, tmp_path, capsys, monkeypatch):
-    from pathlib import Path as P
-
-    real_mkdir = P.mkdir
-
-    def read_only(self, *args, **kwargs):
-        if "readonly" in str(self):
-            raise PermissionError(errno.EACCES, "Permission denied", str(self))
-        return real_mkdir(self, *args, **kwargs)
-
-    monkeypatch.setattr(P, "mkdir", read_only)
-    code, err = run_cli(capsys, ["train", "--config", str(run / "config.yaml"), "--out", str(tmp_path / "readonly")])
-    assert_answered(code, err, "Permission denied")
 
 
 def test_out_is_a_file(run, tmp_path, capsys):

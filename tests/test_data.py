@@ -146,13 +146,18 @@ def test_precompute_rows_match_direct_encoding_and_refuse_mixing(tmp_path, manif
     torch.testing.assert_close(text[:, :n], LayerFusion.normalize(hidden)[:, 0])
     assert text.shape[1] == 16 and mask[:n].all() and not mask[n:].any() and not text[:, n:].any()
     # Re-running with the same recipe is a no-op; another recipe is refused, not mixed in.
-    assert precompute(config, out, dtype="fp32", progress=False, encoder=tiny_encoder)["rows"] == 9
+    assert precompute(config, out, shard_size=4, dtype="fp32", progress=False, encoder=tiny_encoder)["rows"] == 9
+    with pytest.raises(ValueError, match="shard_size: cache has 4, this run has 3"):
+        precompute(config, out, shard_size=3, dtype="fp32", progress=False, encoder=tiny_encoder)
+    manifest.write_text(manifest.read_text() + "\n")  # other content, same path: another question
+    with pytest.raises(ValueError, match="source: cache has"):
+        precompute(config, out, shard_size=4, dtype="fp32", progress=False, encoder=tiny_encoder)
     raw["text_encoder"]["max_length"] = 12
     from semroute.text_encoder import TextEncoder, TextEncoderConfig
 
     other = TextEncoder(TextEncoderConfig(model=str(tiny_llama_dir), max_length=12))
     with pytest.raises(ValueError, match="max_length: cache has 16, this run has 12"):
-        precompute(load_config(raw), out, dtype="fp32", progress=False, encoder=other)
+        precompute(load_config(raw), out, shard_size=4, dtype="fp32", progress=False, encoder=other)
     assert CachedDataset(out).meta["rows"] == 9
 
 

@@ -14,13 +14,22 @@ from .conftest import tiny_run_config
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
+def free_port() -> int:
+    """A port no one listens on now: each launch gets its own, so a previous group's socket cannot collide."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def launch(processes: int, *script: str) -> None:
     """`accelerate launch` with `processes` CPU processes (gloo) running `script` (a file or `-m module` and its arguments)."""
     accelerate = Path(sys.executable).with_name("accelerate")
     command = [str(accelerate), "launch", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     # --multi_gpu on a machine without GPUs runs torch.distributed on CPU with the gloo backend.
     command += ["--multi_gpu", "--num_processes", str(processes)] if processes > 1 else ["--cpu", "--num_processes", "1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(29500 + os.getpid() % 1000)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
     done = subprocess.run([*command, "--main_process_port", env["MASTER_PORT"], *script],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

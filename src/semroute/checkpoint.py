@@ -7,7 +7,10 @@ next run removes). The newest K are kept. A checkpoint whose weights are not all
 
 Layout: config.json + diffusion_pytorch_model.safetensors (EMA weights, diffusers format),
 text_encoder.json, run_config.yaml, [vae.json], training_state/{model.safetensors, ema.safetensors,
-optimizer.pt, scheduler.pt, rng.pt, state.json}.
+optimizer.pt, scheduler.pt, rng.pt, state.json}, and checkpoint.json, written last, with the size of
+every other file: a truncated or missing file is found without reading the tensors, and a damaged
+checkpoint falls back to the one before it. A run directory whose checkpoints exist but cannot be
+read is refused, never restarted over.
 """
 
 from __future__ import annotations
@@ -32,10 +35,40 @@ TRAINING_STATE_DIR = "training_state"
 TEXT_ENCODER_FILE = "text_encoder.json"
 VAE_FILE = "vae.json"
 STEP_PREFIX = "step_"
+MANIFEST_FILE = "checkpoint.json"
+# What sampling reads, and what a resume reads besides.
+INFERENCE_FILES = ("config.json", "diffusion_pytorch_model.safetensors", TEXT_ENCODER_FILE, RUN_CONFIG_FILE)
+TRAINING_FILES = tuple(f"{TRAINING_STATE_DIR}/{name}" for name in
+                       ("model.safetensors", "ema.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "state.json"))
 
 
 class TrainingDiverged(RuntimeError):
     """Too many consecutive non-finite steps, or weights that are no longer finite."""
+
+
+class TrainingStopped(Exception):
+    """SIGTERM or SIGINT stopped training at a step boundary, after a checkpoint was written."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None):
+        import signal
+
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; saved {checkpoint}; run the same "
+                         f"command again to resume from it")
+
+
+class OutputError(OSError):
+    """Writing an output failed (full disk, file-size limit, permissions); the message names the path and the fix."""
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+def default_modes() -> tuple[int, int]:
+    """(directory, file) permissions new files get here: 0o777 / 0o666 less the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o777 & ~umask, 0o666 & ~umask
 
 
 def _fsync(path: Path) -> None:
@@ -77,8 +110,10 @@ def save_checkpoint(
     try:
         ema.store(model.parameters())
         ema.copy_to(model.parameters())
-        model.save_pretrained(tmp)
-        ema.restore(model.parameters())
+        try:
+            model.save_pretrained(tmp)
+        finally:
+            ema.restore(model.parameters())
         state_dir = tmp / TRAINING_STATE_DIR
         state_dir.mkdir()
         save_file(weights, state_dir / "model.safetensors")
@@ -94,23 +129,77 @@ def save_checkpoint(
         config.save(tmp / RUN_CONFIG_FILE)
         if vae_path is not None:
             (tmp / VAE_FILE).write_text(json.dumps({"path": str(vae_path)}))
+        files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        (tmp / MANIFEST_FILE).write_text(json.dumps({"format": 1, "files": files}, indent=1))
+        dir_mode, file_mode = default_modes()  # mkdtemp made it 0700
+        for path in [tmp, *tmp.rglob("*")]:
+            path.chmod(dir_mode if path.is_dir() else file_mode)
         _fsync_tree(tmp)
         if directory.exists():  # only when a step is saved twice; the older copy goes
             shutil.rmtree(directory)
         os.replace(tmp, directory)
         _fsync(directory.parent)
+    except Exception as err:  # the libraries raise their own types for a full disk or a file-size limit
+        raise OutputError(f"could not write the checkpoint {directory} ({' '.join(str(err).split())}); the earlier "
+                          f"checkpoints are untouched: free disk space (or raise the file-size limit) and run the same "
+                          f"command again to resume") from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return directory
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (a checkpoint directory exists only once complete)."""
+    """The checkpoints of a run, oldest first (a `step_*` directory exists only once written whole)."""
     root = run_dir / "checkpoints"
     if not root.is_dir():
         return []
-    found = [p for p in root.glob(f"{STEP_PREFIX}*") if p.is_dir() and (p / TEXT_ENCODER_FILE).is_file()]
-    return sorted(found, key=lambda p: p.name)
+    return sorted((p for p in root.glob(f"{STEP_PREFIX}*") if p.is_dir()), key=lambda p: p.name)
+
+
+def checkpoint_problem(checkpoint: Path, files: tuple[str, ...] = INFERENCE_FILES + TRAINING_FILES) -> str | None:
+    """Why `files` of a checkpoint cannot be used (missing, truncated or unparsable), or None if they can.
+
+    Sizes are checked against checkpoint.json; checkpoints written before it have their files opened.
+    """
+    manifest = checkpoint / MANIFEST_FILE
+    sizes = {}
+    if manifest.is_file():
+        try:
+            sizes = json.loads(manifest.read_text())["files"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return f"{manifest} is damaged"
+    for name in files:
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{path} is missing"
+        size = path.stat().st_size
+        if name in sizes and size != sizes[name]:
+            return f"{path} is truncated or damaged ({size} bytes, written as {sizes[name]})"
+        problem = _unreadable(path) if not sizes or path.suffix in (".json", ".yaml") else None
+        if problem:
+            return f"{path} cannot be read ({problem})"
+    return None
+
+
+def _unreadable(path: Path) -> str | None:
+    """Open one checkpoint file the way it will be loaded; the error, or None."""
+    import yaml
+    from safetensors import safe_open
+
+    try:
+        if path.suffix == ".json":
+            json.loads(path.read_text())
+        elif path.suffix == ".yaml":
+            yaml.safe_load(path.read_text())
+        elif path.suffix == ".safetensors":
+            with safe_open(path, "pt") as f:
+                for key in f.keys():
+                    f.get_tensor(key)
+        elif path.suffix == ".pt":
+            torch.load(path, weights_only=False, map_location="cpu")
+    except Exception as err:  # each library has its own error types for a damaged file
+        return " ".join(str(err).split())[:200] or type(err).__name__
+    return None
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:
@@ -133,16 +222,25 @@ def load_raw_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory, or a run directory (its newest checkpoint)."""
+    """A checkpoint directory, or a run directory (its newest checkpoint that can be sampled from)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if (path / TEXT_ENCODER_FILE).is_file():
+    if (path / TEXT_ENCODER_FILE).exists() or (path / MANIFEST_FILE).exists():
+        problem = checkpoint_problem(path, INFERENCE_FILES)
+        if problem:
+            raise ValueError(f"{problem}; this checkpoint cannot be used: point at another checkpoint of the run "
+                             f"(or at the run directory, which picks its newest good one)")
         return path
     found = list_checkpoints(path)
     if not found:
         raise FileNotFoundError(f"{path} is neither a checkpoint nor a run directory with checkpoints/step_*")
-    return found[-1]
+    for checkpoint in reversed(found):
+        problem = checkpoint_problem(checkpoint, INFERENCE_FILES)
+        if problem is None:
+            return checkpoint
+        logger.warning("skipping %s: %s", checkpoint.name, problem)
+    raise ValueError(f"no checkpoint in {path} can be used (the newest: {checkpoint_problem(found[-1], INFERENCE_FILES)})")
 
 
 def rng_state(generator: torch.Generator) -> dict:
@@ -190,39 +288,58 @@ def resume_differences(saved, current) -> list[str]:
 def load_training_state(checkpoint: Path, model, ema, optimizer, scheduler, generator) -> dict:
     """Restore weights, EMA, optimizer, schedule and RNGs from a checkpoint; returns its state.json."""
     state_dir = checkpoint / TRAINING_STATE_DIR
-    model.load_state_dict(load_file(state_dir / "model.safetensors"))
-    shadow = load_file(state_dir / "ema.safetensors")
+
+    def load(name: str, read):
+        try:
+            return read(state_dir / name)
+        except Exception as err:  # one line naming the file, whatever the library raised
+            raise ValueError(f"{state_dir / name} cannot be read ({' '.join(str(err).split())[:200]}); resume from an "
+                             f"older checkpoint by moving this one aside") from None
+
+    def torch_file(path: Path):
+        # Loaded on the CPU whatever device wrote them: the optimizer moves its state to its parameters' device.
+        return torch.load(path, weights_only=False, map_location="cpu")
+
+    model.load_state_dict(load("model.safetensors", load_file))
+    shadow = load("ema.safetensors", load_file)
     if len(shadow) != len(ema.shadow_params):
         raise ValueError(f"{checkpoint} holds {len(shadow)} EMA tensors, the model has {len(ema.shadow_params)}")
     for i, p in enumerate(ema.shadow_params):
         p.data.copy_(shadow[str(i)])
-    # Loaded on the CPU whatever device wrote them: the optimizer moves its state to its parameters' device.
-    optimizer.load_state_dict(torch.load(state_dir / "optimizer.pt", weights_only=False, map_location="cpu"))
-    scheduler.load_state_dict(torch.load(state_dir / "scheduler.pt", weights_only=False, map_location="cpu"))
-    set_rng_state(torch.load(state_dir / "rng.pt", weights_only=False, map_location="cpu"), generator)
-    state = json.loads((state_dir / "state.json").read_text())
+    optimizer.load_state_dict(load("optimizer.pt", torch_file))
+    scheduler.load_state_dict(load("scheduler.pt", torch_file))
+    set_rng_state(load("rng.pt", torch_file), generator)
+    state = load("state.json", lambda path: json.loads(path.read_text()))
     ema.optimization_step = state["ema_optimization_step"]
     return state
 
 
 def newest_loadable(run_dir: Path, config) -> tuple[Path, object] | None:
-    """The newest checkpoint whose training state is complete (older ones are tried if the newest is damaged)."""
+    """The newest checkpoint a run can resume from, with its run config; None when the run has none.
+
+    A damaged checkpoint (a missing, truncated or unreadable file) falls back to the one before it. A
+    run whose checkpoints all are damaged, or one whose config this version cannot read, is an error:
+    training over it would delete what cannot be read.
+    """
     from .config import load_config
 
-    for checkpoint in reversed(list_checkpoints(run_dir)):
-        state_dir = checkpoint / TRAINING_STATE_DIR
-        needed = ["model.safetensors", "ema.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "state.json"]
-        missing = [n for n in needed if not (state_dir / n).is_file()]
-        if missing:
-            logger.warning("cannot resume from %s: it lacks %s (written by an older semroute?)", checkpoint, ", ".join(missing))
+    checkpoints = list_checkpoints(run_dir)
+    problems = []
+    for checkpoint in reversed(checkpoints):
+        problem = checkpoint_problem(checkpoint)
+        if problem is not None:
+            logger.warning("cannot resume from %s: %s; trying an older checkpoint", checkpoint.name, problem)
+            problems.append(problem)
             continue
         try:
             saved = load_config(checkpoint / RUN_CONFIG_FILE)
-            load_file(state_dir / "model.safetensors")  # reads the header and data: catches truncation
-        except Exception as err:  # a damaged checkpoint must not stop us from using an older good one
-            logger.warning("cannot resume from %s (%s); trying an older checkpoint", checkpoint, err)
-            continue
+        except ValueError as err:
+            raise ValueError(f"{checkpoint} cannot be read by this semroute ({err}); it was written by another version: "
+                             f"resume it with that version, or train into a new --out") from None
         return checkpoint, saved
+    if checkpoints:
+        raise ValueError(f"{run_dir} holds {len(checkpoints)} checkpoint(s) and none can be resumed (newest: {problems[0]}); "
+                         f"nothing was overwritten: restore them, or train into a new --out")
     return None
 
 

@@ -117,10 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     _runtime_arguments(p, precision_default=None, train=True)
 
     p = sub.add_parser("sample", help="generate images for a prompt", formatter_class=fmt)
-    p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint directory or run directory (newest checkpoint)")
+    p.add_argument("--checkpoint", type=Path, required=True,
+                   help="checkpoint directory, run directory (its newest good checkpoint) or exported pipeline directory")
     p.add_argument("--prompt", required=True, help="text prompt (empty string = unconditional)")
     p.add_argument("--out", type=Path, default=Path("samples.png"), help="output PNG grid")
-    _sampling_arguments(p, n_help="number of images", n_default=8, seed_help="noise seed")
+    _sampling_arguments(p, n_help="number of images", n_default=8, seed_help="noise seed (image k uses seed + k)")
     _runtime_arguments(p)
 
     p = sub.add_parser("routing", help="plot the learned block x LLM-layer weights", formatter_class=fmt)
@@ -220,6 +221,17 @@ def _config_for(path: Path | None, sets: list[str], precision: str | None = None
     return load_config(path or packaged_config(default), overrides)
 
 
+def _writer(out: Path):
+    """The lock that makes this process the only writer of `out` (the main one of an accelerate launch)."""
+    import os
+    from contextlib import nullcontext
+
+    from .fileio import OutputLock
+
+    # The launcher's RANK, read without setting up accelerate's state (each command does that its own way).
+    return OutputLock(out) if int(os.environ.get("RANK", "0")) == 0 else nullcontext()
+
+
 def _sampling_pipeline(args, checkpoint: Path | None = None):
     """The pipeline of --checkpoint on --device in --precision, sampling with --scheduler if given."""
     from .pipeline import load_pipeline
@@ -237,26 +249,30 @@ def cmd_train(args) -> None:
     report = (f"train.report_to={args.report_to}",) if args.report_to else ()
     config = _config_for(args.config, args.set, args.precision, extra=report)
     out = args.out or Path("runs") / args.config.stem
-    result = train(config, out, max_steps=args.max_steps, minutes=args.minutes, device=args.device)
+    with _writer(out):
+        result = train(config, out, max_steps=args.max_steps, minutes=args.minutes, device=args.device)
     print(f"trained {result.steps} steps, loss {result.final_loss:.4f}, {result.images_per_s:.0f} img/s; checkpoint {result.checkpoint}")
 
 
-def cmd_sample(args) -> None:
-    from tqdm.auto import tqdm
+MAX_GRID_IMAGES = 256  # `sample` draws one PNG grid; more images belong in sample-bench's folders
 
-    from .checkpoint import resolve_checkpoint
+
+def cmd_sample(args) -> None:
+    from .bench.sampling import sample_all
     from .plots import save_sample_grid
 
-    checkpoint = resolve_checkpoint(args.checkpoint)
+    if args.n > MAX_GRID_IMAGES:
+        raise ValueError(f"--n {args.n}: sample draws one grid of at most {MAX_GRID_IMAGES} images; for more, write them "
+                         f"as files with sample-bench")
     if args.out.suffix.lower() != ".png":
         raise ValueError(f"--out must be a .png file, got {args.out}")
-    pipeline = _sampling_pipeline(args, checkpoint)
+    pipeline = _sampling_pipeline(args)
+    # In batches, so that a large --n never holds more than one batch of activations; image k from seed + k.
+    images = sample_all(pipeline, [args.prompt], args.n, steps=args.steps, guidance_scale=args.cfg, shift=args.shift,
+                        seed=args.seed, batch_size=32, desc=f"sampling {args.n} images")
     settings = pipeline.sampling(args.steps, args.cfg, args.shift)
-    with tqdm(total=settings.scheduler_calls(), desc=f"sampling {args.n} images", unit="step") as bar:
-        images = pipeline.generate([args.prompt] * args.n, args.steps, args.cfg, args.shift, seed=args.seed,
-                                   on_step=lambda: bar.update(1))
     save_sample_grid(images, [args.prompt or "(unconditional)"], args.n, args.out,
-                     title=f"{checkpoint} cfg {settings.guidance_scale}")
+                     title=f"{args.checkpoint} cfg {settings.guidance_scale}")
     print(f"wrote {args.out}")
 
 
@@ -300,7 +316,8 @@ def cmd_ablate(args) -> None:
     seeds, minutes, n = args.seeds, args.minutes_per_run, args.n
     if args.quick:
         seeds, minutes, n = 1, QUICK_MINUTES, 2
-    result = run_ablation(base, args.out, strategies, seeds, minutes, n, max_steps=args.max_steps, device=args.device)
+    with _writer(args.out):
+        result = run_ablation(base, args.out, strategies, seeds, minutes, n, max_steps=args.max_steps, device=args.device)
     print((args.out / "table.md").read_text())
     print(f"wrote {args.out}/table.md, results.json, bars.png; claims agree: "
           f"{sum(c['agrees'] for c in result['claims'])}/{len(result['claims'])}")
@@ -310,8 +327,9 @@ def cmd_precompute(args) -> None:
     from .data.cache import precompute
 
     config = _config_for(args.config, args.set)
-    meta = precompute(config, args.out, shard_size=args.shard_size, dtype=args.dtype, batch_size=args.batch_size,
-                      device=args.device)
+    with _writer(args.out):
+        meta = precompute(config, args.out, shard_size=args.shard_size, dtype=args.dtype, batch_size=args.batch_size,
+                          device=args.device)
     if meta is not None:
         print(f"cached {meta['rows']} rows in {len(meta['shards'])} shards ({len(meta['skipped'])} images skipped) in "
               f"{args.out}; train on it with dataset: {{cache: {args.out}}}")
@@ -322,7 +340,9 @@ def cmd_sample_bench(args) -> None:
 
     prompts = read_prompts(args.bench, args.prompts)[: args.limit]
     pipeline = _sampling_pipeline(args)
-    report = sample_bench(pipeline, args.bench, prompts, args.out, args.n, args.steps, args.cfg, args.shift, args.seed, args.batch_size)
+    with _writer(args.out):
+        report = sample_bench(pipeline, args.bench, prompts, args.out, args.n, args.steps, args.cfg, args.shift, args.seed,
+                              args.batch_size)
     if report is not None:
         print(f"{report['written']} images written, {report['already_there']} already there, "
               f"{report['prompts']} prompts x {report['images_per_prompt']} in {args.out}")
@@ -337,11 +357,12 @@ def _process_device(spec: str):
 
 
 def cmd_export(args) -> None:
-    from .pipeline import load_pipeline
+    from .pipeline import export_pipeline, load_pipeline
 
-    if args.out.exists() and any(args.out.iterdir()):
-        raise ValueError(f"{args.out} exists and is not empty; choose a new directory")
-    load_pipeline(args.checkpoint).save_pretrained(args.out)
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+        raise ValueError(f"{args.out} exists and is not empty (or not a directory); choose a new directory")
+    with _writer(args.out):
+        export_pipeline(load_pipeline(args.checkpoint, device="cpu"), args.out)
     print(f"wrote a diffusers pipeline to {args.out}; load it with SemanticRoutingPipeline.from_pretrained({str(args.out)!r})")
 
 
@@ -349,7 +370,8 @@ def cmd_demo(args) -> int:
     from .demo import run_demo
 
     config = _config_for(args.config, args.set, args.precision, DEMO_CONFIG)
-    metrics, verdict = run_demo(config, args.out, max_steps=args.max_steps, minutes=args.minutes, device=args.device)
+    with _writer(args.out):
+        metrics, verdict = run_demo(config, args.out, max_steps=args.max_steps, minutes=args.minutes, device=args.device)
     print(json.dumps({k: round(metrics[k], 4) for k in ("count_accuracy", "colour_accuracy", "shape_accuracy", "exact_accuracy")}))
     print(verdict.text())
     print(f"wrote {args.out / 'samples.png'}, {args.out / 'routing.png'}, {args.out / 'metrics.json'}")
@@ -380,6 +402,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"semroute: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # permissions, a full or read-only disk: nothing already written is touched
+        from .checkpoint import OutputError
+
+        if isinstance(err, OutputError):
+            print(f"semroute: error: {err}", file=sys.stderr)
+            return 2
         where = f" ({err.filename})" if err.filename else ""
         print(f"semroute: error: {err.strerror or err}{where}; check the free space and permissions of the output "
               f"directory, or choose another one", file=sys.stderr)
@@ -394,6 +421,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("semroute: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:
+        from .checkpoint import TrainingStopped
+
+        if not isinstance(err, TrainingStopped):
+            raise
+        print(f"semroute: {err}", file=sys.stderr)
+        return 128 + err.signum
     return code or 0
 
 

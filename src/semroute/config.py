@@ -177,7 +177,9 @@ class RunConfig:
         return {**asdict(self), "model": self.model.overrides()}
 
     def save(self, path: Path) -> None:
-        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        from .fileio import write_text
+
+        write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 def _check_type(value, annotation, where: str):

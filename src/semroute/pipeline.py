@@ -13,6 +13,7 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput
 from .dit import SemanticRoutingDiT
 from .flow import RectifiedFlow, SampleConfig
 from .checkpoint import TEXT_ENCODER_FILE, VAE_FILE
+from .fileio import read_json
 from .features import NULL_PROMPT, PromptFeatures, encode_prompts
 from .latent import check_vae_matches, decode_latents, vae_downsample
 from .runtime import Precision, configure_device, resolve_device, resolve_precision
@@ -131,9 +132,13 @@ class SemanticRoutingPipeline(DiffusionPipeline):
         meta = path / TEXT_ENCODER_FILE
         if not meta.is_file():
             raise FileNotFoundError(f"{path} is not a semroute checkpoint (no {TEXT_ENCODER_FILE})")
-        stored = json.loads(meta.read_text())
-        stored.pop("resolved_layers", None)
-        config = TextEncoderConfig(**stored)
+        fix = "the checkpoint is damaged: use another checkpoint of the run"
+        stored = read_json(meta, "text encoder description", fix)
+        try:
+            stored.pop("resolved_layers", None)
+            config = TextEncoderConfig(**stored)
+        except (AttributeError, TypeError):
+            raise ValueError(f"text encoder description {meta} does not describe a text encoder; {fix}") from None
         if text_encoder is not None:
             config.model = text_encoder
         vae = None
@@ -141,7 +146,7 @@ class SemanticRoutingPipeline(DiffusionPipeline):
         if vae_meta.is_file():
             from .latent import load_vae
 
-            vae = load_vae(json.loads(vae_meta.read_text())["path"])
+            vae = load_vae(read_json(vae_meta, "VAE description", fix)["path"])
         transformer = load_transformer(path)
         device = resolve_device(device)
         configure_device(device)
@@ -282,6 +287,60 @@ def load_transformer(path: Path) -> SemanticRoutingDiT:
     return model.eval()
 
 
+EXPORT_MANIFEST = "semroute_export.json"
+
+
+def export_pipeline(pipeline: SemanticRoutingPipeline, out: Path) -> None:
+    """save_pretrained into a hidden sibling, record every file's size, then rename into place: a killed export
+    leaves no half-written pipeline, and a truncated file is found before loading."""
+    import os
+    import shutil
+    import tempfile
+
+    from .checkpoint import OutputError, default_modes
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        pipeline.save_pretrained(tmp)
+        files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        (tmp / EXPORT_MANIFEST).write_text(json.dumps({"format": 1, "files": files}, indent=1))
+        dir_mode, file_mode = default_modes()
+        for p in [tmp, *tmp.rglob("*")]:
+            p.chmod(dir_mode if p.is_dir() else file_mode)
+        if out.exists():
+            out.rmdir()  # empty (checked by the caller): replaced in one step
+        os.replace(tmp, out)
+    except OSError as err:
+        raise OutputError(f"could not write the pipeline {out} ({' '.join(str(err).split())}); nothing was left half-written: "
+                          f"free disk space or choose another --out") from err
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def pipeline_problem(path: Path) -> str | None:
+    """A missing or truncated file of a pipeline directory `export_pipeline` wrote, or None."""
+    manifest = path / EXPORT_MANIFEST
+    if not manifest.is_file():
+        return None  # not written by semroute's export: loading tells
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{manifest} is damaged"
+    for name, size in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{file} is missing"
+        if file.stat().st_size != size:
+            return f"{file} is truncated or damaged ({file.stat().st_size} bytes, written as {size})"
+        if file.suffix == ".json":
+            try:
+                json.loads(file.read_text())
+            except (OSError, ValueError) as err:
+                return f"{file} cannot be read ({err})"
+    return None
+
+
 def _saved_sampling(checkpoint: Path) -> SampleConfig:
     """The `sample:` section of a checkpoint's run config (checkpoints without one sample with the defaults)."""
     from .checkpoint import RUN_CONFIG_FILE
@@ -301,7 +360,14 @@ def load_pipeline(
     if (path / "model_index.json").is_file():
         device = resolve_device(device)
         configure_device(device)
-        pipe = SemanticRoutingPipeline.from_pretrained(path)
+        problem = pipeline_problem(path)
+        if problem:
+            raise ValueError(f"{problem}; export the checkpoint again into a new directory")
+        try:
+            pipe = SemanticRoutingPipeline.from_pretrained(path)
+        except Exception as err:  # diffusers and transformers raise many types for a damaged directory
+            raise ValueError(f"the pipeline in {path} cannot be loaded ({' '.join(str(err).split())[:200]}); "
+                             f"export the checkpoint again into a new directory") from None
         if device.type == "cuda":
             pipe.text_encoder.to(llm_dtype(device))
         pipe.precision = precision

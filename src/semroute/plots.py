@@ -24,17 +24,25 @@ def _save(fig, path: Path, title: str) -> Path:
     return path
 
 
+GRID_COLUMNS = 8  # images of one prompt wrap onto further rows past this
+
+
 def save_sample_grid(images: torch.Tensor, prompts: list[str], per_prompt: int, path: Path, title: str = "") -> Path:
-    """images: (len(prompts) * per_prompt, C, H, W) in [0, 1], grouped by prompt -> one row per prompt."""
-    rows = len(prompts)
-    fig, axes = plt.subplots(rows, per_prompt, figsize=(1.1 * per_prompt + 2.2, 1.1 * rows + 0.4), squeeze=False)
-    for r in range(rows):
-        for c in range(per_prompt):
-            ax = axes[r][c]
-            ax.imshow(images[r * per_prompt + c].permute(1, 2, 0).float().cpu().numpy(), interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-        axes[r][0].set_ylabel(prompts[r], rotation=0, ha="right", va="center", fontsize=8)
+    """images: (len(prompts) * per_prompt, C, H, W) in [0, 1], grouped by prompt -> rows of at most 8 per prompt."""
+    columns = min(per_prompt, GRID_COLUMNS)
+    rows_each = -(-per_prompt // columns)
+    rows = len(prompts) * rows_each
+    fig, axes = plt.subplots(rows, columns, figsize=(1.1 * columns + 2.2, 1.1 * rows + 0.4), squeeze=False)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.axis("off")
+    for p, prompt in enumerate(prompts):
+        for k in range(per_prompt):
+            ax = axes[p * rows_each + k // columns][k % columns]
+            ax.axis("on")
+            ax.imshow(images[p * per_prompt + k].permute(1, 2, 0).float().cpu().numpy(), interpolation="nearest")
+        axes[p * rows_each][0].set_ylabel(prompt, rotation=0, ha="right", va="center", fontsize=8)
     return _save(fig, path, title)
 
 

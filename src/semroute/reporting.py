@@ -8,6 +8,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .fileio import finite
+
 
 @dataclass
 class MetricsWindow:
@@ -32,7 +34,7 @@ class MetricsWindow:
                   "elapsed_s": now - started}
         if accelerator.is_main_process:
             with log_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(finite(record), allow_nan=False) + "\n")
         accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)  # trackers: main process only
         self.start, self.loss, self.images, self.steps = now, 0.0, 0, 0
         return record

@@ -7,7 +7,11 @@ log, checkpoint and preview until the budget is spent; the run's state lives in 
 from __future__ import annotations
 
 import logging
+import math
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,6 +24,7 @@ from tqdm.auto import tqdm
 from .checkpoint import (
     RUN_CONFIG_FILE,
     TrainingDiverged,
+    TrainingStopped,
     load_training_state,
     newest_loadable,
     prune_checkpoints,
@@ -33,7 +38,7 @@ from .config import RunConfig
 from .data.sources import BatchSource, build_source
 from .dit import SemanticRoutingDiT
 from .features import PromptFeatures, drop_captions
-from .fileio import write_json
+from .fileio import read_json, write_json
 from .flow import RectifiedFlow
 from .progress import Pace, log_pace
 from .reporting import MetricsWindow, check_tracker, flat_config
@@ -279,6 +284,38 @@ def _log(run: Run, state: TrainState, window: MetricsWindow, started: float) -> 
     return window.flush(run.accelerator, run.out_dir / "log.jsonl", state.step, extra, started)
 
 
+@contextmanager
+def stop_signals():
+    """SIGTERM (what schedulers send before a kill) and SIGINT ask the loop to stop at the next step boundary.
+
+    Yields the list of signals received; a second SIGINT interrupts at once.
+    """
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():  # handlers can only be set there
+        yield received
+        return
+
+    def handler(signum, frame):
+        if received and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield received
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _stop_signal(run: Run, received: list[int]) -> int | None:
+    """The signal every process stops for, or None (under several processes they agree through an all-reduce)."""
+    signum = received[0] if received else 0
+    if run.accelerator.num_processes > 1:
+        signum = int(run.accelerator.reduce(torch.tensor(signum, device=run.accelerator.device), reduction="max"))
+    return signum or None
+
+
 def _summary(run: Run, state: TrainState, window: MetricsWindow) -> dict:
     skipped = run.source.skipped()
     return {"steps": state.step, "final_loss": window.last_loss, "images_per_s": window.images_per_s,
@@ -286,6 +323,39 @@ def _summary(run: Run, state: TrainState, window: MetricsWindow) -> dict:
             "precision": run.precision.to_dict(), "device": str(run.accelerator.device), "cpu_capability": cpu_capability(),
             "processes": run.accelerator.num_processes, "skipped_images": len(skipped), "skipped": skipped,
             "checkpoint": str(run.last_checkpoint)}
+
+
+def _loop(run: Run, state: TrainState, batches: BatchStream, window: MetricsWindow, bar, pace: Pace, started: float,
+          max_steps: int, minutes: float | None, received: list[int]) -> None:
+    """Optimizer steps until the budget is spent; log, checkpoint and preview on their cadence; stop cleanly on a signal."""
+    t, accelerator = run.config.train, run.accelerator
+    while state.step < max_steps:
+        if minutes is not None and time.perf_counter() - started > 60 * minutes:
+            logger.info("stopping at step %d: the %.1f-minute budget is spent", state.step, minutes)
+            break
+        losses, images = [], 0
+        for _ in range(t.gradient_accumulation_steps):
+            batch = next(batches)
+            loss, finite = train_step(accelerator, run.model, run.optimizer, run.scheduler, run.ema, run.flow, run.source,
+                                      batch, run.generator, t.grad_clip)
+            losses.append(loss)
+            images += len(batch[0]) * accelerator.num_processes
+        state.step += 1
+        pace.update(state.step)
+        _count_step(run, state, losses, finite, images, window)
+        if state.step % t.log_every == 0 or state.step == max_steps:
+            record = _log(run, state, window, started)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}", H=f"{record['fusion_entropy']:.3f}")
+        bar.update(1)
+        if state.step % t.checkpoint_every == 0 and accelerator.is_main_process:
+            _save(run, state)
+            _preview(run, state)
+        signum = _stop_signal(run, received)
+        if signum is not None:
+            if accelerator.is_main_process and run.last_checkpoint != run.out_dir / "checkpoints" / f"step_{state.step:06d}":
+                _save(run, state)
+            accelerator.wait_for_everyone()
+            raise TrainingStopped(signum, state.step, run.last_checkpoint)
 
 
 def train(
@@ -349,36 +419,24 @@ def train(
     pace = Pace(state.step, max_steps, minutes, (on_pace or log_pace) if accelerator.is_main_process else None)
     batches = BatchStream(run, state)
     run.model.train()
-    while state.step < max_steps:
-        if minutes is not None and time.perf_counter() - started > 60 * minutes:
-            logger.info("stopping at step %d: the %.1f-minute budget is spent", state.step, minutes)
-            break
-        losses, images = [], 0
-        for _ in range(t.gradient_accumulation_steps):
-            batch = next(batches)
-            loss, finite = train_step(accelerator, run.model, run.optimizer, run.scheduler, run.ema, run.flow, run.source,
-                                      batch, run.generator, t.grad_clip)
-            losses.append(loss)
-            images += len(batch[0]) * accelerator.num_processes
-        state.step += 1
-        pace.update(state.step)
-        _count_step(run, state, losses, finite, images, window)
-        if state.step % t.log_every == 0 or state.step == max_steps:
-            record = _log(run, state, window, started)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}", H=f"{record['fusion_entropy']:.3f}")
-        bar.update(1)
-        if state.step % t.checkpoint_every == 0 and accelerator.is_main_process:
-            _save(run, state)
-            _preview(run, state)
+    with stop_signals() as received:
+        try:
+            _loop(run, state, batches, window, bar, pace, started, max_steps, minutes, received)
+        finally:
+            bar.close()  # before any error line, so that the error is the last thing printed
     if window.steps:
         _log(run, state, window, started)
-    bar.close()
     final = run.out_dir / "checkpoints" / f"step_{state.step:06d}"
     if accelerator.is_main_process and run.last_checkpoint != final:
         _save(run, state)
     run.last_checkpoint = final
     summary = _summary(run, state, window)
-    if accelerator.is_main_process:
+    finished_before = state.step == pace.first_step and (out_dir / "summary.json").is_file()
+    if finished_before:  # nothing was trained now: the summary of the session that did stays
+        logger.info("%s had already trained %d steps; its summary.json is kept", out_dir, state.step)
+        summary = read_json(out_dir / "summary.json", "run summary", "delete it to have it written again")
+        window.last_loss, window.images_per_s = summary.get("final_loss") or math.nan, summary.get("images_per_s") or 0.0
+    elif accelerator.is_main_process:
         write_json(out_dir / "summary.json", summary)
         if summary["skipped_images"]:
             logger.warning("%d images were skipped (missing or unreadable); listed in %s", summary["skipped_images"],

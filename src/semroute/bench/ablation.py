@@ -81,7 +81,10 @@ def run_ablation(
                           run_dir, device, progress)
                 continue
             if run_dir.exists():
-                found = newest_loadable(run_dir, config)
+                try:
+                    found = newest_loadable(run_dir, config)
+                except ValueError:  # unreadable by this version, or every checkpoint damaged: moved aside below
+                    found = None
                 if found is not None and not resume_differences(found[1], config):
                     logger.info("%s seed %d: resuming the interrupted run from %s", sid, seed, found[0].name)
                 else:

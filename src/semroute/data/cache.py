@@ -9,6 +9,7 @@ precompute resumes at the first missing shard.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -25,15 +26,34 @@ from ..fileio import write_json
 logger = logging.getLogger(__name__)
 
 CACHE_META = "cache.json"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the recipe names the source by content and the shard size
 CACHE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def cache_recipe(encoder, dataset_config, vae, dtype: str) -> dict:
-    """Everything that decides what a cached row holds."""
+def source_identity(dataset_config) -> dict:
+    """Which data a cache was made from, by content: the manifest's or the saved dataset's files hashed."""
+    d = dataset_config
+    if d.manifest is not None:
+        files = [Path(d.manifest).expanduser()]
+        kind, path = "manifest", d.manifest
+    else:
+        root = Path(d.hf_dataset).expanduser()
+        files = sorted(root.glob("*.json"))  # state.json carries the dataset's fingerprint
+        kind, path = "hf_dataset", d.hf_dataset
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.read_bytes())
+    return {"kind": kind, "path": str(path), "sha256": digest.hexdigest(), "image_root": d.image_root,
+            "image_key": d.image_key, "text_key": d.text_key}
+
+
+def cache_recipe(encoder, dataset_config, vae, dtype: str, shard_size: int | None = None) -> dict:
+    """Everything that decides what a cached row holds, and which rows are in which shard."""
     from ..latent import vae_factors
 
     recipe = {
+        "source": source_identity(dataset_config),
+        "shard_size": shard_size,
         "version": CACHE_VERSION,
         "text_model": encoder.config.model,
         "text_layers": list(encoder.layers),
@@ -96,7 +116,7 @@ def precompute(config, out: Path, shard_size: int = 1024, dtype: str = "auto", b
             dtype = resolve_precision(config.train.mixed_precision, device).name
     encoder = encoder or TextEncoder(config.text_encoder, device=device)
     vae = load_vae(d.vae).to(device) if d.vae else None
-    recipe = cache_recipe(encoder, d, vae, dtype)
+    recipe = cache_recipe(encoder, d, vae, dtype, shard_size)
     meta_path = out / CACHE_META
     found = _read_meta(meta_path)
     if found is not None:
@@ -104,7 +124,7 @@ def precompute(config, out: Path, shard_size: int = 1024, dtype: str = "auto", b
         if differences:
             raise ValueError(f"{out} holds a cache made another way ({'; '.join(differences)}); "
                              f"precompute into a new directory instead of mixing")
-        if found.get("complete"):
+        if found.get("complete") and cache_problem(out, found) is None:
             logger.info("%s is already a complete cache of %d rows", out, found["rows"])
             return found
     if state.is_main_process:
@@ -160,12 +180,13 @@ def precompute(config, out: Path, shard_size: int = 1024, dtype: str = "auto", b
             rows = f.get_slice("mask").get_shape()[0]
             skipped.update(json.loads((f.metadata() or {}).get("skipped", "{}")))
         if rows:
-            shards.append({"file": name, "rows": rows})
+            shards.append({"file": name, "rows": rows, "bytes": (out / name).stat().st_size})
     h, m = encoder([NULL_PROMPT])
     h, m = _pad(LayerFusion.normalize(h).transpose(0, 1), m, length)
     save_file({"text": h[0].to("cpu", store).contiguous(), "mask": m[0].cpu().contiguous()}, out / "null.safetensors")
     rows = sum(shard["rows"] for shard in shards)
-    meta = {"recipe": recipe, "complete": True, "rows": rows, "shards": shards, "skipped": skipped}
+    meta = {"recipe": recipe, "complete": True, "rows": rows, "shards": shards, "skipped": skipped,
+            "null_bytes": (out / "null.safetensors").stat().st_size}
     write_json(meta_path, meta)
     logger.info("cached %d rows in %d shards (%d images skipped) in %s", rows, len(shards), len(skipped), out)
     return meta
@@ -188,13 +209,36 @@ def _read_meta(path: Path) -> dict | None:
 
 
 def read_cache_meta(path: Path) -> dict:
+    from ..fileio import read_json
+
     meta_path = path / CACHE_META
     if not meta_path.is_file():
         raise FileNotFoundError(f"{path} is not a semroute cache (no {CACHE_META}); make one with `semroute precompute`")
-    meta = json.loads(meta_path.read_text())
+    meta = read_json(meta_path, "cache description", "the cache is damaged: precompute it again into a new directory")
+    if not isinstance(meta, dict) or not isinstance(meta.get("recipe"), dict) or not isinstance(meta.get("shards", []), list):
+        raise ValueError(f"{meta_path} is not a semroute cache description; precompute the cache again into a new directory")
     if not meta.get("complete"):
         raise ValueError(f"the cache in {path} is incomplete; run `semroute precompute` again to finish it")
     return meta
+
+
+def cache_problem(path: Path, meta: dict) -> str | None:
+    """A missing, truncated or unreadable file of a complete cache, or None."""
+    files = [(s.get("file"), s.get("bytes"), s.get("rows")) for s in meta["shards"]] + [("null.safetensors", meta.get("null_bytes"), None)]
+    for name, size, rows in files:
+        file = path / str(name)
+        if not file.is_file():
+            return f"{file} is missing"
+        if size is not None and file.stat().st_size != size:
+            return f"{file} is truncated or damaged ({file.stat().st_size} bytes, written as {size})"
+        try:
+            with safe_open(file, "pt") as f:
+                found = f.get_slice("mask").get_shape()[0] if rows is not None else None
+        except Exception as err:  # safetensors raises its own error type for a damaged file
+            return f"{file} cannot be read ({' '.join(str(err).split())[:160]})"
+        if rows is not None and found != rows:
+            return f"{file} holds {found} rows, the cache description says {rows}"
+    return None
 
 
 class CachedDataset(torch.utils.data.Dataset):
@@ -203,6 +247,10 @@ class CachedDataset(torch.utils.data.Dataset):
     def __init__(self, path: str | Path):
         self.path = Path(path).expanduser()
         self.meta = read_cache_meta(self.path)
+        problem = cache_problem(self.path, self.meta)
+        if problem:
+            raise ValueError(f"{problem}; delete the damaged file and run `semroute precompute` again with the same config "
+                             f"(it redoes only what is missing)")
         self.index = [(s["file"], j) for s in self.meta["shards"] for j in range(s["rows"])]
         if not self.index:
             raise ValueError(f"the cache in {self.path} has no rows")

@@ -1,0 +1,282 @@
+"""Real faults, on real files: a full disk (a small tmpfs), a file-size limit, a read-only disk, SIGTERM,
+and damaged (truncated, zero-byte, corrupted) copies of every file a checkpoint, cache or pipeline holds.
+
+Nothing here mocks the fault it survives. A tmpfs needs the right to mount (root here and in CI); without
+it those tests skip and say so, and the file-size-limit test (a real RLIMIT_FSIZE) still covers a write
+that the disk refuses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from semroute.checkpoint import (
+    MANIFEST_FILE,
+    checkpoint_problem,
+    default_modes,
+    list_checkpoints,
+    newest_loadable,
+)
+from semroute.cli import main
+from semroute.config import load_config
+
+from .conftest import tiny_run_config
+from .test_bad_inputs import assert_answered, run_cli, snapshot
+
+
+@contextlib.contextmanager
+def tmpfs(where: Path, size: str, read_only: bool = False):
+    where.mkdir(parents=True, exist_ok=True)
+    options = f"size={size}" + (",ro" if read_only else "")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True, text=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}); the RLIMIT_FSIZE test covers refused writes")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def write_config(tmp_path: Path, tiny_llama_dir: Path, **train) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tiny_run_config(tiny_llama_dir, **train)))
+    return path
+
+
+def test_full_disk_while_checkpointing_keeps_every_checkpoint_and_resumes(tiny_llama_dir, tmp_path, capsys):
+    config = write_config(tmp_path, tiny_llama_dir, max_steps=12, checkpoint_every=2, keep_checkpoints=10)
+    with tmpfs(tmp_path / "disk", "3m") as disk:  # two checkpoints of about 1.2 MB fit, the third does not
+        code, err = run_cli(capsys, ["train", "--config", str(config), "--out", str(disk / "run"), "--device", "cpu"])
+        assert_answered(code, err, "No space left on device")
+        assert "earlier checkpoints are untouched" in err
+        good = list_checkpoints(disk / "run")
+        assert good and all(checkpoint_problem(c) is None for c in good)
+        assert not list((disk / "run" / "checkpoints").glob(".*"))  # no half-written checkpoint left behind
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        assert main(["train", "--config", str(config), "--out", str(disk / "run"), "--device", "cpu"]) == 0
+        assert json.loads((disk / "run" / "summary.json").read_text())["steps"] == 12
+
+
+def test_read_only_output_is_one_line(tiny_llama_dir, tmp_path, capsys):
+    config = write_config(tmp_path, tiny_llama_dir, max_steps=2)
+    with tmpfs(tmp_path / "ro", "1m", read_only=True) as disk:
+        code, err = run_cli(capsys, ["train", "--config", str(config), "--out", str(disk / "run")])
+        assert_answered(code, err, "Read-only file system")
+
+
+def test_file_size_limit_while_checkpointing_is_one_line(tiny_llama_dir, tmp_path):
+    """A real RLIMIT_FSIZE in a child process: the first weights file (230 kB) is refused by the kernel."""
+    config = write_config(tmp_path, tiny_llama_dir, max_steps=4, checkpoint_every=2)
+
+    def limit():
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a refused write raises EFBIG instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+    done = subprocess.run([sys.executable, "-m", "semroute", "train", "--config", str(config), "--out", str(tmp_path / "run"),
+                           "--device", "cpu"], preexec_fn=limit, capture_output=True, text=True, timeout=300)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "File too large" in lines[-1] and "could not write the checkpoint" in lines[-1]
+    assert not list_checkpoints(tmp_path / "run") and not list((tmp_path / "run" / "checkpoints").glob(".*"))
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tiny_llama_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """A finished run with checkpoints at steps 2 and 4, and its config file."""
+    root = tmp_path_factory.mktemp("faults")
+    config = write_config(root, tiny_llama_dir, max_steps=4, checkpoint_every=2, keep_checkpoints=5)
+    assert main(["train", "--config", str(config), "--out", str(root / "run"), "--device", "cpu"]) == 0
+    return root / "run", config
+
+
+DAMAGES = {
+    "truncated": lambda data: data[: len(data) // 2],
+    "zero-byte": lambda data: b"",
+    "corrupted": lambda data: b"{[ not: json, nor yaml",  # for the text files
+}
+
+
+def damaged_copies(run: Path, tmp_path: Path):
+    """(label, copy of the run with one file of its newest checkpoint damaged, that file) for every file and damage."""
+    newest = list_checkpoints(run)[-1]
+    for file in sorted(p for p in newest.rglob("*") if p.is_file()):
+        rel = file.relative_to(run)
+        for name, damage in DAMAGES.items():
+            if name == "corrupted" and file.suffix not in (".json", ".yaml"):
+                continue
+            copy = tmp_path / f"{rel.as_posix().replace('/', '_')}-{name}"
+            shutil.copytree(run, copy)
+            (copy / rel).write_bytes(damage((copy / rel).read_bytes()))
+            yield f"{rel} {name}", copy, copy / rel
+
+
+def test_every_damaged_checkpoint_file_falls_back_to_the_previous_checkpoint(two_checkpoints, tmp_path, caplog):
+    run, config_path = two_checkpoints
+    config = load_config(run / "run_config.yaml")
+    cases = 0
+    for label, copy, file in damaged_copies(run, tmp_path):
+        caplog.clear()
+        found = newest_loadable(copy, config)
+        assert found is not None and found[0].name == "step_000002", label
+        assert file.name in caplog.text, label  # the warning names the damaged file
+        cases += 1
+    assert cases >= 20  # 12 files, truncated and zero-byte each, and the text files corrupted
+
+
+def test_a_damaged_newest_checkpoint_resumes_from_the_one_before(two_checkpoints, tmp_path):
+    run, config_path = two_checkpoints
+    shutil.copytree(run, tmp_path / "run")
+    (tmp_path / "run" / "checkpoints" / "step_000004" / "training_state" / "optimizer.pt").write_bytes(b"")
+    assert main(["train", "--config", str(config_path), "--out", str(tmp_path / "run"), "--max-steps", "6"]) == 0
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 6 and json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 6
+
+
+def test_sampling_a_damaged_checkpoint_is_one_line_naming_the_file(two_checkpoints, tmp_path, capsys):
+    run, _ = two_checkpoints
+    cases = 0
+    for label, copy, file in damaged_copies(run, tmp_path):
+        if file.parent.name == "training_state":  # sampling does not read the training state
+            continue
+        checkpoint = file.parent if file.parent.name.startswith("step_") else file.parent.parent
+        code, err = run_cli(capsys, ["sample", "--checkpoint", str(checkpoint), "--prompt", "one red square",
+                                     "--out", str(tmp_path / "s.png")])
+        assert_answered(code, err, file.name)
+        # The run directory skips the damaged checkpoint and samples the one before.
+        assert main(["sample", "--checkpoint", str(copy), "--prompt", "one red square", "--n", "1", "--steps", "1",
+                     "--out", str(tmp_path / "s.png")]) == 0, label
+        cases += 1
+    assert cases >= 10
+
+
+def test_a_run_that_cannot_be_read_is_refused_never_restarted(two_checkpoints, tmp_path, capsys):
+    run, config_path = two_checkpoints
+    # Every checkpoint damaged: nothing to resume from, and nothing may be overwritten.
+    shutil.copytree(run, tmp_path / "broken")
+    for checkpoint in list_checkpoints(tmp_path / "broken"):
+        (checkpoint / "training_state" / "model.safetensors").write_bytes(b"")
+    before = snapshot(tmp_path / "broken")
+    code, err = run_cli(capsys, ["train", "--config", str(config_path), "--out", str(tmp_path / "broken")])
+    assert_answered(code, err, "none can be resumed")
+    assert snapshot(tmp_path / "broken") == before
+    # Checkpoints from a version that knows a config key this one does not (their sizes consistent).
+    shutil.copytree(run, tmp_path / "future")
+    for checkpoint in list_checkpoints(tmp_path / "future"):
+        run_config = checkpoint / "run_config.yaml"
+        run_config.write_text(run_config.read_text().replace("train:\n", "train:\n  future_option: 1\n"))
+        manifest = json.loads((checkpoint / MANIFEST_FILE).read_text())
+        manifest["files"]["run_config.yaml"] = run_config.stat().st_size
+        (checkpoint / MANIFEST_FILE).write_text(json.dumps(manifest))
+    before = snapshot(tmp_path / "future")
+    code, err = run_cli(capsys, ["train", "--config", str(config_path), "--out", str(tmp_path / "future")])
+    assert_answered(code, err, "cannot be read by this semroute")
+    assert snapshot(tmp_path / "future") == before
+
+
+def test_rerunning_a_finished_run_keeps_its_summary(two_checkpoints, tmp_path):
+    run, config_path = two_checkpoints
+    shutil.copytree(run, tmp_path / "run")
+    before = (tmp_path / "run" / "summary.json").read_text()
+    assert main(["train", "--config", str(config_path), "--out", str(tmp_path / "run")]) == 0
+    assert (tmp_path / "run" / "summary.json").read_text() == before
+    summary = json.loads(before)
+    assert summary["final_loss"] > 0 and summary["images_per_s"] > 0  # real figures, valid JSON (no NaN)
+
+
+def test_checkpoints_get_the_users_normal_permissions(two_checkpoints):
+    run, _ = two_checkpoints
+    dir_mode, file_mode = default_modes()
+    for path in [*list_checkpoints(run), *list_checkpoints(run)[-1].rglob("*")]:
+        assert path.stat().st_mode & 0o777 == (dir_mode if path.is_dir() else file_mode), path
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_in_one_line(tiny_llama_dir, tmp_path):
+    config = write_config(tmp_path, tiny_llama_dir, max_steps=100000, checkpoint_every=100000, log_every=1)
+    out = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-m", "semroute", "train", "--config", str(config), "--out", str(out),
+                                "--device", "cpu"], stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((out / "log.jsonl").is_file() and (out / "log.jsonl").read_text().count("\n") >= 3):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, err[-2000:]
+    last = [line for line in err.splitlines() if line.strip()][-1]
+    assert "stopped by SIGTERM at step" in last and "run the same command again to resume" in last
+    checkpoints = list_checkpoints(out)
+    assert len(checkpoints) == 1 and checkpoint_problem(checkpoints[0]) is None
+    step = int(checkpoints[0].name.split("_")[1])
+    assert f"step {step};" in last and step >= 3
+
+
+def test_a_second_writer_is_refused_naming_the_holder(two_checkpoints, tmp_path, capsys):
+    from semroute.fileio import OutputLock
+
+    run, config_path = two_checkpoints
+    with OutputLock(tmp_path / "run"):
+        code, err = run_cli(capsys, ["train", "--config", str(config_path), "--out", str(tmp_path / "run")])
+        assert_answered(code, err, f"another semroute process (pid {os.getpid()}) is writing to")
+        code, err = run_cli(capsys, ["export", "--checkpoint", str(run), "--out", str(tmp_path / "run")])
+        assert_answered(code, err, "is writing to")
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def damaged_files(directory: Path, tmp_path: Path, skip=()):
+    """(label, copy of `directory` with one file damaged, that file's copy) for every file and damage."""
+    for file in sorted(p for p in directory.rglob("*") if p.is_file() and p.name not in skip):
+        rel = file.relative_to(directory)
+        for name, damage in DAMAGES.items():
+            if name == "corrupted" and file.suffix not in (".json", ".yaml"):
+                continue
+            copy = tmp_path / f"{directory.name}-{rel.as_posix().replace('/', '_')}-{name}"
+            shutil.copytree(directory, copy)
+            (copy / rel).write_bytes(damage((copy / rel).read_bytes()))
+            yield f"{rel} {name}", copy, copy / rel
+
+
+def test_training_from_a_damaged_cache_is_one_line_naming_the_file(tiny_llama_dir, tiny_encoder, tmp_path, capsys):
+    from semroute.data.cache import precompute
+
+    from .conftest import write_image_folder
+    from .test_data import image_run_config
+
+    rows = write_image_folder(tmp_path / "data", n=7)
+    (tmp_path / "data" / "train.json").write_text(json.dumps(rows))
+    raw = image_run_config(tiny_llama_dir, {"manifest": str(tmp_path / "data" / "train.json")}, max_steps=1, batch_size=2)
+    precompute(load_config(raw), tmp_path / "cache", shard_size=4, dtype="fp32", progress=False, encoder=tiny_encoder)
+    cases = 0
+    for label, copy, file in damaged_files(tmp_path / "cache", tmp_path):
+        raw["dataset"] = {"cache": str(copy), "resolution": 16}
+        config = tmp_path / "cache.yaml"
+        config.write_text(yaml.safe_dump(raw))
+        code, err = run_cli(capsys, ["train", "--config", str(config), "--out", str(tmp_path / "run" / label.replace(" ", "-"))])
+        assert_answered(code, err, file.name)
+        cases += 1
+    assert cases >= 10  # cache.json (3 ways), null.safetensors and 3 shards (2 ways each)
+
+
+def test_a_damaged_exported_pipeline_is_one_line_naming_the_file(two_checkpoints, tmp_path, capsys):
+    run, _ = two_checkpoints
+    assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "pipe")]) == 0
+    assert [p.name for p in tmp_path.glob(".pipe*")] == [".pipe.lock"]  # written aside, then renamed: nothing left over
+    cases = 0
+    for label, copy, file in damaged_files(tmp_path / "pipe", tmp_path):
+        code, err = run_cli(capsys, ["sample", "--checkpoint", str(copy), "--prompt", "one red square", "--n", "1",
+                                     "--out", str(tmp_path / "s.png")])
+        assert_answered(code, err, file.name if file.name != "semroute_export.json" else "semroute_export.json")
+        cases += 1
+    assert cases >= 20
