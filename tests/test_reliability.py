@@ -18,13 +18,18 @@ from .conftest import tiny_run_config, write_image_folder
 
 
 def state_tensors(checkpoint) -> dict[str, torch.Tensor]:
-    """Raw weights, EMA and every optimizer state tensor of a checkpoint."""
+    """Raw weights, EMA, every optimizer state tensor and every saved RNG state of a checkpoint."""
     state = checkpoint / "training_state"
     tensors = {f"model.{k}": v for k, v in load_file(state / "model.safetensors").items()}
     tensors.update({f"ema.{k}": v for k, v in load_file(state / "ema.safetensors").items()})
     optimizer = torch.load(state / "optimizer.pt", weights_only=False)["state"]
     for i, s in optimizer.items():
         tensors.update({f"adam.{i}.{k}": torch.as_tensor(v) for k, v in s.items()})
+    rng = torch.load(state / "rng.pt", weights_only=False)
+    tensors["rng.generator"], tensors["rng.torch"] = rng["generator"], rng["torch"]
+    tensors["rng.python"] = torch.tensor(rng["python"][1])
+    tensors["rng.numpy"] = torch.as_tensor(rng["numpy"][1].astype("int64"))
+    tensors["rng.numpy_position"] = torch.tensor(rng["numpy"][2])
     return tensors
 
 

@@ -302,10 +302,24 @@ def cmd_eval(args) -> None:
     n = args.n or config.sample.images_per_prompt
     results = run_bench(pipeline, bench_prompts(config.data), n, args.steps, args.cfg, args.shift, args.seed)
     results["checkpoint"] = str(checkpoint)
+    _refuse_other_results(out, results)
     write_json(out, results)
     summary = {k: round(v, 4) for k, v in results["categories"].items()}
     print(json.dumps({**summary, "overall": round(results["overall"], 4), "fidelity": round(results["fidelity"], 4)}))
     print(f"wrote {out}")
+
+
+def _refuse_other_results(out: Path, results: dict) -> None:
+    """An existing results file of other settings is never overwritten (the same settings re-score it)."""
+    if not out.exists():
+        return
+    from .fileio import read_json
+
+    found = read_json(out, "results file", "move it away or pass another --out")
+    keys = ("version", "images_per_prompt", "sampling", "checkpoint")
+    differences = [k for k in keys if not isinstance(found, dict) or found.get(k) != results.get(k)]
+    if differences:
+        raise ValueError(f"{out} holds results of other settings ({', '.join(differences)} differ); pass another --out")
 
 
 def cmd_ablate(args) -> None:
@@ -350,9 +364,9 @@ def cmd_sample_bench(args) -> None:
 
 def _process_device(spec: str):
     """--device, except that under `accelerate launch` `auto` means this process's own device."""
-    from accelerate import PartialState
+    from .runtime import process_state
 
-    state = PartialState(cpu=spec == "cpu")
+    state = process_state(spec)
     return state.device if spec == "auto" and state.num_processes > 1 else spec
 
 

@@ -244,13 +244,19 @@ def resolve_precision(requested: str, device: torch.device | str = "cpu", ratio=
     return Precision("fp32", requested, f"bf16 measured {_speed_words(r)} on {where}")
 
 
-def training_precision(requested: str, device: str) -> Precision:
-    """The precision a training run uses; with several processes the main one measures first and the rest reuse its cache."""
+def process_state(device: str):
+    """accelerate's state of this process. A CPU-only machine is named as such: accelerate 1.15 asked for
+    `auto` there joins no process group under `accelerate launch --multi_gpu`, and every process thinks it is the main one."""
     from accelerate import PartialState
 
+    return PartialState(cpu=resolve_device(device).type == "cpu")
+
+
+def training_precision(requested: str, device: str) -> Precision:
+    """The precision a training run uses; with several processes the main one measures first and the rest reuse its cache."""
     if device not in ("auto", "cpu", "cuda", "mps"):
         raise ValueError(f"training takes --device auto, cpu, cuda or mps, got {device!r}; to pick one GPU of several "
                          f"set CUDA_VISIBLE_DEVICES (accelerate launch gives each process its own GPU)")
     kind = resolve_device(device).type
-    with PartialState(cpu=device == "cpu").main_process_first():
+    with process_state(device).main_process_first():
         return resolve_precision(requested, kind)

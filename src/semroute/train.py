@@ -42,7 +42,7 @@ from .fileio import read_json, write_json
 from .flow import RectifiedFlow
 from .progress import Pace, log_pace
 from .reporting import MetricsWindow, check_tracker, flat_config
-from .runtime import Precision, configure_device, cpu_capability, training_precision
+from .runtime import Precision, configure_device, cpu_capability, resolve_device, training_precision
 from .text_encoder import TextEncoder
 
 logger = logging.getLogger(__name__)
@@ -170,10 +170,17 @@ class BatchStream:
         loader, state = self.run.loader, self.state
         while True:
             self.run.source.set_epoch(state.epoch)
+            usable, whole_epoch = 0, state.position == 0
             for batch in self.run.accelerator.skip_first_batches(loader, state.position) if state.position else loader:
                 state.position += 1
                 if batch is not None:
+                    usable += 1
                     yield batch
+            if usable == 0 and whole_epoch:  # a whole epoch of broken images would otherwise loop for ever
+                skipped = self.run.source.skipped()
+                example = next(iter(skipped.items()), ("-", "-"))
+                raise ValueError(f"epoch {state.epoch} held no usable image ({len(skipped)} skipped, e.g. {example[0]}: "
+                                 f"{example[1]}); fix or replace the images")
             state.epoch, state.position = state.epoch + 1, 0
 
     def __next__(self):
@@ -189,7 +196,7 @@ def _accelerator(config: RunConfig, out_dir: Path, device: str, precision: Preci
     # accelerate keeps one precision per process; a later run in the same process may want another.
     AcceleratorState._reset_state()
     accelerator = Accelerator(
-        cpu=device == "cpu",
+        cpu=resolve_device(device).type == "cpu",  # see runtime.process_state
         mixed_precision=precision.accelerate,
         # Our loop runs across epochs: an optimizer step is every k micro-batches, not at each epoch end.
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=t.gradient_accumulation_steps, sync_with_dataloader=False),

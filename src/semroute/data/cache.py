@@ -94,12 +94,10 @@ def precompute(config, out: Path, shard_size: int = 1024, dtype: str = "auto", b
     shard's own metadata, so a resumed or shared precompute reports all of them.
     dtype: storage precision; auto is the dtype `train.mixed_precision` resolves to on this machine.
     """
-    from accelerate import PartialState
-
     from ..fusion import LayerFusion
     from ..latent import encode_latents, load_vae
     from ..features import NULL_PROMPT
-    from ..runtime import configure_device, resolve_device, resolve_precision
+    from ..runtime import configure_device, process_state, resolve_device, resolve_precision
     from ..text_encoder import TextEncoder
     from .images import ImageCaptionDataset, to_training_tensor
 
@@ -108,7 +106,7 @@ def precompute(config, out: Path, shard_size: int = 1024, dtype: str = "auto", b
     d = config.dataset
     if d.manifest is None and d.hf_dataset is None:
         raise ValueError("precompute needs dataset.manifest or dataset.hf_dataset in the config")
-    state = PartialState(cpu=device == "cpu")
+    state = process_state(device)
     device = state.device if device == "auto" and state.num_processes > 1 else resolve_device(device)
     configure_device(device)
     if dtype == "auto":
@@ -133,7 +131,12 @@ def precompute(config, out: Path, shard_size: int = 1024, dtype: str = "auto", b
     state.wait_for_everyone()
 
     dataset = ImageCaptionDataset(d)
-    pairs = [(i, c) for i in range(len(dataset)) for c in dataset.captions_of(i)]
+    pairs = []
+    for i in range(len(dataset)):
+        captions = dataset.captions_of(i)
+        if not captions:
+            dataset.skips.add(f"row {i}", "every caption is empty", d.strict)
+        pairs += [(i, c) for c in captions]
     length = encoder.config.max_length
     store = CACHE_DTYPES[dtype]
     starts = list(range(0, len(pairs), shard_size))

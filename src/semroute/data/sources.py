@@ -52,6 +52,15 @@ class BatchSource(Protocol):
         """Prompts for sample grids at checkpoints, or None where the source has none."""
 
 
+def own_generator(seed: int) -> torch.Generator:
+    """A loader's own RNG: each new loader iterator draws its worker seed from it, not from torch's global RNG.
+
+    Otherwise a resumed run, which starts an extra iterator, ends with another global RNG state than an
+    uninterrupted one. Items never depend on the worker seed: they are functions of (seed, index, epoch).
+    """
+    return torch.Generator().manual_seed(seed + 7_919)
+
+
 class EpochShuffle(torch.utils.data.Sampler):
     """A permutation per epoch from (seed, epoch): the data order is a function of the step, for exact resume."""
 
@@ -85,7 +94,8 @@ class ShapesSource:
 
     def loader(self, batch_size: int, num_workers: int = 0) -> torch.utils.data.DataLoader:
         # Items are drawn from rng(seed, index): the order is already fixed, every epoch alike.
-        return torch.utils.data.DataLoader(self.dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+        return torch.utils.data.DataLoader(self.dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                           generator=own_generator(self.dataset.seed))
 
     def set_epoch(self, epoch: int) -> None:
         pass
@@ -120,6 +130,7 @@ class ImageSource:
             check_vae_matches(self.vae, model["in_channels"], model["sample_size"], d.resolution)
         self.sampler = EpochShuffle(len(self.dataset), config.train.seed)
         self.dtype = dtype
+        _check_usable(self.dataset)
         hidden, mask = encoder([NULL_PROMPT])
         self.null = (LayerFusion.normalize(hidden)[:, 0].to(dtype), mask[0])
 
@@ -129,7 +140,8 @@ class ImageSource:
     def loader(self, batch_size: int, num_workers: int = 0) -> torch.utils.data.DataLoader:
         _check_size(len(self.dataset), batch_size)
         return torch.utils.data.DataLoader(self.dataset, batch_size=batch_size, sampler=self.sampler, drop_last=True,
-                                           num_workers=num_workers, collate_fn=collate_skipping)
+                                           num_workers=num_workers, collate_fn=collate_skipping,
+                                           generator=own_generator(self.sampler.seed))
 
     def condition(self, batch, device):
         pixels, captions = batch
@@ -172,7 +184,7 @@ class CacheSource:
     def loader(self, batch_size: int, num_workers: int = 0) -> torch.utils.data.DataLoader:
         _check_size(len(self.dataset), batch_size)
         return torch.utils.data.DataLoader(self.dataset, batch_size=batch_size, sampler=self.sampler, drop_last=True,
-                                           num_workers=num_workers)
+                                           num_workers=num_workers, generator=own_generator(self.sampler.seed))
 
     def condition(self, batch, device):
         latents, text, mask = batch  # (B, C, h, w), (B, L, S, C), (B, S)
@@ -183,6 +195,18 @@ class CacheSource:
 
     def preview(self) -> None:
         return None
+
+
+PROBE_ITEMS = 32
+
+
+def _check_usable(dataset: ImageCaptionDataset) -> None:
+    """At least one of the first rows decodes and has a caption: a source of nothing is an error now, not a loop later."""
+    n = min(len(dataset), PROBE_ITEMS)
+    if not any(dataset.captions_of(i) and dataset.load_image(i) is not None for i in range(n)):
+        reasons = sorted(set(dataset.skips.skipped.values()))[:3]
+        raise ValueError(f"none of the first {n} rows of the dataset can be used ({'; '.join(reasons) or 'no caption'}); "
+                         f"check dataset.image_key / dataset.text_key and the image files")
 
 
 def _check_size(n: int, batch_size: int) -> None:
