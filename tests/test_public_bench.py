@@ -101,6 +101,38 @@ def test_bad_prompt_files_name_the_problem(tmp_path):
         read_prompts("genaibench", bad)
 
 
+@pytest.mark.parametrize("key", ["../../evil", "/tmp/evil", ".hidden", "a/b", "x" * 200, ""])
+def test_genaibench_ids_never_become_paths_outside_out(tmp_path, key):
+    bad = tmp_path / "genai.json"
+    bad.write_text(json.dumps({"00001": {"prompt": "a cat"}, key: {"prompt": "a dog"}}))
+    with pytest.raises(ValueError, match="ids become file names"):
+        read_prompts("genaibench", bad)
+
+
+def test_an_output_of_other_settings_is_refused_never_mixed(tmp_path):
+    drawbench = tmp_path / "drawbench.csv"
+    drawbench.write_text("Prompt,Category\nA red colored car.,Colors\nA blue cat.,Colors\n", encoding="utf-8")
+    prompts = read_prompts("drawbench", drawbench)
+    out = tmp_path / "draw"
+    sample_bench(CountingPipeline(), "drawbench", prompts, out, n=2, progress=False)
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    changes = {"n": {"n": 1}, "seed": {"seed": 7}, "prompts": {"prompts": prompts[:1]}}
+    for name, change in changes.items():
+        kwargs = {"prompts": prompts, "n": 2, **change}
+        with pytest.raises(ValueError, match=f"was sampled with other settings .*; sample into another --out"):
+            sample_bench(CountingPipeline(), "drawbench", kwargs.pop("prompts"), out, progress=False, **kwargs)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
+    (out / ".semroute-sampling.json").write_text("{not json")
+    with pytest.raises(ValueError, match="damaged: choose another --out"):
+        sample_bench(CountingPipeline(), "drawbench", prompts, out, n=2, progress=False)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="holds files but no .semroute-sampling.json"):
+        sample_bench(CountingPipeline(), "drawbench", prompts, foreign, n=1, progress=False)
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+
+
 @needs_shared
 def test_cli_sample_bench_and_export_from_a_trained_run(tmp_path, tiny_llama_dir, capsys):
     from semroute.pipeline import SemanticRoutingPipeline
@@ -115,6 +147,16 @@ def test_cli_sample_bench_and_export_from_a_trained_run(tmp_path, tiny_llama_dir
     assert main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "pipe")]) == 0
     pipe = SemanticRoutingPipeline.from_pretrained(tmp_path / "pipe")
     assert pipe("one red square", num_inference_steps=2).images[0].size == (12, 12)
+    # `sample` takes the exported directory as well as the run, and draws the same images from it.
+    for source, name in ((tmp_path / "pipe", "from_pipe.png"), (tmp_path / "run", "from_run.png")):
+        assert main(["sample", "--checkpoint", str(source), "--prompt", "one red square", "--n", "10", "--steps", "2",
+                     "--precision", "fp32", "--out", str(tmp_path / name)]) == 0
+    from semroute.bench.sampling import sample_all
+    from semroute.pipeline import load_pipeline
+
+    drawn = [sample_all(load_pipeline(source, device="cpu", precision="fp32"), ["one red square"], 3, steps=2, seed=5,
+                        batch_size=2) for source in (tmp_path / "pipe", tmp_path / "run")]
+    torch.testing.assert_close(drawn[0], drawn[1], rtol=0, atol=1e-5)
     capsys.readouterr()
     assert main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "pipe")]) == 2
     assert "not empty" in capsys.readouterr().err

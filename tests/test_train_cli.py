@@ -221,9 +221,15 @@ def test_sample_and_eval_default_to_the_runs_own_sample_settings(trained_run, tm
     sampling = json.loads(bench.read_text())["sampling"]
     s = config.sample
     assert (sampling["steps"], sampling["guidance_scale"], sampling["scheduler"]) == (s.steps, s.guidance_scale, s.scheduler)
-    assert main(["eval", "--checkpoint", str(out), "--n", "1", "--out", str(bench), "--cfg", "1.5", "--steps", "2",
-                 "--scheduler", "FlowMatchHeunDiscreteScheduler"]) == 0
-    sampling = json.loads(bench.read_text())["sampling"]
+    other = ["eval", "--checkpoint", str(out), "--n", "1", "--cfg", "1.5", "--steps", "2",
+             "--scheduler", "FlowMatchHeunDiscreteScheduler"]
+    first = bench.read_bytes()
+    capsys.readouterr()
+    assert main([*other, "--out", str(bench)]) == 2  # results of other settings are never overwritten
+    assert "holds results of other settings (sampling differ)" in capsys.readouterr().err
+    assert bench.read_bytes() == first
+    assert main([*other, "--out", str(tmp_path / "bench2.json")]) == 0
+    sampling = json.loads((tmp_path / "bench2.json").read_text())["sampling"]
     assert (sampling["steps"], sampling["guidance_scale"], sampling["scheduler"]) == (2, 1.5, "FlowMatchHeunDiscreteScheduler")
     got = SemanticRoutingPipeline.from_checkpoint(result.checkpoint, device="cpu").sampling()
     assert (got.scheduler, got.steps, got.guidance_scale, got.shift) == (s.scheduler, s.steps, s.guidance_scale, s.shift)

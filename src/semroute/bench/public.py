@@ -17,15 +17,18 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import dataclass
+import re
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 
 from ..data.images import parse_json, parse_jsonl, read_user_text
-from ..fileio import write_atomic
+from ..fileio import read_json, write_atomic, write_json
 from .sampling import batches, sample_batches
 
 BENCHES = ("geneval", "genaibench", "drawbench")
+SETTINGS_FILE = ".semroute-sampling.json"  # hidden: the scorers walk the folders, not the files beside them
+SAFE_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")  # a prompt id is a file name: nothing that climbs out
 
 
 @dataclass
@@ -50,6 +53,9 @@ def read_prompts(bench: str, path: Path) -> list[PublicPrompt]:
     elif bench == "genaibench":
         records = parse_json(text, str(path), dict, 'GenAI-Bench prompts are one object keyed by prompt id ("00001": {...})')
         for key in sorted(records):
+            if not SAFE_ID.fullmatch(str(key)):
+                raise ValueError(f"{path} has prompt id {str(key)!r:.60}; ids become file names, so they may hold only "
+                                 f"letters, digits, '.', '_' and '-' (and not start with '.')")
             record = records[key]
             if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
                 raise ValueError(f"{path} entry {key!r} has no string 'prompt'")
@@ -63,6 +69,22 @@ def read_prompts(bench: str, path: Path) -> list[PublicPrompt]:
     if not prompts:
         raise ValueError(f"prompt file {path} holds no prompts")
     return prompts
+
+
+def check_settings(path: Path, settings: dict) -> None:
+    """An output made with other sampling settings (or prompts) is refused: its images would answer another question."""
+    if not path.parent.exists():
+        return
+    if not path.is_file():
+        if any(path.parent.iterdir()):
+            raise ValueError(f"{path.parent} holds files but no {path.name}: it was not written by sample-bench; "
+                             f"choose another --out")
+        return
+    found = read_json(path, "sampling record", "it is damaged: choose another --out")
+    differences = sorted(k for k in set(found) | set(settings) if found.get(k) != settings.get(k))
+    if differences:
+        raise ValueError(f"{path.parent} was sampled with other settings ({', '.join(differences)} differ); "
+                         f"sample into another --out, or repeat the same settings to resume")
 
 
 def image_path(bench: str, out: Path, prompt: PublicPrompt, k: int) -> Path:
@@ -105,8 +127,14 @@ def sample_bench(pipeline, bench: str, prompts: list[PublicPrompt], out: Path, n
     from accelerate import PartialState
 
     state = PartialState()
+    sampling = asdict(pipeline.sampling(steps, guidance_scale, shift))
+    sampling.pop("images_per_prompt")  # n below
+    settings = {"bench": bench, "prompts": [p.prompt for p in prompts], "images_per_prompt": n, "seed": seed,
+                "batch_size": batch_size, **sampling}
+    check_settings(out / SETTINGS_FILE, settings)
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
+        write_json(out / SETTINGS_FILE, settings)
         write_metadata(bench, out, prompts, n)
     state.wait_for_everyone()  # everyone sees the same files before deciding what is missing
     missing = [[not image_path(bench, out, prompts[i], k).is_file() for i, k in jobs] for jobs in batches(len(prompts), n, batch_size)]

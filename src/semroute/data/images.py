@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +37,10 @@ class DatasetConfig:
     strict: bool = False  # a missing or corrupt image is an error instead of being skipped
     vae: str | None = None  # local AutoencoderKL directory; null trains in pixel space
     num_workers: int = 0
+    # Larger images are skipped and counted (a decompression bomb never reaches memory).
+    max_image_pixels: int = 64_000_000
+    # Manifest image paths must stay inside image_root (no ../ or absolute paths elsewhere) unless this is true.
+    allow_paths_outside_root: bool = False
 
     @property
     def active(self) -> bool:
@@ -50,23 +54,74 @@ class DatasetConfig:
             raise ValueError(f"dataset.resolution must be >= 8, got {self.resolution}")
         if self.num_workers < 0:
             raise ValueError(f"dataset.num_workers must be >= 0, got {self.num_workers}")
+        if self.resolution > 8192 or self.resolution ** 2 > self.max_image_pixels:
+            raise ValueError(f"dataset.resolution {self.resolution} is beyond 8192 or dataset.max_image_pixels; "
+                             f"train at a smaller resolution")
+        if self.max_image_pixels < 1:
+            raise ValueError(f"dataset.max_image_pixels must be >= 1, got {self.max_image_pixels}")
 
 
 class BadImageError(ValueError):
     """A missing or unreadable image in strict mode."""
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB from any mode: 16-bit and 32-bit integer images scaled from 0..65535, float images from 0..1."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        scale = 1.0 if image.mode == "F" else 65535.0
+        array = np.clip(np.nan_to_num(array / scale), 0.0, 1.0)
+        return Image.fromarray((array * 255).round().astype(np.uint8)).convert("RGB")
+    return image.convert("RGB")
+
+
 def to_training_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
-    """Resize the shorter side to `resolution` (bicubic), center-crop a square, scale to [-1, 1]: (3, R, R)."""
-    image = image.convert("RGB")
+    """Resize the shorter side to `resolution` (bicubic), center-crop a square, scale to [-1, 1]: (3, R, R).
+
+    An image whose resized long side would be huge (a 1 x 100000 strip) is resampled from the crop's box
+    of the original instead, so memory stays bounded (the result differs from two-step resizing by a few levels).
+    """
+    image = to_rgb(image)
     w, h = image.size
     scale = resolution / min(w, h)
     size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
-    image = image.resize(size, Image.BICUBIC)
     left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
-    image = image.crop((left, top, left + resolution, top + resolution))
+    if size[0] * size[1] <= 16 * resolution * resolution:
+        image = image.resize(size, Image.BICUBIC).crop((left, top, left + resolution, top + resolution))
+    else:
+        box = (left * w / size[0], top * h / size[1], (left + resolution) * w / size[0], (top + resolution) * h / size[1])
+        image = image.resize((resolution, resolution), Image.BICUBIC, box=box)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def open_image(path: Path, resolution: int, max_pixels: int) -> Image.Image:
+    """Decode an image file, at reduced size where the format allows (JPEG) and never past `max_pixels`.
+
+    Raises ValueError with why the file cannot be used. Pillow's plugins answer a malformed file with
+    many exception types; every one of them means "cannot be decoded" here.
+    """
+    try:
+        with Image.open(path) as image:
+            w, h = image.size
+            if w < 1 or h < 1 or w * h > max_pixels:
+                raise _TooLarge(f"{w} x {h} pixels is outside 1..dataset.max_image_pixels ({max_pixels})")
+            scale = resolution / min(w, h)
+            if scale <= 0.5:  # JPEG decodes at 1/2, 1/4 or 1/8 scale, never below the size asked for
+                image.draft("RGB", (max(resolution, round(w * scale)), max(resolution, round(h * scale))))
+            image.load()
+            return image.copy()
+    except _TooLarge as err:
+        raise ValueError(str(err)) from None
+    except Image.DecompressionBombError:
+        raise ValueError("a decompression bomb: its header claims more pixels than Pillow's limit "
+                         "(and than dataset.max_image_pixels)") from None
+    except Exception as err:  # noqa: BLE001 - see the docstring
+        raise ValueError(f"cannot be decoded ({err.__class__.__name__})") from None
 
 
 def read_user_text(path: Path, what: str) -> str:
@@ -102,6 +157,17 @@ def parse_json(text: str, what: str, expected: type, hint: str):
     return value
 
 
+def _inside(root: Path, name, where: str, allow_outside: bool) -> Path:
+    """The image path of a manifest row; one that leaves `root` (../, an absolute path) is an error unless allowed."""
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise ValueError(f"{where}: the image must be a non-empty path string, got {name!r:.120}")
+    path = root / name
+    if not allow_outside and not path.resolve().is_relative_to(root.resolve()):
+        raise ValueError(f"{where}: image {name!r:.120} lies outside image_root {root}; move it under image_root or set "
+                         f"dataset.allow_paths_outside_root: true")
+    return path
+
+
 def read_manifest(path: Path) -> list[dict]:
     """Rows of a .json list or a .jsonl file; errors name the file and line."""
     text = read_user_text(path, "manifest")
@@ -115,10 +181,16 @@ def read_manifest(path: Path) -> list[dict]:
 
 
 def _captions(value, where: str) -> list[str]:
+    """The usable captions of a row: strings, lone surrogates replaced (they cannot be tokenized), empty ones dropped.
+
+    A row whose every caption is empty gets none (the caller skips and counts it); a caption that is not
+    a string is an error naming the row.
+    """
     captions = [value] if isinstance(value, str) else value
     if not isinstance(captions, list) or not captions or not all(isinstance(c, str) for c in captions):
-        raise ValueError(f"{where}: the caption must be a string or a non-empty list of strings, got {value!r}")
-    return captions
+        raise ValueError(f"{where}: the caption must be a string or a non-empty list of strings, got {value!r:.120}")
+    cleaned = [c.encode("utf-8", "replace").decode("utf-8") for c in captions]
+    return [c for c in cleaned if c.strip()]
 
 
 @dataclass
@@ -163,11 +235,15 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
                         f"{where} needs keys {config.image_key!r} and {config.text_key!r} "
                         f"(set dataset.image_key / dataset.text_key), got {row!r:.120}"
                     )
-                image = root / str(row[config.image_key])
+                image = _inside(root, row[config.image_key], where, config.allow_paths_outside_root)
+                captions = _captions(row[config.text_key], where)
                 if not image.is_file():
                     self.skips.add(str(image), "file not found", config.strict)
                     continue
-                self.items.append((image, _captions(row[config.text_key], where)))
+                if not captions:
+                    self.skips.add(str(image), "every caption is empty", config.strict)
+                    continue
+                self.items.append((image, captions))
         elif config.hf_dataset is not None:
             self._hf = load_hf_dataset(config)
             self.items = [(i, None) for i in range(len(self._hf))]
@@ -182,33 +258,42 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         return len(self.items)
 
     def captions_of(self, index: int) -> list[str]:
+        """The row's usable captions (empty for a row of a saved dataset whose captions are all empty)."""
         source, captions = self.items[index]
         if captions is None:
-            captions = _captions(self._hf[source][self.config.text_key], f"dataset row {source}")
+            captions = _captions(self._hf[source][self.config.text_key], f"{self.config.hf_dataset} row {source}")
         return captions
 
     def load_image(self, index: int) -> Image.Image | None:
         source, _ = self.items[index]
         if self._hf is not None:
-            image = self._hf[source][self.config.image_key]
             name = f"{self.config.hf_dataset} row {source}"
-            if isinstance(image, Image.Image):
-                return image
-            self.skips.add(name, f"column {self.config.image_key!r} does not hold an image", self.config.strict)
-            return None
+            try:
+                image = self._hf[source][self.config.image_key]
+            except Exception as err:  # the datasets library decodes here and raises what PIL raised
+                self.skips.add(name, f"cannot be decoded ({err.__class__.__name__})", self.config.strict)
+                return None
+            if not isinstance(image, Image.Image):
+                self.skips.add(name, f"column {self.config.image_key!r} does not hold an image", self.config.strict)
+                return None
+            if image.width * image.height > self.config.max_image_pixels:
+                self.skips.add(name, f"{image.width} x {image.height} pixels is over dataset.max_image_pixels", self.config.strict)
+                return None
+            return image
         try:
-            with Image.open(source) as image:
-                image.load()
-                return image.copy()
-        except (UnidentifiedImageError, OSError) as err:
-            self.skips.add(str(source), f"cannot be decoded ({err.__class__.__name__})", self.config.strict)
+            return open_image(source, self.config.resolution, self.config.max_image_pixels)
+        except ValueError as err:
+            self.skips.add(str(source), str(err), self.config.strict)
             return None
 
     def __getitem__(self, index: int):
+        captions = self.captions_of(index)
+        if not captions:
+            self.skips.add(f"{self.config.hf_dataset} row {self.items[index][0]}", "every caption is empty", self.config.strict)
+            return None
         image = self.load_image(index)
         if image is None:
             return None
-        captions = self.captions_of(index)
         caption = captions[random.Random(hash((self.seed, index, self.epoch))).randrange(len(captions))]
         return to_training_tensor(image, self.config.resolution), caption
 
