@@ -81,6 +81,13 @@ FLAG_CASES = {
     "train --set unknown key": (["train", "--config", "{config}", "--set", "train.learning_rate=1"], "unknown config key train.learning_rate"),
     "sample --scheduler DDIMScheduler": (["sample", "--checkpoint", "{run}", "--prompt", "x", "--scheduler", "DDIMScheduler"],
                                          "not a diffusers flow-matching scheduler; valid: FlowMatch"),
+    "sample --cfg nan": (["sample", "--checkpoint", "{run}", "--prompt", "x", "--cfg", "nan"], "must be a finite number, got nan"),
+    "train --minutes inf": (["train", "--config", "{config}", "--minutes", "inf"], "must be a finite number, got inf"),
+    "sample --shift -inf": (["sample", "--checkpoint", "{run}", "--prompt", "x", "--shift=-inf"], "must be a finite number"),
+    "sample --seed -1": (["sample", "--checkpoint", "{run}", "--prompt", "x", "--seed", "-1"], "must be in 0..2147483647"),
+    "sample --seed 2**70": (["sample", "--checkpoint", "{run}", "--prompt", "x", "--seed", str(2**70)], "must be at most 2,147,483,647"),
+    "sample --steps 10**20": (["sample", "--checkpoint", "{run}", "--prompt", "x", "--steps", str(10**20)], "must be at most"),
+    "train --set train.lr=.nan": (["train", "--config", "{config}", "--set", "train.lr=.nan"], "train.lr must be a finite number"),
 }
 
 
@@ -118,6 +125,26 @@ CONFIG_CASES = {
     "two dataset sources": ({"dataset": {"manifest": "a.json", "cache": "c"}}, "set one of manifest, hf_dataset or cache"),
     "missing manifest": ({"dataset": {"manifest": "{tmp}/none.jsonl"}, "model": {"preset": "tiny", "sample_size": 256}}, "does not exist"),
     "cache without cache.json": ({"dataset": {"cache": "{tmp}"}, "model": {"preset": "tiny", "sample_size": 256}}, "not a semroute cache"),
+    "zero model width": ({"model": {"preset": "tiny", "sample_size": 12, "hidden_size": 0}}, "model.hidden_size must be a positive integer, got 0"),
+    "negative depth": ({"model": {"preset": "tiny", "sample_size": 12, "depth": -2}}, "model.depth must be a positive integer, got -2"),
+    "zero patch size": ({"model": {"preset": "tiny", "sample_size": 12, "patch_size": 0}}, "model.patch_size must be a positive integer"),
+    "heads that do not divide the width": ({"model": {"preset": "tiny", "sample_size": 12, "num_heads": 5}},
+                                           "/ num_heads 5 must give a whole head size divisible by 4"),
+    "NaN mlp ratio": ({"model": {"preset": "tiny", "sample_size": 12, "mlp_ratio": float("nan")}}, "model.mlp_ratio must be a finite number"),
+    "a model of 10^14 parameters": ({"model": {"preset": "tiny", "sample_size": 12, "hidden_size": 1_000_000, "num_heads": 1}},
+                                    "parameters; this is surely a typo"),
+    "NaN learning rate": ({"train": {"lr": float("nan")}}, "train.lr must be a finite number, got nan"),
+    "infinite guidance": ({"sample": {"guidance_scale": float("inf")}}, "sample.guidance_scale must be a finite number, got inf"),
+    "integer overflow": ({"train": {"max_steps": 10**30}}, "train.max_steps is out of range"),
+    "seed out of range": ({"train": {"seed": -1}}, "train.seed must be in 0..2147483647"),
+    "template with an unknown field": ({"text_encoder": {"template": "An image of {prompt} by {artist}"}},
+                                       "template has fields 'artist': only {prompt} is filled in"),
+    "template with an unbalanced brace": ({"text_encoder": {"template": "An image of {prompt"}}, "is not a valid format"),
+    "template with a bad format spec": ({"text_encoder": {"template": "An image of {prompt:zz}"}}, "cannot be filled in"),
+    "zero max length": ({"text_encoder": {"max_length": 0}}, "text_encoder.max_length must be in 1..32768"),
+    "max length past the LLM's positions": ({"text_encoder": {"max_length": 1000}}, "is beyond the 128 positions this LLM was trained on"),
+    "no colours": ({"data": {"colours": []}}, "data.colours must list some of"),
+    "tiny shapes canvas": ({"data": {"image_size": 2}}, "data.image_size must be in 8..1024"),
 }
 
 
@@ -143,6 +170,10 @@ FILE_CASES = {
     "config not UTF-8": (b"train: {lr: \xff}\n", "not valid UTF-8 YAML"),
     "config YAML syntax error": (b"train: [unclosed\n", "not valid UTF-8 YAML"),
     "config is a list": (b"- 1\n- 2\n", "must be a mapping"),
+    "YAML alias bomb": (("a: &a [x,x,x,x,x,x,x,x,x,x]\n" + "".join(f"{chr(98 + i)}: &{chr(98 + i)} [{','.join(['*' + chr(97 + i)] * 10)}]\n"
+                                                              for i in range(8))).encode(), "expands to more than 100,000 YAML nodes"),
+    "YAML alias to itself": (b"train: &t {lr: *t}\n", "refers to itself through an alias"),
+    "YAML nested 100,000 deep": (b"train: " + b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
 }
 
 

@@ -118,7 +118,7 @@ def test_captions_round_trip(task):
 
 
 def test_vocabulary_is_validated():
-    with pytest.raises(ValueError, match="unknown data.colours"):
+    with pytest.raises(ValueError, match="data.colours must list some of"):
         ShapesConfig(colours=["red", "teal"])
     with pytest.raises(ValueError, match="data.counts"):
         ShapesConfig(counts=[0, 1])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import warnings
 from importlib import resources
@@ -26,22 +27,42 @@ def packaged_config(name: str) -> Path:
     return Path(str(resources.files("semroute") / "configs" / name))
 
 
+INT_LIMIT = 2**31 - 1  # config.INT_LIMIT (not imported: --help stays light)
+
+
+def _number(text: str, kind: type):
+    """An int or a finite float from a flag; inf, nan and integers past INT_LIMIT are typos, not values."""
+    value = kind(text)
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    if kind is int and abs(value) > INT_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be at most {INT_LIMIT:,}, got {text:.40}")
+    return value
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _number(text, int)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
 
 
+def _seed(text: str) -> int:
+    value = _number(text, int)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be in 0..{INT_LIMIT}, got {value}")
+    return value
+
+
 def _positive_float(text: str) -> float:
-    value = float(text)
+    value = _number(text, float)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
     return value
 
 
 def _guidance(text: str) -> float:
-    value = float(text)
+    value = _number(text, float)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1 (1 disables guidance), got {value}")
     return value
@@ -78,7 +99,7 @@ def _sampling_arguments(parser: argparse.ArgumentParser, n_help: str, n_default:
     group.add_argument("--scheduler", default=None,
                        help="a diffusers flow-matching scheduler class, e.g. FlowMatchHeunDiscreteScheduler "
                             "(default: the checkpoint's sample.scheduler)")
-    group.add_argument("--seed", type=int, default=0, help=seed_help)
+    group.add_argument("--seed", type=_seed, default=0, help=seed_help)
     group.add_argument("--text-encoder", default=None,
                        help="the LLM to load instead of the path stored in a semroute checkpoint (the same model moved)")
     return group
@@ -407,6 +428,14 @@ def configure_logging() -> None:
     transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars on every model load
 
 
+OUT_OF_MEMORY = ("ran out of memory; lower train.batch_size (or raise gradient_accumulation_steps), the model size, "
+                 "--n or --batch-size; checkpoints already written are intact")
+
+
+# What CUDA, MPS and torch's CPU allocator say when an allocation fails.
+MEMORY_PHRASES = ("out of memory", "not enough memory", "can't allocate memory", "cannot allocate memory")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging()
@@ -425,13 +454,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"semroute: error: {err.strerror or err}{where}; check the free space and permissions of the output "
               f"directory, or choose another one", file=sys.stderr)
         return 2
+    except MemoryError:
+        print(f"semroute: error: {OUT_OF_MEMORY}", file=sys.stderr)
+        return 2
     except RuntimeError as err:
         from .checkpoint import TrainingDiverged
 
-        if not isinstance(err, TrainingDiverged):
-            raise
-        print(f"semroute: training stopped: {err}", file=sys.stderr)
-        return 3
+        if isinstance(err, TrainingDiverged):
+            print(f"semroute: training stopped: {err}", file=sys.stderr)
+            return 3
+        if any(phrase in str(err).lower() for phrase in MEMORY_PHRASES):
+            print(f"semroute: error: {OUT_OF_MEMORY} ({' '.join(str(err).split())[:160]})", file=sys.stderr)
+            return 2
+        raise
     except KeyboardInterrupt:
         print("semroute: interrupted", file=sys.stderr)
         return 130

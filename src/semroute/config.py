@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import re
+import reprlib
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -14,7 +16,7 @@ import yaml
 
 from .data.images import DatasetConfig
 from .data.shapes import ShapesConfig
-from .dit import DIT_PRESETS, SemanticRoutingDiT
+from .dit import DIT_PRESETS, SemanticRoutingDiT, check_dit_args
 from .flow import SampleConfig
 from .fusion import Strategy, check_strategy
 from .runtime import PRECISIONS, check_precision
@@ -25,6 +27,15 @@ DERIVED_MODEL_KEYS = ("text_dim", "num_text_layers")
 _YAML11_EXPONENT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 # accelerate trackers the training metrics can also go to (train.report_to).
 TRACKERS = ("none", "tensorboard", "wandb")
+# Every integer of a config fits a C int: larger ones are typos that would overflow or exhaust memory downstream.
+INT_LIMIT = 2**31 - 1
+MAX_SEED = INT_LIMIT
+# YAML aliases can make a small file expand into a huge document ("billion laughs"): a bound on its expanded nodes.
+MAX_YAML_NODES = 100_000
+_SHORT = reprlib.Repr()  # values as errors show them: short, whatever their size
+_SHORT.maxstring = _SHORT.maxother = 60
+_SHORT.maxlist = _SHORT.maxdict = 4
+_SHORT.maxlevel = 2
 
 
 @dataclass
@@ -51,6 +62,7 @@ class ModelConfig:
             raise ValueError(f"unknown model.preset {self.preset!r}; valid: {', '.join(DIT_PRESETS)}")
         if self.strategy is not None:
             self.strategy = check_strategy(self.strategy)
+        check_dit_args(**{k: v for k, v in self.overrides().items() if k != "preset"})
 
     def overrides(self) -> dict:
         """The keys this config sets explicitly (what a run config file holds under `model:`)."""
@@ -132,6 +144,8 @@ class TrainConfig:
             raise ValueError(f"train.threads must be >= 1 or null, got {self.threads}")
         if self.minutes is not None and self.minutes <= 0:
             raise ValueError(f"train.minutes must be > 0 or null, got {self.minutes}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"train.seed must be in 0..{MAX_SEED}, got {self.seed}")
         try:
             self.mixed_precision = check_precision(self.mixed_precision)
         except ValueError:
@@ -155,6 +169,7 @@ class RunConfig:
 
     def __post_init__(self):
         model = self.model.settings()
+        check_dit_args(**model)  # the preset and the overrides together (heads must divide the width)
         if self.dataset.active:
             if self.dataset.vae is None and self.dataset.cache is None:
                 if model["sample_size"] != self.dataset.resolution or model["in_channels"] != 3:
@@ -196,16 +211,20 @@ def _check_type(value, annotation, where: str):
     if origin is list:
         (item,) = typing.get_args(annotation)
         if not isinstance(value, list):
-            raise ValueError(f"{where} must be a list, got {value!r}")
+            raise ValueError(f"{where} must be a list, got {_SHORT.repr(value)}")
         return [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if annotation in (int, float) and isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT_LIMIT:
+        raise ValueError(f"{where} is out of range: {_SHORT.repr(value)} is beyond {INT_LIMIT:,}")
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
     if annotation is float and isinstance(value, str) and _YAML11_EXPONENT.match(value):
-        return float(value)  # YAML 1.1 reads 3e-4 (no dot) as a string
+        value = float(value)  # YAML 1.1 reads 3e-4 (no dot) as a string
+    if annotation is float and isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where} must be a finite number, got {value}")
     if annotation is dict and isinstance(value, dict):
         return value
     if not isinstance(value, annotation) or (annotation is int and isinstance(value, bool)):
-        raise ValueError(f"{where} must be of type {annotation.__name__}, got {value!r}")
+        raise ValueError(f"{where} must be of type {annotation.__name__}, got {_SHORT.repr(value)}")
     return value
 
 
@@ -216,7 +235,7 @@ def _shown(key) -> str:
 
 def _build(cls, data, where: str):
     if not isinstance(data, dict):
-        raise ValueError(f"{where or 'the config'} must be a mapping of keys to values, got {data!r}")
+        raise ValueError(f"{where or 'the config'} must be a mapping of keys to values, got {_SHORT.repr(data)}")
     hints = typing.get_type_hints(cls)
     fields = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -234,6 +253,50 @@ def _build(cls, data, where: str):
     return cls(**kwargs)
 
 
+def load_yaml(text: str, what: str):
+    """YAML (safe types only) whose aliases expand to at most MAX_YAML_NODES nodes; errors are one line naming `what`."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        size = _expanded_size(node, {}, set())
+        if size > MAX_YAML_NODES:
+            raise ValueError(f"{what} expands to more than {MAX_YAML_NODES:,} YAML nodes through its aliases (&/*); "
+                             f"write the values out instead")
+        return loader.construct_document(node)
+    except yaml.YAMLError as err:
+        raise ValueError(f"{what} is not valid UTF-8 YAML: {' '.join(str(err).split())}") from None
+    except RecursionError:
+        raise ValueError(f"{what} is nested too deeply or refers to itself through an alias") from None
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(node, sizes: dict, open_nodes: set) -> int:
+    """Nodes of the document once every alias is expanded, counted with each shared node measured once."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_nodes:
+        raise RecursionError  # an alias to a node that contains it
+    open_nodes.add(key)
+    size = 1
+    if isinstance(node, yaml.SequenceNode):
+        for child in node.value:
+            size += _expanded_size(child, sizes, open_nodes)
+            if size > MAX_YAML_NODES:
+                break
+    elif isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            size += _expanded_size(k, sizes, open_nodes) + _expanded_size(v, sizes, open_nodes)
+            if size > MAX_YAML_NODES:
+                break
+    open_nodes.discard(key)
+    sizes[key] = size
+    return size
+
+
 def load_config(source: Path | str | dict, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Load a RunConfig from a YAML file or a dict; every unknown key or wrong type is an error.
 
@@ -247,8 +310,8 @@ def load_config(source: Path | str | dict, overrides: list[str] | tuple[str, ...
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            data = load_yaml(path.read_text(encoding="utf-8"), f"config file {path}")
+        except UnicodeDecodeError as err:
             raise ValueError(f"config file {path} is not valid UTF-8 YAML: {' '.join(str(err).split())}") from None
         data = data or {}
     for override in overrides:
@@ -261,12 +324,9 @@ def _override(data, override: str) -> dict:
     key, sep, text = override.partition("=")
     if not sep or not key.strip():
         raise ValueError(f"--set takes section.key=value (e.g. model.strategy=depth), got {override!r}")
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ValueError(f"--set {override!r}: the value is not valid YAML ({' '.join(str(err).split())})") from None
+    value = load_yaml(text, f"--set {override!r}: the value")
     if not isinstance(data, dict):
-        raise ValueError(f"the config must be a mapping of keys to values, got {data!r}")
+        raise ValueError(f"the config must be a mapping of keys to values, got {_SHORT.repr(data)}")
     data = dict(data)
     node = data
     parts = key.strip().split(".")

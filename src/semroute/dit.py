@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -228,6 +229,37 @@ class RoutedContext:
     mask: torch.Tensor  # (B, S) bool
 
 
+# Far beyond any DiT that fits a machine (the paper's is 0.5B): a typo, not a model.
+MAX_PARAMETERS = 100e9
+
+
+def check_dit_args(**args) -> None:
+    """One-line errors for DiT sizes that parse but make no sense; `args` are SemanticRoutingDiT arguments (any subset)."""
+    for key in ("sample_size", "in_channels", "patch_size", "hidden_size", "depth", "num_heads", "text_dim",
+                "num_text_layers", "gate_hidden_dim"):
+        value = args.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"model.{key} must be a positive integer, got {value!r}")
+    ratio = args.get("mlp_ratio")
+    if ratio is not None and not (isinstance(ratio, (int, float)) and math.isfinite(ratio) and ratio > 0):
+        raise ValueError(f"model.mlp_ratio must be a finite number > 0, got {ratio!r}")
+    size, patch = args.get("sample_size"), args.get("patch_size")
+    if size is not None and patch is not None and size % patch:
+        raise ValueError(f"sample_size {size} is not divisible by patch_size {patch}")
+    width, heads = args.get("hidden_size"), args.get("num_heads")
+    if width is not None and heads is not None and (width % heads or (width // heads) % 4):
+        raise ValueError(f"hidden_size {width} / num_heads {heads} must give a whole head size divisible by 4 "
+                         f"(the 2D rotary embedding splits it in four), e.g. hidden_size 256 with num_heads 4")
+    conditioning = args.get("timestep_conditioning")
+    if conditioning is not None and conditioning not in TIMESTEP_CONDITIONING:
+        raise ValueError(f"unknown timestep_conditioning {conditioning!r}; valid: {', '.join(TIMESTEP_CONDITIONING)}")
+    if width is not None and args.get("depth") is not None:
+        estimate = args["depth"] * width * width * (4 + 2 * (ratio or 4.0) + 6)  # attention, MLP, cross-attention/adaLN
+        if estimate > MAX_PARAMETERS:
+            raise ValueError(f"model.depth {args['depth']} x hidden_size {width} makes a DiT of about {estimate:.1e} "
+                             f"parameters; this is surely a typo (limit {MAX_PARAMETERS:.0e})")
+
+
 class SemanticRoutingDiT(ModelMixin, ConfigMixin):
     """DiT conditioned on LLM layers fused per block by `LayerFusion` (strategy in the config)."""
 
@@ -252,14 +284,9 @@ class SemanticRoutingDiT(ModelMixin, ConfigMixin):
         gate_hidden_dim: int = 128,
     ):
         super().__init__()
-        if sample_size % patch_size:
-            raise ValueError(f"sample_size {sample_size} is not divisible by patch_size {patch_size}")
-        if hidden_size % num_heads or (hidden_size // num_heads) % 4:
-            raise ValueError(f"hidden_size {hidden_size} / num_heads {num_heads} must give a head size divisible by 4")
-        if timestep_conditioning not in TIMESTEP_CONDITIONING:
-            raise ValueError(
-                f"unknown timestep_conditioning {timestep_conditioning!r}; valid: {', '.join(TIMESTEP_CONDITIONING)}"
-            )
+        check_dit_args(sample_size=sample_size, in_channels=in_channels, patch_size=patch_size, hidden_size=hidden_size,
+                       depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, timestep_conditioning=timestep_conditioning,
+                       text_dim=text_dim, num_text_layers=num_text_layers, gate_hidden_dim=gate_hidden_dim)
         self.grid_size = sample_size // patch_size
         adaln = timestep_conditioning == "adaln-zero"
         self.fusion = LayerFusion(num_text_layers, depth, strategy, single_layer, gate_hidden_dim=gate_hidden_dim)

@@ -7,6 +7,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import string
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,8 +36,45 @@ class TextEncoderConfig:
     # is a format with "{prompt}" in it, e.g. "Describe an image of {prompt}".
     template: str = "chat"
 
+    def __post_init__(self):
+        if not 1 <= self.max_length <= MAX_LENGTH:
+            raise ValueError(f"text_encoder.max_length must be in 1..{MAX_LENGTH}, got {self.max_length}")
+        if not self.model.strip():
+            raise ValueError("text_encoder.model is empty; name the embedded default or a local model directory")
+        check_template(self.template)
+
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+MAX_LENGTH = 32_768
+
+
+def check_template(template: str) -> None:
+    """'chat', or a format string whose only field is {prompt}, not at its very start; one-line errors otherwise."""
+    if template == "chat":
+        return
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as err:
+        raise ValueError(f"text_encoder.template {template!r:.80} is not a valid format ({err}); write a literal "
+                         f"brace as {{{{ or }}}}") from None
+    unknown = sorted({name for name in fields if name != "prompt"}, key=str)
+    if unknown:
+        raise ValueError(f"text_encoder.template has fields {', '.join(repr(u) for u in unknown)}: only {{prompt}} is "
+                         f"filled in; write a literal brace as {{{{ or }}}}")
+    if "prompt" not in fields:
+        raise ValueError(f"text_encoder.template must be 'chat' or contain '{{prompt}}', got {template!r:.80}")
+    try:
+        template.format(prompt="")
+    except (ValueError, IndexError, KeyError) as err:  # a bad format spec or conversion: {prompt:zz}, {prompt!x}
+        raise ValueError(f"text_encoder.template {template!r:.80} cannot be filled in ({err})") from None
+    # Position 0 of these LLMs carries massive activations that erase the token's meaning after LN.
+    if template.lstrip().startswith("{prompt"):
+        raise ValueError(
+            "text_encoder.template starts with {prompt}, so the first prompt word would sit at position 0 "
+            "where its features are erased; put an instruction before it, e.g. 'Describe an image of {prompt}'"
+        )
 
 
 def cache_root() -> Path:
@@ -157,19 +195,13 @@ class TextEncoder(nn.Module):
         return len(self.layers)
 
     def _check_template(self) -> None:
-        template = self.config.template
-        if template == "chat":
-            if self.tokenizer.chat_template is None:
-                raise ValueError("this tokenizer has no chat template; set text_encoder.template to a format with {prompt}")
-            return
-        if "{prompt}" not in template:
-            raise ValueError(f"text_encoder.template must be 'chat' or contain '{{prompt}}', got {template!r}")
-        # Position 0 of these LLMs carries massive activations that erase the token's meaning after LN.
-        if template.lstrip().startswith("{prompt}"):
-            raise ValueError(
-                "text_encoder.template starts with {prompt}, so the first prompt word would sit at position 0 "
-                "where its features are erased; put an instruction before it, e.g. 'Describe an image of {prompt}'"
-            )
+        check_template(self.config.template)
+        if self.config.template == "chat" and self.tokenizer.chat_template is None:
+            raise ValueError("this tokenizer has no chat template; set text_encoder.template to a format with {prompt}")
+        positions = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
+        if positions is not None and self.config.max_length > positions:
+            raise ValueError(f"text_encoder.max_length {self.config.max_length} is beyond the {positions} positions "
+                             f"this LLM was trained on; set it to at most {positions}")
 
     def wrap(self, prompt: str) -> str:
         """The exact text fed to the LLM for a prompt."""

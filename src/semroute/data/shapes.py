@@ -124,8 +124,13 @@ class ShapesConfig:
     def __post_init__(self):
         for name, values, valid in (("colours", self.colours, COLOURS), ("shapes", self.shapes, SHAPES)):
             unknown = [v for v in values if v not in valid]
-            if unknown:
-                raise ValueError(f"unknown data.{name} {unknown}; valid: {', '.join(valid)}")
+            if unknown or not values:
+                raise ValueError(f"data.{name} must list some of {', '.join(valid)}, got {values}")
+        if not 8 <= self.image_size <= 1024:
+            raise ValueError(f"data.image_size must be in 8..1024 pixels, got {self.image_size}")
+        if self.two_object_fraction > 0 and self.two_object_max_total < 2:
+            raise ValueError(f"data.two_object_max_total must be >= 2 when data.two_object_fraction > 0 "
+                             f"(two groups of at least one object), got {self.two_object_max_total}")
         if not self.counts or min(self.counts) < 1 or max(self.counts) >= len(NUMBERS):
             raise ValueError(f"data.counts must be within 1..{len(NUMBERS) - 1}, got {self.counts}")
         for name in ("two_object_fraction", "position_fraction"):
