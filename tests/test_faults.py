@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from semroute.checkpoint import (
     MANIFEST_FILE,
@@ -102,11 +104,27 @@ def two_checkpoints(tiny_llama_dir, tmp_path_factory) -> tuple[Path, Path]:
     return root / "run", config
 
 
+def flip_one_byte(data: bytes) -> bytes:
+    """Bit rot: one byte in the middle inverted, the size unchanged (a valid JSON file may stay valid JSON)."""
+    middle = len(data) // 2
+    return data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1:]
+
+
 DAMAGES = {
     "truncated": lambda data: data[: len(data) // 2],
     "zero-byte": lambda data: b"",
     "corrupted": lambda data: b"{[ not: json, nor yaml",  # for the text files
+    "one byte flipped": flip_one_byte,
 }
+# A cache opened for training is checked by size and header only (it may be terabytes); precompute checks digests.
+SIZE_DAMAGES = {k: v for k, v in DAMAGES.items() if k != "one byte flipped"}
+
+
+def rewrite_record(checkpoint: Path) -> None:
+    """Make checkpoint.json agree with the files again, as a tool that rewrote them consistently would."""
+    from semroute.fileio import record_files
+
+    (checkpoint / MANIFEST_FILE).write_text(json.dumps({"format": 2, **record_files(checkpoint, skip=(MANIFEST_FILE,))}))
 
 
 def damaged_copies(run: Path, tmp_path: Path):
@@ -177,9 +195,7 @@ def test_a_run_that_cannot_be_read_is_refused_never_restarted(two_checkpoints, t
     for checkpoint in list_checkpoints(tmp_path / "future"):
         run_config = checkpoint / "run_config.yaml"
         run_config.write_text(run_config.read_text().replace("train:\n", "train:\n  future_option: 1\n"))
-        manifest = json.loads((checkpoint / MANIFEST_FILE).read_text())
-        manifest["files"]["run_config.yaml"] = run_config.stat().st_size
-        (checkpoint / MANIFEST_FILE).write_text(json.dumps(manifest))
+        rewrite_record(checkpoint)
     before = snapshot(tmp_path / "future")
     code, err = run_cli(capsys, ["train", "--config", str(config_path), "--out", str(tmp_path / "future")])
     assert_answered(code, err, "cannot be read by this semroute")
@@ -235,11 +251,11 @@ def test_a_second_writer_is_refused_naming_the_holder(two_checkpoints, tmp_path,
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
-def damaged_files(directory: Path, tmp_path: Path, skip=()):
+def damaged_files(directory: Path, tmp_path: Path, damages=DAMAGES):
     """(label, copy of `directory` with one file damaged, that file's copy) for every file and damage."""
-    for file in sorted(p for p in directory.rglob("*") if p.is_file() and p.name not in skip):
+    for file in sorted(p for p in directory.rglob("*") if p.is_file()):
         rel = file.relative_to(directory)
-        for name, damage in DAMAGES.items():
+        for name, damage in damages.items():
             if name == "corrupted" and file.suffix not in (".json", ".yaml"):
                 continue
             copy = tmp_path / f"{directory.name}-{rel.as_posix().replace('/', '_')}-{name}"
@@ -259,7 +275,7 @@ def test_training_from_a_damaged_cache_is_one_line_naming_the_file(tiny_llama_di
     raw = image_run_config(tiny_llama_dir, {"manifest": str(tmp_path / "data" / "train.json")}, max_steps=1, batch_size=2)
     precompute(load_config(raw), tmp_path / "cache", shard_size=4, dtype="fp32", progress=False, encoder=tiny_encoder)
     cases = 0
-    for label, copy, file in damaged_files(tmp_path / "cache", tmp_path):
+    for label, copy, file in damaged_files(tmp_path / "cache", tmp_path, SIZE_DAMAGES):
         raw["dataset"] = {"cache": str(copy), "resolution": 16}
         config = tmp_path / "cache.yaml"
         config.write_text(yaml.safe_dump(raw))
@@ -267,6 +283,26 @@ def test_training_from_a_damaged_cache_is_one_line_naming_the_file(tiny_llama_di
         assert_answered(code, err, file.name)
         cases += 1
     assert cases >= 10  # cache.json (3 ways), null.safetensors and 3 shards (2 ways each)
+
+
+def test_precompute_again_remakes_a_shard_whose_bytes_changed(tiny_llama_dir, tiny_encoder, tmp_path, caplog):
+    from semroute.data.cache import precompute
+
+    from .conftest import write_image_folder
+    from .test_data import image_run_config
+
+    rows = write_image_folder(tmp_path / "data", n=7)
+    (tmp_path / "data" / "train.json").write_text(json.dumps(rows))
+    config = load_config(image_run_config(tiny_llama_dir, {"manifest": str(tmp_path / "data" / "train.json")}))
+    cache = tmp_path / "cache"
+    precompute(config, cache, shard_size=4, dtype="fp32", progress=False, encoder=tiny_encoder)
+    shard = cache / "shard_00001.safetensors"
+    original = shard.read_bytes()
+    shard.write_bytes(flip_one_byte(original))  # same size, readable header: only the digest tells
+    precompute(config, cache, shard_size=4, dtype="fp32", progress=False, encoder=tiny_encoder)
+    assert "sha256 mismatch" in caplog.text and shard.name in caplog.text
+    assert shard.read_bytes() == original  # made again, identical
+    assert (cache / (shard.name + ".damaged")).read_bytes() == flip_one_byte(original)  # kept aside, not deleted
 
 
 def test_a_damaged_exported_pipeline_is_one_line_naming_the_file(two_checkpoints, tmp_path, capsys):
@@ -280,3 +316,89 @@ def test_a_damaged_exported_pipeline_is_one_line_naming_the_file(two_checkpoints
         assert_answered(code, err, file.name if file.name != "semroute_export.json" else "semroute_export.json")
         cases += 1
     assert cases >= 20
+
+
+class _Payload:
+    """Unpickling this runs a command: what a checkpoint from an untrusted source could hold."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_file_that_runs_code_when_loaded_is_refused(two_checkpoints, tmp_path, capsys):
+    import torch
+
+    run, config_path = two_checkpoints
+    shutil.copytree(run, tmp_path / "run")
+    newest = list_checkpoints(tmp_path / "run")[-1]
+    marker = tmp_path / "executed"
+    optimizer = newest / "training_state" / "optimizer.pt"
+    torch.save({"state": {}, "param_groups": [], "x": _Payload(marker)}, optimizer)
+    rewrite_record(newest)  # sizes and digests consistent: only the content lies
+    code, err = run_cli(capsys, ["train", "--config", str(config_path), "--out", str(tmp_path / "run"), "--max-steps", "6"])
+    assert_answered(code, err, "optimizer.pt cannot be read (Weights only load failed")
+    assert not marker.exists()  # refused by torch's weights-only unpickler: nothing ran
+
+
+def test_out_of_memory_is_one_line(tiny_llama_dir, tmp_path):
+    """A real allocation the machine cannot give: math attention over a million image tokens (16 TB of scores)."""
+    raw = tiny_run_config(tiny_llama_dir, max_steps=2, batch_size=2)
+    raw["model"].update(sample_size=1024, patch_size=1)
+    raw["data"]["image_size"] = 1024
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    done = subprocess.run([sys.executable, "-m", "semroute", "train", "--config", str(config), "--out", str(tmp_path / "run"),
+                           "--device", "cpu"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert lines[-1].startswith("semroute: error: ran out of memory; lower train.batch_size")
+
+
+# ------------------------------------------------------------------ fuzzing the checkpoint loader
+
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+                           max_leaves=6)
+MUTATIONS = st.one_of(
+    st.tuples(st.just("overwrite"), st.floats(0, 1), st.binary(min_size=1, max_size=16)),
+    st.tuples(st.just("truncate"), st.floats(0, 1), st.just(b"")),
+    st.tuples(st.just("append"), st.just(1.0), st.binary(min_size=1, max_size=64)),
+)
+
+
+def mutate(data: bytes, how: str, where: float, payload: bytes) -> bytes:
+    at = int(where * len(data))
+    if how == "overwrite":
+        return data[:at] + payload + data[at + len(payload):]
+    return data[:at] if how == "truncate" else data + payload
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(target=st.integers(0, 100), mutation=MUTATIONS, record=st.none() | JSON_VALUES)
+def test_fuzzed_checkpoints_resume_from_a_good_one_or_refuse_in_one_line(two_checkpoints, tmp_path_factory, capsys,
+                                                                          target, mutation, record):
+    """A random change to one file of the newest checkpoint (or a random checkpoint.json) resumes from a checkpoint
+    whose files are intact, or is refused in one line; nothing is trained over what cannot be read."""
+    run, config_path = two_checkpoints
+    copy = tmp_path_factory.mktemp("fuzz") / "run"
+    shutil.copytree(run, copy)
+    newest = list_checkpoints(copy)[-1]
+    if record is not None:
+        (newest / MANIFEST_FILE).write_text(json.dumps(record))
+    else:
+        files = sorted(p for p in newest.rglob("*") if p.is_file())
+        file = files[target % len(files)]
+        file.write_bytes(mutate(file.read_bytes(), *mutation))
+    code, err = run_cli(capsys, ["train", "--config", str(config_path), "--out", str(copy), "--max-steps", "5"])
+    assert "Traceback" not in err
+    if code == 2:
+        assert_answered(code, err, "")
+        return
+    assert code == 0, err
+    summary = json.loads((copy / "summary.json").read_text())
+    assert summary["steps"] == 5
+    assert checkpoint_problem(list_checkpoints(copy)[-1]) is None

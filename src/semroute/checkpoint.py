@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .fileio import files_problem, record_files
+
 logger = logging.getLogger(__name__)
 
 RUN_CONFIG_FILE = "run_config.yaml"
@@ -129,8 +131,7 @@ def save_checkpoint(
         config.save(tmp / RUN_CONFIG_FILE)
         if vae_path is not None:
             (tmp / VAE_FILE).write_text(json.dumps({"path": str(vae_path)}))
-        files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-        (tmp / MANIFEST_FILE).write_text(json.dumps({"format": 1, "files": files}, indent=1))
+        (tmp / MANIFEST_FILE).write_text(json.dumps({"format": 2, **record_files(tmp)}, indent=1))
         dir_mode, file_mode = default_modes()  # mkdtemp made it 0700
         for path in [tmp, *tmp.rglob("*")]:
             path.chmod(dir_mode if path.is_dir() else file_mode)
@@ -157,25 +158,27 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def checkpoint_problem(checkpoint: Path, files: tuple[str, ...] = INFERENCE_FILES + TRAINING_FILES) -> str | None:
-    """Why `files` of a checkpoint cannot be used (missing, truncated or unparsable), or None if they can.
+    """Why `files` of a checkpoint cannot be used (missing, truncated, altered or unparsable), or None if they can.
 
-    Sizes are checked against checkpoint.json; checkpoints written before it have their files opened.
+    Sizes and sha256 digests are checked against checkpoint.json; checkpoints written before it have their files opened.
     """
     manifest = checkpoint / MANIFEST_FILE
-    sizes = {}
+    record = {}
     if manifest.is_file():
         try:
-            sizes = json.loads(manifest.read_text())["files"]
-        except (OSError, ValueError, KeyError, TypeError):
+            record = json.loads(manifest.read_text())
+            if not isinstance(record, dict):
+                raise ValueError
+        except (OSError, ValueError):
             return f"{manifest} is damaged"
+        problem = files_problem(checkpoint, record, files)
+        if problem:
+            return problem if problem.startswith(str(checkpoint)) else f"{manifest}: {problem}"
     for name in files:
         path = checkpoint / name
         if not path.is_file():
             return f"{path} is missing"
-        size = path.stat().st_size
-        if name in sizes and size != sizes[name]:
-            return f"{path} is truncated or damaged ({size} bytes, written as {sizes[name]})"
-        problem = _unreadable(path) if not sizes or path.suffix in (".json", ".yaml") else None
+        problem = _unreadable(path) if not record or path.suffix in (".json", ".yaml") else None
         if problem:
             return f"{path} cannot be read ({problem})"
     return None
@@ -183,20 +186,21 @@ def checkpoint_problem(checkpoint: Path, files: tuple[str, ...] = INFERENCE_FILE
 
 def _unreadable(path: Path) -> str | None:
     """Open one checkpoint file the way it will be loaded; the error, or None."""
-    import yaml
     from safetensors import safe_open
+
+    from .config import load_yaml
 
     try:
         if path.suffix == ".json":
             json.loads(path.read_text())
         elif path.suffix == ".yaml":
-            yaml.safe_load(path.read_text())
+            load_yaml(path.read_text(), str(path))
         elif path.suffix == ".safetensors":
             with safe_open(path, "pt") as f:
                 for key in f.keys():
                     f.get_tensor(key)
         elif path.suffix == ".pt":
-            torch.load(path, weights_only=False, map_location="cpu")
+            load_torch_file(path)
     except Exception as err:  # each library has its own error types for a damaged file
         return " ".join(str(err).split())[:200] or type(err).__name__
     return None
@@ -241,6 +245,19 @@ def resolve_checkpoint(path: str | Path) -> Path:
             return checkpoint
         logger.warning("skipping %s: %s", checkpoint.name, problem)
     raise ValueError(f"no checkpoint in {path} can be used (the newest: {checkpoint_problem(found[-1], INFERENCE_FILES)})")
+
+
+def load_torch_file(path: Path):
+    """A .pt file of a checkpoint, unpickled with torch's weights-only loader: tensors, containers and numbers only,
+    plus numpy's array rebuilding for the saved numpy RNG state. A file made to run code when loaded is refused.
+
+    Loaded on the CPU whatever device wrote it: the optimizer moves its state to its parameters' device.
+    """
+    import numpy as np
+
+    numpy_rng = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    with torch.serialization.safe_globals(numpy_rng):
+        return torch.load(path, weights_only=True, map_location="cpu")
 
 
 def rng_state(generator: torch.Generator) -> dict:
@@ -296,19 +313,15 @@ def load_training_state(checkpoint: Path, model, ema, optimizer, scheduler, gene
             raise ValueError(f"{state_dir / name} cannot be read ({' '.join(str(err).split())[:200]}); resume from an "
                              f"older checkpoint by moving this one aside") from None
 
-    def torch_file(path: Path):
-        # Loaded on the CPU whatever device wrote them: the optimizer moves its state to its parameters' device.
-        return torch.load(path, weights_only=False, map_location="cpu")
-
     model.load_state_dict(load("model.safetensors", load_file))
     shadow = load("ema.safetensors", load_file)
     if len(shadow) != len(ema.shadow_params):
         raise ValueError(f"{checkpoint} holds {len(shadow)} EMA tensors, the model has {len(ema.shadow_params)}")
     for i, p in enumerate(ema.shadow_params):
         p.data.copy_(shadow[str(i)])
-    optimizer.load_state_dict(load("optimizer.pt", torch_file))
-    scheduler.load_state_dict(load("scheduler.pt", torch_file))
-    set_rng_state(load("rng.pt", torch_file), generator)
+    optimizer.load_state_dict(load("optimizer.pt", load_torch_file))
+    scheduler.load_state_dict(load("scheduler.pt", load_torch_file))
+    set_rng_state(load("rng.pt", load_torch_file), generator)
     state = load("state.json", lambda path: json.loads(path.read_text()))
     ema.optimization_step = state["ema_optimization_step"]
     return state

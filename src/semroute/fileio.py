@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -48,6 +49,40 @@ def read_json(path: Path, what: str, fix: str):
         raise FileNotFoundError(f"{what} {path} is missing; {fix}") from None
     except (ValueError, UnicodeDecodeError) as err:
         raise ValueError(f"{what} {path} is not valid JSON ({' '.join(str(err).split())[:120]}); {fix}") from None
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes (read in chunks: memory stays flat for multi-GB weights)."""
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def record_files(root: Path, skip: tuple[str, ...] = ()) -> dict:
+    """What a directory of outputs holds, for `files_problem` to check later: each file's size and sha256."""
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.relative_to(root).as_posix() not in skip)
+    return {"files": {p.relative_to(root).as_posix(): p.stat().st_size for p in files},
+            "sha256": {p.relative_to(root).as_posix(): file_digest(p) for p in files}}
+
+
+def files_problem(root: Path, record: dict, names=None) -> str | None:
+    """Why the files `names` of `root` (default: all recorded) differ from `record`, or None.
+
+    A missing file, another size (truncation) or another sha256 (bit rot, an overwritten byte) is named with
+    its path. Records without digests (older releases) are checked by size only.
+    """
+    sizes, digests = record.get("files"), record.get("sha256", {})
+    if not isinstance(sizes, dict) or not isinstance(digests, dict):
+        return "its record of files is damaged"
+    for name in sizes if names is None else names:
+        path = root / name
+        if not path.is_file():
+            return f"{path} is missing"
+        size = path.stat().st_size
+        if name in sizes and size != sizes[name]:
+            return f"{path} is truncated or damaged ({size} bytes, written as {sizes[name]})"
+        if name in digests and file_digest(path) != digests[name]:
+            return f"{path} is damaged: its bytes differ from those written (sha256 mismatch)"
+    return None
 
 
 def write_text(path: Path, text: str) -> None:

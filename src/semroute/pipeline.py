@@ -13,7 +13,7 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput
 from .dit import SemanticRoutingDiT
 from .flow import RectifiedFlow, SampleConfig
 from .checkpoint import TEXT_ENCODER_FILE, VAE_FILE
-from .fileio import read_json
+from .fileio import files_problem, read_json, record_files
 from .features import NULL_PROMPT, PromptFeatures, encode_prompts
 from .latent import check_vae_matches, decode_latents, vae_downsample
 from .runtime import Precision, configure_device, resolve_device, resolve_precision
@@ -303,8 +303,7 @@ def export_pipeline(pipeline: SemanticRoutingPipeline, out: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         pipeline.save_pretrained(tmp)
-        files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-        (tmp / EXPORT_MANIFEST).write_text(json.dumps({"format": 1, "files": files}, indent=1))
+        (tmp / EXPORT_MANIFEST).write_text(json.dumps({"format": 2, **record_files(tmp)}, indent=1))
         dir_mode, file_mode = default_modes()
         for p in [tmp, *tmp.rglob("*")]:
             p.chmod(dir_mode if p.is_dir() else file_mode)
@@ -319,25 +318,25 @@ def export_pipeline(pipeline: SemanticRoutingPipeline, out: Path) -> None:
 
 
 def pipeline_problem(path: Path) -> str | None:
-    """A missing or truncated file of a pipeline directory `export_pipeline` wrote, or None."""
+    """A missing, truncated, altered or unparsable file of a pipeline directory `export_pipeline` wrote, or None."""
     manifest = path / EXPORT_MANIFEST
     if not manifest.is_file():
         return None  # not written by semroute's export: loading tells
     try:
-        files = json.loads(manifest.read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError):
+        record = json.loads(manifest.read_text())
+        if not isinstance(record, dict):
+            raise ValueError
+    except (OSError, ValueError):
         return f"{manifest} is damaged"
-    for name, size in files.items():
-        file = path / name
-        if not file.is_file():
-            return f"{file} is missing"
-        if file.stat().st_size != size:
-            return f"{file} is truncated or damaged ({file.stat().st_size} bytes, written as {size})"
-        if file.suffix == ".json":
+    problem = files_problem(path, record)
+    if problem:
+        return problem if problem.startswith(str(path)) else f"{manifest}: {problem}"
+    for name in record["files"]:
+        if name.endswith(".json"):
             try:
-                json.loads(file.read_text())
+                json.loads((path / name).read_text())
             except (OSError, ValueError) as err:
-                return f"{file} cannot be read ({err})"
+                return f"{path / name} cannot be read ({err})"
     return None
 
 

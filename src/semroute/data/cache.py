@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..fileio import write_json
+from ..fileio import file_digest, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -122,9 +122,17 @@ def precompute(config, out: Path, shard_size: int = 1024, dtype: str = "auto", b
         if differences:
             raise ValueError(f"{out} holds a cache made another way ({'; '.join(differences)}); "
                              f"precompute into a new directory instead of mixing")
-        if found.get("complete") and cache_problem(out, found) is None:
-            logger.info("%s is already a complete cache of %d rows", out, found["rows"])
-            return found
+        if found.get("complete"):
+            damaged = cache_problems(out, found, digests=True)
+            if not damaged:
+                logger.info("%s is already a complete cache of %d rows", out, found["rows"])
+                return found
+            state.wait_for_everyone()  # everyone has looked before the main process moves anything
+            if state.is_main_process:
+                for file, problem in damaged:  # kept aside, never deleted; the shard is made again below
+                    logger.warning("%s; moving it to %s.damaged and making it again", problem, file.name)
+                    if file.is_file():
+                        os.replace(file, file.with_name(file.name + ".damaged"))
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         write_json(meta_path, {"recipe": recipe, "complete": False, "rows": 0, "shards": [], "skipped": {}})
@@ -183,13 +191,13 @@ def precompute(config, out: Path, shard_size: int = 1024, dtype: str = "auto", b
             rows = f.get_slice("mask").get_shape()[0]
             skipped.update(json.loads((f.metadata() or {}).get("skipped", "{}")))
         if rows:
-            shards.append({"file": name, "rows": rows, "bytes": (out / name).stat().st_size})
+            shards.append({"file": name, "rows": rows, "bytes": (out / name).stat().st_size, "sha256": file_digest(out / name)})
     h, m = encoder([NULL_PROMPT])
     h, m = _pad(LayerFusion.normalize(h).transpose(0, 1), m, length)
     save_file({"text": h[0].to("cpu", store).contiguous(), "mask": m[0].cpu().contiguous()}, out / "null.safetensors")
     rows = sum(shard["rows"] for shard in shards)
     meta = {"recipe": recipe, "complete": True, "rows": rows, "shards": shards, "skipped": skipped,
-            "null_bytes": (out / "null.safetensors").stat().st_size}
+            "null_bytes": (out / "null.safetensors").stat().st_size, "null_sha256": file_digest(out / "null.safetensors")}
     write_json(meta_path, meta)
     logger.info("cached %d rows in %d shards (%d images skipped) in %s", rows, len(shards), len(skipped), out)
     return meta
@@ -225,22 +233,44 @@ def read_cache_meta(path: Path) -> dict:
     return meta
 
 
-def cache_problem(path: Path, meta: dict) -> str | None:
-    """A missing, truncated or unreadable file of a complete cache, or None."""
-    files = [(s.get("file"), s.get("bytes"), s.get("rows")) for s in meta["shards"]] + [("null.safetensors", meta.get("null_bytes"), None)]
-    for name, size, rows in files:
+def cache_problem(path: Path, meta: dict, digests: bool = False) -> str | None:
+    """A missing, truncated, altered or unreadable file of a complete cache, or None.
+
+    digests: also compare each file's sha256 with the one written (reads the whole cache: `precompute` does it
+    before calling a cache complete; training, which may open terabytes, checks sizes and headers).
+    """
+    problems = cache_problems(path, meta, digests)
+    return problems[0][1] if problems else None
+
+
+def cache_problems(path: Path, meta: dict, digests: bool = False) -> list[tuple[Path, str]]:
+    """(file, why) for every damaged file of a complete cache."""
+    shards = [s if isinstance(s, dict) else {} for s in meta["shards"]]
+    files = [(s.get("file"), s.get("bytes"), s.get("sha256"), s.get("rows")) for s in shards]
+    files.append(("null.safetensors", meta.get("null_bytes"), meta.get("null_sha256"), None))
+    problems = []
+    for name, size, digest, rows in files:
         file = path / str(name)
-        if not file.is_file():
-            return f"{file} is missing"
-        if size is not None and file.stat().st_size != size:
-            return f"{file} is truncated or damaged ({file.stat().st_size} bytes, written as {size})"
-        try:
-            with safe_open(file, "pt") as f:
-                found = f.get_slice("mask").get_shape()[0] if rows is not None else None
-        except Exception as err:  # safetensors raises its own error type for a damaged file
-            return f"{file} cannot be read ({' '.join(str(err).split())[:160]})"
-        if rows is not None and found != rows:
-            return f"{file} holds {found} rows, the cache description says {rows}"
+        problem = _file_problem(file, size, digest if digests else None, rows)
+        if problem:
+            problems.append((file, problem))
+    return problems
+
+
+def _file_problem(file: Path, size, digest, rows) -> str | None:
+    if not file.is_file():
+        return f"{file} is missing"
+    if size is not None and file.stat().st_size != size:
+        return f"{file} is truncated or damaged ({file.stat().st_size} bytes, written as {size})"
+    if digest is not None and file_digest(file) != digest:
+        return f"{file} is damaged: its bytes differ from those written (sha256 mismatch)"
+    try:
+        with safe_open(file, "pt") as f:
+            found = f.get_slice("mask").get_shape()[0] if rows is not None else None
+    except Exception as err:  # safetensors raises its own error type for a damaged file
+        return f"{file} cannot be read ({' '.join(str(err).split())[:160]})"
+    if rows is not None and found != rows:
+        return f"{file} holds {found} rows, the cache description says {rows}"
     return None
 
 
