@@ -103,13 +103,15 @@ def test_broken_files_are_skipped_and_counted(tmp_path):
     (tmp_path / "img" / "big.png").write_bytes(png_claiming(3000, 3000))
     good = (tmp_path / "img" / "good.png").read_bytes()
     (tmp_path / "img" / "cut.png").write_bytes(good[: len(good) // 2])
-    names = ["good", "empty", "text", "bomb", "big", "cut"]
+    (tmp_path / "img" / "loop.png").symlink_to(tmp_path / "img" / "loop2.png")  # a symlink loop: no file at all
+    (tmp_path / "img" / "loop2.png").symlink_to(tmp_path / "img" / "loop.png")
+    names = ["good", "empty", "text", "bomb", "big", "cut", "loop"]
     data = dataset_of(tmp_path, [{"image": f"img/{n}.png", "text": "a red square"} for n in names], max_image_pixels=10**6)
     items = [data[i] for i in range(len(data))]
     assert items[0] is not None and items[0][0].shape == (3, R, R)
     assert items[1:] == [None] * 5
     reasons = {Path(k).stem: v for k, v in data.skips.skipped.items()}
-    assert set(reasons) == set(names[1:])
+    assert set(reasons) == set(names[1:]) and reasons["loop"] == "file not found"
     assert "decompression bomb" in reasons["bomb"] and "outside 1..dataset.max_image_pixels (1000000)" in reasons["big"]
     assert all("cannot be decoded" in reasons[n] for n in ("empty", "text", "cut"))
 
@@ -238,3 +240,16 @@ def test_fuzzed_image_bytes_decode_or_raise_a_value_error(tmp_path, content, pre
         assert str(err) and "\n" not in str(err)
         return
     assert to_training_tensor(image, R).shape == (3, R, R)
+
+
+def test_a_directory_or_fifo_given_as_a_file_is_refused_not_read(tmp_path, capsys):
+    import os
+
+    from semroute.bench.public import read_prompts
+
+    os.mkfifo(tmp_path / "prompts.csv")  # reading it would block for ever
+    with pytest.raises(ValueError, match="is not a regular file"):
+        read_prompts("drawbench", tmp_path / "prompts.csv")
+    capsys.readouterr()
+    assert main(["train", "--config", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
+    assert "is not a regular file; point --config at a YAML file" in capsys.readouterr().err

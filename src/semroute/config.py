@@ -308,6 +308,8 @@ def load_config(source: Path | str | dict, overrides: list[str] | tuple[str, ...
     else:
         path = Path(source)
         if not path.is_file():
+            if path.exists():
+                raise ValueError(f"config file {path} is not a regular file; point --config at a YAML file")
             raise FileNotFoundError(f"config file {path} does not exist")
         try:
             data = load_yaml(path.read_text(encoding="utf-8"), f"config file {path}")

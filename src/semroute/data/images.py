@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,6 +128,8 @@ def open_image(path: Path, resolution: int, max_pixels: int) -> Image.Image:
 def read_user_text(path: Path, what: str) -> str:
     """A user-supplied UTF-8 text file (a BOM is allowed); errors name what it is and the fix."""
     if not path.is_file():
+        if path.exists():  # a directory, a FIFO, a device: reading would fail, block or never end
+            raise ValueError(f"{what} {path} is not a regular file; point at the file itself")
         raise FileNotFoundError(f"{what} {path} does not exist")
     try:
         return path.read_text(encoding="utf-8-sig")
@@ -162,7 +165,8 @@ def _inside(root: Path, name, where: str, allow_outside: bool) -> Path:
     if not isinstance(name, str) or not name or "\x00" in name:
         raise ValueError(f"{where}: the image must be a non-empty path string, got {name!r:.120}")
     path = root / name
-    if not allow_outside and not path.resolve().is_relative_to(root.resolve()):
+    # realpath, not Path.resolve: a symlink loop then stays a path that is no file (skipped), not an exception.
+    if not allow_outside and not Path(os.path.realpath(path)).is_relative_to(os.path.realpath(root)):
         raise ValueError(f"{where}: image {name!r:.120} lies outside image_root {root}; move it under image_root or set "
                          f"dataset.allow_paths_outside_root: true")
     return path
