@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from semroute.config import load_config
@@ -161,29 +162,40 @@ def test_precompute_rows_match_direct_encoding_and_refuse_mixing(tmp_path, manif
     assert CachedDataset(out).meta["rows"] == 9
 
 
-def test_interrupted_precompute_resumes_from_its_shards(tmp_path, manifest, tiny_llama_dir, tiny_encoder, monkeypatch):
-    config = load_config(image_run_config(tiny_llama_dir, {"manifest": str(manifest)}))
+def test_a_precompute_killed_midway_resumes_from_its_shards(tmp_path, tiny_llama_dir, tiny_encoder):
+    """A real `semroute precompute` SIGKILLed once some shards exist: the cache reads as incomplete, and the
+    same command then finishes it with rows equal to an uninterrupted precompute's."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    rows = write_image_folder(tmp_path / "data", n=40)
+    (tmp_path / "data" / "train.json").write_text(json.dumps(rows))
+    raw = image_run_config(tiny_llama_dir, {"manifest": str(tmp_path / "data" / "train.json")})
+    raw["train"]["mixed_precision"] = "fp32"
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(raw))
     out = tmp_path / "cache"
-    full = precompute(config, tmp_path / "reference", shard_size=4, progress=False, encoder=tiny_encoder)
-    import semroute.data.cache as cache_module
-
-    real_save, calls = cache_module.save_file, []
-
-    def dies_on_second_shard(tensors, path, *args, **kwargs):
-        calls.append(path)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_save(tensors, path, *args, **kwargs)
-
-    monkeypatch.setattr(cache_module, "save_file", dies_on_second_shard)
-    with pytest.raises(KeyboardInterrupt):
-        precompute(config, out, shard_size=4, progress=False, encoder=tiny_encoder)
+    command = [sys.executable, "-m", "semroute", "precompute", "--config", str(config), "--out", str(out),
+               "--shard-size", "1", "--device", "cpu"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None and len(list(out.glob("shard_*"))) < 5:
+        time.sleep(0.002)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done = len(list(out.glob("shard_*")))
+    assert 5 <= done < 60, f"killed after {done} of 60 shards"
     with pytest.raises(ValueError, match="incomplete"):
         CachedDataset(out)
-    monkeypatch.setattr(cache_module, "save_file", real_save)
-    meta = precompute(config, out, shard_size=4, progress=False, encoder=tiny_encoder)
-    assert meta["rows"] == full["rows"] and not list(out.glob(".*.tmp"))
+    assert subprocess.run(command, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode == 0
+    reference = precompute(load_config(raw), tmp_path / "reference", shard_size=1, dtype="fp32", progress=False,
+                           encoder=tiny_encoder)
     a, b = CachedDataset(out), CachedDataset(tmp_path / "reference")
+    assert a.meta["rows"] == reference["rows"] == 60 and not list(out.glob(".*.tmp"))
     for i in range(len(a)):
         for x, y in zip(a[i], b[i]):
             torch.testing.assert_close(x, y)
