@@ -43,11 +43,13 @@ class DemoSetup:
             for k in range(batches)
         ]
 
-    def trainer(self, strategy: str, precision: Precision) -> tuple[SemanticRoutingDiT, Callable[[int], None]]:
-        """A model and `step(i)`, one optimizer step on batch i (mod the batches) in `precision`."""
+    def trainer(self, strategy: str, precision: Precision, **model_args) -> tuple[SemanticRoutingDiT, Callable[[int], None]]:
+        """A model and `step(i)`, one optimizer step on batch i (mod the batches) in `precision`.
+
+        model_args: DiT arguments over the demo config's (e.g. timestep_conditioning, gate_signal)."""
         config = self.config
         torch.manual_seed(0)
-        model = SemanticRoutingDiT(**{**config.model.dit_kwargs(), "strategy": strategy},
+        model = SemanticRoutingDiT(**{**config.model.dit_kwargs(), "strategy": strategy, **model_args},
                                    text_dim=self.encoder.hidden_size, num_text_layers=self.encoder.num_layers)
         AcceleratorState._reset_state()
         accelerator = Accelerator(cpu=True, mixed_precision=precision.accelerate)
@@ -62,7 +64,7 @@ class DemoSetup:
         def step(i: int) -> None:
             # prepare() wrapped this model's forward in its own autocast, so trainers of several precisions can alternate.
             train_step(accelerator, model, optimizer, scheduler, ema, flow, source, self.batches[i % len(self.batches)],
-                       generator, 1.0)
+                       generator, 1.0, config.train.noise_level_weight)
 
         return accelerator.unwrap_model(model), step
 

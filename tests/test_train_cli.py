@@ -110,7 +110,7 @@ def _error(capsys, argv):
     "change, message",
     [
         ({"model": {"preset": "tiny", "strategy": "layerwise"}}, "valid: single, uniform, static, time, depth, joint"),
-        ({"model": {"preset": "huge"}}, "unknown model.preset 'huge'; valid: paper, cpu-small, tiny"),
+        ({"model": {"preset": "huge"}}, "unknown model.preset 'huge'; valid: paper, cpu-small, cpu-small-tfree, tiny"),
         ({"model": {"preset": "tiny", "dropout": 0.1}}, "unknown config key model.dropout"),
         ({"model": {"preset": "tiny", "text_dim": 8}}, "set from the text encoder"),
         ({"model": {"preset": "tiny", "depth": "deep"}}, "model.depth must be of type int"),

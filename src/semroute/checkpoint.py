@@ -279,7 +279,8 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
 # Config parts a resumed run must share with the checkpoint; everything else (budget, logging,
 # checkpoint cadence, sampling) may change between sessions.
 RESUME_MUST_MATCH_TRAIN = ("batch_size", "gradient_accumulation_steps", "seed", "mixed_precision", "lr", "fusion_lr",
-                           "betas", "weight_decay", "warmup_steps", "grad_clip", "ema_decay", "caption_dropout")
+                           "betas", "weight_decay", "warmup_steps", "grad_clip", "ema_decay", "caption_dropout",
+                           "noise_level_weight")
 
 
 def resume_differences(saved, current) -> list[str]:

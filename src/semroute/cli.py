@@ -99,6 +99,9 @@ def _sampling_arguments(parser: argparse.ArgumentParser, n_help: str, n_default:
     group.add_argument("--scheduler", default=None,
                        help="a diffusers flow-matching scheduler class, e.g. FlowMatchHeunDiscreteScheduler "
                             "(default: the checkpoint's sample.scheduler)")
+    group.add_argument("--gate-shift", type=_positive_float, default=None,
+                       help="time gates (strategies time, joint) read shift_time(t, this) instead of t: the paper's "
+                            "manual repair, no retraining (default: the checkpoint's sample.gate_shift, 1 = nominal)")
     group.add_argument("--seed", type=_seed, default=0, help=seed_help)
     group.add_argument("--text-encoder", default=None,
                        help="the LLM to load instead of the path stored in a semroute checkpoint (the same model moved)")
@@ -261,6 +264,8 @@ def _sampling_pipeline(args, checkpoint: Path | None = None):
                              device=_process_device(args.device), precision=args.precision)
     if args.scheduler is not None:
         pipeline.use_scheduler(args.scheduler)
+    if args.gate_shift is not None:
+        pipeline.use_gate_shift(args.gate_shift)
     return pipeline
 
 

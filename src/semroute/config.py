@@ -56,6 +56,9 @@ class ModelConfig:
     strategy: Strategy | None = None
     single_layer: int | None = None
     gate_hidden_dim: int | None = None
+    # What the time gates (strategies time, joint) read: nominal (the schedule's t, the paper) or estimated
+    # (a noise-level head's estimate from x_t, trained jointly; see train.noise_level_weight).
+    gate_signal: str | None = None
 
     def __post_init__(self):
         if self.preset is not None and self.preset not in DIT_PRESETS:
@@ -122,6 +125,8 @@ class TrainConfig:
     threads: int | None = None
     # Also send the logged metrics to accelerate's trackers (rank 0 only); log.jsonl is always written.
     report_to: str = "none"
+    # Weight of the noise-level head's loss, MSE(estimate, t), for model.gate_signal: estimated.
+    noise_level_weight: float = 1.0
 
     def __post_init__(self):
         positive = {"batch_size": self.batch_size, "max_steps": self.max_steps, "log_every": self.log_every,
@@ -151,6 +156,8 @@ class TrainConfig:
         except ValueError:
             raise ValueError(f"train.mixed_precision must be one of {', '.join(PRECISIONS)}, "
                              f"got {self.mixed_precision!r}") from None
+        if self.noise_level_weight < 0:
+            raise ValueError(f"train.noise_level_weight must be >= 0, got {self.noise_level_weight}")
         if self.report_to not in TRACKERS:
             raise ValueError(f"train.report_to must be one of {', '.join(TRACKERS)}, got {self.report_to!r}")
 

@@ -12,9 +12,12 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .fusion import LayerFusion, Strategy, sinusoidal_embedding
+from .fusion import STRATEGY_TABLE, LayerFusion, Strategy, check_strategy, sinusoidal_embedding
 
 TIMESTEP_CONDITIONING = ("none", "adaln-zero")
+# What the time gates of the `time` and `joint` strategies read: the nominal t of the schedule (the paper), or
+# the noise level a small head estimates from x_t itself (trajectory-aware; trained jointly with the DiT).
+GATE_SIGNALS = ("nominal", "estimated")
 
 
 def rope_2d(grid_h: int, grid_w: int, head_dim: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,6 +224,27 @@ class FinalLayer(nn.Module):
         return self.proj(x)
 
 
+class NoiseLevelHead(nn.Module):
+    """Estimates the noise level t of x_t from the sample itself: an MLP on each raw patch, averaged, then a sigmoid.
+
+    The per-patch MLP can compute local energy and differences (what separates noise from shapes); the mean over
+    patches makes the estimate global and cheap: (C p^2 x 64 + 64 x 64) multiply-adds per patch, far below
+    one DiT block. (B, C, H, W) -> (B,) in (0, 1).
+    """
+
+    def __init__(self, in_channels: int, patch_size: int, hidden: int = 64):
+        super().__init__()
+        self.patch_size = patch_size
+        self.mlp = nn.Sequential(nn.Linear(in_channels * patch_size**2, hidden), nn.SiLU(), nn.Linear(hidden, hidden),
+                                 nn.SiLU())
+        self.out = nn.Linear(hidden, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.patch_size
+        patches = F.unfold(x, p, stride=p).transpose(1, 2)  # (B, N, C p p)
+        return torch.sigmoid(self.out(self.mlp(patches.to(self.out.weight.dtype)).mean(1)).float()).squeeze(-1)
+
+
 @dataclass
 class RoutedContext:
     """Per-block cross-attention keys/values of a batch of prompts, plus the text padding mask."""
@@ -250,6 +274,13 @@ def check_dit_args(**args) -> None:
     if width is not None and heads is not None and (width % heads or (width // heads) % 4):
         raise ValueError(f"hidden_size {width} / num_heads {heads} must give a whole head size divisible by 4 "
                          f"(the 2D rotary embedding splits it in four), e.g. hidden_size 256 with num_heads 4")
+    signal = args.get("gate_signal")
+    if signal is not None and signal not in GATE_SIGNALS:
+        raise ValueError(f"unknown model.gate_signal {signal!r}; valid: {', '.join(GATE_SIGNALS)}")
+    strategy = args.get("strategy")
+    if signal == "estimated" and strategy is not None and not STRATEGY_TABLE[check_strategy(strategy)].depends_on_t:
+        raise ValueError(f"model.gate_signal 'estimated' feeds the time gates, which strategy {strategy!r} does not have; "
+                         f"use strategy time or joint (s1, s3), or gate_signal nominal")
     conditioning = args.get("timestep_conditioning")
     if conditioning is not None and conditioning not in TIMESTEP_CONDITIONING:
         raise ValueError(f"unknown timestep_conditioning {conditioning!r}; valid: {', '.join(TIMESTEP_CONDITIONING)}")
@@ -282,17 +313,20 @@ class SemanticRoutingDiT(ModelMixin, ConfigMixin):
         strategy: Strategy = "depth",
         single_layer: int = -2,
         gate_hidden_dim: int = 128,
+        gate_signal: str = "nominal",
     ):
         super().__init__()
         check_dit_args(sample_size=sample_size, in_channels=in_channels, patch_size=patch_size, hidden_size=hidden_size,
                        depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, timestep_conditioning=timestep_conditioning,
-                       text_dim=text_dim, num_text_layers=num_text_layers, gate_hidden_dim=gate_hidden_dim)
+                       text_dim=text_dim, num_text_layers=num_text_layers, gate_hidden_dim=gate_hidden_dim,
+                       strategy=strategy, gate_signal=gate_signal)
         self.grid_size = sample_size // patch_size
         adaln = timestep_conditioning == "adaln-zero"
         self.fusion = LayerFusion(num_text_layers, depth, strategy, single_layer, gate_hidden_dim=gate_hidden_dim)
         self.context_embedder = ContextEmbedder(text_dim, hidden_size)
         self.patch_embed = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
         self.t_embedder = TimestepEmbedder(hidden_size) if adaln else None
+        self.noise_head = NoiseLevelHead(in_channels, patch_size) if gate_signal == "estimated" else None
         self.blocks = nn.ModuleList(
             DiTBlock(hidden_size, num_heads, mlp_ratio, self.grid_size, mlp_conv, adaln) for _ in range(depth)
         )
@@ -353,17 +387,27 @@ class SemanticRoutingDiT(ModelMixin, ConfigMixin):
         text_mask: torch.Tensor | None = None,
         context: RoutedContext | None = None,
         text_normalized: bool = False,
-    ) -> torch.Tensor:
+        gate_t: torch.Tensor | None = None,
+        return_noise_level: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Predict the flow velocity.
 
         x: (B, C, H, W) noisy sample; t: (B,) time in [0, 1] (1 = pure noise)
         text_hidden_states: (L, B, S, C) LLM layers and text_mask (B, S), or a precomputed `context`
-        returns: (B, C, H, W)
+        gate_t: (B,) what nominal time gates read instead of t (a shifted t at sampling); None reads t.
+            Gates with gate_signal 'estimated' read the noise head's estimate from x instead.
+        return_noise_level: also return the noise head's estimate (B,) (training fits it to t).
+        returns: (B, C, H, W), or (velocity, noise level) with return_noise_level
         """
+        level = self.noise_head(x) if self.noise_head is not None else None
+        if return_noise_level and level is None:
+            raise ValueError("this DiT has no noise-level head (model.gate_signal is not 'estimated')")
         if context is None:
             if text_hidden_states is None or text_mask is None:
                 raise ValueError("pass text_hidden_states and text_mask, or a precomputed context")
-            context = self.route_text(text_hidden_states, text_mask, t, normalized=text_normalized)
+            # The estimate is detached: the head learns from its own loss only, the gates take it as an input.
+            signal = level.detach() if level is not None else (t if gate_t is None else gate_t)
+            context = self.route_text(text_hidden_states, text_mask, signal, normalized=text_normalized)
         elif self.fusion.depends_on_t:
             raise ValueError(
                 f"strategy {self.fusion.strategy!r} depends on t: its context cannot be reused across steps"
@@ -380,7 +424,8 @@ class SemanticRoutingDiT(ModelMixin, ConfigMixin):
                 h = block(h, c, rope, kv, context.mask)
         h = self.final_layer(h, c)  # (B, N, p * p * C)
         h = h.view(B, H // p, W // p, p, p, -1).permute(0, 5, 1, 3, 2, 4)
-        return h.reshape(B, -1, H, W)
+        velocity = h.reshape(B, -1, H, W)
+        return (velocity, level) if return_noise_level else velocity
 
 
 # Named presets; the CLI and configs use the keys as `model.preset` choices.
@@ -395,6 +440,12 @@ DIT_PRESETS: dict[str, dict] = {
     "cpu-small": dict(
         sample_size=16, in_channels=3, patch_size=2, hidden_size=192, depth=6, num_heads=3,
         mlp_ratio=2.0, mlp_conv=True, timestep_conditioning="adaln-zero",
+    ),
+    # The paper's setting at CPU scale: cpu-small without any timestep input. The DiT must infer the noise
+    # level from x_t, and in S1/S3 the fusion gate is the only place t enters (the trajectory experiment).
+    "cpu-small-tfree": dict(
+        sample_size=16, in_channels=3, patch_size=2, hidden_size=192, depth=6, num_heads=3,
+        mlp_ratio=2.0, mlp_conv=True, timestep_conditioning="none",
     ),
     # Unit tests.
     "tiny": dict(

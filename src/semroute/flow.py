@@ -71,6 +71,7 @@ class RectifiedFlow:
         num_steps: int,
         guidance_scale: float,
         on_step: Callable[[], None] | None = None,
+        on_state: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
         """Integrate from noise (t = 1) to data (t = 0) with the given diffusers flow-matching scheduler.
 
@@ -79,6 +80,7 @@ class RectifiedFlow:
         twice). With guidance_scale != 1, `velocity` is called on the batch doubled as [x; x] and must
         return [conditional; unconditional] velocities, combined as v_u + w (v_c - v_u).
         on_step: called after every scheduler step (progress bars).
+        on_state: called as on_state(t (B,), x_t) before every model evaluation of the trajectory (tracing).
         """
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
@@ -88,6 +90,8 @@ class RectifiedFlow:
         x = noise
         for timestep in scheduler.timesteps:
             t = (timestep / scheduler.config.num_train_timesteps).to(noise.device).expand(x.shape[0]).float()
+            if on_state is not None:
+                on_state(t, x)
             if guided:
                 v_cond, v_uncond = _at_least_fp32(velocity(torch.cat([x, x]), torch.cat([t, t]))).chunk(2)
                 v = v_uncond + guidance_scale * (v_cond - v_uncond)
@@ -97,6 +101,11 @@ class RectifiedFlow:
             if on_step is not None:
                 on_step()
         return x
+
+
+def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """The time shift of SD3 / diffusers' flow-matching schedulers: s t / (1 + (s - 1) t); s > 1 reads noisier."""
+    return shift * t / (1 + (shift - 1) * t)
 
 
 def flow_schedulers() -> list[str]:
@@ -118,8 +127,14 @@ class SampleConfig:
     shift: float = 1.0
     # Images per prompt in sample grids, the demo and ShapesBench.
     images_per_prompt: int = 4
+    # Time shift of the t that nominal time gates (strategies time, joint) read, at sampling only: the gate
+    # reads shift_time(t, gate_shift) while the schedule and the DiT keep t (1 = the nominal t, the paper;
+    # the paper's manual repair of the gate/trajectory mismatch, no retraining).
+    gate_shift: float = 1.0
 
     def __post_init__(self):
+        if not self.gate_shift > 0:
+            raise ValueError(f"sample.gate_shift must be > 0 (1 = the nominal t), got {self.gate_shift}")
         if self.images_per_prompt < 1 or self.shift <= 0:
             raise ValueError(f"sample.images_per_prompt must be >= 1 and sample.shift > 0, "
                              f"got {self.images_per_prompt}, {self.shift}")

@@ -11,7 +11,7 @@ import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 
 from .dit import SemanticRoutingDiT
-from .flow import RectifiedFlow, SampleConfig
+from .flow import RectifiedFlow, SampleConfig, shift_time
 from .checkpoint import TEXT_ENCODER_FILE, VAE_FILE
 from .fileio import files_problem, read_json, record_files
 from .features import NULL_PROMPT, PromptFeatures, encode_prompts
@@ -34,6 +34,15 @@ def check_compatible(transformer: SemanticRoutingDiT, encoder: TextEncoder) -> N
             f"the checkpoint expects LLM hidden size {cfg.text_dim} but the text encoder has {encoder.hidden_size}; "
             f"use the text encoder it was trained with"
         )
+
+
+def check_gate_shift(transformer) -> None:
+    """A gate shift changes only nominal time gates: refuse it where it would silently do nothing."""
+    fusion = transformer.fusion
+    if not fusion.depends_on_t:
+        raise ValueError(f"a gate shift changes time gates; strategy {fusion.strategy!r} has none (use time or joint)")
+    if transformer.noise_head is not None:
+        raise ValueError("this DiT's gates read a noise level it estimates from x_t, not t: a gate shift would not apply")
 
 
 class SemanticRoutingPipeline(DiffusionPipeline):
@@ -59,13 +68,14 @@ class SemanticRoutingPipeline(DiffusionPipeline):
         template: str = "chat",
         steps: int = SampleConfig.steps,
         guidance_scale: float = SampleConfig.guidance_scale,
+        gate_shift: float = SampleConfig.gate_shift,
     ):
         super().__init__()
         self.register_modules(transformer=transformer, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae)
         layers = list(text_layers or [])
         # steps / guidance_scale: the sampling defaults of the run (its SampleConfig); the scheduler carries the shift.
         self.register_to_config(text_layers=layers, max_length=max_length, template=template, steps=steps,
-                                guidance_scale=guidance_scale)
+                                guidance_scale=guidance_scale, gate_shift=gate_shift)
         config = TextEncoderConfig(model=getattr(text_encoder, "name_or_path", ""), layers=layers, max_length=max_length, template=template)
         self.encoder = TextEncoder(config, model=text_encoder, tokenizer=tokenizer)
         check_compatible(transformer, self.encoder)
@@ -88,7 +98,8 @@ class SemanticRoutingPipeline(DiffusionPipeline):
         """
         c, sample = encoder.config, sample or SampleConfig()
         pipe = cls(transformer, sample.make_scheduler(), encoder.model, encoder.tokenizer, vae, text_layers=encoder.layers,
-                   max_length=c.max_length, template=c.template, steps=sample.steps, guidance_scale=sample.guidance_scale)
+                   max_length=c.max_length, template=c.template, steps=sample.steps, guidance_scale=sample.guidance_scale,
+                   gate_shift=sample.gate_shift)
         pipe.encoder = encoder
         pipe.precision = precision
         return pipe
@@ -100,6 +111,13 @@ class SemanticRoutingPipeline(DiffusionPipeline):
         SampleConfig(scheduler=name)  # checks the name
         self.register_modules(scheduler=getattr(diffusers, name).from_config(self.scheduler.config))
 
+    def use_gate_shift(self, shift: float) -> None:
+        """Time gates read shift_time(t, shift) when sampling (the paper's manual repair); 1 restores the nominal t."""
+        SampleConfig(gate_shift=shift)  # checks the value
+        if shift != 1.0:
+            check_gate_shift(self.transformer)
+        self.register_to_config(gate_shift=float(shift))
+
     def sampling(self, steps: int | None = None, guidance_scale: float | None = None, shift: float | None = None,
                  scheduler: str | None = None) -> SampleConfig:
         """The settings a `generate` call uses: the given ones, else the pipeline's own (its run's `sample:`)."""
@@ -109,6 +127,7 @@ class SemanticRoutingPipeline(DiffusionPipeline):
             steps=self.config.steps if steps is None else steps,
             guidance_scale=self.config.guidance_scale if guidance_scale is None else guidance_scale,
             shift=self.scheduler.config.shift if shift is None else shift,
+            gate_shift=self.config.get("gate_shift", 1.0),
         )
 
     def sampling_precision(self) -> Precision:
@@ -168,6 +187,7 @@ class SemanticRoutingPipeline(DiffusionPipeline):
         reuse_context: bool = True,
         features: PromptFeatures | None = None,
         on_step: Callable[[], None] | None = None,
+        on_state: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
         """Generate one image per prompt: (B, 3, H, W) in [0, 1].
 
@@ -179,6 +199,8 @@ class SemanticRoutingPipeline(DiffusionPipeline):
         when sampling the same prompts many times. reuse_context=False recomputes the routed
         context every step even when the strategy allows reuse (for testing and timing).
         on_step: called after every denoising step (progress bars).
+        on_state: called with (t, x_t) before each model evaluation (`semroute trajectory` traces with it).
+        The time gates read `sampling().gate_shift`-shifted times (see `use_gate_shift`).
 
         Precision: `self.precision` under autocast, unless the transformer was cast as a whole to
         another dtype (`pipe.to(dtype=torch.bfloat16)`, or float64 for checks): then it runs in that dtype.
@@ -217,13 +239,17 @@ class SemanticRoutingPipeline(DiffusionPipeline):
             if reuse_context and not model.fusion.depends_on_t:
                 context = model.route_text(text, mask, normalized=True)  # once for every step and both branches
 
+            gate_shift = settings.gate_shift
+
             def velocity(x, t):
                 x, t = x.to(weights), t.to(weights)
                 if context is not None:
                     return model(x, t, context=context)
-                return model(x, t, text, mask, text_normalized=True)
+                gate_t = shift_time(t, gate_shift) if gate_shift != 1.0 else None
+                return model(x, t, text, mask, text_normalized=True, gate_t=gate_t)
 
-            x = RectifiedFlow.sample(velocity, noise, scheduler, settings.steps, guidance_scale, on_step=on_step)
+            x = RectifiedFlow.sample(velocity, noise, scheduler, settings.steps, guidance_scale, on_step=on_step,
+                                     on_state=on_state)
         if self.vae is not None:
             x = decode_latents(self.vae, x)
         return ((x + 1) / 2).clamp(0, 1)

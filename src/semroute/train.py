@@ -121,6 +121,7 @@ def train_step(
     batch,
     generator: torch.Generator,
     grad_clip: float,
+    noise_level_weight: float = 1.0,
 ) -> tuple[float, bool | None]:
     """One micro-step, the same for every strategy and data source: only what the fusion returns differs.
 
@@ -129,6 +130,8 @@ def train_step(
     The optimizer, schedule and EMA step once every `gradient_accumulation_steps` micro-steps.
     Returns the loss and, on the micro-step that closes an optimizer step, whether the gradient was
     finite (a non-finite one is dropped: no update, no schedule step, no EMA step); None otherwise.
+    A DiT with a noise-level head (gate_signal: estimated) also fits it to t: noise_level_weight x
+    MSE(estimate, t) is added to the gradient, not to the returned (flow) loss.
     """
     device = accelerator.device
     n = len(batch[0])
@@ -139,9 +142,19 @@ def train_step(
     t = flow.sample_t(total, device, generator)[offset : offset + n]
     noise = torch.randn((total, *x0.shape[1:]), generator=generator, device=device)[offset : offset + n]
     finite = None
+    estimates = accelerator.unwrap_model(model).noise_head is not None
+    levels = []
+
+    def velocity(x, tt):
+        if not estimates:
+            return model(x, tt, text, mask, text_normalized=True)
+        v, level = model(x, tt, text, mask, text_normalized=True, return_noise_level=True)
+        levels.append(torch.nn.functional.mse_loss(level.float(), tt.float()))
+        return v
+
     with accelerator.accumulate(model):
-        loss = flow.loss(lambda x, tt: model(x, tt, text, mask, text_normalized=True), x0, t=t, noise=noise.to(x0.dtype))
-        accelerator.backward(loss)
+        loss = flow.loss(velocity, x0, t=t, noise=noise.to(x0.dtype))
+        accelerator.backward(loss + noise_level_weight * levels[0] if levels else loss)
         if accelerator.sync_gradients:
             # The gradient norm is the same on every process (after the all-reduce), so all skip together.
             norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip)
@@ -344,7 +357,7 @@ def _loop(run: Run, state: TrainState, batches: BatchStream, window: MetricsWind
         for _ in range(t.gradient_accumulation_steps):
             batch = next(batches)
             loss, finite = train_step(accelerator, run.model, run.optimizer, run.scheduler, run.ema, run.flow, run.source,
-                                      batch, run.generator, t.grad_clip)
+                                      batch, run.generator, t.grad_clip, t.noise_level_weight)
             losses.append(loss)
             images += len(batch[0]) * accelerator.num_processes
         state.step += 1

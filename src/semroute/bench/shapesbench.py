@@ -88,7 +88,7 @@ def run_bench(
         **summarize(per_prompt, clean, blobs),
         "images_per_prompt": images_per_prompt,
         "sampling": {"scheduler": settings.scheduler, "steps": settings.steps, "guidance_scale": settings.guidance_scale,
-                     "shift": settings.shift, "seed": seed},
+                     "shift": settings.shift, "gate_shift": settings.gate_shift, "seed": seed},
         "timing": {"sampling_s": sampling_s, "scoring_s": scoring_s, "scoring_fraction": scoring_s / max(sampling_s, 1e-9)},
         "prompts": per_prompt,
     }
