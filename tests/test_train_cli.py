@@ -167,7 +167,7 @@ def test_packaged_configs_load():
 
     root = Path(__file__).parents[1] / "configs"
     names = sorted(p.name for p in root.glob("*.yaml"))
-    assert names == ["ablation.yaml", "demo.yaml", "paper.yaml"]
+    assert names == ["ablation.yaml", "demo.yaml", "paper.yaml", "trajectory.yaml"]
     for name in names:
         load_config(root / name)
     # The paper's six strategies are one config and one override each (by name or paper id).
