@@ -38,7 +38,7 @@ def test_table_and_claims_from_fixed_results():
     rows = [line for line in table.splitlines() if line.startswith("| ") and "±" in line]
     assert [r.split(" | ")[0][2:] for r in rows] == [PAPER_NAMES["b1"], PAPER_NAMES["s1"], PAPER_NAMES["s2"]]  # paper order
     assert "| S2 depth-wise | 3 | 100.0 ± 0.0 | 100.0 ± 0.0 | 50.0 ± 0.0 | 25.0 ± 0.0 | 71.0 ± 1.0 | 95.0 ± 0.0 |" in table
-    assert "| S1 has the lowest fidelity | lowest fidelity: S1 time-wise | yes |" in table
+    assert "| S1 has the lowest fidelity | lowest fidelity of the paper's rows: S1 time-wise | yes |" in table
 
 
 def test_claims_can_disagree():
@@ -51,7 +51,7 @@ def test_claims_can_disagree():
     tied = {sid: [fake_result(sid, 0, [False], 0.0, 0.0)] for sid in ("b1", "s1", "s2")}
     checked = claims(tied)
     assert not any(c["agrees"] for c in checked)
-    assert checked[2]["ours"] == "lowest fidelity: B1 penultimate = S1 time-wise = S2 depth-wise (tied at 0.0)"
+    assert checked[2]["ours"] == "lowest fidelity of the paper's rows: B1 penultimate = S1 time-wise = S2 depth-wise (tied at 0.0)"
 
 
 def test_paired_bootstrap_interval():
@@ -68,7 +68,7 @@ def test_paired_bootstrap_interval():
 
 def test_parse_strategies():
     assert parse_strategies("s2, b1") == ["b1", "s2"]
-    with pytest.raises(ValueError, match="valid: b1, b2, b3, s1, s2, s3"):
+    with pytest.raises(ValueError, match="valid: b1, b2, b3, s1, s2, s3 .the paper's., s1s, s1e, s3e"):
         parse_strategies("b1,s9")
 
 
@@ -117,7 +117,7 @@ def test_ablation_end_to_end_and_resume(tiny_llama_dir, tiny_encoder, tmp_path, 
 
 def test_cli_ablate_rejects_unknown_strategy(tmp_path, capsys):
     assert main(["ablate", "--out", str(tmp_path / "a"), "--strategies", "b1,x2"]) == 2
-    assert "valid: b1, b2, b3, s1, s2, s3" in capsys.readouterr().err
+    assert "valid: b1, b2, b3, s1, s2, s3 (the paper's)" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
 
 
@@ -128,3 +128,58 @@ def test_cli_ablate_quick_sized_run(tiny_llama_dir, tmp_path):
     out = tmp_path / "quick"
     assert main(["ablate", "--out", str(out), "--config", str(config), "--strategies", "b1,s2", "--quick", "--max-steps", "2"]) == 0
     assert "S2 depth-wise" in (out / "table.md").read_text()
+
+
+def test_gate_variants_at_several_guidance_scales(tiny_llama_dir, tiny_encoder, tmp_path, monkeypatch):
+    """The trajectory experiment's table: t-free rows, s1s sampled from S1's checkpoints, every run at every scale."""
+    raw = tiny_run_config(tiny_llama_dir)
+    raw["model"]["timestep_conditioning"] = "none"
+    raw["sample"]["guidance_scale"] = 3.0
+    base = load_config(raw)
+    out = tmp_path / "trajectory"
+    rows = ["b2", "s1", "s1s", "s1e"]
+    with pytest.raises(ValueError, match="pass --gate-shift"):
+        run_ablation(base, out, rows, 1, None, 1, max_steps=3, encoder=tiny_encoder, progress=False, scales=[1.5, 3.0])
+    result = run_ablation(base, out, rows, 1, None, 1, max_steps=3, encoder=tiny_encoder, progress=False,
+                          scales=[1.5, 3.0], gate_shift=2.0)
+    runs = out / "runs"
+    assert not (runs / "s1s-seed0" / "checkpoints").exists()  # sampled, never trained
+    for row in rows:
+        for name in ("shapesbench-cfg1.5.json", "shapesbench.json"):  # 3.0 is the config's own scale
+            scored = json.loads((runs / f"{row}-seed0" / name).read_text())
+            assert scored["sampling"]["guidance_scale"] == (1.5 if "1.5" in name else 3.0)
+            assert scored["sampling"]["gate_shift"] == (2.0 if row == "s1s" else 1.0)
+    s1s = json.loads((runs / "s1s-seed0" / "shapesbench.json").read_text())
+    assert s1s["checkpoint"] == json.loads((runs / "s1-seed0" / "shapesbench.json").read_text())["checkpoint"]
+    from semroute.dit import SemanticRoutingDiT
+
+    assert SemanticRoutingDiT.from_pretrained(s1s["checkpoint"].replace("s1-seed0", "s1e-seed0")).noise_head is not None
+    table = (out / "table.md").read_text()
+    assert "## Guidance scale 1.5" in table and "## Guidance scale 3" in table
+    assert "| S1 time-wise, shifted gate | 1 |" in table and "| S1 time-wise, estimated gate | 1 |" in table
+    assert set(result["scales"]) == {1.5, 3.0}
+    assert {c["claim"] for c in result["scales"][1.5]["claims"]} >= {
+        "S1 time-wise loses fidelity against B2", "S1 time-wise, estimated gate loses fidelity against B2"}
+    assert (out / "scales.png").stat().st_size > 1000
+    # A new scale later is scored from the saved checkpoints: nothing is trained again.
+    monkeypatch.setattr("semroute.train.train", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    again = run_ablation(base, out, rows, 1, None, 1, max_steps=3, encoder=tiny_encoder, progress=False,
+                         scales=[1.5, 3.0, 5.0], gate_shift=2.0)
+    assert set(again["scales"]) == {1.5, 3.0, 5.0} and (runs / "s1e-seed0" / "shapesbench-cfg5.json").is_file()
+
+
+def test_eval_scores_several_guidance_scales_from_one_checkpoint(tiny_llama_dir, tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(tiny_run_config(tiny_llama_dir, max_steps=2)))
+    assert main(["train", "--config", str(config), "--out", str(tmp_path / "run")]) == 0
+    out = tmp_path / "bench.json"
+    assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--cfg", "1.5,3,5", "--n", "1", "--out", str(out)]) == 0
+    scored = json.loads(out.read_text())
+    assert list(scored["scales"]) == ["1.5", "3", "5"]
+    assert [r["sampling"]["guidance_scale"] for r in scored["scales"].values()] == [1.5, 3.0, 5.0]
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--cfg", "1.5,7", "--n", "1", "--out", str(out)]) == 2
+    assert "holds results of other settings" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a usage error
+        main(["eval", "--checkpoint", str(tmp_path / "run"), "--cfg", "3,3", "--n", "1"])
+    assert "must be distinct scales" in capsys.readouterr().err

@@ -88,12 +88,25 @@ def _runtime_arguments(parser: argparse.ArgumentParser, precision_default: str |
     return group
 
 
-def _sampling_arguments(parser: argparse.ArgumentParser, n_help: str, n_default: int | None, seed_help: str):
+def _guidance_list(text: str) -> list[float]:
+    values = [_guidance(part) for part in text.split(",") if part.strip()]
+    if not values or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"must be distinct scales separated by commas, e.g. 1.5,3,5,7; got {text!r}")
+    return values
+
+
+def _sampling_arguments(parser: argparse.ArgumentParser, n_help: str, n_default: int | None, seed_help: str,
+                        several_scales: bool = False):
     group = parser.add_argument_group("sampling (defaults: the checkpoint's own sample: settings, saved when it was trained)")
     group.add_argument("--n", type=_positive_int, default=n_default, help=n_help)
     group.add_argument("--steps", type=_positive_int, default=None, help="scheduler steps (default: the checkpoint's sample.steps)")
-    group.add_argument("--cfg", type=_guidance, default=None,
-                       help="classifier-free guidance scale (default: the checkpoint's sample.guidance_scale)")
+    if several_scales:
+        group.add_argument("--cfg", type=_guidance_list, default=None,
+                           help="classifier-free guidance scale, or several separated by commas (1.5,3,5,7) to score "
+                                "each from the same checkpoint (default: the checkpoint's sample.guidance_scale)")
+    else:
+        group.add_argument("--cfg", type=_guidance, default=None,
+                           help="classifier-free guidance scale (default: the checkpoint's sample.guidance_scale)")
     group.add_argument("--shift", type=_positive_float, default=None,
                        help="timestep shift of the schedule (default: the checkpoint's sample.shift)")
     group.add_argument("--scheduler", default=None,
@@ -156,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint directory or run directory")
     p.add_argument("--out", type=Path, default=None, help="results JSON (default: <checkpoint>/shapesbench.json)")
     _sampling_arguments(p, n_help="images per prompt (default: the checkpoint's sample.images_per_prompt)", n_default=None,
-                        seed_help="base noise seed (image k of prompt i uses seed + 1000 i + k)")
+                        seed_help="base noise seed (image k of prompt i uses seed + 1000 i + k)", several_scales=True)
     _runtime_arguments(p)
 
     p = sub.add_parser(
@@ -167,7 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="ablation directory")
     p.add_argument("--config", type=Path, default=None, help=f"base run config (default: the packaged {ABLATION_CONFIG})")
     _set_argument(p)
-    p.add_argument("--strategies", default="b1,b2,b3,s1,s2,s3", help="paper ids, comma-separated")
+    p.add_argument("--strategies", default="b1,b2,b3,s1,s2,s3",
+                   help="rows, comma-separated: the paper ids b1..s3, and the gate variants s1e / s3e (time gates read a "
+                        "noise level estimated from x_t) and s1s (S1's checkpoints sampled with --gate-shift)")
+    p.add_argument("--cfg", type=_guidance_list, default=None,
+                   help="guidance scales to score every run at, comma-separated, e.g. 1.5,3,5,7 (default: the config's "
+                        "sample.guidance_scale); a new scale is scored from the saved checkpoints, nothing retrained")
+    p.add_argument("--gate-shift", type=_positive_float, default=None,
+                   help="the gate shift of the s1s row (S1 sampled with its gates reading shift_time(t, this))")
     p.add_argument("--seeds", type=_positive_int, default=3, help="seeds per strategy")
     p.add_argument("--minutes-per-run", type=_positive_float, default=None, help="training budget per run (default: train.minutes of the config)")
     p.add_argument("--max-steps", type=_positive_int, default=None,
@@ -326,12 +346,20 @@ def cmd_eval(args) -> None:
     config = load_config(checkpoint / RUN_CONFIG_FILE)
     pipeline = _sampling_pipeline(args, checkpoint)
     n = args.n or config.sample.images_per_prompt
-    results = run_bench(pipeline, bench_prompts(config.data), n, args.steps, args.cfg, args.shift, args.seed)
-    results["checkpoint"] = str(checkpoint)
-    _refuse_other_results(out, results)
-    write_json(out, results)
-    summary = {k: round(v, 4) for k, v in results["categories"].items()}
-    print(json.dumps({**summary, "overall": round(results["overall"], 4), "fidelity": round(results["fidelity"], 4)}))
+    scales = args.cfg or [None]
+    every = {}
+    for scale in scales:
+        results = run_bench(pipeline, bench_prompts(config.data), n, args.steps, scale, args.shift, args.seed)
+        results["checkpoint"] = str(checkpoint)
+        every[results["sampling"]["guidance_scale"]] = results
+        summary = {k: round(v, 4) for k, v in results["categories"].items()}
+        print(json.dumps({"guidance_scale": results["sampling"]["guidance_scale"], **summary,
+                          "overall": round(results["overall"], 4), "fidelity": round(results["fidelity"], 4)}))
+    # One scale: the results themselves; several: {"scales": {"1.5": results, ...}} in one file.
+    document = results if len(scales) == 1 else {"version": results["version"], "checkpoint": str(checkpoint),
+                                                 "scales": {f"{g:g}": r for g, r in every.items()}}
+    _refuse_other_results(out, document)
+    write_json(out, document)
     print(f"wrote {out}")
 
 
@@ -342,10 +370,19 @@ def _refuse_other_results(out: Path, results: dict) -> None:
     from .fileio import read_json
 
     found = read_json(out, "results file", "move it away or pass another --out")
-    keys = ("version", "images_per_prompt", "sampling", "checkpoint")
+    keys = ("version", "images_per_prompt", "sampling", "checkpoint", "scales")
+    if "scales" in results:  # several scales: the settings of each
+        found = {**found, "scales": _settings_by_scale(found.get("scales"))} if isinstance(found, dict) else found
+        results = {**results, "scales": _settings_by_scale(results["scales"])}
     differences = [k for k in keys if not isinstance(found, dict) or found.get(k) != results.get(k)]
     if differences:
         raise ValueError(f"{out} holds results of other settings ({', '.join(differences)} differ); pass another --out")
+
+
+def _settings_by_scale(scales) -> dict | None:
+    if not isinstance(scales, dict):
+        return None
+    return {g: (r.get("images_per_prompt"), r.get("sampling")) if isinstance(r, dict) else None for g, r in scales.items()}
 
 
 def cmd_ablate(args) -> None:
@@ -357,7 +394,8 @@ def cmd_ablate(args) -> None:
     if args.quick:
         seeds, minutes, n = 1, QUICK_MINUTES, 2
     with _writer(args.out):
-        result = run_ablation(base, args.out, strategies, seeds, minutes, n, max_steps=args.max_steps, device=args.device)
+        result = run_ablation(base, args.out, strategies, seeds, minutes, n, max_steps=args.max_steps, device=args.device,
+                              scales=args.cfg, gate_shift=args.gate_shift)
     print((args.out / "table.md").read_text())
     print(f"wrote {args.out}/table.md, results.json, bars.png; claims agree: "
           f"{sum(c['agrees'] for c in result['claims'])}/{len(result['claims'])}")
