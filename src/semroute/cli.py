@@ -1,4 +1,4 @@
-"""`semroute` command line: train, sample, routing, eval, ablate, precompute, sample-bench, export, demo."""
+"""`semroute` command line: train, sample, routing, eval, trajectory, ablate, precompute, sample-bench, export, demo."""
 
 from __future__ import annotations
 
@@ -170,6 +170,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="results JSON (default: <checkpoint>/shapesbench.json)")
     _sampling_arguments(p, n_help="images per prompt (default: the checkpoint's sample.images_per_prompt)", n_default=None,
                         seed_help="base noise seed (image k of prompt i uses seed + 1000 i + k)", several_scales=True)
+    _runtime_arguments(p)
+
+    p = sub.add_parser(
+        "trajectory", help="measure how far guided sampling's noise level drifts from the nominal t the time gates read",
+        formatter_class=fmt,
+        description="Samples ShapesBench prompts (or --prompt) at each guidance scale, estimates the effective noise "
+                    "level of x_t at every step (least-squares fits named on the figure) and plots it against the "
+                    "nominal t. Writes trajectory.png and trajectory.json to --out, and prints the gate shift whose "
+                    "shifted t best matches the effective level at each scale (for ablate --gate-shift).",
+    )
+    p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint directory or run directory")
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--prompt", action="append", default=None, help="a prompt to trace (repeatable; default: ShapesBench's)")
+    p.add_argument("--prompts-limit", type=_positive_int, default=16, help="ShapesBench prompts to trace")
+    _sampling_arguments(p, n_help="images per prompt", n_default=2, seed_help="base noise seed", several_scales=True)
     _runtime_arguments(p)
 
     p = sub.add_parser(
@@ -379,6 +394,35 @@ def _refuse_other_results(out: Path, results: dict) -> None:
         raise ValueError(f"{out} holds results of other settings ({', '.join(differences)} differ); pass another --out")
 
 
+def cmd_trajectory(args) -> None:
+    from .bench import bench_prompts
+    from .bench.trajectory import plot_trajectory, trace
+    from .checkpoint import RUN_CONFIG_FILE, resolve_checkpoint
+    from .config import load_config
+
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    prompts = args.prompt or [p.text for p in bench_prompts(load_config(checkpoint / RUN_CONFIG_FILE).data)][: args.prompts_limit]
+    pipeline = _sampling_pipeline(args, checkpoint)
+    scales = args.cfg or [pipeline.sampling().guidance_scale]
+    with _writer(args.out):
+        result = trace(pipeline, prompts, args.n, scales, args.steps, args.seed)
+        result.update(checkpoint=str(checkpoint), prompts=prompts, images_per_prompt=args.n,
+                      gate_shift=pipeline.sampling().gate_shift)
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_json(args.out / "trajectory.json", {**result, "scales": {f"{g:g}": v for g, v in result["scales"].items()}})
+        fusion = pipeline.transformer.fusion
+        gates = "estimated" if pipeline.transformer.noise_head is not None else "nominal"
+        plot_trajectory(result, args.out / "trajectory.png",
+                        title=f"{checkpoint}\n{fusion.strategy} ({gates} gates), {len(prompts)} prompts x {args.n}, "
+                              f"{len(result['t'])} steps")
+    for scale, entry in result["scales"].items():
+        name = next(iter(entry["levels"]))
+        worst = max(range(len(result["t"])), key=lambda k: abs(entry["levels"][name][k] - result["t"][k]))
+        print(f"CFG {scale:g}: effective level {entry['levels'][name][worst]:.3f} at nominal t {result['t'][worst]:.3f} "
+              f"(largest gap, {name}); gate shift that fits best: {entry['suggested_gate_shift']:.2f}")
+    print(f"wrote {args.out}/trajectory.png and trajectory.json")
+
+
 def _settings_by_scale(scales) -> dict | None:
     if not isinstance(scales, dict):
         return None
@@ -459,6 +503,7 @@ def cmd_demo(args) -> int:
 COMMANDS = {
     "train": cmd_train, "sample": cmd_sample, "routing": cmd_routing, "eval": cmd_eval, "ablate": cmd_ablate,
     "precompute": cmd_precompute, "sample-bench": cmd_sample_bench, "export": cmd_export, "demo": cmd_demo,
+    "trajectory": cmd_trajectory,
 }
 
 
