@@ -212,15 +212,57 @@ class TextEncoder(nn.Module):
     @torch.no_grad()
     def forward(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """prompts -> hidden states (L, B, S, C) float32 and attention mask (B, S) bool."""
+        batch = self._tokenize(prompts)
+        out = self.model(**batch, output_hidden_states=True)
+        hidden = torch.stack([out.hidden_states[i] for i in self.layers]).float()  # (L, B, S, C)
+        return hidden, batch["attention_mask"].bool()
+
+    @torch.no_grad()
+    def layer_keys_values(self, prompts: list[str], layers: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The LLM's own self-attention keys and values of decoder `layers` (0-based) for the prompts.
+
+        Exactly what its forward pass computes (its projections, norms and rotary embedding, whatever the
+        model family), read from the key/value cache transformers returns: deep fusion (FuseDiT) lets
+        image queries attend over them. -> keys, values (D, B, kv_heads, S, head_dim) float32, mask (B, S) bool.
+        """
+        n = self.num_model_layers
+        bad = [i for i in layers if not 0 <= i < n]
+        if bad:
+            raise ValueError(f"decoder layers {bad} are out of range: the model has layers 0..{n - 1}")
+        batch = self._tokenize(prompts)
+        cache = self.model(**batch, use_cache=True).past_key_values
+        keys = torch.stack([cache.layers[i].keys for i in layers]).float()
+        values = torch.stack([cache.layers[i].values for i in layers]).float()
+        return keys, values, batch["attention_mask"].bool()
+
+    def _tokenize(self, prompts: list[str]):
+        """The wrapped prompts as a right-padded batch on the LLM's device, cut at max_length (with a warning)."""
         texts = [self.wrap(p) for p in prompts]
         limit = self.config.max_length
         lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
         for prompt, n in zip(prompts, lengths):
             if n > limit:
                 logger.warning("prompt truncated to text_encoder.max_length=%d tokens (it has %d): %.60r", limit, n, prompt)
-        batch = self.tokenizer(
+        return self.tokenizer(
             texts, padding=True, truncation=True, max_length=limit, add_special_tokens=False, return_tensors="pt"
         ).to(self.model.device)
-        out = self.model(**batch, output_hidden_states=True)
-        hidden = torch.stack([out.hidden_states[i] for i in self.layers]).float()  # (L, B, S, C)
-        return hidden, batch["attention_mask"].bool()
+
+
+def deep_layer_map(num_llm_layers: int, num_blocks: int, layers: list[int] | None = None) -> list[int]:
+    """Which decoder layer (0-based) each DiT block reads in deep fusion.
+
+    Default: the `num_blocks` layers that end just before the last one (the last layer is shaped for next-token
+    prediction, not for describing the prompt). An explicit list (one per block; negatives count from the end)
+    gives any other pairing, e.g. the paper's layers 6..29 of 36 for 24 blocks: list(range(6, 30)).
+    """
+    if layers:
+        if len(layers) != num_blocks:
+            raise ValueError(f"deep fusion pairs each of the {num_blocks} DiT blocks with one LLM layer, got {len(layers)} layers")
+        resolved = [i + num_llm_layers if i < 0 else i for i in layers]
+        bad = [i for i, r in zip(layers, resolved) if not 0 <= r < num_llm_layers]
+        if bad:
+            raise ValueError(f"LLM layers {bad} are out of range: the model has layers 0..{num_llm_layers - 1}")
+        return resolved
+    if num_blocks > num_llm_layers - 1:
+        raise ValueError(f"{num_blocks} DiT blocks need as many LLM layers before the last; the model has {num_llm_layers}")
+    return list(range(num_llm_layers - 1 - num_blocks, num_llm_layers - 1))
