@@ -88,6 +88,11 @@ FLAG_CASES = {
     "sample --seed 2**70": (["sample", "--checkpoint", "{run}", "--prompt", "x", "--seed", str(2**70)], "must be at most 2,147,483,647"),
     "sample --steps 10**20": (["sample", "--checkpoint", "{run}", "--prompt", "x", "--steps", str(10**20)], "must be at most"),
     "train --set train.lr=.nan": (["train", "--config", "{config}", "--set", "train.lr=.nan"], "train.lr must be a finite number"),
+    "sample --gate-shift on a DiT without time gates": (["sample", "--checkpoint", "{run}", "--prompt", "x", "--gate-shift", "2"],
+                                                        "strategy 'depth' has none (use time or joint)"),
+    "sample --gate-shift 0": (["sample", "--checkpoint", "{run}", "--prompt", "x", "--gate-shift", "0"], "must be > 0"),
+    "eval --cfg 3,3": (["eval", "--checkpoint", "{run}", "--cfg", "3,3"], "must be distinct scales separated by commas"),
+    "ablate s1s without --gate-shift": (["ablate", "--out", "{tmp}/abl", "--strategies", "s1,s1s"], "pass --gate-shift"),
 }
 
 
@@ -145,6 +150,10 @@ CONFIG_CASES = {
     "max length past the LLM's positions": ({"text_encoder": {"max_length": 1000}}, "is beyond the 128 positions this LLM was trained on"),
     "no colours": ({"data": {"colours": []}}, "data.colours must list some of"),
     "tiny shapes canvas": ({"data": {"image_size": 2}}, "data.image_size must be in 8..1024"),
+    "estimated gates without time gates": ({"model": {"preset": "tiny", "sample_size": 12, "gate_signal": "estimated"}},
+                                           "use strategy time or joint (s1, s3), or gate_signal nominal"),
+    "unknown gate signal": ({"model": {"preset": "tiny", "sample_size": 12, "gate_signal": "guess"}},
+                            "unknown model.gate_signal 'guess'; valid: nominal, estimated"),
 }
 
 
