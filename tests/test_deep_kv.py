@@ -46,3 +46,47 @@ def test_deep_layer_map():
         deep_layer_map(30, 2, [1, 2, 3])
     with pytest.raises(ValueError, match="need as many LLM layers"):
         deep_layer_map(4, 4)
+
+
+def _attention_block(heads: int = 4, width: int = 32, grid: int = 4):
+    from semroute.dit import SelfAttention, rope_2d
+
+    torch.manual_seed(0)
+    attn = SelfAttention(width, heads)
+    return attn, rope_2d(grid, grid, width // heads)
+
+
+def test_deep_attention_with_an_empty_prompt_equals_plain_self_attention():
+    attn, rope = _attention_block()
+    x = torch.randn(2, 16, 32)
+    text_k, text_v = torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)  # 2 LLM key/value heads of size 8
+    with torch.no_grad():
+        plain = attn(x, rope)
+        masked = attn(x, rope, (text_k, text_v), torch.zeros(2, 5, dtype=torch.bool))
+        read = attn(x, rope, (text_k, text_v), torch.ones(2, 5, dtype=torch.bool))
+    torch.testing.assert_close(masked, plain, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(read, plain)
+
+
+def test_deep_attention_groups_query_heads_over_the_llms_key_value_heads():
+    """Against an explicit softmax over [text; image] keys, each LLM head serving two query heads."""
+    attn, rope = _attention_block()
+    x = torch.randn(1, 16, 32)
+    text_k, text_v = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8)
+    mask = torch.tensor([[True, True, False]])
+    from semroute.dit import apply_rope
+
+    with torch.no_grad():
+        got = attn(x, rope, (text_k, text_v), mask)
+        q, k, v = attn.qkv(x).view(1, 16, 3, 4, 8).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(attn.q_norm(q), *rope), apply_rope(attn.k_norm(k), *rope)
+        heads = []
+        for h in range(4):
+            keys = torch.cat([text_k[0, h // 2, :2], k[0, h]])  # the masked text token left out
+            values = torch.cat([text_v[0, h // 2, :2], v[0, h]])
+            weights = torch.softmax(q[0, h] @ keys.T / 8**0.5, dim=-1)
+            heads.append(weights @ values)
+        expected = attn.out(torch.stack(heads, 1).reshape(1, 16, 32))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="have 3 heads of size 8; this DiT has 4 query heads of size 8"):
+        attn(x, rope, (torch.randn(1, 3, 3, 8), torch.randn(1, 3, 3, 8)), torch.ones(1, 3, dtype=torch.bool))

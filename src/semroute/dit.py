@@ -120,12 +120,28 @@ class SelfAttention(nn.Module):
         self.k_norm = RMSNorm(head_dim, eps=1e-6)
         self.out = nn.Linear(hidden_size, hidden_size)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                text_kv: tuple[torch.Tensor, torch.Tensor] | None = None, text_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, N, H). text_kv: deep fusion (FuseDiT): an LLM layer's own keys and values (B, kv_heads, S, d),
+        which the image queries attend over together with the image tokens; each of the LLM's key/value heads
+        serves heads / kv_heads query heads (its grouped-query layout). text_mask: (B, S) bool, True = real token."""
         B, N, H = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # (B, heads, N, d) each
         q = apply_rope(self.q_norm(q), *rope)
         k = apply_rope(self.k_norm(k), *rope)
-        x = attention(q, k, v)
+        mask = None
+        if text_kv is not None:
+            text_k, text_v = text_kv
+            groups = self.num_heads // text_k.shape[1]
+            if text_k.shape[1] * groups != self.num_heads or text_k.shape[-1] != q.shape[-1]:
+                raise ValueError(f"the LLM's keys/values have {text_k.shape[1]} heads of size {text_k.shape[-1]}; this DiT "
+                                 f"has {self.num_heads} query heads of size {q.shape[-1]}: the heads must group evenly "
+                                 f"over the LLM's and have its head size")
+            k = torch.cat([text_k.repeat_interleave(groups, dim=1).to(k.dtype), k], dim=2)
+            v = torch.cat([text_v.repeat_interleave(groups, dim=1).to(v.dtype), v], dim=2)
+            image = torch.ones(B, N, dtype=torch.bool, device=x.device)
+            mask = torch.cat([text_mask.bool(), image], dim=1)[:, None, None, :]
+        x = attention(q, k, v, mask)
         return self.out(x.transpose(1, 2).reshape(B, N, H))
 
 
