@@ -6,6 +6,8 @@ both alike; each ratio is printed as the median over rounds with the lowest and 
 
 from __future__ import annotations
 
+import argparse
+
 import statistics
 import time
 from collections.abc import Callable
@@ -99,3 +101,23 @@ def ratio_line(name: str, numerator: list[float], denominator: list[float]) -> s
 
 def machine_line() -> str:
     return f"machine cpu_capability={cpu_capability()} threads={torch.get_num_threads()} torch={torch.__version__}"
+
+
+def pair_parser(doc: str, rounds_help: str) -> argparse.ArgumentParser:
+    """The flags of a benchmark that times two trainers and their samplers against each other."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train-steps", type=int, default=4, help="timed training steps per model per round")
+    parser.add_argument("--rounds", type=int, default=9, help=rounds_help)
+    parser.add_argument("--sample-images", type=int, default=32, help="images per timed sampling call")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    return parser
+
+
+def time_pair(setup: DemoSetup, trainers: dict, precision: str, args) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Training-step and sampling seconds per round of each `setup.trainer` model, the models alternating in every round.
+
+    args: the parsed `pair_parser` flags."""
+    train = interleaved({s: (lambda step=step: [step(i) for i in range(args.train_steps)]) for s, (_, step) in trainers.items()},
+                        args.rounds)
+    samplers = {s: setup.sampler(model, precision, args.sample_images) for s, (model, _) in trainers.items()}
+    return train, interleaved(samplers, args.rounds)

@@ -12,35 +12,26 @@ alternate in every round, and each ratio is the median of the per-round ratios [
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import torch
 
-from common import DemoSetup, interleaved, machine_line, ratio_line
+from common import DemoSetup, machine_line, pair_parser, ratio_line, time_pair
 from semroute.runtime import resolve_precision
 
 TFREE = {"timestep_conditioning": "none"}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--train-steps", type=int, default=4, help="timed training steps per variant per round")
-    parser.add_argument("--rounds", type=int, default=9, help="alternating rounds")
-    parser.add_argument("--sample-images", type=int, default=32, help="images per timed sampling call")
-    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
-    args = parser.parse_args()
+    args = pair_parser(__doc__, "alternating nominal/estimated rounds").parse_args()
 
     setup = DemoSetup()
     precision = resolve_precision(args.precision, "cpu")
     print(machine_line())
     print(f"precision {precision.name}   ({precision.reason})")
     trainers = {signal: setup.trainer("time", precision, **TFREE, gate_signal=signal) for signal in ("nominal", "estimated")}
-    train = interleaved({s: (lambda step=step: [step(i) for i in range(args.train_steps)]) for s, (_, step) in trainers.items()},
-                        args.rounds)
-    samplers = {s: setup.sampler(model, precision.name, args.sample_images) for s, (model, _) in trainers.items()}
-    sample = interleaved(samplers, args.rounds)
+    train, sample = time_pair(setup, trainers, precision.name, args)
     print(ratio_line("train_ratio_estimated_over_nominal", train["estimated"], train["nominal"]))
     print(ratio_line("sample_ratio_estimated_over_nominal", sample["estimated"], sample["nominal"]))
 

@@ -15,21 +15,16 @@ where the time of one S2 training step goes.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 
 import torch
 
-from common import DemoSetup, interleaved, machine_line, ratio_line
+from common import DemoSetup, machine_line, pair_parser, ratio_line, time_pair
 from semroute.runtime import resolve_precision
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--train-steps", type=int, default=4, help="timed training steps per strategy per round")
-    parser.add_argument("--rounds", type=int, default=9, help="alternating B1/S2 rounds")
-    parser.add_argument("--sample-images", type=int, default=32, help="images per timed sampling call")
-    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    parser = pair_parser(__doc__, "alternating B1/S2 rounds")
     parser.add_argument("--profile", action="store_true", help="print the op breakdown of an S2 training step")
     args = parser.parse_args()
 
@@ -38,10 +33,7 @@ def main() -> None:
     print(machine_line())
     print(f"precision {precision.name}   ({precision.reason})")
     trainers = {s: setup.trainer(s, precision) for s in ("single", "depth")}
-    train = interleaved({s: (lambda step=step: [step(i) for i in range(args.train_steps)]) for s, (_, step) in trainers.items()},
-                        args.rounds)
-    samplers = {s: setup.sampler(model, precision.name, args.sample_images) for s, (model, _) in trainers.items()}
-    sample = interleaved(samplers, args.rounds)
+    train, sample = time_pair(setup, trainers, precision.name, args)
 
     print(ratio_line("sample_ratio_s2_over_b1", sample["depth"], sample["single"]))
     print(ratio_line("train_ratio_s2_over_b1", train["depth"], train["single"]))

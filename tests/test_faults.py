@@ -127,18 +127,23 @@ def rewrite_record(checkpoint: Path) -> None:
     (checkpoint / MANIFEST_FILE).write_text(json.dumps({"format": 2, **record_files(checkpoint, skip=(MANIFEST_FILE,))}))
 
 
-def damaged_copies(run: Path, tmp_path: Path):
-    """(label, copy of the run with one file of its newest checkpoint damaged, that file) for every file and damage."""
-    newest = list_checkpoints(run)[-1]
-    for file in sorted(p for p in newest.rglob("*") if p.is_file()):
-        rel = file.relative_to(run)
-        for name, damage in DAMAGES.items():
+def damaged_files(directory: Path, tmp_path: Path, damages=DAMAGES, under: Path | None = None):
+    """(label, copy of `directory` with one file damaged, that file's copy) for every file (of `under`, default
+    all of `directory`) and every damage; the text files are also corrupted."""
+    for file in sorted(p for p in (under or directory).rglob("*") if p.is_file()):
+        rel = file.relative_to(directory)
+        for name, damage in damages.items():
             if name == "corrupted" and file.suffix not in (".json", ".yaml"):
                 continue
-            copy = tmp_path / f"{rel.as_posix().replace('/', '_')}-{name}"
-            shutil.copytree(run, copy)
+            copy = tmp_path / f"{directory.name}-{rel.as_posix().replace('/', '_')}-{name}"
+            shutil.copytree(directory, copy)
             (copy / rel).write_bytes(damage((copy / rel).read_bytes()))
             yield f"{rel} {name}", copy, copy / rel
+
+
+def damaged_copies(run: Path, tmp_path: Path):
+    """`damaged_files` of the run, one file of its newest checkpoint at a time."""
+    return damaged_files(run, tmp_path, under=list_checkpoints(run)[-1])
 
 
 def test_every_damaged_checkpoint_file_falls_back_to_the_previous_checkpoint(two_checkpoints, tmp_path, caplog):
@@ -249,19 +254,6 @@ def test_a_second_writer_is_refused_naming_the_holder(two_checkpoints, tmp_path,
         code, err = run_cli(capsys, ["export", "--checkpoint", str(run), "--out", str(tmp_path / "run")])
         assert_answered(code, err, "is writing to")
     assert not (tmp_path / "run").exists()  # refused before anything was written
-
-
-def damaged_files(directory: Path, tmp_path: Path, damages=DAMAGES):
-    """(label, copy of `directory` with one file damaged, that file's copy) for every file and damage."""
-    for file in sorted(p for p in directory.rglob("*") if p.is_file()):
-        rel = file.relative_to(directory)
-        for name, damage in damages.items():
-            if name == "corrupted" and file.suffix not in (".json", ".yaml"):
-                continue
-            copy = tmp_path / f"{directory.name}-{rel.as_posix().replace('/', '_')}-{name}"
-            shutil.copytree(directory, copy)
-            (copy / rel).write_bytes(damage((copy / rel).read_bytes()))
-            yield f"{rel} {name}", copy, copy / rel
 
 
 def test_training_from_a_damaged_cache_is_one_line_naming_the_file(tiny_llama_dir, tiny_encoder, tmp_path, capsys):

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .fileio import files_problem, record_files
+from .fileio import record_files, recorded_problem
 
 logger = logging.getLogger(__name__)
 
@@ -165,15 +165,9 @@ def checkpoint_problem(checkpoint: Path, files: tuple[str, ...] = INFERENCE_FILE
     manifest = checkpoint / MANIFEST_FILE
     record = {}
     if manifest.is_file():
-        try:
-            record = json.loads(manifest.read_text())
-            if not isinstance(record, dict):
-                raise ValueError
-        except (OSError, ValueError):
-            return f"{manifest} is damaged"
-        problem = files_problem(checkpoint, record, files)
+        record, problem = recorded_problem(checkpoint, manifest, files)
         if problem:
-            return problem if problem.startswith(str(checkpoint)) else f"{manifest}: {problem}"
+            return problem
     for name in files:
         path = checkpoint / name
         if not path.is_file():

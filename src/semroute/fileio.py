@@ -85,6 +85,23 @@ def files_problem(root: Path, record: dict, names=None) -> str | None:
     return None
 
 
+def recorded_problem(root: Path, manifest: Path, names=None) -> tuple[dict, str | None]:
+    """The record `manifest` holds and why `root`'s files (`names`, default all) differ from it, or None when they match.
+
+    A manifest that is not a JSON object is itself the problem; a problem of the record's form names the manifest.
+    """
+    try:
+        record = json.loads(manifest.read_text())
+        if not isinstance(record, dict):
+            raise ValueError
+    except (OSError, ValueError):
+        return {}, f"{manifest} is damaged"
+    problem = files_problem(root, record, names)
+    if problem and not problem.startswith(str(root)):
+        problem = f"{manifest}: {problem}"
+    return record, problem
+
+
 def write_text(path: Path, text: str) -> None:
     write_atomic(path, lambda tmp: tmp.write_text(text))
 

@@ -13,7 +13,7 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput
 from .dit import SemanticRoutingDiT
 from .flow import RectifiedFlow, SampleConfig, shift_time
 from .checkpoint import TEXT_ENCODER_FILE, VAE_FILE
-from .fileio import files_problem, read_json, record_files
+from .fileio import read_json, record_files, recorded_problem
 from .features import NULL_PROMPT, PromptFeatures, encode_prompts
 from .latent import check_vae_matches, decode_latents, vae_downsample
 from .runtime import Precision, configure_device, resolve_device, resolve_precision
@@ -348,15 +348,9 @@ def pipeline_problem(path: Path) -> str | None:
     manifest = path / EXPORT_MANIFEST
     if not manifest.is_file():
         return None  # not written by semroute's export: loading tells
-    try:
-        record = json.loads(manifest.read_text())
-        if not isinstance(record, dict):
-            raise ValueError
-    except (OSError, ValueError):
-        return f"{manifest} is damaged"
-    problem = files_problem(path, record)
+    record, problem = recorded_problem(path, manifest)
     if problem:
-        return problem if problem.startswith(str(path)) else f"{manifest}: {problem}"
+        return problem
     for name in record["files"]:
         if name.endswith(".json"):
             try:
