@@ -26,7 +26,7 @@ from semroute.flow import RectifiedFlow
 from semroute.pipeline import SemanticRoutingPipeline
 from semroute.runtime import Precision, cpu_capability
 from semroute.text_encoder import TextEncoder
-from semroute.features import prompt_table
+from semroute.features import dit_text_args, prompt_table
 from semroute.train import build_optimizer, train_step, warmup_schedule
 
 
@@ -52,7 +52,7 @@ class DemoSetup:
         config = self.config
         torch.manual_seed(0)
         model = SemanticRoutingDiT(**{**config.model.dit_kwargs(), "strategy": strategy, **model_args},
-                                   text_dim=self.encoder.hidden_size, num_text_layers=self.encoder.num_layers)
+                                   **dit_text_args(self.encoder))
         AcceleratorState._reset_state()
         accelerator = Accelerator(cpu=True, mixed_precision=precision.accelerate)
         optimizer = build_optimizer(model, config)

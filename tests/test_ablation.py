@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -67,8 +68,8 @@ def test_paired_bootstrap_interval():
 
 
 def test_parse_strategies():
-    assert parse_strategies("s2, b1") == ["b1", "s2"]
-    with pytest.raises(ValueError, match="valid: b1, b2, b3, s1, s2, s3 .the paper's., s1s, s1e, s3e"):
+    assert parse_strategies("s2, b1, fusedit") == ["b1", "fusedit", "s2"]  # the paper's order
+    with pytest.raises(ValueError, match="valid: b1, b2, b3, fusedit, s1, s2, s3 .the paper.s., s1s, s1e, s3e"):
         parse_strategies("b1,s9")
 
 
@@ -117,7 +118,7 @@ def test_ablation_end_to_end_and_resume(tiny_llama_dir, tiny_encoder, tmp_path, 
 
 def test_cli_ablate_rejects_unknown_strategy(tmp_path, capsys):
     assert main(["ablate", "--out", str(tmp_path / "a"), "--strategies", "b1,x2"]) == 2
-    assert "valid: b1, b2, b3, s1, s2, s3 (the paper's)" in capsys.readouterr().err
+    assert "valid: b1, b2, b3, fusedit, s1, s2, s3 (the paper's)" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
 
 
@@ -183,3 +184,20 @@ def test_eval_scores_several_guidance_scales_from_one_checkpoint(tiny_llama_dir,
     with pytest.raises(SystemExit):  # a usage error
         main(["eval", "--checkpoint", str(tmp_path / "run"), "--cfg", "3,3", "--n", "1"])
     assert "must be distinct scales" in capsys.readouterr().err
+
+
+def test_fusedit_is_a_row_of_the_table_with_its_own_text_features(tiny_llama_dir, tiny_encoder, tmp_path):
+    """FuseDiT deep fusion beside B1 in one ablation: its runs read keys/values, B1's hidden states, one LLM for both."""
+    raw = tiny_run_config(tiny_llama_dir)
+    raw["model"]["num_heads"] = 4  # 4 heads of 8: grouped over the tiny Llama's 2 key/value heads of 8
+    base = load_config(raw)
+    out = tmp_path / "deep"
+    result = run_ablation(base, out, ["fusedit", "b1"], 1, None, 1, max_steps=3, encoder=tiny_encoder, progress=False)
+    runs = out / "runs"
+    for row, kind in (("b1", "hidden_states"), ("fusedit", "keys_values")):
+        checkpoint = json.loads((runs / f"{row}-seed0" / "shapesbench.json").read_text())["checkpoint"]
+        assert json.loads((Path(checkpoint) / "text_encoder.json").read_text())["features"] == kind
+    table = (out / "table.md").read_text()
+    assert table.index("| B1 penultimate |") < table.index("| FuseDiT deep |")  # the paper's order
+    assert "FuseDiT deep scores below B1 overall" in {c["claim"] for c in result["claims"]}
+    assert (out / "routing-fusedit.png").stat().st_size > 1000

@@ -154,6 +154,17 @@ CONFIG_CASES = {
                                            "use strategy time or joint (s1, s3), or gate_signal nominal"),
     "unknown gate signal": ({"model": {"preset": "tiny", "sample_size": 12, "gate_signal": "guess"}},
                             "unknown model.gate_signal 'guess'; valid: nominal, estimated"),
+    "deep fusion with a head layout the LLM cannot fill": (
+        {"model": {"preset": "tiny", "sample_size": 12, "strategy": "fusedit"}},
+        "the LLM's attention has 2 key/value heads of size 8, this DiT has 2 heads of size 16; set model.num_heads"),
+    "deep fusion with one layer too many": (
+        {"model": {"preset": "tiny", "sample_size": 12, "strategy": "deep", "num_heads": 4}, "text_encoder": {"layers": [1, 2, 3]}},
+        "pairs each of the 2 DiT blocks with one LLM layer, but text_encoder.layers names 3"),
+    "text features that do not fit the strategy": (
+        {"model": {"preset": "tiny", "sample_size": 12, "strategy": "depth"}, "text_encoder": {"features": "keys_values"}},
+        "text_encoder.features 'keys_values' does not fit model.strategy 'depth', which reads hidden_states"),
+    "unknown text features": ({"text_encoder": {"features": "attention"}},
+                              "text_encoder.features must be one of hidden_states, keys_values or null"),
 }
 
 

@@ -8,9 +8,14 @@ from semroute.fusion import STRATEGIES
 L, C = 5, 24
 
 
+# Deep fusion reads one entry per block (tiny: 2) of keys/values: 2 LLM key/value heads of the DiT's head size 16.
+DEEP_TEXT = dict(text_dim=2 * 2 * 16, num_text_layers=2, text_kv_heads=2)
+
+
 def make(strategy="depth", **overrides):
     torch.manual_seed(0)
-    model = SemanticRoutingDiT(**{**DIT_PRESETS["tiny"], **overrides}, text_dim=C, num_text_layers=L, strategy=strategy)
+    text = DEEP_TEXT if strategy == "deep" else dict(text_dim=C, num_text_layers=L)
+    model = SemanticRoutingDiT(**{**DIT_PRESETS["tiny"], **overrides}, **text, strategy=strategy)
     # adaLN-zero starts every output at zero; perturb so outputs depend on the inputs.
     with torch.no_grad():
         for p in model.parameters():
@@ -18,11 +23,13 @@ def make(strategy="depth", **overrides):
     return model.eval()
 
 
-def inputs(batch=2, seq=6, seed=0):
+def inputs(batch=2, seq=6, seed=0, model=None):
+    """x, t, text features and mask; the text of `model`'s shape (default: L layers of width C)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 3, 8, 8, generator=g)
     t = torch.rand(batch, generator=g)
-    text = torch.randn(L, batch, seq, C, generator=g)
+    layers, width = (model.config.num_text_layers, model.config.text_dim) if model is not None else (L, C)
+    text = torch.randn(layers, batch, seq, width, generator=g)
     mask = torch.ones(batch, seq, dtype=torch.bool)
     mask[1, 4:] = False
     return x, t, text, mask
@@ -31,7 +38,7 @@ def inputs(batch=2, seq=6, seed=0):
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_output_shape_and_determinism(strategy):
     model = make(strategy)
-    x, t, text, mask = inputs()
+    x, t, text, mask = inputs(model=model)
     out = model(x, t, text, mask)
     assert out.shape == x.shape
     torch.testing.assert_close(out, model(x, t, text, mask), rtol=0, atol=0)
@@ -43,8 +50,8 @@ def test_save_and_reload_is_identical(strategy, tmp_path):
     model.save_pretrained(tmp_path)
     reloaded = SemanticRoutingDiT.from_pretrained(tmp_path).eval()
     assert reloaded.config.strategy == strategy
-    assert reloaded.config.num_text_layers == L and reloaded.config.text_dim == C
-    x, t, text, mask = inputs()
+    assert (reloaded.config.num_text_layers, reloaded.config.text_dim) == (model.config.num_text_layers, model.config.text_dim)
+    x, t, text, mask = inputs(model=model)
     torch.testing.assert_close(model(x, t, text, mask), reloaded(x, t, text, mask), rtol=0, atol=0)
 
 

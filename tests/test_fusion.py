@@ -24,6 +24,13 @@ def reference_layer_norm(h: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_weights_are_convex_and_learned_ones_start_uniform(strategy):
+    if strategy == "deep":  # a fixed pairing of block d with entry d: the identity, never learned
+        fusion = LayerFusion(D, D, strategy)
+        torch.testing.assert_close(fusion.layer_weights(), torch.eye(D))
+        assert fusion.weight_entropy().item() == 0 and not list(fusion.parameters())
+        features = hidden()[:D]
+        assert fusion(features) is features  # keys/values are used as they are: never normalized, never mixed
+        return
     fusion = LayerFusion(L, D, strategy)
     t = torch.rand(B)
     w = fusion.layer_weights(t if fusion.depends_on_t else None)
@@ -173,10 +180,11 @@ def test_the_strategy_table_is_the_one_source_of_names():
     from semroute.fusion import PAPER_IDS, PAPER_NAMES, STRATEGY_TABLE, Strategy
 
     assert tuple(STRATEGY_TABLE) == get_args(Strategy)
-    assert list(PAPER_IDS) == ["b1", "b2", "b3", "s1", "s2", "s3"]
-    assert PAPER_NAMES["s2"] == "S2 depth-wise"
+    assert list(PAPER_IDS) == ["b1", "b2", "b3", "fusedit", "s1", "s2", "s3"]  # the order of the paper's Table 1
+    assert PAPER_NAMES["s2"] == "S2 depth-wise" and PAPER_NAMES["fusedit"] == "FuseDiT deep"
     for name, spec in STRATEGY_TABLE.items():
-        fusion = LayerFusion(5, 3, name)
+        fusion = LayerFusion(3 if name == "deep" else 5, 3, name)
         assert fusion.depends_on_t == spec.depends_on_t == (name in ("time", "joint"))
-        assert fusion.num_groups == (3 if name in ("depth", "joint") else 1)
+        assert fusion.num_groups == (3 if name in ("depth", "joint", "deep") else 1)
+        assert spec.text_features == ("keys_values" if name == "deep" else "hidden_states")
         assert any(True for _ in fusion.parameters()) == (name in ("static", "time", "depth", "joint"))

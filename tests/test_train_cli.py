@@ -109,7 +109,7 @@ def _error(capsys, argv):
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"model": {"preset": "tiny", "strategy": "layerwise"}}, "valid: single, uniform, static, time, depth, joint"),
+        ({"model": {"preset": "tiny", "strategy": "layerwise"}}, "valid: single, uniform, static, deep, time, depth, joint"),
         ({"model": {"preset": "huge"}}, "unknown model.preset 'huge'; valid: paper, cpu-small, cpu-small-tfree, tiny"),
         ({"model": {"preset": "tiny", "dropout": 0.1}}, "unknown config key model.dropout"),
         ({"model": {"preset": "tiny", "text_dim": 8}}, "set from the text encoder"),

@@ -196,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, default=None, help=f"base run config (default: the packaged {ABLATION_CONFIG})")
     _set_argument(p)
     p.add_argument("--strategies", default="b1,b2,b3,s1,s2,s3",
-                   help="rows, comma-separated: the paper ids b1..s3, and the gate variants s1e / s3e (time gates read a "
+                   help="rows, comma-separated: the paper ids b1..s3 and fusedit (FuseDiT deep fusion: each block "
+                        "attends over its LLM layer's own keys/values), and the gate variants s1e / s3e (time gates read a "
                         "noise level estimated from x_t) and s1s (S1's checkpoints sampled with --gate-shift)")
     p.add_argument("--cfg", type=_guidance_list, default=None,
                    help="guidance scales to score every run at, comma-separated, e.g. 1.5,3,5,7 (default: the config's "

@@ -18,12 +18,12 @@ from .data.images import DatasetConfig
 from .data.shapes import ShapesConfig
 from .dit import DIT_PRESETS, SemanticRoutingDiT, check_dit_args
 from .flow import SampleConfig
-from .fusion import Strategy, check_strategy
+from .fusion import STRATEGY_TABLE, Strategy, check_strategy
 from .runtime import PRECISIONS, check_precision
-from .text_encoder import TextEncoderConfig
+from .text_encoder import TextEncoderConfig, default_deep_layers
 
 # DiT arguments that come from the text encoder, never from the config file.
-DERIVED_MODEL_KEYS = ("text_dim", "num_text_layers")
+DERIVED_MODEL_KEYS = ("text_dim", "num_text_layers", "text_kv_heads")
 _YAML11_EXPONENT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 # accelerate trackers the training metrics can also go to (train.report_to).
 TRACKERS = ("none", "tensorboard", "wandb")
@@ -52,7 +52,7 @@ class ModelConfig:
     mlp_ratio: float | None = None
     mlp_conv: bool | None = None
     timestep_conditioning: str | None = None
-    # One of the paper's strategies (single, uniform, static, time, depth, joint) or its id (b1..s3).
+    # One of the paper's strategies (single, uniform, static, deep, time, depth, joint) or its id (b1..s3, fusedit).
     strategy: Strategy | None = None
     single_layer: int | None = None
     gate_hidden_dim: int | None = None
@@ -80,6 +80,22 @@ class ModelConfig:
     def settings(self) -> dict:
         """Every SemanticRoutingDiT argument this config gives (defaults filled in)."""
         return {**_dit_defaults(), **self.dit_kwargs()}
+
+
+def text_encoder_for(text: TextEncoderConfig, strategy: str, depth: int) -> TextEncoderConfig:
+    """`text` with what the strategy reads filled in: deep fusion reads keys/values, by default of the layers
+    `default_deep_layers` pairs with the blocks; every other strategy reads hidden states. A copy, never `text` itself."""
+    wanted = STRATEGY_TABLE[check_strategy(strategy)].text_features
+    if text.features not in (None, wanted):
+        raise ValueError(f"text_encoder.features {text.features!r} does not fit model.strategy {strategy!r}, which reads "
+                         f"{wanted}; remove text_encoder.features (it follows the strategy)")
+    layers = list(text.layers)
+    if wanted == "keys_values" and not layers:
+        layers = default_deep_layers(depth)
+    if wanted == "keys_values" and len(layers) != depth:
+        raise ValueError(f"deep fusion pairs each of the {depth} DiT blocks with one LLM layer, but text_encoder.layers "
+                         f"names {len(layers)}; give {depth} layers or none (the default pairing)")
+    return dataclasses.replace(text, features=wanted, layers=layers)
 
 
 def _dit_defaults() -> dict:
@@ -177,6 +193,7 @@ class RunConfig:
     def __post_init__(self):
         model = self.model.settings()
         check_dit_args(**model)  # the preset and the overrides together (heads must divide the width)
+        self.text_encoder = text_encoder_for(self.text_encoder, model["strategy"], model["depth"])
         if self.dataset.active:
             if self.dataset.vae is None and self.dataset.cache is None:
                 if model["sample_size"] != self.dataset.resolution or model["in_channels"] != 3:

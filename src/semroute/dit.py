@@ -12,7 +12,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .fusion import STRATEGY_TABLE, LayerFusion, Strategy, check_strategy, sinusoidal_embedding
+from .fusion import STRATEGY_TABLE, LayerFusion, Strategy, check_strategy, sinusoidal_embedding, unpack_keys_values
 
 TIMESTEP_CONDITIONING = ("none", "adaln-zero")
 # What the time gates of the `time` and `joint` strategies read: the nominal t of the schedule (the paper), or
@@ -198,28 +198,38 @@ class GatedMLP(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    """Self-attention, then cross-attention to the routed text, then gated MLP; pre-norm residuals."""
+    """Self-attention, then cross-attention to the routed text, then gated MLP; pre-norm residuals.
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, grid_size: int, mlp_conv: bool, adaln: bool):
+    deep: deep fusion (FuseDiT): no cross-attention; the self-attention reads the block's LLM layer's own
+    keys/values beside the image tokens' (`SelfAttention` with text_kv).
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, grid_size: int, mlp_conv: bool, adaln: bool,
+                 deep: bool = False):
         super().__init__()
         affine = not adaln
         self.norm1 = RMSNorm(hidden_size, eps=1e-6, elementwise_affine=affine)
         self.attn = SelfAttention(hidden_size, num_heads)
-        self.norm2 = RMSNorm(hidden_size, eps=1e-6)
-        self.cross_attn = CrossAttention(hidden_size, num_heads)
+        self.norm2 = None if deep else RMSNorm(hidden_size, eps=1e-6)
+        self.cross_attn = None if deep else CrossAttention(hidden_size, num_heads)
         self.norm3 = RMSNorm(hidden_size, eps=1e-6, elementwise_affine=affine)
         self.mlp = GatedMLP(hidden_size, mlp_ratio, grid_size, mlp_conv)
         self.adaln = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size)) if adaln else None
 
     def forward(self, x, c, rope, kv, mask):
-        """x: (B, N, H); c: (B, H) timestep embedding or None; kv/mask: this block's text context."""
+        """x: (B, N, H); c: (B, H) timestep embedding or None; kv/mask: this block's text context (its cross-attention
+        keys/values, or with deep fusion its LLM layer's keys/values)."""
+        deep = self.cross_attn is None
+        text = (kv, mask) if deep else (None, None)
         if self.adaln is None:
-            x = x + self.attn(self.norm1(x), rope)
+            x = x + self.attn(self.norm1(x), rope, *text)
+        else:
+            shift1, scale1, gate1, shift2, scale2, gate2 = self.adaln(c).chunk(6, dim=-1)
+            x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1), rope, *text)
+        if not deep:
             x = x + self.cross_attn(self.norm2(x), kv, mask)
+        if self.adaln is None:
             return x + self.mlp(self.norm3(x))
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaln(c).chunk(6, dim=-1)
-        x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1), rope)
-        x = x + self.cross_attn(self.norm2(x), kv, mask)
         return x + gate2[:, None] * self.mlp(modulate(self.norm3(x), shift2, scale2))
 
 
@@ -263,10 +273,31 @@ class NoiseLevelHead(nn.Module):
 
 @dataclass
 class RoutedContext:
-    """Per-block cross-attention keys/values of a batch of prompts, plus the text padding mask."""
+    """Per-block text keys/values of a batch of prompts, plus the text padding mask.
 
-    keys_values: list[tuple[torch.Tensor, torch.Tensor]]  # D x ((B, heads, S, d), (B, heads, S, d))
+    Cross-attention keys/values, (B, heads, S, d) each; with deep fusion, the paired LLM layers' own keys/values,
+    (B, kv_heads, S, d) each.
+    """
+
+    keys_values: list[tuple[torch.Tensor, torch.Tensor]]  # D x (keys, values)
     mask: torch.Tensor  # (B, S) bool
+
+
+def check_deep_layout(hidden_size: int, num_heads: int, text_dim: int, text_kv_heads: int | None) -> None:
+    """Deep fusion's DiT attention takes the LLM's head layout: its heads group evenly over the LLM's key/value heads
+    and have the LLM's head size. One error naming both layouts otherwise."""
+    if text_kv_heads is None:
+        raise ValueError("deep fusion needs the LLM's key/value head count (text_kv_heads); it comes from the text "
+                         "encoder: build the DiT through `semroute train` or pass text_kv_heads")
+    llm_head, rest = divmod(text_dim, 2 * text_kv_heads)
+    head = hidden_size // num_heads
+    if rest or num_heads % text_kv_heads or head != llm_head:
+        raise ValueError(
+            f"deep fusion: the LLM's attention has {text_kv_heads} key/value heads of size {llm_head}, this DiT has "
+            f"{num_heads} heads of size {head}; set model.num_heads to a multiple of {text_kv_heads} and "
+            f"model.hidden_size to {llm_head} x num_heads (e.g. num_heads {text_kv_heads}, hidden_size "
+            f"{text_kv_heads * llm_head})"
+        )
 
 
 # Far beyond any DiT that fits a machine (the paper's is 0.5B): a typo, not a model.
@@ -276,7 +307,7 @@ MAX_PARAMETERS = 100e9
 def check_dit_args(**args) -> None:
     """One-line errors for DiT sizes that parse but make no sense; `args` are SemanticRoutingDiT arguments (any subset)."""
     for key in ("sample_size", "in_channels", "patch_size", "hidden_size", "depth", "num_heads", "text_dim",
-                "num_text_layers", "gate_hidden_dim"):
+                "num_text_layers", "gate_hidden_dim", "text_kv_heads"):
         value = args.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"model.{key} must be a positive integer, got {value!r}")
@@ -330,21 +361,28 @@ class SemanticRoutingDiT(ModelMixin, ConfigMixin):
         single_layer: int = -2,
         gate_hidden_dim: int = 128,
         gate_signal: str = "nominal",
+        text_kv_heads: int | None = None,
     ):
+        """text_dim / num_text_layers: the width and count of the text feature entries: the LLM's hidden size and
+        routed layers, or with strategy deep one entry per block of width 2 x text_kv_heads x head size (its keys
+        and values). text_kv_heads: the LLM's key/value heads (deep fusion only; the text encoder gives them)."""
         super().__init__()
         check_dit_args(sample_size=sample_size, in_channels=in_channels, patch_size=patch_size, hidden_size=hidden_size,
                        depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, timestep_conditioning=timestep_conditioning,
                        text_dim=text_dim, num_text_layers=num_text_layers, gate_hidden_dim=gate_hidden_dim,
-                       strategy=strategy, gate_signal=gate_signal)
+                       strategy=strategy, gate_signal=gate_signal, text_kv_heads=text_kv_heads)
         self.grid_size = sample_size // patch_size
         adaln = timestep_conditioning == "adaln-zero"
         self.fusion = LayerFusion(num_text_layers, depth, strategy, single_layer, gate_hidden_dim=gate_hidden_dim)
-        self.context_embedder = ContextEmbedder(text_dim, hidden_size)
+        deep = self.fusion.spec.text_features == "keys_values"
+        if deep:
+            check_deep_layout(hidden_size, num_heads, text_dim, text_kv_heads)
+        self.context_embedder = None if deep else ContextEmbedder(text_dim, hidden_size)
         self.patch_embed = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
         self.t_embedder = TimestepEmbedder(hidden_size) if adaln else None
         self.noise_head = NoiseLevelHead(in_channels, patch_size) if gate_signal == "estimated" else None
         self.blocks = nn.ModuleList(
-            DiTBlock(hidden_size, num_heads, mlp_ratio, self.grid_size, mlp_conv, adaln) for _ in range(depth)
+            DiTBlock(hidden_size, num_heads, mlp_ratio, self.grid_size, mlp_conv, adaln, deep) for _ in range(depth)
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, in_channels, adaln)
         self.gradient_checkpointing = False  # enable_gradient_checkpointing() (diffusers) turns it on
@@ -386,8 +424,12 @@ class SemanticRoutingDiT(ModelMixin, ConfigMixin):
 
         text_hidden_states: (L, B, S, C); text_mask: (B, S); t: (B,), needed when the fusion depends on t.
         For t-independent strategies the result is valid for every sampling step of these prompts.
+        With deep fusion the text features are the paired layers' packed keys/values (`pack_keys_values`):
+        each block gets its own, unchanged (nothing of the DiT acts on the text side).
         """
         fused = self.fusion(text_hidden_states, t, normalized=normalized)  # (G, B, S, C)
+        if self.context_embedder is None:
+            return RoutedContext(unpack_keys_values(fused, self.config.text_kv_heads), text_mask.bool())
         # (the meta device, used to count FLOPs, has no autocast)
         if fused.device.type == "meta" or not torch.is_autocast_enabled(fused.device.type):
             fused = fused.to(self.context_embedder.proj.weight.dtype)  # e.g. bf16 cached features, fp32 model

@@ -1,4 +1,4 @@
-"""Text features: prompts -> LayerNorm'd LLM layers, computed once and indexed per batch.
+"""Text features: prompts -> LayerNorm'd LLM layers (or deep fusion's keys/values), computed once and indexed per batch.
 
 Every fusion strategy mixes the same thing, LN(H_l) for the chosen layers, so they are computed
 once per prompt (and the null prompt of classifier-free guidance) and reused by training,
@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .fusion import LayerFusion
 
 NULL_PROMPT = ""  # the unconditional prompt of classifier-free guidance (caption dropout target)
 
@@ -26,6 +25,15 @@ class EncoderInfo(Protocol):
     layers: list[int]
     num_layers: int
     hidden_size: int
+    feature_kind: str  # hidden_states | keys_values
+    feature_dim: int  # width of each text feature entry
+    kv_heads: int  # the LLM's key/value heads (deep fusion groups the DiT's heads over them)
+
+
+def dit_text_args(info: EncoderInfo) -> dict:
+    """The DiT arguments that come from the text encoder (config.DERIVED_MODEL_KEYS)."""
+    return {"text_dim": info.feature_dim, "num_text_layers": info.num_layers,
+            "text_kv_heads": info.kv_heads if info.feature_kind == "keys_values" else None}
 
 
 @dataclass
@@ -46,11 +54,12 @@ class PromptFeatures:
 def encode_prompts(
     encoder, prompts: list[str], batch_size: int = 32, dtype=torch.float32, progress: bool = False
 ) -> PromptFeatures:
-    """Run the LLM once per prompt and keep the LayerNorm'd layers (what every fusion strategy mixes)."""
+    """Run the LLM once per prompt and keep what the DiT reads (`TextEncoder.features`): the LayerNorm'd layers
+    every fusion strategy mixes, or deep fusion's per-layer keys/values."""
     hidden, masks = [], []
     for i in tqdm(range(0, len(prompts), batch_size), desc="encoding prompts", disable=not progress):
-        h, m = encoder(prompts[i : i + batch_size])
-        hidden.append(LayerFusion.normalize(h).to(dtype).transpose(0, 1))  # (b, L, S, C)
+        h, m = encoder.features(prompts[i : i + batch_size])
+        hidden.append(h.to(dtype).transpose(0, 1))  # (b, L, S, C)
         masks.append(m)
     length = max(m.shape[1] for m in masks)
     hidden = torch.cat([F.pad(h, (0, 0, 0, length - h.shape[2])) for h in hidden])

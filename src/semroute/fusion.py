@@ -1,9 +1,12 @@
-"""Unified normalized convex fusion of LLM layers: the six strategies of the paper in one module.
+"""Unified normalized convex fusion of LLM layers: the paper's strategies in one module.
 
     H_cond(t, d) = sum_l softmax(z_{t,d})_l * LN(H_l)
 
 Every strategy differs only in where the logits z come from and how many distinct mixes
 ("groups") exist: one shared by all blocks, or one per DiT block.
+
+The paper's seventh row, FuseDiT deep fusion (`deep`), mixes nothing: block d reads the keys/values
+of its own LLM layer (entry d of the text features), a fixed one-hot pairing with no learned weight.
 """
 
 from __future__ import annotations
@@ -16,9 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-Strategy = Literal["single", "uniform", "static", "time", "depth", "joint"]
-# Where a strategy's logits z come from: a fixed one-hot, fixed zeros, a learned vector, or an MLP of t.
-LogitSource = Literal["one_hot", "zeros", "vector", "time_mlp"]
+Strategy = Literal["single", "uniform", "static", "deep", "time", "depth", "joint"]
+# Where a strategy's logits z come from: a fixed one-hot, fixed zeros, a learned vector, an MLP of t,
+# or a fixed pairing of block d with text entry d (deep fusion).
+LogitSource = Literal["one_hot", "zeros", "vector", "time_mlp", "pairing"]
+# What the DiT reads from the LLM: LayerNorm'd hidden states (cross-attention to a fused context), or each
+# paired layer's own attention keys/values (deep fusion: joint self-attention, no cross-attention).
+TextFeatures = Literal["hidden_states", "keys_values"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +41,10 @@ class StrategySpec:
     def depends_on_t(self) -> bool:
         return self.logits == "time_mlp"
 
+    @property
+    def text_features(self) -> TextFeatures:
+        return "keys_values" if self.logits == "pairing" else "hidden_states"
+
 
 # The strategies in the order of the paper's tables. A new strategy is a row here (and, for a new kind
 # of logits, a branch in `LayerFusion.group_logits`).
@@ -41,19 +52,20 @@ STRATEGY_TABLE: dict[str, StrategySpec] = {
     "single": StrategySpec("b1", "B1 penultimate", "one_hot", per_block=False),
     "uniform": StrategySpec("b2", "B2 uniform", "zeros", per_block=False),
     "static": StrategySpec("b3", "B3 static", "vector", per_block=False),
+    "deep": StrategySpec("fusedit", "FuseDiT deep", "pairing", per_block=True),
     "time": StrategySpec("s1", "S1 time-wise", "time_mlp", per_block=False),
     "depth": StrategySpec("s2", "S2 depth-wise", "vector", per_block=True),
     "joint": StrategySpec("s3", "S3 joint", "time_mlp", per_block=True),
 }
 STRATEGIES: tuple[str, ...] = tuple(STRATEGY_TABLE)
-# The paper's ids (b1..s3) for the strategies, in the order of its tables.
+# The paper's ids (b1..s3, fusedit) for the strategies, in the order of its tables.
 PAPER_IDS: dict[str, str] = {spec.paper_id: name for name, spec in STRATEGY_TABLE.items()}
 PAPER_NAMES: dict[str, str] = {spec.paper_id: spec.paper_name for spec in STRATEGY_TABLE.values()}
 LN_EPS = 1e-6
 
 
 def check_strategy(strategy: str) -> str:
-    """Return `strategy` as a canonical name, accepting the paper ids b1..s3."""
+    """Return `strategy` as a canonical name, accepting the paper ids b1..s3 and fusedit."""
     name = PAPER_IDS.get(strategy, strategy)
     if name not in STRATEGIES:
         raise ValueError(
@@ -61,6 +73,24 @@ def check_strategy(strategy: str) -> str:
             f"(or the paper ids {', '.join(PAPER_IDS)})"
         )
     return name
+
+
+def pack_keys_values(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """LLM keys/values (D, B, kv_heads, S, d) each -> deep-fusion text features (D, B, S, 2 kv_heads d).
+
+    One feature entry per paired layer, of width 2 kv_heads d (keys, then values): the shape of the hidden states
+    the other strategies read, so tables, caches, caption dropout and padding treat both alike.
+    """
+    D, B, heads, S, d = keys.shape
+    return torch.cat([keys.permute(0, 1, 3, 2, 4).reshape(D, B, S, heads * d),
+                      values.permute(0, 1, 3, 2, 4).reshape(D, B, S, heads * d)], dim=-1)
+
+
+def unpack_keys_values(features: torch.Tensor, kv_heads: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The inverse of `pack_keys_values`: (D, B, S, 2 kv_heads d) -> D x (keys, values), (B, kv_heads, S, d) each."""
+    D, B, S, width = features.shape
+    kv = features.view(D, B, S, 2, kv_heads, width // (2 * kv_heads)).permute(3, 0, 1, 4, 2, 5)
+    return [(kv[0, j], kv[1, j]) for j in range(D)]
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -94,6 +124,9 @@ class LayerFusion(nn.Module):
         if not -num_layers <= single_layer < num_layers:
             raise ValueError(f"single_layer={single_layer} is outside the {num_layers} LLM layers given")
         self.single_layer = single_layer % num_layers
+        if self.spec.logits == "pairing" and num_layers != num_blocks:
+            raise ValueError(f"deep fusion pairs each of the {num_blocks} DiT blocks with one LLM layer, "
+                             f"but {num_layers} layers were given; give text_encoder.layers one layer per block")
         self.gate_embed_dim = gate_embed_dim
         # Tracks the module's device for strategies that have no parameters.
         self.register_buffer("_anchor", torch.zeros(()), persistent=False)
@@ -147,6 +180,9 @@ class LayerFusion(nn.Module):
             return z.to(self._device())
         if source == "zeros":
             return torch.zeros(1, self.num_layers, device=self._device())
+        if source == "pairing":  # block d reads entry d only
+            z = torch.full((self.num_blocks, self.num_layers), -math.inf, device=self._device())
+            return z.fill_diagonal_(0.0)
         if source == "vector":
             return self.logits
         if t is None:
@@ -176,7 +212,8 @@ class LayerFusion(nn.Module):
     ) -> torch.Tensor:
         """Fuse LLM layers into one context per group.
 
-        hidden_states: (L, B, S, C) raw layer outputs, or LayerNorm'd ones with normalized=True
+        hidden_states: (L, B, S, C) raw layer outputs, or LayerNorm'd ones with normalized=True;
+            for deep fusion the paired layers' keys/values, used as they are (never normalized)
         t: (B,) diffusion time in [0, 1]; required when `depends_on_t`
         returns: (G, B, S, C) with G = `num_groups`
         """
@@ -184,6 +221,8 @@ class LayerFusion(nn.Module):
             raise ValueError(
                 f"fusion expects {self.num_layers} LLM layers but got {hidden_states.shape[0]}"
             )
+        if self.spec.logits == "pairing":
+            return hidden_states
         if self.spec.logits == "one_hot":  # a selection, not a mix: only that layer is normalized
             h = hidden_states[self.single_layer : self.single_layer + 1]
             return h if normalized else self.normalize(h)

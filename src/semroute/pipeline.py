@@ -22,18 +22,26 @@ from .text_encoder import TextEncoder, TextEncoderConfig, llm_dtype
 logger = logging.getLogger(__name__)
 
 def check_compatible(transformer: SemanticRoutingDiT, encoder: TextEncoder) -> None:
-    """The DiT's fusion must see exactly as many LLM layers, of the same width, as it was trained on."""
+    """The DiT must read the kind of text features it was trained on, from as many LLM layers, of the same width."""
     cfg = transformer.config
+    wanted = transformer.fusion.spec.text_features
+    if encoder.feature_kind != wanted:
+        raise ValueError(f"the checkpoint ({transformer.fusion.strategy}) reads the LLM's {wanted} but the text encoder "
+                         f"gives {encoder.feature_kind}; set text_encoder.features to {wanted}")
     if cfg.num_text_layers != encoder.num_layers:
         raise ValueError(
             f"the checkpoint routes {cfg.num_text_layers} LLM layers but the text encoder gives {encoder.num_layers}; "
             f"use the text encoder and layers it was trained with"
         )
-    if cfg.text_dim != encoder.hidden_size:
+    if cfg.text_dim != encoder.feature_dim:
+        what = "LLM hidden size" if wanted == "hidden_states" else "key/value width (2 x kv heads x head size)"
         raise ValueError(
-            f"the checkpoint expects LLM hidden size {cfg.text_dim} but the text encoder has {encoder.hidden_size}; "
+            f"the checkpoint expects {what} {cfg.text_dim} but the text encoder has {encoder.feature_dim}; "
             f"use the text encoder it was trained with"
         )
+    if wanted == "keys_values" and cfg.text_kv_heads != encoder.kv_heads:
+        raise ValueError(f"the checkpoint groups its heads over {cfg.text_kv_heads} LLM key/value heads but the text "
+                         f"encoder has {encoder.kv_heads}; use the text encoder it was trained with")
 
 
 def check_gate_shift(transformer) -> None:
@@ -76,7 +84,8 @@ class SemanticRoutingPipeline(DiffusionPipeline):
         # steps / guidance_scale: the sampling defaults of the run (its SampleConfig); the scheduler carries the shift.
         self.register_to_config(text_layers=layers, max_length=max_length, template=template, steps=steps,
                                 guidance_scale=guidance_scale, gate_shift=gate_shift)
-        config = TextEncoderConfig(model=getattr(text_encoder, "name_or_path", ""), layers=layers, max_length=max_length, template=template)
+        config = TextEncoderConfig(model=getattr(text_encoder, "name_or_path", ""), layers=layers, max_length=max_length,
+                                   template=template, features=transformer.fusion.spec.text_features)
         self.encoder = TextEncoder(config, model=text_encoder, tokenizer=tokenizer)
         check_compatible(transformer, self.encoder)
         if vae is not None:

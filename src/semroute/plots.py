@@ -64,7 +64,9 @@ def plot_routing(fusion: LayerFusion, path: Path, layer_ids: list[int] | None = 
         if not fusion.depends_on_t:
             weights = fusion.layer_weights().cpu().numpy()
             fig, ax = plt.subplots(figsize=(7, 0.35 * fusion.num_blocks + 1.8))
-            im = _heatmap(ax, weights, layer_ids, f"{fusion.strategy}: weights (uniform = {uniform:.3f})")
+            what = ("fixed pairing: each block attends over its layer's keys/values" if fusion.spec.logits == "pairing"
+                    else f"weights (uniform = {uniform:.3f})")
+            im = _heatmap(ax, weights, layer_ids, f"{fusion.strategy}: {what}")
             fig.colorbar(im, ax=ax)
         else:
             times = torch.tensor([0.0, 0.5, 1.0])

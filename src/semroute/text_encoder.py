@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .fusion import LayerFusion, pack_keys_values
+
 logger = logging.getLogger(__name__)
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
@@ -35,8 +37,14 @@ class TextEncoderConfig:
     # "chat" wraps the prompt in the tokenizer's chat template as a user turn; any other string
     # is a format with "{prompt}" in it, e.g. "Describe an image of {prompt}".
     template: str = "chat"
+    # What is read from each layer: hidden_states (its output, for the fusion strategies) or keys_values (its
+    # self-attention's own keys and values, for deep fusion). null: what model.strategy needs (a run config
+    # fills it in); a layer n is the n-th decoder layer either way.
+    features: str | None = None
 
     def __post_init__(self):
+        if self.features is not None and self.features not in TEXT_FEATURES:
+            raise ValueError(f"text_encoder.features must be one of {', '.join(TEXT_FEATURES)} or null, got {self.features!r}")
         if not 1 <= self.max_length <= MAX_LENGTH:
             raise ValueError(f"text_encoder.max_length must be in 1..{MAX_LENGTH}, got {self.max_length}")
         if not self.model.strip():
@@ -48,6 +56,17 @@ class TextEncoderConfig:
 
 
 MAX_LENGTH = 32_768
+TEXT_FEATURES = ("hidden_states", "keys_values")
+
+
+def default_deep_layers(num_blocks: int) -> list[int]:
+    """Deep fusion's default pairing, as `text_encoder.layers`: block j reads the j-th of the `num_blocks` decoder
+    layers that end just before the last one (the last is shaped for next-token prediction, not for the prompt).
+
+    Negative, so it fits any LLM deep enough. The paper pairs its 24 blocks with layers 6..29 (0-based) of 36,
+    i.e. `text_encoder.layers: [7, 8, ..., 30]`.
+    """
+    return list(range(-num_blocks - 1, -1))
 
 
 def check_template(template: str) -> None:
@@ -188,7 +207,16 @@ class TextEncoder(nn.Module):
         self.num_model_layers = text_config.num_hidden_layers
         self.hidden_size = text_config.hidden_size
         self.layers = resolve_layers(self.config.layers, self.num_model_layers)
+        self.feature_kind = self.config.features or "hidden_states"
+        heads = text_config.num_attention_heads
+        self.kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
+        self.head_dim = getattr(text_config, "head_dim", None) or self.hidden_size // heads
         self._check_template()
+
+    @property
+    def feature_dim(self) -> int:
+        """Width of each text feature entry the DiT reads: the hidden size, or 2 x kv_heads x head_dim (keys, values)."""
+        return self.hidden_size if self.feature_kind == "hidden_states" else 2 * self.kv_heads * self.head_dim
 
     @property
     def num_layers(self) -> int:
@@ -216,6 +244,22 @@ class TextEncoder(nn.Module):
         out = self.model(**batch, output_hidden_states=True)
         hidden = torch.stack([out.hidden_states[i] for i in self.layers]).float()  # (L, B, S, C)
         return hidden, batch["attention_mask"].bool()
+
+    @torch.no_grad()
+    def features(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the DiT reads for the prompts: (L, B, S, feature_dim) float32 and the mask (B, S) bool.
+
+        hidden_states: each chosen layer's output, LayerNorm'd without affine (what every fusion strategy mixes);
+        keys_values: each chosen decoder layer's own attention keys and values, packed (`pack_keys_values`).
+        """
+        if self.feature_kind == "hidden_states":
+            hidden, mask = self(prompts)
+            return LayerFusion.normalize(hidden), mask
+        keys, values, mask = self.layer_keys_values(prompts, [i - 1 for i in self.layers])
+        if keys.shape[2] != self.kv_heads or keys.shape[-1] != self.head_dim:
+            raise ValueError(f"the LLM's cache holds {keys.shape[2]} key/value heads of size {keys.shape[-1]}, its config "
+                             f"says {self.kv_heads} of size {self.head_dim}; this model family is not supported for deep fusion")
+        return pack_keys_values(keys, values), mask
 
     @torch.no_grad()
     def layer_keys_values(self, prompts: list[str], layers: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -246,23 +290,3 @@ class TextEncoder(nn.Module):
         return self.tokenizer(
             texts, padding=True, truncation=True, max_length=limit, add_special_tokens=False, return_tensors="pt"
         ).to(self.model.device)
-
-
-def deep_layer_map(num_llm_layers: int, num_blocks: int, layers: list[int] | None = None) -> list[int]:
-    """Which decoder layer (0-based) each DiT block reads in deep fusion.
-
-    Default: the `num_blocks` layers that end just before the last one (the last layer is shaped for next-token
-    prediction, not for describing the prompt). An explicit list (one per block; negatives count from the end)
-    gives any other pairing, e.g. the paper's layers 6..29 of 36 for 24 blocks: list(range(6, 30)).
-    """
-    if layers:
-        if len(layers) != num_blocks:
-            raise ValueError(f"deep fusion pairs each of the {num_blocks} DiT blocks with one LLM layer, got {len(layers)} layers")
-        resolved = [i + num_llm_layers if i < 0 else i for i in layers]
-        bad = [i for i, r in zip(layers, resolved) if not 0 <= r < num_llm_layers]
-        if bad:
-            raise ValueError(f"LLM layers {bad} are out of range: the model has layers 0..{num_llm_layers - 1}")
-        return resolved
-    if num_blocks > num_llm_layers - 1:
-        raise ValueError(f"{num_blocks} DiT blocks need as many LLM layers before the last; the model has {num_llm_layers}")
-    return list(range(num_llm_layers - 1 - num_blocks, num_llm_layers - 1))

@@ -37,7 +37,7 @@ from .checkpoint import (
 from .config import RunConfig
 from .data.sources import BatchSource, build_source
 from .dit import SemanticRoutingDiT
-from .features import PromptFeatures, drop_captions
+from .features import PromptFeatures, dit_text_args, drop_captions
 from .fileio import read_json, write_json
 from .flow import RectifiedFlow
 from .progress import Pace, log_pace
@@ -245,7 +245,7 @@ def _build_run(config, out_dir, accelerator, precision, encoder, features, progr
     source = build_source(config, lambda: encoder or TextEncoder(config.text_encoder, device=accelerator.device), features,
                           progress and accelerator.is_main_process, precision.dtype, accelerator.device)
     info = source.encoder
-    model = SemanticRoutingDiT(**config.model.dit_kwargs(), text_dim=info.hidden_size, num_text_layers=info.num_layers)
+    model = SemanticRoutingDiT(**config.model.dit_kwargs(), **dit_text_args(info))
     if t.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     n_params = sum(p.numel() for p in model.parameters())

@@ -1,6 +1,7 @@
 """The paper's comparison on this machine: every strategy, same data, budget, seeds and DiT; ShapesBench for each.
 
-Rows are the paper's strategies (b1..s3) and the trajectory-aware variants of its time gates: s1e / s3e
+Rows are the paper's strategies (b1..s3, and its deep-fusion baseline fusedit, which reads each paired LLM layer's
+keys/values instead of hidden states) and the trajectory-aware variants of its time gates: s1e / s3e
 (gates read a noise level estimated from x_t, trained so) and s1s (S1's checkpoints sampled with a gate
 shift, no retraining). Every run is scored at each guidance scale asked for.
 
@@ -27,7 +28,7 @@ import numpy as np
 
 from ..config import RunConfig
 from ..fileio import write_json, write_text
-from ..fusion import PAPER_IDS, PAPER_NAMES
+from ..fusion import PAPER_IDS, PAPER_NAMES, STRATEGY_TABLE
 from .shapesbench import BENCH_VERSION, CATEGORIES, bench_prompts, run_bench
 
 logger = logging.getLogger(__name__)
@@ -40,14 +41,14 @@ class Variant:
     """One row: a paper strategy, what its time gates read, and whether it is trained or only sampled differently."""
 
     name: str
-    paper_id: str  # the strategy (b1..s3)
+    paper_id: str  # the strategy (b1..s3, fusedit)
     gate_signal: str = "nominal"
     samples: str | None = None  # sampling-only: the row whose checkpoints it samples (with the gate shift)
 
 
 # In the order of the tables: each gate variant follows its nominal strategy.
 VARIANTS: dict[str, Variant] = {
-    **{sid: Variant(PAPER_NAMES[sid], sid) for sid in ("b1", "b2", "b3", "s1")},
+    **{sid: Variant(PAPER_NAMES[sid], sid) for sid in ("b1", "b2", "b3", "fusedit", "s1")},
     "s1s": Variant("S1 time-wise, shifted gate", "s1", samples="s1"),
     "s1e": Variant("S1 time-wise, estimated gate", "s1", gate_signal="estimated"),
     "s2": Variant(PAPER_NAMES["s2"], "s2"),
@@ -116,7 +117,9 @@ def run_ablation(
         raise ValueError("the s1s row samples S1's checkpoints with a gate shift: pass --gate-shift (e.g. the one "
                          "`semroute trajectory` suggests)")
     prompts = bench_prompts(base.data)
-    features = None  # every run shares the data config, so the captions are encoded once
+    # Every run shares the data config, so the captions are encoded once per kind of text features (hidden
+    # states; deep fusion's keys/values), by one LLM.
+    encoders, tables = {}, {}
     trained = sorted({VARIANTS[v].samples or v for v in strategies}, key=list(VARIANTS).index)
     for seed in range(seeds):
         for vid in trained:
@@ -134,11 +137,13 @@ def run_ablation(
                 else:
                     _move_aside(run_dir)
             encoder = encoder or TextEncoder(base.text_encoder)
-            if features is None:
+            kind = config.text_encoder.features
+            if kind not in tables:
+                encoders[kind] = TextEncoder(config.text_encoder, model=encoder.model, tokenizer=encoder.tokenizer)
                 captions = ShapesDataset(ShapesTask(base.data)).captions
                 dtype = resolve_precision(base.train.mixed_precision, "cpu" if device == "cpu" else "auto").dtype
-                features = prompt_table(encoder, captions, dtype, progress)
-            result = train(config, run_dir, max_steps, minutes, progress, encoder, features, device=device)
+                tables[kind] = prompt_table(encoders[kind], captions, dtype, progress)
+            result = train(config, run_dir, max_steps, minutes, progress, encoders[kind], tables[kind], device=device)
             (run_dir / DONE_FILE).write_text(json.dumps({"checkpoint": str(result.checkpoint), "steps": result.steps}))
         for vid in strategies:
             source = out / "runs" / f"{VARIANTS[vid].samples or vid}-seed{seed}"
@@ -165,6 +170,9 @@ def _variant_config(base: RunConfig, vid: str, seed: int) -> RunConfig:
     config = copy.deepcopy(base)
     config.model = dataclasses.replace(config.model, strategy=PAPER_IDS[variant.paper_id],
                                        gate_signal=None if variant.gate_signal == "nominal" else variant.gate_signal)
+    kind = STRATEGY_TABLE[config.model.strategy].text_features
+    if kind != config.text_encoder.features:  # deep fusion reads keys/values of its default pairing
+        config.text_encoder = dataclasses.replace(config.text_encoder, features=None, layers=[])
     config.train.seed = seed
     RunConfig.__post_init__(config)  # the variant's model settings checked like a file's
     return config
@@ -309,6 +317,12 @@ def claims(found: dict[str, list[dict]]) -> list[dict]:
             names = " = ".join(ROW_NAMES[s] for s in leaders)
             ours = f"{word} of the paper's rows: {names}" + (f" (tied at {100 * value:.1f})" if len(leaders) > 1 else "")
             out.append({"claim": claim, "ours": ours, "agrees": leaders == [sid]})
+    if "fusedit" in found and "b1" in found:  # the paper: GenEval 60.95 against B1's 64.54, the lowest of its table
+        boot = paired_bootstrap(_per_prompt_all(found["fusedit"]), _per_prompt_all(found["b1"]))
+        out.append({"claim": "FuseDiT deep scores below B1 overall",
+                    "ours": f"FuseDiT - B1 = {100 * boot['mean']:+.1f} points, 95% CI [{100 * boot['ci95'][0]:+.1f}, "
+                            f"{100 * boot['ci95'][1]:+.1f}] over {boot['pairs']} (seed, prompt) pairs",
+                    "agrees": bool(boot["ci95"][1] < 0), "bootstrap": boot})
     # The gate variants' targets: fidelity against B2 (a loss: below by more than 2 standard errors over seeds).
     for sid in ("s1", "s1s", "s1e"):
         if sid in found and "b2" in found:
@@ -387,7 +401,7 @@ def summarize_ablation(out: Path, strategies: list[str], seeds: int, scales: lis
         plot_scales({g: v["summary"] for g, v in per_scale.items()}, out / "scales.png")
     plot_bars(first["runs"], out / "bars.png",
               title=f"ShapesBench at guidance scale {scales[0]:g}: mean ± std over seeds" if scales[0] else None)
-    for sid in ("s1", "s1e", "s2", "s3", "s3e"):
+    for sid in ("fusedit", "s1", "s1e", "s2", "s3", "s3e"):
         if sid in first["runs"]:
             checkpoint = Path(first["runs"][sid][0]["checkpoint"])
             model = SemanticRoutingDiT.from_pretrained(checkpoint)

@@ -66,6 +66,9 @@ def cache_recipe(encoder, dataset_config, vae, dtype: str, shard_size: int | Non
         "vae": None,
         "dtype": dtype,
     }
+    if encoder.feature_kind != "hidden_states":  # (absent from older caches, all of hidden states)
+        recipe.update(text_features=encoder.feature_kind, text_feature_dim=encoder.feature_dim,
+                      text_kv_heads=encoder.kv_heads)
     if vae is not None:
         shift, scale = vae_factors(vae)
         recipe["vae"] = {"path": str(dataset_config.vae), "latent_channels": vae.config.latent_channels,
@@ -94,7 +97,6 @@ def precompute(config, out: Path, shard_size: int = 1024, dtype: str = "auto", b
     shard's own metadata, so a resumed or shared precompute reports all of them.
     dtype: storage precision; auto is the dtype `train.mixed_precision` resolves to on this machine.
     """
-    from ..fusion import LayerFusion
     from ..latent import encode_latents, load_vae
     from ..features import NULL_PROMPT
     from ..runtime import configure_device, process_state, resolve_device, resolve_precision
@@ -113,6 +115,9 @@ def precompute(config, out: Path, shard_size: int = 1024, dtype: str = "auto", b
         with state.main_process_first():
             dtype = resolve_precision(config.train.mixed_precision, device).name
     encoder = encoder or TextEncoder(config.text_encoder, device=device)
+    wanted = config.text_encoder.features or "hidden_states"
+    if encoder.feature_kind != wanted:
+        raise ValueError(f"this config reads the LLM's {wanted}, but the text encoder given reads {encoder.feature_kind}")
     vae = load_vae(d.vae).to(device) if d.vae else None
     recipe = cache_recipe(encoder, d, vae, dtype, shard_size)
     meta_path = out / CACHE_META
@@ -168,8 +173,8 @@ def precompute(config, out: Path, shard_size: int = 1024, dtype: str = "auto", b
                 continue
             pixels = torch.stack([to_training_tensor(images[i], d.resolution) for i, _ in batch])
             latents.append((encode_latents(vae, pixels) if vae is not None else pixels).to("cpu", store))
-            h, m = encoder([c for _, c in batch])
-            h, m = _pad(LayerFusion.normalize(h).transpose(0, 1), m, length)
+            h, m = encoder.features([c for _, c in batch])
+            h, m = _pad(h.transpose(0, 1), m, length)
             hidden.append(h.to("cpu", store))
             masks.append(m.cpu())
         skipped = {k: v for k, v in dataset.skips.skipped.items() if k not in before}
@@ -192,8 +197,8 @@ def precompute(config, out: Path, shard_size: int = 1024, dtype: str = "auto", b
             skipped.update(json.loads((f.metadata() or {}).get("skipped", "{}")))
         if rows:
             shards.append({"file": name, "rows": rows, "bytes": (out / name).stat().st_size, "sha256": file_digest(out / name)})
-    h, m = encoder([NULL_PROMPT])
-    h, m = _pad(LayerFusion.normalize(h).transpose(0, 1), m, length)
+    h, m = encoder.features([NULL_PROMPT])
+    h, m = _pad(h.transpose(0, 1), m, length)
     save_file({"text": h[0].to("cpu", store).contiguous(), "mask": m[0].cpu().contiguous()}, out / "null.safetensors")
     rows = sum(shard["rows"] for shard in shards)
     meta = {"recipe": recipe, "complete": True, "rows": rows, "shards": shards, "skipped": skipped,
@@ -316,8 +321,12 @@ class CachedEncoderInfo:
     def __init__(self, recipe: dict):
         from ..text_encoder import TextEncoderConfig
 
+        self.feature_kind = recipe.get("text_features", "hidden_states")
         self.config = TextEncoderConfig(model=recipe["text_model"], layers=list(recipe["configured_layers"]),
-                                        max_length=recipe["max_length"], template=recipe["template"])
+                                        max_length=recipe["max_length"], template=recipe["template"],
+                                        features=self.feature_kind)
         self.layers = list(recipe["text_layers"])
         self.num_layers = len(self.layers)
         self.hidden_size = recipe["text_hidden_size"]
+        self.feature_dim = recipe.get("text_feature_dim", self.hidden_size)
+        self.kv_heads = recipe.get("text_kv_heads")

@@ -12,7 +12,6 @@ from typing import Protocol
 import torch
 
 from ..features import NULL_PROMPT, EncoderInfo, PromptFeatures, prompt_table
-from ..fusion import LayerFusion
 from ..latent import check_vae_matches, encode_latents, load_vae
 from .cache import CachedDataset, CachedEncoderInfo, recipe_differences
 from .images import ImageCaptionDataset, collate_skipping
@@ -88,6 +87,9 @@ class ShapesSource:
             raise ValueError(
                 f"features hold {features.hidden.shape[0]} prompts; this data config has {len(self.dataset.captions)} + the null prompt"
             )
+        elif tuple(features.hidden.shape[1:2]) + tuple(features.hidden.shape[3:]) != (encoder.num_layers, encoder.feature_dim):
+            raise ValueError(f"features hold {features.hidden.shape[1]} entries of width {features.hidden.shape[3]}; the text "
+                             f"encoder gives {encoder.num_layers} of width {encoder.feature_dim} ({encoder.feature_kind})")
         self.features = features.to(dtype)
         self.encoder = encoder
         self.null = (self.features.hidden[-1], self.features.mask[-1])
@@ -131,8 +133,8 @@ class ImageSource:
         self.sampler = EpochShuffle(len(self.dataset), config.train.seed)
         self.dtype = dtype
         _check_usable(self.dataset)
-        hidden, mask = encoder([NULL_PROMPT])
-        self.null = (LayerFusion.normalize(hidden)[:, 0].to(dtype), mask[0])
+        hidden, mask = encoder.features([NULL_PROMPT])
+        self.null = (hidden[:, 0].to(dtype), mask[0])
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.epoch = self.dataset.epoch = epoch
@@ -146,8 +148,8 @@ class ImageSource:
     def condition(self, batch, device):
         pixels, captions = batch
         x0 = encode_latents(self.vae, pixels) if self.vae is not None else pixels
-        hidden, mask = self.encoder(list(captions))
-        return x0.to(device), LayerFusion.normalize(hidden).to(device, self.dtype), mask.to(device)
+        hidden, mask = self.encoder.features(list(captions))
+        return x0.to(device), hidden.to(device, self.dtype), mask.to(device)
 
     def skipped(self) -> dict[str, str]:
         return dict(self.dataset.skips.skipped)
@@ -225,9 +227,14 @@ def build_source(config, encoder_factory, features: PromptFeatures | None = None
     d = config.dataset
     if d.cache is not None:
         return CacheSource(config, CachedDataset(d.cache), dtype)
+    encoder = encoder_factory()
+    wanted = config.text_encoder.features or "hidden_states"
+    if encoder.feature_kind != wanted:
+        raise ValueError(f"this run (model.strategy {config.model.settings()['strategy']}) reads the LLM's {wanted}, "
+                         f"but the text encoder given reads {encoder.feature_kind}; build it from the run's text_encoder config")
     if d.active:
-        return ImageSource(config, encoder_factory(), dtype, device)
-    return ShapesSource(config, encoder_factory(), features, progress, dtype)
+        return ImageSource(config, encoder, dtype, device)
+    return ShapesSource(config, encoder, features, progress, dtype)
 
 
 def _recipe_from_config(config, cached: dict) -> dict:
@@ -240,6 +247,12 @@ def _recipe_from_config(config, cached: dict) -> dict:
     t = config.text_encoder
     wanted = {**cached, "text_model": t.model, "text_layers": resolve_layers(t.layers, cached["text_model_layers"]),
               "max_length": t.max_length, "template": t.template, "resolution": config.dataset.resolution}
+    kind = t.features or "hidden_states"
+    if kind == "hidden_states":  # what a cache without these keys holds
+        for key in ("text_features", "text_feature_dim", "text_kv_heads"):
+            wanted.pop(key, None)
+    else:
+        wanted["text_features"] = kind  # (the widths are the LLM's, as the cache recorded them)
     vae = config.dataset.vae
     if vae is None:
         wanted["vae"] = None
