@@ -275,6 +275,9 @@ class TextEncoder(nn.Module):
             raise ValueError(f"decoder layers {bad} are out of range: the model has layers 0..{n - 1}")
         batch = self._tokenize(prompts)
         cache = self.model(**batch, use_cache=True).past_key_values
+        if not hasattr(cache, "layers") or len(cache.layers) != n:
+            raise ValueError(f"{type(self.model).__name__} returned no per-layer key/value cache (got {type(cache).__name__}); "
+                             f"deep fusion reads the keys/values from it: use a causal LM that returns one")
         keys = torch.stack([cache.layers[i].keys for i in layers]).float()
         values = torch.stack([cache.layers[i].values for i in layers]).float()
         return keys, values, batch["attention_mask"].bool()
