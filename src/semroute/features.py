@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-
 NULL_PROMPT = ""  # the unconditional prompt of classifier-free guidance (caption dropout target)
 
 
