@@ -293,3 +293,11 @@ class TextEncoder(nn.Module):
         return self.tokenizer(
             texts, padding=True, truncation=True, max_length=limit, add_special_tokens=False, return_tensors="pt"
         ).to(self.model.device)
+
+
+def check_reads(encoder, config: TextEncoderConfig, who: str = "this config") -> None:
+    """A text encoder handed in must read what `config` asks for (hidden states or deep fusion's keys/values)."""
+    wanted = config.features or "hidden_states"
+    if encoder.feature_kind != wanted:
+        raise ValueError(f"{who} reads the LLM's {wanted}, but the text encoder given reads {encoder.feature_kind}; "
+                         f"build it from the run's text_encoder config")

@@ -100,7 +100,7 @@ def precompute(config, out: Path, shard_size: int = 1024, dtype: str = "auto", b
     from ..latent import encode_latents, load_vae
     from ..features import NULL_PROMPT
     from ..runtime import configure_device, process_state, resolve_device, resolve_precision
-    from ..text_encoder import TextEncoder
+    from ..text_encoder import TextEncoder, check_reads
     from .images import ImageCaptionDataset, to_training_tensor
 
     if dtype not in ("auto", *CACHE_DTYPES):
@@ -115,9 +115,7 @@ def precompute(config, out: Path, shard_size: int = 1024, dtype: str = "auto", b
         with state.main_process_first():
             dtype = resolve_precision(config.train.mixed_precision, device).name
     encoder = encoder or TextEncoder(config.text_encoder, device=device)
-    wanted = config.text_encoder.features or "hidden_states"
-    if encoder.feature_kind != wanted:
-        raise ValueError(f"this config reads the LLM's {wanted}, but the text encoder given reads {encoder.feature_kind}")
+    check_reads(encoder, config.text_encoder)
     vae = load_vae(d.vae).to(device) if d.vae else None
     recipe = cache_recipe(encoder, d, vae, dtype, shard_size)
     meta_path = out / CACHE_META

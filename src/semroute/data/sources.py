@@ -13,6 +13,7 @@ import torch
 
 from ..features import NULL_PROMPT, EncoderInfo, PromptFeatures, prompt_table
 from ..latent import check_vae_matches, encode_latents, load_vae
+from ..text_encoder import check_reads
 from .cache import CachedDataset, CachedEncoderInfo, recipe_differences
 from .images import ImageCaptionDataset, collate_skipping
 from .shapes import ShapesDataset, ShapesTask, caption
@@ -228,10 +229,7 @@ def build_source(config, encoder_factory, features: PromptFeatures | None = None
     if d.cache is not None:
         return CacheSource(config, CachedDataset(d.cache), dtype)
     encoder = encoder_factory()
-    wanted = config.text_encoder.features or "hidden_states"
-    if encoder.feature_kind != wanted:
-        raise ValueError(f"this run (model.strategy {config.model.settings()['strategy']}) reads the LLM's {wanted}, "
-                         f"but the text encoder given reads {encoder.feature_kind}; build it from the run's text_encoder config")
+    check_reads(encoder, config.text_encoder, f"this run (model.strategy {config.model.settings()['strategy']})")
     if d.active:
         return ImageSource(config, encoder, dtype, device)
     return ShapesSource(config, encoder, features, progress, dtype)
