@@ -5,6 +5,7 @@ import pytest
 import yaml
 
 from semroute.bench.ablation import (
+    claim_interval,
     claims,
     paired_bootstrap,
     parse_strategies,
@@ -53,6 +54,19 @@ def test_claims_can_disagree():
     checked = claims(tied)
     assert not any(c["agrees"] for c in checked)
     assert checked[2]["ours"] == "lowest fidelity of the paper's rows: B1 penultimate = S1 time-wise = S2 depth-wise (tied at 0.0)"
+
+
+def test_claim_intervals_are_the_ones_the_claims_are_judged_by():
+    """S1 - B2 fidelity per seed is -0.3, -0.1, -0.2: mean -0.2, SE 0.1/sqrt(3); a loss needs mean + 2 SE < 0."""
+    found = {"b2": [fake_result("b2", s, [True], 0.5, 0.9) for s in range(3)],
+             "s1": [fake_result("s1", s, [True], 0.5, f) for s, f in enumerate((0.6, 0.8, 0.7))]}
+    (checked,) = [c for c in claims(found) if c["claim"].endswith("loses fidelity against B2")]
+    se = 0.1 / 3 ** 0.5
+    assert claim_interval(checked) == pytest.approx((-20.0, 100 * (-0.2 - 2 * se), 100 * (-0.2 + 2 * se)))
+    assert checked["agrees"] and claim_interval(checked)[2] < 0  # the whole interval is below 0: a loss
+    boot = {"claim": "x", "bootstrap": {"mean": 0.05, "ci95": [-0.01, 0.12]}}
+    assert claim_interval(boot) == pytest.approx((5.0, -1.0, 12.0))
+    assert claim_interval({"claim": "S2 is best overall", "ours": "...", "agrees": True}) is None
 
 
 def test_paired_bootstrap_interval():
@@ -161,7 +175,7 @@ def test_gate_variants_at_several_guidance_scales(tiny_llama_dir, tiny_encoder, 
     assert set(result["scales"]) == {1.5, 3.0}
     assert {c["claim"] for c in result["scales"][1.5]["claims"]} >= {
         "S1 time-wise loses fidelity against B2", "S1 time-wise, estimated gate loses fidelity against B2"}
-    assert (out / "scales.png").stat().st_size > 1000
+    assert (out / "scales.png").stat().st_size > 1000 and (out / "claims.png").stat().st_size > 1000
     # A new scale later is scored from the saved checkpoints: nothing is trained again.
     monkeypatch.setattr("semroute.train.train", lambda *a, **k: pytest.fail("a finished run was trained again"))
     again = run_ablation(base, out, rows, 1, None, 1, max_steps=3, encoder=tiny_encoder, progress=False,

@@ -8,7 +8,7 @@ shift, no retraining). Every run is scored at each guidance scale asked for.
 Layout of an ablation directory:
     runs/<id>-seed<k>/           training run (checkpoints, log) and its ShapesBench results: shapesbench.json at
                                  the config's guidance scale, shapesbench-cfg<g>.json at any other scale g
-    results.json, table.md, bars.png, scales.png (several scales), routing-<id>.png
+    results.json, table.md, bars.png, scales.png and claims.png (several scales), routing-<id>.png
 Re-running skips every (run, scale) already scored, scores new scales from the saved checkpoints, and
 resumes an interrupted run from its newest checkpoint, so an interrupted ablation loses at most the
 steps since that checkpoint.
@@ -399,6 +399,7 @@ def summarize_ablation(out: Path, strategies: list[str], seeds: int, scales: lis
         write_text(out / "table.md", "\n".join(f"## Guidance scale {g:g}\n\n" + table_markdown(v["runs"], v["claims"])
                                                for g, v in per_scale.items()))
         plot_scales({g: v["summary"] for g, v in per_scale.items()}, out / "scales.png")
+        plot_claims({g: v["claims"] for g, v in per_scale.items()}, out / "claims.png")
     plot_bars(first["runs"], out / "bars.png",
               title=f"ShapesBench at guidance scale {scales[0]:g}: mean ± std over seeds" if scales[0] else None)
     for sid in ("fusedit", "s1", "s1e", "s2", "s3", "s3e"):
@@ -435,6 +436,53 @@ def plot_scales(summaries: dict[float, dict], path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle("ShapesBench against the guidance scale (mean ± std over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def claim_interval(claim: dict) -> tuple[float, float, float] | None:
+    """A claim's difference and the interval it is judged by, in points: the paired bootstrap's 95% CI, or
+    mean ± 2 standard errors over seeds. None for a claim that is a ranking, not a difference."""
+    if "bootstrap" in claim:
+        boot = claim["bootstrap"]
+        return 100 * boot["mean"], 100 * boot["ci95"][0], 100 * boot["ci95"][1]
+    if "difference" in claim:
+        d = claim["difference"]
+        return 100 * d["mean"], 100 * (d["mean"] - 2 * d["se"]), 100 * (d["mean"] + 2 * d["se"])
+    return None
+
+
+def plot_claims(per_scale: dict[float, list[dict]], path: Path) -> None:
+    """One panel per claim that is a difference: its value and interval against the guidance scale, with 0 marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scales = sorted(per_scale)
+    names = list(dict.fromkeys(c["claim"] for g in scales for c in per_scale[g] if claim_interval(c)))
+    if not names:
+        return
+    columns = min(3, len(names))
+    rows = math.ceil(len(names) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        points = [(g, claim_interval(c)) for g in scales for c in per_scale[g] if c["claim"] == name]
+        xs = [g for g, _ in points]
+        mean = [m for _, (m, _, _) in points]
+        below = [m - lo for _, (m, lo, _) in points]
+        above = [hi - m for _, (m, _, hi) in points]
+        ax.axhline(0, color="grey", linewidth=0.8)
+        ax.errorbar(xs, mean, yerr=[below, above], marker="o", capsize=3)
+        ax.set_title(name, fontsize=9)
+        ax.set_xticks(xs)
+        ax.set_xlabel("guidance scale")
+        ax.set_ylabel("difference (points)")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(names):]:
+        ax.set_visible(False)
+    fig.suptitle("Claims as differences: paired bootstrap 95% CI, or mean ± 2 SE over seeds")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
