@@ -190,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "ablate", help="train and ShapesBench every strategy with the same budget and seeds", formatter_class=fmt,
         description="Trains each strategy for each seed with one budget, scores it on ShapesBench and writes "
-                    "table.md, results.json, bars.png and routing plots to --out. Re-running skips finished runs.",
+                    "table.md, results.json, bars.png and routing plots to --out (with several --cfg scales, also scales.png and "
+                    "claims.png). Re-running skips finished runs.",
     )
     p.add_argument("--out", type=Path, required=True, help="ablation directory")
     p.add_argument("--config", type=Path, default=None, help=f"base run config (default: the packaged {ABLATION_CONFIG})")
@@ -442,7 +443,8 @@ def cmd_ablate(args) -> None:
         result = run_ablation(base, args.out, strategies, seeds, minutes, n, max_steps=args.max_steps, device=args.device,
                               scales=args.cfg, gate_shift=args.gate_shift)
     print((args.out / "table.md").read_text())
-    print(f"wrote {args.out}/table.md, results.json, bars.png; claims agree: "
+    plots = ", ".join(name for name in ("bars.png", "scales.png", "claims.png") if (args.out / name).is_file())
+    print(f"wrote {args.out}/table.md, results.json, {plots}; claims agree: "
           f"{sum(c['agrees'] for c in result['claims'])}/{len(result['claims'])}")
 
 
