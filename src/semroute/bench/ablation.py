@@ -282,15 +282,24 @@ def _per_prompt_all(results: list[dict]) -> dict[tuple, float]:
     return {(r["seed"], p["category"], p["prompt"]): sum(p["correct"]) / len(p["correct"]) for r in results for p in r["prompts"]}
 
 
+# A fidelity loss across seeds: the mean difference is below 0 by more than this many standard errors.
+LOSS_SE = 2
+
+
 def _seed_differences(a: list[dict], b: list[dict], column: str) -> dict:
-    """a - b of one column, paired by seed: mean, its standard error over seeds, and whether it is below 0 by 2 SE."""
+    """a - b of one column, paired by seed: mean, its standard error over seeds, and whether it is below 0 by LOSS_SE SE."""
     by_seed = {r["seed"]: _value(r, column) for r in b}
     diffs = [_value(r, column) - by_seed[r["seed"]] for r in a if r["seed"] in by_seed]
     if not diffs:
         raise ValueError("no seeds in common")
     mean = statistics.fmean(diffs)
     se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else 0.0
-    return {"mean": mean, "se": se, "seeds": len(diffs), "loss": mean + 2 * se < 0}
+    return {"mean": mean, "se": se, "seeds": len(diffs), "loss": mean + LOSS_SE * se < 0}
+
+
+def _bootstrap_text(difference: str, boot: dict) -> str:
+    return (f"{difference} = {100 * boot['mean']:+.1f} points, 95% CI [{100 * boot['ci95'][0]:+.1f}, "
+            f"{100 * boot['ci95'][1]:+.1f}] over {boot['pairs']} (seed, prompt) pairs")
 
 
 def claims(found: dict[str, list[dict]]) -> list[dict]:
@@ -300,13 +309,8 @@ def claims(found: dict[str, list[dict]]) -> list[dict]:
     paper_rows = {sid: m for sid, m in means.items() if sid in PAPER_IDS}
     if "s2" in found and "b1" in found:
         boot = paired_bootstrap(_per_prompt(found["s2"], "counting"), _per_prompt(found["b1"], "counting"))
-        out.append({
-            "claim": "S2 beats B1 on counting",
-            "ours": f"S2 - B1 = {100 * boot['mean']:+.1f} points, 95% CI [{100 * boot['ci95'][0]:+.1f}, "
-                    f"{100 * boot['ci95'][1]:+.1f}] over {boot['pairs']} (seed, prompt) pairs",
-            "agrees": bool(boot["ci95"][0] > 0),
-            "bootstrap": boot,
-        })
+        out.append({"claim": "S2 beats B1 on counting", "ours": _bootstrap_text("S2 - B1", boot),
+                    "agrees": bool(boot["ci95"][0] > 0), "bootstrap": boot})
     for sid, column, extreme, claim, word in (
         ("s2", "overall", max, "S2 is best overall", "best overall"),
         ("s1", "fidelity", min, "S1 has the lowest fidelity", "lowest fidelity"),
@@ -319,9 +323,7 @@ def claims(found: dict[str, list[dict]]) -> list[dict]:
             out.append({"claim": claim, "ours": ours, "agrees": leaders == [sid]})
     if "fusedit" in found and "b1" in found:  # the paper: GenEval 60.95 against B1's 64.54, the lowest of its table
         boot = paired_bootstrap(_per_prompt_all(found["fusedit"]), _per_prompt_all(found["b1"]))
-        out.append({"claim": "FuseDiT deep scores below B1 overall",
-                    "ours": f"FuseDiT - B1 = {100 * boot['mean']:+.1f} points, 95% CI [{100 * boot['ci95'][0]:+.1f}, "
-                            f"{100 * boot['ci95'][1]:+.1f}] over {boot['pairs']} (seed, prompt) pairs",
+        out.append({"claim": "FuseDiT deep scores below B1 overall", "ours": _bootstrap_text("FuseDiT - B1", boot),
                     "agrees": bool(boot["ci95"][1] < 0), "bootstrap": boot})
     # The gate variants' targets: fidelity against B2 (a loss: below by more than 2 standard errors over seeds).
     for sid in ("s1", "s1s", "s1e"):
@@ -332,9 +334,7 @@ def claims(found: dict[str, list[dict]]) -> list[dict]:
                                 f"{d['seeds']} seeds)", "agrees": d["loss"], "difference": d})
     if "s3e" in found and "s2" in found:
         boot = paired_bootstrap(_per_prompt_all(found["s3e"]), _per_prompt_all(found["s2"]))
-        out.append({"claim": "S3 with estimated gates matches or beats S2 overall",
-                    "ours": f"S3e - S2 = {100 * boot['mean']:+.1f} points, 95% CI [{100 * boot['ci95'][0]:+.1f}, "
-                            f"{100 * boot['ci95'][1]:+.1f}] over {boot['pairs']} (seed, prompt) pairs",
+        out.append({"claim": "S3 with estimated gates matches or beats S2 overall", "ours": _bootstrap_text("S3e - S2", boot),
                     "agrees": bool(boot["ci95"][1] >= 0), "bootstrap": boot})
     return out
 
@@ -443,13 +443,13 @@ def plot_scales(summaries: dict[float, dict], path: Path) -> None:
 
 def claim_interval(claim: dict) -> tuple[float, float, float] | None:
     """A claim's difference and the interval it is judged by, in points: the paired bootstrap's 95% CI, or
-    mean ± 2 standard errors over seeds. None for a claim that is a ranking, not a difference."""
+    mean ± LOSS_SE standard errors over seeds. None for a claim that is a ranking, not a difference."""
     if "bootstrap" in claim:
         boot = claim["bootstrap"]
         return 100 * boot["mean"], 100 * boot["ci95"][0], 100 * boot["ci95"][1]
     if "difference" in claim:
         d = claim["difference"]
-        return 100 * d["mean"], 100 * (d["mean"] - 2 * d["se"]), 100 * (d["mean"] + 2 * d["se"])
+        return 100 * d["mean"], 100 * (d["mean"] - LOSS_SE * d["se"]), 100 * (d["mean"] + LOSS_SE * d["se"])
     return None
 
 
