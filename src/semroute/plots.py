@@ -1,7 +1,8 @@
-"""Pictures: sample grids and what the router learned (block x LLM-layer weights, weights vs t)."""
+"""Pictures: sample grids, what the router learned (block x LLM-layer weights, weights vs t), bars and intervals."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
@@ -102,4 +103,25 @@ def bar_chart(labels: list[str], stats: dict[str, list[tuple[float, float]]], pa
     ax.set_ylabel("%")
     ax.set_ylim(0, 100)
     ax.legend(fontsize=7, ncol=min(3, len(labels)))
+    return _save(fig, path, title)
+
+
+def interval_panels(panels: dict[str, list[tuple[float, float, float, float]]], path: Path, xlabel: str, ylabel: str,
+                    title: str = "") -> Path:
+    """One panel per name: points (x, value, low, high) with their intervals as error bars, and 0 marked."""
+    columns = min(3, len(panels))
+    rows = math.ceil(len(panels) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False)
+    for ax, (name, points) in zip(axes.flat, panels.items()):
+        xs, values, lows, highs = (list(column) for column in zip(*points))
+        ax.axhline(0, color="grey", linewidth=0.8)
+        ax.errorbar(xs, values, yerr=[[v - lo for v, lo in zip(values, lows)], [hi - v for v, hi in zip(values, highs)]],
+                    marker="o", capsize=3)
+        ax.set_title(name, fontsize=9)
+        ax.set_xticks(xs)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
     return _save(fig, path, title)

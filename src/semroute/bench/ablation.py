@@ -455,34 +455,14 @@ def claim_interval(claim: dict) -> tuple[float, float, float] | None:
 
 def plot_claims(per_scale: dict[float, list[dict]], path: Path) -> None:
     """One panel per claim that is a difference: its value and interval against the guidance scale, with 0 marked."""
-    import matplotlib
+    from ..plots import interval_panels
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    scales = sorted(per_scale)
-    names = list(dict.fromkeys(c["claim"] for g in scales for c in per_scale[g] if claim_interval(c)))
-    if not names:
-        return
-    columns = min(3, len(names))
-    rows = math.ceil(len(names) / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False)
-    for ax, name in zip(axes.flat, names):
-        points = [(g, claim_interval(c)) for g in scales for c in per_scale[g] if c["claim"] == name]
-        xs = [g for g, _ in points]
-        mean = [m for _, (m, _, _) in points]
-        below = [m - lo for _, (m, lo, _) in points]
-        above = [hi - m for _, (m, _, hi) in points]
-        ax.axhline(0, color="grey", linewidth=0.8)
-        ax.errorbar(xs, mean, yerr=[below, above], marker="o", capsize=3)
-        ax.set_title(name, fontsize=9)
-        ax.set_xticks(xs)
-        ax.set_xlabel("guidance scale")
-        ax.set_ylabel("difference (points)")
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(names):]:
-        ax.set_visible(False)
-    fig.suptitle("Claims as differences: paired bootstrap 95% CI, or mean ± 2 SE over seeds")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    panels: dict[str, list[tuple[float, float, float, float]]] = {}
+    for scale in sorted(per_scale):
+        for claim in per_scale[scale]:
+            interval = claim_interval(claim)
+            if interval is not None:
+                panels.setdefault(claim["claim"], []).append((scale, *interval))
+    if panels:
+        interval_panels(panels, path, "guidance scale", "difference (points)",
+                        f"Claims as differences: paired bootstrap 95% CI, or mean ± {LOSS_SE} SE over seeds")
