@@ -108,14 +108,14 @@ def main() -> None:
             show(f"{sid}_sample_step_cached", f"{r['cached'] / 1e9:.1f} GFLOPs  (text side / {args.steps} steps)")
             show(f"{sid}_recomputed_over_cached", f"{r['recomputed'] / r['cached']:.4f}")
         else:
-            show(f"{sid}_sample_step_cached", f"n/a (the mix depends on t)")
+            show(f"{sid}_sample_step_cached", "n/a (the mix depends on t)")
     b1, s2, deep = rows["b1"], rows["s2"], rows["fusedit"]
-    show(f"train_ratio_s2_over_b1", f"{s2['train'] / b1['train']:.4f}")
-    show(f"train_ratio_fusedit_over_b1", f"{deep['train'] / b1['train']:.4f}")
-    show(f"params_ratio_fusedit_over_b1", f"{deep['params'] / b1['params']:.4f}")
-    show(f"sample_ratio_s2_over_b1", f"{s2['cached'] / b1['cached']:.4f}  (both cached)")
-    show(f"sample_ratio_fusedit_over_b1", f"{deep['cached'] / b1['cached']:.4f}  (both cached)")
-    show(f"sample_ratio_s1_over_s2", f"{rows['s1']['recomputed'] / s2['cached']:.4f}  (S1 must recompute; S2 cached)")
+    show("train_ratio_s2_over_b1", f"{s2['train'] / b1['train']:.4f}")
+    show("train_ratio_fusedit_over_b1", f"{deep['train'] / b1['train']:.4f}")
+    show("params_ratio_fusedit_over_b1", f"{deep['params'] / b1['params']:.4f}")
+    show("sample_ratio_s2_over_b1", f"{s2['cached'] / b1['cached']:.4f}  (both cached)")
+    show("sample_ratio_fusedit_over_b1", f"{deep['cached'] / b1['cached']:.4f}  (both cached)")
+    show("sample_ratio_s1_over_s2", f"{rows['s1']['recomputed'] / s2['cached']:.4f}  (S1 must recompute; S2 cached)")
 
 
 if __name__ == "__main__":
