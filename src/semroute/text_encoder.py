@@ -42,6 +42,11 @@ class TextEncoderConfig:
     # fills it in); a layer n is the n-th decoder layer either way.
     features: str | None = None
 
+    @property
+    def feature_kind(self) -> str:
+        """What is read, with null resolved: hidden states unless keys_values is asked for."""
+        return self.features or "hidden_states"
+
     def __post_init__(self):
         if self.features is not None and self.features not in TEXT_FEATURES:
             raise ValueError(f"text_encoder.features must be one of {', '.join(TEXT_FEATURES)} or null, got {self.features!r}")
@@ -207,7 +212,7 @@ class TextEncoder(nn.Module):
         self.num_model_layers = text_config.num_hidden_layers
         self.hidden_size = text_config.hidden_size
         self.layers = resolve_layers(self.config.layers, self.num_model_layers)
-        self.feature_kind = self.config.features or "hidden_states"
+        self.feature_kind = self.config.feature_kind
         heads = text_config.num_attention_heads
         self.kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
         self.head_dim = getattr(text_config, "head_dim", None) or self.hidden_size // heads
@@ -297,7 +302,7 @@ class TextEncoder(nn.Module):
 
 def check_reads(encoder, config: TextEncoderConfig, who: str = "this config") -> None:
     """A text encoder handed in must read what `config` asks for (hidden states or deep fusion's keys/values)."""
-    wanted = config.features or "hidden_states"
+    wanted = config.feature_kind
     if encoder.feature_kind != wanted:
         raise ValueError(f"{who} reads the LLM's {wanted}, but the text encoder given reads {encoder.feature_kind}; "
                          f"build it from the run's text_encoder config")

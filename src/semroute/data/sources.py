@@ -245,7 +245,7 @@ def _recipe_from_config(config, cached: dict) -> dict:
     t = config.text_encoder
     wanted = {**cached, "text_model": t.model, "text_layers": resolve_layers(t.layers, cached["text_model_layers"]),
               "max_length": t.max_length, "template": t.template, "resolution": config.dataset.resolution}
-    kind = t.features or "hidden_states"
+    kind = t.feature_kind
     if kind == "hidden_states":  # what a cache without these keys holds
         for key in ("text_features", "text_feature_dim", "text_kv_heads"):
             wanted.pop(key, None)
