@@ -39,12 +39,20 @@ def dit_text_args(info: EncoderInfo) -> dict:
 class PromptFeatures:
     """LayerNorm'd LLM features of N prompts, padded to one length: computed once, indexed per batch."""
 
-    hidden: torch.Tensor  # (N, L, S, C)
+    hidden: torch.Tensor  # (N, L, S, C), stored layer-major (see __post_init__)
     mask: torch.Tensor  # (N, S) bool
 
+    def __post_init__(self):
+        # Layer-major storage, (L, N, S, C) in memory: `select` then gathers whole (S, C) rows straight into
+        # the (L, B, S, C) batch the fusion reads, instead of copying the whole table first.
+        if not self.hidden.transpose(0, 1).is_contiguous():
+            self.hidden = self.hidden.transpose(0, 1).contiguous().transpose(0, 1)
+
     def select(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features of prompts `ids` (B,) as the DiT takes them: (L, B, S, C) and (B, S)."""
-        return self.hidden[ids].transpose(0, 1), self.mask[ids]
+        """Features of prompts `ids` (B,) as the DiT takes them: (L, B, S, C), contiguous, and (B, S).
+
+        Gathered straight into the layer-major layout, so the fusion never copies them again."""
+        return self.hidden.transpose(0, 1).index_select(1, ids), self.mask[ids]
 
     def to(self, dtype: torch.dtype) -> "PromptFeatures":
         return PromptFeatures(self.hidden.to(dtype), self.mask)
@@ -81,11 +89,16 @@ def drop_captions(
     """Caption dropout: the features of the prompts where `drop` (B,) is True become the null prompt's.
 
     text (L, B, S, C), mask (B, S); null_text (L, S', C), null_mask (S',). Both are padded to the longer
-    length first (padding is masked out, so it changes nothing the DiT sees).
+    length first (padding is masked out, so it changes nothing the DiT sees). Only the dropped rows are
+    written, in place: `text` and `mask` must be the caller's own (a `BatchSource.condition` result is).
     """
     length = max(text.shape[2], null_text.shape[1])
-    text, mask = F.pad(text, (0, 0, 0, length - text.shape[2])), F.pad(mask, (0, length - mask.shape[1]))
+    if length > text.shape[2]:
+        text, mask = F.pad(text, (0, 0, 0, length - text.shape[2])), F.pad(mask, (0, length - mask.shape[1]))
     null_text = F.pad(null_text, (0, 0, 0, length - null_text.shape[1])).to(text.device, text.dtype)
     null_mask = F.pad(null_mask, (0, length - null_mask.shape[0])).to(mask.device)
-    drop = drop.to(text.device)
-    return torch.where(drop[None, :, None, None], null_text[:, None], text), torch.where(drop[:, None], null_mask, mask)
+    rows = drop.to(text.device).nonzero().flatten()
+    if len(rows):
+        text[:, rows] = null_text[:, None]
+        mask[rows] = null_mask
+    return text, mask

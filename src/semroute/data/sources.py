@@ -43,7 +43,8 @@ class BatchSource(Protocol):
     def set_epoch(self, epoch: int) -> None:
         """Order the data for `epoch` (a function of the seed and the epoch, for exact resume)."""
 
-    def condition(self, batch, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+    def condition(self, batch, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x0, text, mask) on `device`; new tensors the trainer may write to (caption dropout does, in place)."""
 
     def skipped(self) -> dict[str, str]:
         """Images that could not be used, with why."""
