@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -336,15 +337,23 @@ def test_a_checkpoint_file_that_runs_code_when_loaded_is_refused(two_checkpoints
 
 
 def test_out_of_memory_is_one_line(tiny_llama_dir, tmp_path):
-    """A real allocation the machine cannot give: math attention over a million image tokens (16 TB of scores)."""
+    """A real allocation the machine cannot give: math attention over a million image tokens (16 TB of scores).
+
+    The math kernel comes from this machine's cached attention choice, written here: the run honours it."""
+    from semroute.runtime import PROBE_FILE, machine_key
+
     raw = tiny_run_config(tiny_llama_dir, max_steps=2, batch_size=2)
     raw["model"].update(sample_size=1024, patch_size=1)
     raw["data"]["image_size"] = 1024
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump(raw))
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    math_kernel = {"backend": "math", "mask": "bool", "skip_unpadded": True, "seconds": {}}
+    (cache / PROBE_FILE).write_text(json.dumps({machine_key(torch.device("cpu")): {"attention": math_kernel}}))
     done = subprocess.run([sys.executable, "-m", "semroute", "train", "--config", str(config), "--out", str(tmp_path / "run"),
                            "--device", "cpu"], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "SEMROUTE_CACHE": str(cache)})
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert lines[-1].startswith("semroute: error: ran out of memory; lower train.batch_size")

@@ -139,6 +139,9 @@ class TrainConfig:
     max_nonfinite_steps: int = 10
     # CPU threads for torch; null uses every core.
     threads: int | None = None
+    # torch.compile the DiT blocks: auto (where this run's own timed steps show it pays back its compile
+    # cost), on or off (YAML's on/off booleans read as on/off). See semroute.speed.
+    compile: str | bool = "auto"
     # Also send the logged metrics to accelerate's trackers (rank 0 only); log.jsonl is always written.
     report_to: str = "none"
     # Weight of the noise-level head's loss, MSE(estimate, t), for model.gate_signal: estimated.
@@ -172,6 +175,10 @@ class TrainConfig:
         except ValueError:
             raise ValueError(f"train.mixed_precision must be one of {', '.join(PRECISIONS)}, "
                              f"got {self.mixed_precision!r}") from None
+        if isinstance(self.compile, bool):  # YAML reads on/off as booleans
+            self.compile = "on" if self.compile else "off"
+        if self.compile not in ("auto", "on", "off"):
+            raise ValueError(f"train.compile must be auto, on or off, got {self.compile!r}")
         if self.noise_level_weight < 0:
             raise ValueError(f"train.noise_level_weight must be >= 0, got {self.noise_level_weight}")
         if self.report_to not in TRACKERS:
@@ -228,7 +235,14 @@ def _check_type(value, annotation, where: str):
         options = typing.get_args(annotation)
         if value is None and type(None) in options:
             return None
-        annotation = next(a for a in options if a is not type(None))
+        kinds = [a for a in options if a is not type(None)]
+        if len(kinds) > 1:  # e.g. str | bool: the first kind the value passes as
+            for kind in kinds[:-1]:
+                try:
+                    return _check_type(value, kind, where)
+                except ValueError:
+                    pass
+        annotation = kinds[-1]
         origin = typing.get_origin(annotation)
     if origin is typing.Literal:  # which of the values: checked where the field knows the valid ones
         annotation, origin = str, None

@@ -151,6 +151,7 @@ def run_demo(
         precision=summary["precision"],
         device=summary["device"],
         cpu_capability=summary["cpu_capability"],
+        speed=summary.get("speed"),
         sampling={"scheduler": s.scheduler, "steps": s.steps, "guidance_scale": s.guidance_scale, "shift": s.shift,
                   "images_per_prompt": k, "prompts": len(scenes), "seed": SAMPLE_SEED},
         train_seconds=train_s,

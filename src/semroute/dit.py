@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .attention import attention, cross_mask, current_attention, joint_mask
 from .fusion import STRATEGY_TABLE, LayerFusion, Strategy, check_strategy, sinusoidal_embedding, unpack_keys_values
 
 TIMESTEP_CONDITIONING = ("none", "adaln-zero")
@@ -33,10 +33,12 @@ def rope_2d(grid_h: int, grid_w: int, head_dim: int, theta: float = 10000.0) -> 
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs (i, i + d/2) of x (B, heads, N, d) by the angles in cos/sin (N, d/2)."""
+    """Rotate channel pairs (i, i + d/2) of x (B, heads, N, d) by the angles in cos/sin (N, d/2).
+
+    As x cos + [x_2, x_1] [-sin, sin]: a roll and two multiply(-add)s over x, no split and concatenation."""
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    cos_full, sin_signed = torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)  # (N, d), small
+    return torch.addcmul(x * cos_full, x.roll(x.shape[-1] // 2, dims=-1), sin_signed)
 
 
 class _RMSNormFunction(torch.autograd.Function):
@@ -65,23 +67,20 @@ class _RMSNormFunction(torch.autograd.Function):
 
 
 class RMSNorm(nn.RMSNorm):
-    """RMSNorm computed in the input dtype (autocast-friendly) with a faster backward."""
+    """RMSNorm computed in the input dtype (autocast-friendly) with a faster backward; without gradients in fp32,
+    PyTorch's own fused kernel."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = None if self.weight is None else self.weight.to(x.dtype)
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad))
+        if not needs_grad and x.dtype in (torch.float32, torch.float64):
+            return F.rms_norm(x, self.normalized_shape, weight, self.eps)  # PyTorch's fused forward (sampling)
         return _RMSNormFunction.apply(x, weight, self.eps)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """scaled_dot_product_attention; on CPU the math kernel, faster than flash for these short sequences (measured)."""
-    if q.device.type != "cpu":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    with sdpa_kernel(SDPBackend.MATH):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
-
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale[:, None]) + shift[:, None]
+    """x (B, N, H) * (1 + scale) + shift, per sample: one fused multiply-add over x."""
+    return torch.addcmul(shift[:, None], x, 1 + scale[:, None])
 
 
 class TimestepEmbedder(nn.Module):
@@ -124,9 +123,11 @@ class SelfAttention(nn.Module):
                 text_kv: tuple[torch.Tensor, torch.Tensor] | None = None, text_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, N, H). text_kv: deep fusion (FuseDiT): an LLM layer's own keys and values (B, kv_heads, S, d),
         which the image queries attend over together with the image tokens; each of the LLM's key/value heads
-        serves heads / kv_heads query heads (its grouped-query layout). text_mask: (B, S) bool, True = real token."""
+        serves heads / kv_heads query heads (its grouped-query layout). text_mask: (B, S) bool, True = real token,
+        or the attention mask `attention.joint_mask` made of it (the DiT makes it once per forward)."""
         B, N, H = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # (B, heads, N, d) each
+        # Split, not unbound: the backward then concatenates three gradients instead of filling a buffer.
+        q, k, v = (part.view(B, N, self.num_heads, -1).transpose(1, 2) for part in self.qkv(x).split(H, dim=-1))
         q = apply_rope(self.q_norm(q), *rope)
         k = apply_rope(self.k_norm(k), *rope)
         mask = None
@@ -139,8 +140,7 @@ class SelfAttention(nn.Module):
                                  f"over the LLM's and have its head size")
             k = torch.cat([text_k.repeat_interleave(groups, dim=1).to(k.dtype), k], dim=2)
             v = torch.cat([text_v.repeat_interleave(groups, dim=1).to(v.dtype), v], dim=2)
-            image = torch.ones(B, N, dtype=torch.bool, device=x.device)
-            mask = torch.cat([text_mask.bool(), image], dim=1)[:, None, None, :]
+            mask = joint_mask(text_mask, N) if text_mask is not None and text_mask.dim() == 2 else text_mask
         x = attention(q, k, v, mask)
         return self.out(x.transpose(1, 2).reshape(B, N, H))
 
@@ -164,12 +164,15 @@ class CrossAttention(nn.Module):
         k, v = self.kv(context).view(B, S, 2, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         return self.k_norm(k), v
 
-    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
-        """x: (B, N, H); kv from `keys_values`; mask: (B, S) bool, True = real text token."""
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
+        """x: (B, N, H); kv from `keys_values`; mask: (B, S) bool, True = real text token, or the attention mask
+        `attention.cross_mask` made of it (None: nothing padded; the DiT makes it once per forward)."""
         B, N, H = x.shape
         q = self.q_norm(self.q(x).view(B, N, self.num_heads, -1).transpose(1, 2))
         k, v = kv
-        x = attention(q, k.to(q.dtype), v.to(q.dtype), mask[:, None, None, :])
+        if mask is not None and mask.dim() == 2:
+            mask = cross_mask(mask)
+        x = attention(q, k.to(q.dtype), v.to(q.dtype), mask)
         return self.out(x.transpose(1, 2).reshape(B, N, H))
 
 
@@ -218,19 +221,20 @@ class DiTBlock(nn.Module):
 
     def forward(self, x, c, rope, kv, mask):
         """x: (B, N, H); c: (B, H) timestep embedding or None; kv/mask: this block's text context (its cross-attention
-        keys/values, or with deep fusion its LLM layer's keys/values)."""
+        keys/values, or with deep fusion its LLM layer's keys/values) and the text mask, (B, S) bool or as an attention
+        mask (`attention.cross_mask` / `joint_mask`)."""
         deep = self.cross_attn is None
         text = (kv, mask) if deep else (None, None)
         if self.adaln is None:
             x = x + self.attn(self.norm1(x), rope, *text)
         else:
             shift1, scale1, gate1, shift2, scale2, gate2 = self.adaln(c).chunk(6, dim=-1)
-            x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1), rope, *text)
+            x = torch.addcmul(x, gate1[:, None], self.attn(modulate(self.norm1(x), shift1, scale1), rope, *text))
         if not deep:
             x = x + self.cross_attn(self.norm2(x), kv, mask)
         if self.adaln is None:
             return x + self.mlp(self.norm3(x))
-        return x + gate2[:, None] * self.mlp(modulate(self.norm3(x), shift2, scale2))
+        return torch.addcmul(x, gate2[:, None], self.mlp(modulate(self.norm3(x), shift2, scale2)))
 
 
 class FinalLayer(nn.Module):
@@ -281,6 +285,15 @@ class RoutedContext:
 
     keys_values: list[tuple[torch.Tensor, torch.Tensor]]  # D x (keys, values)
     mask: torch.Tensor  # (B, S) bool
+    _formed: dict = field(default_factory=dict, repr=False)
+
+    def attention_mask(self, image_tokens: int, deep: bool) -> torch.Tensor | None:
+        """The mask every block's attention takes, made once per context (a sampler reuses it for every step):
+        the text mask as `attention.cross_mask`, or with deep fusion `joint_mask` over [text; image tokens]."""
+        key = (image_tokens, deep, current_attention())
+        if key not in self._formed:
+            self._formed[key] = joint_mask(self.mask, image_tokens) if deep else cross_mask(self.mask)
+        return self._formed[key]
 
 
 def check_deep_layout(hidden_size: int, num_heads: int, text_dim: int, text_kv_heads: int | None) -> None:
@@ -475,11 +488,13 @@ class SemanticRoutingDiT(ModelMixin, ConfigMixin):
         h = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, hidden)
         c = self.t_embedder(t) if self.t_embedder is not None else None
         rope = (self.rope_cos, self.rope_sin)
+        # The attention mask over text tokens, made once for every block (None where nothing is padded).
+        mask = context.attention_mask(h.shape[1], deep=self.context_embedder is None)
         for block, kv in zip(self.blocks, context.keys_values):
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                h = self._gradient_checkpointing_func(block, h, c, rope, kv, context.mask)
+                h = self._gradient_checkpointing_func(block, h, c, rope, kv, mask)
             else:
-                h = block(h, c, rope, kv, context.mask)
+                h = block(h, c, rope, kv, mask)
         h = self.final_layer(h, c)  # (B, N, p * p * C)
         h = h.view(B, H // p, W // p, p, p, -1).permute(0, 5, 1, 3, 2, 4)
         velocity = h.reshape(B, -1, H, W)

@@ -16,7 +16,8 @@ from .checkpoint import TEXT_ENCODER_FILE, VAE_FILE
 from .fileio import read_json, record_files, recorded_problem
 from .features import NULL_PROMPT, PromptFeatures, encode_prompts
 from .latent import check_vae_matches, decode_latents, vae_downsample
-from .runtime import Precision, configure_device, resolve_device, resolve_precision
+from .runtime import Precision, resolve_device, resolve_precision
+from .speed import configure
 from .text_encoder import TextEncoder, TextEncoderConfig, llm_dtype
 
 logger = logging.getLogger(__name__)
@@ -140,10 +141,12 @@ class SemanticRoutingPipeline(DiffusionPipeline):
         )
 
     def sampling_precision(self) -> Precision:
-        """`precision` resolved for the transformer's device (measured once per machine, logged once)."""
+        """`precision` resolved for the transformer's device (measured once per machine, logged once), with the
+        device's other speed settings (`speed.configure`)."""
         device = self.transformer.device
         key = (str(device), self.precision)
         if key not in self._resolved:
+            configure(device)  # the attention kernel measured for this device
             self._resolved[key] = resolve_precision(self.precision, device)
             logger.info("sampling in %s on %s", self._resolved[key].describe(), device)
         return self._resolved[key]
@@ -177,7 +180,7 @@ class SemanticRoutingPipeline(DiffusionPipeline):
             vae = load_vae(read_json(vae_meta, "VAE description", fix)["path"])
         transformer = load_transformer(path)
         device = resolve_device(device)
-        configure_device(device)
+        configure(device)
         pipe = cls.from_parts(transformer, TextEncoder(config, device=device), vae, sample=_saved_sampling(path),
                               precision=precision)
         return pipe.to(device)
@@ -387,7 +390,7 @@ def load_pipeline(
     path = Path(path)
     if (path / "model_index.json").is_file():
         device = resolve_device(device)
-        configure_device(device)
+        configure(device)
         problem = pipeline_problem(path)
         if problem:
             raise ValueError(f"{problem}; export the checkpoint again into a new directory")

@@ -8,6 +8,7 @@ forward + backward of one DiT block in each precision, cached per machine, so it
 from __future__ import annotations
 
 import logging
+import math
 import os
 import platform
 import time
@@ -172,30 +173,62 @@ def _probe_path():
     return cache_root() / PROBE_FILE
 
 
-def bf16_ratio(device: torch.device) -> float:
-    """`measure_bf16_ratio`, measured once per machine and cached ($SEMROUTE_CACHE/precision-probe.json)."""
+def _read_probes() -> dict:
     import json
 
-    path = _probe_path()
-    key = machine_key(device)
     try:
-        cached = json.loads(path.read_text())
+        cached = json.loads(_probe_path().read_text())
     except (OSError, ValueError):
-        cached = {}
-    if not isinstance(cached, dict):
-        cached = {}
-    entry = cached.get(key)
-    if isinstance(entry, dict) and isinstance(entry.get("bf16_over_fp32"), (int, float)) and entry["bf16_over_fp32"] > 0:
-        return float(entry["bf16_over_fp32"])
-    logger.info("timing bf16 against fp32 on this %s once (a few seconds; cached in %s)", device.type, path)
-    ratio = measure_bf16_ratio(device)
-    cached[key] = {"bf16_over_fp32": ratio, "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
+        return {}
+    return cached if isinstance(cached, dict) else {}
+
+
+def stored_measurement(device: torch.device, name: str, valid):
+    """This machine's cached `name` (see `cached_measurement`), or None where there is none that `valid` accepts."""
+    entry = _read_probes().get(machine_key(device))
+    if not isinstance(entry, dict) or name not in entry:
+        return None
+    try:
+        return entry[name] if valid(entry[name]) else None
+    except (TypeError, ValueError, KeyError, AttributeError):
+        return None
+
+
+def store_measurement(device: torch.device, name: str, value) -> None:
+    """Cache `value` as this machine's `name`; a cache that cannot be written only means measuring again next time."""
+    path, key = _probe_path(), machine_key(device)
+    cached = _read_probes()
+    entry = cached.get(key) if isinstance(cached.get(key), dict) else {}
+    cached[key] = {**entry, name: value, "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, cached)
-    except OSError as err:  # the choice still stands; it is only measured again next time
-        logger.warning("could not cache the precision probe in %s (%s)", path, err)
-    return ratio
+    except OSError as err:
+        logger.warning("could not cache the %s probe in %s (%s)", name, path, err)
+
+
+def cached_measurement(device: torch.device, name: str, measure, valid):
+    """`measure()` once per machine and `name`, cached in $SEMROUTE_CACHE/precision-probe.json under `machine_key`.
+
+    valid(value) -> bool checks a cached value before it is trusted: a damaged, hand-edited or foreign entry is
+    measured again and rewritten, never believed and never an error."""
+    value = stored_measurement(device, name, valid)
+    if value is not None:
+        return value
+    logger.info("timing %s on this %s once (a few seconds; cached in %s)", name.replace("_", " "), device.type,
+                _probe_path())
+    value = measure()
+    store_measurement(device, name, value)
+    return value
+
+
+def _positive_finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def bf16_ratio(device: torch.device) -> float:
+    """`measure_bf16_ratio`, measured once per machine and cached ($SEMROUTE_CACHE/precision-probe.json)."""
+    return float(cached_measurement(device, "bf16_over_fp32", lambda: measure_bf16_ratio(device), _positive_finite))
 
 
 def _speed_words(ratio: float) -> str:

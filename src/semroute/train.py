@@ -42,7 +42,8 @@ from .fileio import read_json, write_json
 from .flow import RectifiedFlow
 from .progress import Pace, log_pace
 from .reporting import MetricsWindow, check_tracker, flat_config
-from .runtime import Precision, configure_device, cpu_capability, resolve_device, training_precision
+from .runtime import Precision, cpu_capability, resolve_device, training_precision
+from .speed import StepCompiler, configure
 from .text_encoder import TextEncoder
 
 logger = logging.getLogger(__name__)
@@ -89,6 +90,8 @@ class Run:
     ema: EMAModel
     flow: RectifiedFlow
     generator: torch.Generator
+    compiler: StepCompiler
+    speed: dict  # the speed choices of this process (`speed.configure`), for the summary
     last_checkpoint: Path | None = None
 
     @property
@@ -240,7 +243,7 @@ def _resume_point(config: RunConfig, out_dir: Path, precision: Precision) -> Pat
     return checkpoint
 
 
-def _build_run(config, out_dir, accelerator, precision, encoder, features, progress) -> Run:
+def _build_run(config, out_dir, accelerator, precision, encoder, features, progress, speed: dict) -> Run:
     t = config.train
     source = build_source(config, lambda: encoder or TextEncoder(config.text_encoder, device=accelerator.device), features,
                           progress and accelerator.is_main_process, precision.dtype, accelerator.device)
@@ -255,8 +258,16 @@ def _build_run(config, out_dir, accelerator, precision, encoder, features, progr
     loader = source.loader(t.batch_size, config.dataset.num_workers)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     ema = EMAModel(accelerator.unwrap_model(model).parameters(), decay=t.ema_decay, foreach=True)
+
+    def agree(flag: bool) -> bool:  # every process compiles, or none
+        if accelerator.num_processes == 1:
+            return flag
+        return bool(accelerator.reduce(torch.tensor(int(flag), device=accelerator.device), reduction="min"))
+
+    compiler = StepCompiler(accelerator.unwrap_model(model), t.compile, accelerator.device, agree)
     return Run(config, out_dir, accelerator, precision, source, model, optimizer, scheduler, loader, ema,
-               RectifiedFlow(caption_dropout=t.caption_dropout), torch.Generator(device=accelerator.device).manual_seed(t.seed + 1))
+               RectifiedFlow(caption_dropout=t.caption_dropout), torch.Generator(device=accelerator.device).manual_seed(t.seed + 1),
+               compiler, speed)
 
 
 def _save(run: Run, state: TrainState) -> Path:
@@ -341,8 +352,27 @@ def _summary(run: Run, state: TrainState, window: MetricsWindow) -> dict:
     return {"steps": state.step, "final_loss": window.last_loss, "images_per_s": window.images_per_s,
             "epochs_started": state.epoch + 1, "nonfinite_steps": state.nonfinite_steps,
             "precision": run.precision.to_dict(), "device": str(run.accelerator.device), "cpu_capability": cpu_capability(),
-            "processes": run.accelerator.num_processes, "skipped_images": len(skipped), "skipped": skipped,
+            "processes": run.accelerator.num_processes, "speed": {**run.speed, "compile": run.compiler.record()},
+            "skipped_images": len(skipped), "skipped": skipped,
             "checkpoint": str(run.last_checkpoint)}
+
+
+def _micro_step(run: Run, batch) -> tuple[float, bool | None]:
+    """`train_step` on `batch`; should the first compiled step fail (no working compiler), the run goes on eager."""
+    t = run.config.train
+
+    def step():
+        return train_step(run.accelerator, run.model, run.optimizer, run.scheduler, run.ema, run.flow, run.source,
+                          batch, run.generator, t.grad_clip, t.noise_level_weight)
+
+    if not run.compiler.compiling:
+        return step()
+    try:
+        return step()
+    except Exception as err:  # inductor's errors have no common base; anything here is the compiler's
+        run.compiler.failed(err)
+        run.optimizer.zero_grad(set_to_none=True)
+        return step()
 
 
 def _loop(run: Run, state: TrainState, batches: BatchStream, window: MetricsWindow, bar, pace: Pace, started: float,
@@ -354,12 +384,17 @@ def _loop(run: Run, state: TrainState, batches: BatchStream, window: MetricsWind
             logger.info("stopping at step %d: the %.1f-minute budget is spent", state.step, minutes)
             break
         losses, images = [], 0
+        step_started = time.perf_counter()
         for _ in range(t.gradient_accumulation_steps):
             batch = next(batches)
-            loss, finite = train_step(accelerator, run.model, run.optimizer, run.scheduler, run.ema, run.flow, run.source,
-                                      batch, run.generator, t.grad_clip, t.noise_level_weight)
+            loss, finite = _micro_step(run, batch)
             losses.append(loss)
             images += len(batch[0]) * accelerator.num_processes
+        seconds = time.perf_counter() - step_started
+        steps_left = max_steps - state.step - 1
+        if minutes is not None:
+            steps_left = min(steps_left, int((60 * minutes - (time.perf_counter() - started)) / max(seconds, 1e-9)))
+        run.compiler.observe(seconds, steps_left)
         state.step += 1
         pace.update(state.step)
         _count_step(run, state, losses, finite, images, window)
@@ -414,13 +449,13 @@ def train(
     accelerator = _accelerator(config, out_dir, device, precision)
     set_seed(t.seed)
     resume_from = _resume_point(config, out_dir, precision) if resume else None
-    configure_device(accelerator.device)
+    speed = configure(accelerator.device)
     if accelerator.is_main_process:
         logger.info("%s on %s", precision.describe(), accelerator.device)
         out_dir.mkdir(parents=True, exist_ok=True)
         remove_leftovers(out_dir)
         config.save(out_dir / RUN_CONFIG_FILE)
-    run = _build_run(config, out_dir, accelerator, precision, encoder, features, progress)
+    run = _build_run(config, out_dir, accelerator, precision, encoder, features, progress, speed)
     state = TrainState()
     if resume_from is not None:
         saved = load_training_state(resume_from, run.raw_model, run.ema, run.optimizer, run.scheduler, run.generator)
