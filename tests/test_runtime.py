@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from semroute import runtime
+from semroute import runtime, speed
 from semroute.runtime import check_precision, resolve_device, resolve_precision
 
 
@@ -169,4 +169,5 @@ def test_cli_constants_match_the_modules_they_mirror():
     from semroute import cli, demo
 
     assert cli.PRECISION_CHOICES == runtime.PRECISIONS
+    assert cli.COMPILE_CHOICES == speed.COMPILE_CHOICES
     assert cli.NOT_LEARNED_EXIT == demo.NOT_LEARNED_EXIT

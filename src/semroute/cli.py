@@ -16,6 +16,7 @@ from .fileio import write_json
 logger = logging.getLogger("semroute")
 # runtime.PRECISIONS, repeated here so that --help never imports torch (a test keeps them equal).
 PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
+COMPILE_CHOICES = ("auto", "on", "off")  # speed.COMPILE_CHOICES (a test keeps them equal)
 DEMO_CONFIG = "demo.yaml"
 ABLATION_CONFIG = "ablation.yaml"
 QUICK_MINUTES = 1.5
@@ -96,7 +97,8 @@ def _guidance_list(text: str) -> list[float]:
 
 
 def _sampling_arguments(parser: argparse.ArgumentParser, n_help: str, n_default: int | None, seed_help: str,
-                        several_scales: bool = False):
+                        several_scales: bool = False, batched: bool = True):
+    """batched: the command samples through the batched sampler, which can compile the DiT (--compile)."""
     group = parser.add_argument_group("sampling (defaults: the checkpoint's own sample: settings, saved when it was trained)")
     group.add_argument("--n", type=_positive_int, default=n_default, help=n_help)
     group.add_argument("--steps", type=_positive_int, default=None, help="scheduler steps (default: the checkpoint's sample.steps)")
@@ -116,6 +118,10 @@ def _sampling_arguments(parser: argparse.ArgumentParser, n_help: str, n_default:
                        help="time gates (strategies time, joint) read shift_time(t, this) instead of t: the paper's "
                             "manual repair, no retraining (default: the checkpoint's sample.gate_shift, 1 = nominal)")
     group.add_argument("--seed", type=_seed, default=0, help=seed_help)
+    if batched:
+        group.add_argument("--compile", choices=COMPILE_CHOICES, default="auto",
+                           help="run the DiT blocks compiled (torch.compile): auto where the job's own timed steps "
+                                "show that it pays back its compile cost, on, or off (default: auto)")
     group.add_argument("--text-encoder", default=None,
                        help="the LLM to load instead of the path stored in a semroute checkpoint (the same model moved)")
     return group
@@ -184,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--prompt", action="append", default=None, help="a prompt to trace (repeatable; default: ShapesBench's)")
     p.add_argument("--prompts-limit", type=_positive_int, default=16, help="ShapesBench prompts to trace")
-    _sampling_arguments(p, n_help="images per prompt", n_default=2, seed_help="base noise seed", several_scales=True)
+    _sampling_arguments(p, n_help="images per prompt", n_default=2, seed_help="base noise seed", several_scales=True,
+                        batched=False)
     _runtime_arguments(p)
 
     p = sub.add_parser(
@@ -303,6 +310,7 @@ def _sampling_pipeline(args, checkpoint: Path | None = None):
         pipeline.use_scheduler(args.scheduler)
     if args.gate_shift is not None:
         pipeline.use_gate_shift(args.gate_shift)
+    pipeline.compile = getattr(args, "compile", "off")  # commands that trace single calls never compile
     return pipeline
 
 

@@ -95,6 +95,8 @@ class SemanticRoutingPipeline(DiffusionPipeline):
         transformer.eval()
         # The DiT's sampling precision: auto | fp32 | bf16 | fp16, resolved for its device when sampling.
         self.precision = "auto"
+        # Whether the batched sampler (bench.sampling) may compile the DiT blocks: auto | on | off (speed.StepCompiler).
+        self.compile = "auto"
         self._resolved: dict[tuple[str, str], Precision] = {}
 
     @classmethod

@@ -6,11 +6,12 @@ whether a training run compiles its DiT blocks.
   PyTorch's own kernel choice with a boolean mask is kept unless another candidate is measured faster
   by a clear margin; where no text token is padded the mask is dropped unless that measured slower.
   On CUDA and MPS PyTorch's own selection is used as it is.
-- Compilation (`train.compile`): the run itself is the probe. With `auto`, the first steps are timed
+- Compilation (`train.compile`, and `--compile` of the sampling commands): the run itself is the probe. With `auto`, the first steps are timed
   eagerly; if the training time left can pay back the compile cost (as last measured on this machine),
   the DiT blocks are compiled with torch.compile, the first compiled step's cost is shown, and the
   compiled steps are timed in turn: they are kept only when measured faster, else the run goes back to
-  eager. `on` compiles (and keeps) regardless, `off` never compiles.
+  eager. `on` compiles (and keeps) regardless, `off` never compiles. A sampler is timed the same way,
+  step by step over its full batches (a last, smaller batch runs eager rather than compile again).
 """
 
 from __future__ import annotations
@@ -162,13 +163,17 @@ def _valid_cost(value) -> bool:
 class StepCompiler:
     """Decides, from the run's own step times, whether its DiT blocks run compiled (see the module's docstring).
 
-    Call `observe(seconds, steps_left)` after every optimizer step; `record()` is what the summary keeps.
-    agree(flag) -> flag every process agrees on (the minimum under several processes)."""
+    Call `observe(seconds, steps_left)` after every step; `record()` is what a summary keeps. `pause()` runs eager
+    without forgetting the compiled code (work of another shape, e.g. a sampler's last, smaller batch);
+    `resume()` undoes it. agree(flag) -> flag every process agrees on (the minimum under several processes)."""
 
     model: torch.nn.Module
     mode: str
     device: torch.device
     agree: object = None
+    # What is being run (in messages) and the cache key of its compile cost on this machine.
+    work: str = "training"
+    cost_key: str = "compile_seconds"
     phase: str = "eager"  # eager (timing) | first-call | compiled (timing) | done
     eager: list[float] = field(default_factory=list)
     compiled: list[float] = field(default_factory=list)
@@ -180,8 +185,9 @@ class StepCompiler:
         if self.mode not in COMPILE_CHOICES:
             raise ValueError(f"train.compile must be one of {', '.join(COMPILE_CHOICES)}, got {self.mode!r}")
         if self.mode == "off":
-            self.phase, self.reason = "done", "train.compile is off"
+            self.phase, self.reason = "done", "compile is off"
         self._seen = 0
+        self._compiled: list = []
 
     @property
     def compiling(self) -> bool:
@@ -203,9 +209,9 @@ class StepCompiler:
         elif self.phase == "first-call":
             self.first_call_s = seconds
             eager = statistics.median(self.eager)
-            store_measurement(self.device, "compile_seconds", max(seconds - eager, 1e-3))
-            logger.info("torch.compile: the first compiled step took %.0f s (compiling the DiT blocks; cached on disk "
-                        "by inductor for later runs)", seconds)
+            store_measurement(self.device, self.cost_key, max(seconds - eager, 1e-3))
+            logger.info("torch.compile: the first compiled %s step took %.0f s (compiling the DiT blocks; inductor "
+                        "caches the kernels on disk for later runs)", self.work, seconds)
             self.phase, self._seen = "compiled", 0
         elif self.phase == "compiled":
             if self._seen > 1:  # the step after the first may still compile (e.g. a last, shorter batch)
@@ -216,31 +222,47 @@ class StepCompiler:
     def _decide(self, steps_left: int) -> None:
         eager = statistics.median(self.eager)
         if self.mode == "on":
-            go, why = True, "train.compile is on"
+            go, why = True, "compile is on"
         elif cpp_compiler() is None:
             go, why = False, "no C++ compiler found (torch.compile builds CPU kernels with g++; apt-get install g++)"
         else:
-            cost = stored_measurement(self.device, "compile_seconds", _valid_cost) or COMPILE_COST_GUESS
+            cost = stored_measurement(self.device, self.cost_key, _valid_cost) or COMPILE_COST_GUESS
             left = eager * steps_left
             go = left >= PAYBACK * cost
-            why = (f"about {left:.0f} s of training left, compiling costs about {cost:.0f} s here" if go else
-                   f"the run is too short to pay it back: about {left:.0f} s of training left, compiling costs "
+            why = (f"about {left:.0f} s of {self.work} left, compiling costs about {cost:.0f} s here" if go else
+                   f"too short to pay it back: about {left:.0f} s of {self.work} left, compiling costs "
                    f"about {cost:.0f} s here (it must be {PAYBACK:g}x that)")
         if not self._agreed(go):
             self.phase, self.reason = "done", f"not compiled: {why}"
-            logger.info("torch.compile: %s", self.reason)
+            logger.info("torch.compile (%s): %s", self.work, self.reason)
             return
-        logger.info("torch.compile: compiling the DiT blocks (%s); eager steps take %.3f s", why, eager)
+        logger.info("torch.compile: compiling the DiT blocks for %s (%s); eager steps take %.3f s", self.work, why, eager)
         self._compile(True)
         self.phase, self.reason = "first-call", why
 
     def _compile(self, on: bool) -> None:
-        for block in self.model.blocks:
-            if on:
-                block.forward = torch.compile(block.forward)
+        if on and not self._compiled:
+            self._compiled = [torch.compile(block.forward) for block in self.model.blocks]
+        if not on:
+            self._compiled = []
+        self._install(on)
+        self.used = on
+
+    def _install(self, on: bool) -> None:
+        for block, compiled in zip(self.model.blocks, self._compiled or [None] * len(self.model.blocks)):
+            if on and compiled is not None:
+                block.forward = compiled
             elif "forward" in vars(block):
                 del block.forward
-        self.used = on
+
+    def pause(self) -> None:
+        """Run eager for now (the compiled code is kept for `resume`)."""
+        if self.used:
+            self._install(False)
+
+    def resume(self) -> None:
+        if self.used:
+            self._install(True)
 
     def failed(self, err: BaseException) -> None:
         """The first compiled step raised: run eager from now on, in one line."""
@@ -258,8 +280,8 @@ class StepCompiler:
             self._compile(False)
         verdict = "kept" if keep else "dropped, back to eager"
         self.reason += f"; compiled steps take {ratio:.2f}x the eager time: {verdict}"
-        logger.info("torch.compile: compiled steps %.3f s against eager %.3f s (%.2fx the time): %s", compiled, eager,
-                    ratio, verdict)
+        logger.info("torch.compile: compiled %s steps %.3f s against eager %.3f s (%.2fx the time): %s", self.work,
+                    compiled, eager, ratio, verdict)
         self.phase = "done"
 
     def record(self) -> dict:

@@ -6,10 +6,13 @@ other prompts in its batch, the number of processes, or what a resumed run alrea
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import torch
 from tqdm.auto import tqdm
+
+from ..speed import StepCompiler
 
 Job = tuple[int, int]  # (prompt index i, image index k)
 
@@ -41,17 +44,43 @@ def sample_batches(
 
     steps / guidance_scale / shift: None takes the pipeline's own. only: the indices of the batches to
     sample (the others are skipped), for sharing batches across processes or resuming.
+    `pipeline.compile` (auto | on | off, default auto): whether the DiT blocks may run compiled where this
+    job's own timed steps show that it pays (`speed.StepCompiler`); the pipeline is handed back eager.
     """
     todo = batches(len(prompts), images_per_prompt, batch_size)
-    chosen = range(len(todo)) if only is None else only
+    chosen = list(range(len(todo)) if only is None else only)
     settings = pipeline.sampling(steps, guidance_scale, shift)
-    total = len(chosen) * settings.scheduler_calls()
-    with tqdm(total=total, desc=desc, unit="step", disable=not progress) as bar:
-        for index in chosen:
-            jobs = todo[index]
-            images = pipeline.generate([prompts[i] for i, _ in jobs], steps, guidance_scale, shift,
-                                       seed=[image_seed(seed, i, k) for i, k in jobs], on_step=lambda: bar.update(1))
-            yield jobs, images
+    calls = settings.scheduler_calls()
+    full = max((len(todo[i]) for i in chosen), default=0)
+    # Compiled DiT blocks where this job's own timed steps show they pay (speed.StepCompiler); full batches only.
+    compiler = StepCompiler(pipeline.transformer, getattr(pipeline, "compile", "auto"), pipeline.transformer.device,
+                            work="sampling", cost_key="sampling_compile_seconds")
+    left = sum(calls for i in chosen if len(todo[i]) == full)
+    clock = [time.perf_counter()]
+
+    with tqdm(total=len(chosen) * calls, desc=desc, unit="step", disable=not progress) as bar:
+
+        def step_done(timed: bool) -> None:
+            nonlocal left
+            bar.update(1)
+            now = time.perf_counter()
+            if timed:
+                left -= 1
+                compiler.observe(now - clock[0], left)
+            clock[0] = now
+
+        try:
+            for index in chosen:
+                jobs = todo[index]
+                timed = len(jobs) == full
+                compiler.resume() if timed else compiler.pause()
+                clock[0] = time.perf_counter()
+                images = pipeline.generate([prompts[i] for i, _ in jobs], steps, guidance_scale, shift,
+                                           seed=[image_seed(seed, i, k) for i, k in jobs],
+                                           on_step=lambda timed=timed: step_done(timed))
+                yield jobs, images
+        finally:
+            compiler.pause()  # the pipeline is handed back eager
 
 
 def sample_all(pipeline, prompts: list[str], images_per_prompt: int, **kwargs) -> torch.Tensor:
