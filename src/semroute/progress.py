@@ -17,6 +17,11 @@ class Pace:
         self.first_step, self.max_steps, self.minutes, self.report = first_step, max_steps, minutes, report
         self.started: float | None = None
 
+    def restart(self, step: int) -> None:
+        """Measure again from `step` (the pace changed, e.g. the steps began to run compiled); nothing if reported."""
+        if self.report is not None:
+            self.first_step, self.started = step, None
+
     def update(self, step: int) -> None:
         if self.report is None:
             return

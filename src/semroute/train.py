@@ -394,8 +394,11 @@ def _loop(run: Run, state: TrainState, batches: BatchStream, window: MetricsWind
         steps_left = max_steps - state.step - 1
         if minutes is not None:
             steps_left = min(steps_left, int((60 * minutes - (time.perf_counter() - started)) / max(seconds, 1e-9)))
+        phase = run.compiler.phase
         run.compiler.observe(seconds, steps_left)
         state.step += 1
+        if run.compiler.phase != phase:  # compiling began or ended: the ETA is measured on the steps after it
+            pace.restart(state.step)
         pace.update(state.step)
         _count_step(run, state, losses, finite, images, window)
         if state.step % t.log_every == 0 or state.step == max_steps:
