@@ -59,6 +59,8 @@ def snapshot(root: Path) -> dict[str, bytes]:
 
 FLAG_CASES = {
     "train --max-steps 0": (["train", "--config", "{config}", "--max-steps", "0"], "must be >= 1"),
+    "sample --compile always": (["sample", "--checkpoint", "{run}", "--prompt", "x", "--compile", "always"],
+                                "invalid choice: 'always'"),
     "train --max-steps -5": (["train", "--config", "{config}", "--max-steps", "-5"], "must be >= 1"),
     "train --minutes abc": (["train", "--config", "{config}", "--minutes", "abc"], "invalid _positive_float value"),
     "train --minutes 0": (["train", "--config", "{config}", "--minutes", "0"], "must be > 0"),
@@ -115,6 +117,7 @@ CONFIG_CASES = {
     "zero batch size": ({"train": {"batch_size": 0}}, "train.batch_size must be > 0"),
     "negative lr": ({"train": {"lr": -1}}, "train.lr must be > 0"),
     "unknown precision": ({"train": {"mixed_precision": "fp8"}}, "train.mixed_precision must be one of"),
+    "unknown compile mode": ({"train": {"compile": "fast"}}, "train.compile must be auto, on or off"),
     "caption dropout 1.5": ({"train": {"caption_dropout": 1.5}}, "train.caption_dropout must be in [0, 1)"),
     "keep no checkpoints": ({"train": {"keep_checkpoints": 0}}, "train.keep_checkpoints must be > 0"),
     "CFG below 1": ({"sample": {"guidance_scale": 0.5}}, "sample.guidance_scale must be >= 1"),

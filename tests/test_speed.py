@@ -196,6 +196,8 @@ def test_train_compile_reads_yaml_booleans_and_refuses_other_words(tiny_llama_di
         assert load_config(tiny_run_config(tiny_llama_dir, compile=value)).train.compile == expected
     with pytest.raises(ValueError, match="train.compile must be auto, on or off"):
         load_config(tiny_run_config(tiny_llama_dir, compile="fast"))
+    with pytest.raises(ValueError, match="train.compile must be of type str or bool, got 5"):
+        load_config(tiny_run_config(tiny_llama_dir, compile=5))
 
 
 def test_a_compiled_run_trains_records_its_choices_and_samples_like_eager(tiny_llama_dir, tiny_encoder, tmp_path):

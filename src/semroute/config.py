@@ -237,11 +237,13 @@ def _check_type(value, annotation, where: str):
             return None
         kinds = [a for a in options if a is not type(None)]
         if len(kinds) > 1:  # e.g. str | bool: the first kind the value passes as
-            for kind in kinds[:-1]:
+            for kind in kinds:
                 try:
                     return _check_type(value, kind, where)
                 except ValueError:
                     pass
+            names = " or ".join(getattr(k, "__name__", str(k)) for k in kinds)
+            raise ValueError(f"{where} must be of type {names}, got {_SHORT.repr(value)}")
         annotation = kinds[-1]
         origin = typing.get_origin(annotation)
     if origin is typing.Literal:  # which of the values: checked where the field knows the valid ones
