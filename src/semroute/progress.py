@@ -15,19 +15,20 @@ class Pace:
 
     def __init__(self, first_step: int, max_steps: int, minutes: float | None, report):
         self.first_step, self.max_steps, self.minutes, self.report = first_step, max_steps, minutes, report
+        self.measure_from = first_step  # the step the pace is measured from (`restart` moves it, not first_step)
         self.started: float | None = None
 
     def restart(self, step: int) -> None:
         """Measure again from `step` (the pace changed, e.g. the steps began to run compiled); nothing if reported."""
         if self.report is not None:
-            self.first_step, self.started = step, None
+            self.measure_from, self.started = step, None
 
     def update(self, step: int) -> None:
         if self.report is None:
             return
-        if step == self.first_step + self.WARMUP:
+        if step == self.measure_from + self.WARMUP:
             self.started = time.perf_counter()
-        elif self.started is not None and step == self.first_step + self.WARMUP + self.MEASURED:
+        elif self.started is not None and step == self.measure_from + self.WARMUP + self.MEASURED:
             per_step = (time.perf_counter() - self.started) / self.MEASURED
             left = (self.max_steps - step) * per_step
             self.report(per_step, left if self.minutes is None else min(left, 60 * self.minutes))

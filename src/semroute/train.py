@@ -397,8 +397,8 @@ def _loop(run: Run, state: TrainState, batches: BatchStream, window: MetricsWind
         phase = run.compiler.phase
         run.compiler.observe(seconds, steps_left)
         state.step += 1
-        if run.compiler.phase != phase:  # compiling began or ended: the ETA is measured on the steps after it
-            pace.restart(state.step)
+        if run.compiler.phase != phase and (run.compiler.phase == "first-call" or phase in ("first-call", "compiled")):
+            pace.restart(state.step)  # the kernels changed: the ETA is measured on the steps after the change
         pace.update(state.step)
         _count_step(run, state, losses, finite, images, window)
         if state.step % t.log_every == 0 or state.step == max_steps:

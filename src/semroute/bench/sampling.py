@@ -53,8 +53,11 @@ def sample_batches(
     calls = settings.scheduler_calls()
     full = max((len(todo[i]) for i in chosen), default=0)
     # Compiled DiT blocks where this job's own timed steps show they pay (speed.StepCompiler); full batches only.
-    compiler = StepCompiler(pipeline.transformer, getattr(pipeline, "compile", "auto"), pipeline.transformer.device,
-                            work="sampling", cost_key="sampling_compile_seconds")
+    model = getattr(pipeline, "transformer", None)
+    compilable = model is not None and hasattr(model, "blocks")  # any pipeline with `generate` may come here
+    compiler = StepCompiler(model, getattr(pipeline, "compile", "auto") if compilable else "off",
+                            getattr(model, "device", torch.device("cpu")), work="sampling",
+                            cost_key="sampling_compile_seconds")
     left = sum(calls for i in chosen if len(todo[i]) == full)
     clock = [time.perf_counter()]
 
