@@ -79,8 +79,7 @@ def cross_mask(mask: torch.Tensor, choice: AttentionChoice | None = None) -> tor
 def joint_mask(mask: torch.Tensor, image_tokens: int, choice: AttentionChoice | None = None) -> torch.Tensor | None:
     """Deep fusion's self-attention mask over [text tokens; image tokens] (image tokens are never padded)."""
     choice = choice or _current
-    mask = mask.bool()
-    if choice.skip_unpadded and mask.device.type != "meta" and bool(mask.all()):
+    if cross_mask(mask, choice) is None:  # nothing padded: image tokens never are either
         return None
     image = torch.ones(mask.shape[0], image_tokens, dtype=torch.bool, device=mask.device)
-    return _form(torch.cat([mask, image], dim=1), choice.mask)
+    return _form(torch.cat([mask.bool(), image], dim=1), choice.mask)
