@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test setup clean
+.PHONY: demo test check setup clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,13 @@ demo: $(STAMP)
 	echo "semroute is installed in $(VENV): '. $(VENV)/bin/activate' puts it on your PATH for the README's next commands"; \
 	exit $$status
 
-test: $(STAMP)
+# The house checks: formatting, lint and types (configured in pyproject.toml); `make test` runs them first.
+check: $(STAMP)
+	$(BIN)/ruff format --check --quiet src tests benchmarks
+	$(BIN)/ruff check --quiet src tests benchmarks
+	$(BIN)/mypy
+
+test: check
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -30,7 +30,10 @@ def main() -> None:
     precision = resolve_precision(args.precision, "cpu")
     print(machine_line())
     print(f"precision {precision.name}   ({precision.reason})")
-    trainers = {signal: setup.trainer("time", precision, **TFREE, gate_signal=signal) for signal in ("nominal", "estimated")}
+    trainers = {
+        signal: setup.trainer("time", precision, **TFREE, gate_signal=signal)
+        for signal in ("nominal", "estimated")
+    }
     train, sample = time_pair(setup, trainers, precision.name, args)
     print(ratio_line("train_ratio_estimated_over_nominal", train["estimated"], train["nominal"]))
     print(ratio_line("sample_ratio_estimated_over_nominal", sample["estimated"], sample["nominal"]))

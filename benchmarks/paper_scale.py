@@ -30,8 +30,15 @@ from semroute.dit import DIT_PRESETS, SemanticRoutingDiT
 from semroute.fusion import STRATEGY_TABLE
 
 QWEN3_VL_4B_TEXT = dict(
-    vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
-    num_key_value_heads=8, head_dim=128, max_position_embeddings=4096, tie_word_embeddings=True,
+    vocab_size=151936,
+    hidden_size=2560,
+    intermediate_size=9728,
+    num_hidden_layers=36,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    max_position_embeddings=4096,
+    tie_word_embeddings=True,
 )
 
 
@@ -51,7 +58,9 @@ def show(key: str, value: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=25, help="sampling steps")
     parser.add_argument("--text-tokens", type=int, default=512, help="prompt length (the paper pads to 512)")
     args = parser.parse_args()
@@ -81,7 +90,12 @@ def main() -> None:
             t = torch.rand(1)
             entries, width = args_["num_text_layers"], args_["text_dim"]
             text, mask = torch.randn(entries, 1, S, width), torch.ones(1, S, dtype=torch.bool)
-            x2, t2, text2, mask2 = torch.cat([x, x]), torch.cat([t, t]), torch.cat([text, text], 1), torch.cat([mask, mask])
+            x2, t2, text2, mask2 = (
+                torch.cat([x, x]),
+                torch.cat([t, t]),
+                torch.cat([text, text], 1),
+                torch.cat([mask, mask]),
+            )
 
             def train_step():
                 dit(x.requires_grad_(False), t, text, mask).square().mean().backward()
@@ -90,22 +104,40 @@ def main() -> None:
             # CFG: both branches in one batch of 2 (as the pipeline does).
             text_side = flops(lambda: dit.route_text(text2, mask2, t2, normalized=True))
             with torch.no_grad():
-                context = dit.route_text(text2, mask2, t2, normalized=True) if not dit.fusion.depends_on_t else None
+                context = (
+                    dit.route_text(text2, mask2, t2, normalized=True) if not dit.fusion.depends_on_t else None
+                )
                 full = flops(lambda: dit(x2, t2, text2, mask2, text_normalized=True))
         image_side = full - text_side
         rows[sid] = dict(
-            params=count(dit), fusion_params=count(dit.fusion), train=train, text_side=text_side, image_side=image_side,
-            cached=image_side + text_side / args.steps if context is not None else None, recomputed=full,
+            params=count(dit),
+            fusion_params=count(dit.fusion),
+            train=train,
+            text_side=text_side,
+            image_side=image_side,
+            cached=image_side + text_side / args.steps if context is not None else None,
+            recomputed=full,
         )
     for sid, r in rows.items():
         show(f"{sid}_dit_params", f"{r['params'] / 1e9:.4f} B  (fusion {r['fusion_params']:,})")
         if sid == "fusedit":
-            show(f"{sid}_paired_llm_layers", f"6..29 of {L} (0-based), {kv_heads} key/value heads of {head_dim}")
-        show(f"{sid}_train_step_gflops", f"{r['train'] / 1e9:.1f}   (+ {llm_flops / 1e9:.1f} LLM forward if features are not cached)")
-        show(f"{sid}_text_side_gflops", f"{r['text_side'] / 1e9:.2f}   (CFG pair, once per prompt when cached)")
+            show(
+                f"{sid}_paired_llm_layers",
+                f"6..29 of {L} (0-based), {kv_heads} key/value heads of {head_dim}",
+            )
+        show(
+            f"{sid}_train_step_gflops",
+            f"{r['train'] / 1e9:.1f}   (+ {llm_flops / 1e9:.1f} LLM forward if features are not cached)",
+        )
+        show(
+            f"{sid}_text_side_gflops", f"{r['text_side'] / 1e9:.2f}   (CFG pair, once per prompt when cached)"
+        )
         show(f"{sid}_sample_step_recomputed", f"{r['recomputed'] / 1e9:.1f} GFLOPs")
         if r["cached"] is not None:
-            show(f"{sid}_sample_step_cached", f"{r['cached'] / 1e9:.1f} GFLOPs  (text side / {args.steps} steps)")
+            show(
+                f"{sid}_sample_step_cached",
+                f"{r['cached'] / 1e9:.1f} GFLOPs  (text side / {args.steps} steps)",
+            )
             show(f"{sid}_recomputed_over_cached", f"{r['recomputed'] / r['cached']:.4f}")
         else:
             show(f"{sid}_sample_step_cached", "n/a (the mix depends on t)")
@@ -115,7 +147,10 @@ def main() -> None:
     show("params_ratio_fusedit_over_b1", f"{deep['params'] / b1['params']:.4f}")
     show("sample_ratio_s2_over_b1", f"{s2['cached'] / b1['cached']:.4f}  (both cached)")
     show("sample_ratio_fusedit_over_b1", f"{deep['cached'] / b1['cached']:.4f}  (both cached)")
-    show("sample_ratio_s1_over_s2", f"{rows['s1']['recomputed'] / s2['cached']:.4f}  (S1 must recompute; S2 cached)")
+    show(
+        "sample_ratio_s1_over_s2",
+        f"{rows['s1']['recomputed'] / s2['cached']:.4f}  (S1 must recompute; S2 cached)",
+    )
 
 
 if __name__ == "__main__":

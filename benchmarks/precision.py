@@ -5,8 +5,8 @@ Prints, from one run (fp32 and bf16 alternate in every round, so machine noise h
     machine ...                      torch's CPU capability, threads
     auto_picks ...                   what --precision auto chooses here, and why
     train_images_per_s_fp32 / _bf16  median over rounds
-    train_ratio_bf16_over_fp32       time of a bf16 step / an fp32 one (< 1: bf16 is faster), [lowest, highest] round
-    sample_images_per_s_fp32 / _bf16 the demo's sampling recipe (25 Euler steps with CFG)
+    train_ratio_bf16_over_fp32       time of a bf16 step / an fp32 one (< 1: bf16 is faster), [lowest,
+    highest] round sample_images_per_s_fp32 / _bf16 the demo's sampling recipe (25 Euler steps with CFG)
     sample_ratio_bf16_over_fp32
 
 On a CPU without native bf16 run it as is; to see such a CPU on one that has it, cap the ISA:
@@ -25,9 +25,13 @@ from semroute.runtime import Precision, resolve_precision
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rounds", type=int, default=5, help="alternating fp32/bf16 rounds")
-    parser.add_argument("--train-steps", type=int, default=2, help="timed training steps per precision per round")
+    parser.add_argument(
+        "--train-steps", type=int, default=2, help="timed training steps per precision per round"
+    )
     parser.add_argument("--sample-images", type=int, default=8, help="images per timed sampling call")
     args = parser.parse_args()
 
@@ -37,8 +41,13 @@ def main() -> None:
     print(f"auto_picks {auto.name}   ({auto.reason})")
     precisions = {name: Precision(name, name, "benchmark") for name in ("fp32", "bf16")}
     trainers = {name: setup.trainer("depth", p) for name, p in precisions.items()}
-    train = interleaved({name: (lambda step=step: [step(i) for i in range(args.train_steps)])
-                         for name, (_, step) in trainers.items()}, args.rounds)
+    train = interleaved(
+        {
+            name: (lambda step=step: [step(i) for i in range(args.train_steps)])
+            for name, (_, step) in trainers.items()
+        },
+        args.rounds,
+    )
     batch = setup.config.train.batch_size * args.train_steps
     for name in precisions:
         print(f"train_images_per_s_{name} {batch / statistics.median(train[name]):.1f}")

@@ -25,7 +25,9 @@ from semroute.runtime import resolve_precision
 
 def main() -> None:
     parser = pair_parser(__doc__, "alternating B1/S2 rounds")
-    parser.add_argument("--profile", action="store_true", help="print the op breakdown of an S2 training step")
+    parser.add_argument(
+        "--profile", action="store_true", help="print the op breakdown of an S2 training step"
+    )
     args = parser.parse_args()
 
     setup = DemoSetup()

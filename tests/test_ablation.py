@@ -13,17 +13,31 @@ from semroute.bench.ablation import (
     table_markdown,
 )
 from semroute.cli import main
-from semroute.fusion import PAPER_NAMES
 from semroute.config import load_config
+from semroute.fusion import PAPER_NAMES
 
 from .conftest import tiny_run_config
 
 
 def fake_result(sid, seed, counting, overall, fidelity):
-    prompts = [{"category": "counting", "prompt": f"p{i}", "correct": [ok, ok]} for i, ok in enumerate(counting)]
-    return {"version": "shapesbench-2", "strategy": sid, "seed": seed, "steps": 10, "overall": overall, "fidelity": fidelity,
-            "categories": {"counting": sum(counting) / len(counting), "colour": 1.0, "two_objects": 0.5, "position": 0.25},
-            "prompts": prompts}
+    prompts = [
+        {"category": "counting", "prompt": f"p{i}", "correct": [ok, ok]} for i, ok in enumerate(counting)
+    ]
+    return {
+        "version": "shapesbench-2",
+        "strategy": sid,
+        "seed": seed,
+        "steps": 10,
+        "overall": overall,
+        "fidelity": fidelity,
+        "categories": {
+            "counting": sum(counting) / len(counting),
+            "colour": 1.0,
+            "two_objects": 0.5,
+            "position": 0.25,
+        },
+        "prompts": prompts,
+    }
 
 
 def test_table_and_claims_from_fixed_results():
@@ -33,13 +47,24 @@ def test_table_and_claims_from_fixed_results():
         "s2": [fake_result("s2", s, [True, True, True, True], 0.70 + 0.01 * s, 0.95) for s in range(3)],
     }
     checked = claims(found)
-    assert [c["claim"] for c in checked] == ["S2 beats B1 on counting", "S2 is best overall", "S1 has the lowest fidelity"]
+    assert [c["claim"] for c in checked] == [
+        "S2 beats B1 on counting",
+        "S2 is best overall",
+        "S1 has the lowest fidelity",
+    ]
     assert all(c["agrees"] for c in checked)
     assert checked[0]["bootstrap"]["mean"] == pytest.approx(0.75)
     table = table_markdown(found, checked)
     rows = [line for line in table.splitlines() if line.startswith("| ") and "±" in line]
-    assert [r.split(" | ")[0][2:] for r in rows] == [PAPER_NAMES["b1"], PAPER_NAMES["s1"], PAPER_NAMES["s2"]]  # paper order
-    assert "| S2 depth-wise | 3 | 100.0 ± 0.0 | 100.0 ± 0.0 | 50.0 ± 0.0 | 25.0 ± 0.0 | 71.0 ± 1.0 | 95.0 ± 0.0 |" in table
+    assert [r.split(" | ")[0][2:] for r in rows] == [
+        PAPER_NAMES["b1"],
+        PAPER_NAMES["s1"],
+        PAPER_NAMES["s2"],
+    ]  # paper order
+    assert (
+        "| S2 depth-wise | 3 | 100.0 ± 0.0 | 100.0 ± 0.0 | 50.0 ± 0.0 | 25.0 ± 0.0 | 71.0 ± 1.0 | 95.0 ± 0.0 "
+        "|" in table
+    )
     assert "| S1 has the lowest fidelity | lowest fidelity of the paper's rows: S1 time-wise | yes |" in table
 
 
@@ -53,15 +78,21 @@ def test_claims_can_disagree():
     tied = {sid: [fake_result(sid, 0, [False], 0.0, 0.0)] for sid in ("b1", "s1", "s2")}
     checked = claims(tied)
     assert not any(c["agrees"] for c in checked)
-    assert checked[2]["ours"] == "lowest fidelity of the paper's rows: B1 penultimate = S1 time-wise = S2 depth-wise (tied at 0.0)"
+    assert (
+        checked[2]["ours"]
+        == "lowest fidelity of the paper's rows: B1 penultimate = S1 time-wise = S2 depth-wise (tied at 0.0)"
+    )
 
 
 def test_claim_intervals_are_the_ones_the_claims_are_judged_by():
-    """S1 - B2 fidelity per seed is -0.3, -0.1, -0.2: mean -0.2, SE 0.1/sqrt(3); a loss needs mean + 2 SE < 0."""
-    found = {"b2": [fake_result("b2", s, [True], 0.5, 0.9) for s in range(3)],
-             "s1": [fake_result("s1", s, [True], 0.5, f) for s, f in enumerate((0.6, 0.8, 0.7))]}
+    """S1 - B2 fidelity per seed is -0.3, -0.1, -0.2: mean -0.2, SE 0.1/sqrt(3); a loss needs mean + 2 SE <
+    0."""
+    found = {
+        "b2": [fake_result("b2", s, [True], 0.5, 0.9) for s in range(3)],
+        "s1": [fake_result("s1", s, [True], 0.5, f) for s, f in enumerate((0.6, 0.8, 0.7))],
+    }
     (checked,) = [c for c in claims(found) if c["claim"].endswith("loses fidelity against B2")]
-    se = 0.1 / 3 ** 0.5
+    se = 0.1 / 3**0.5
     assert claim_interval(checked) == pytest.approx((-20.0, 100 * (-0.2 - 2 * se), 100 * (-0.2 + 2 * se)))
     assert checked["agrees"] and claim_interval(checked)[2] < 0  # the whole interval is below 0: a loss
     boot = {"claim": "x", "bootstrap": {"mean": 0.05, "ci95": [-0.01, 0.12]}}
@@ -83,7 +114,9 @@ def test_paired_bootstrap_interval():
 
 def test_parse_strategies():
     assert parse_strategies("s2, b1, fusedit") == ["b1", "fusedit", "s2"]  # the paper's order
-    with pytest.raises(ValueError, match="valid: b1, b2, b3, fusedit, s1, s2, s3 .the paper.s., s1s, s1e, s3e"):
+    with pytest.raises(
+        ValueError, match="valid: b1, b2, b3, fusedit, s1, s2, s3 .the paper.s., s1s, s1e, s3e"
+    ):
         parse_strategies("b1,s9")
 
 
@@ -104,20 +137,38 @@ def test_ablation_end_to_end_and_resume(tiny_llama_dir, tiny_encoder, tmp_path, 
     partial = copy.deepcopy(base)
     partial.model.strategy = "depth"
     train(partial, out / "runs" / "s2-seed0", max_steps=2, progress=False, encoder=tiny_encoder)
-    result = run_ablation(base, out, ["b1", "s1", "s2", "s3"], 1, None, 1, max_steps=4, encoder=tiny_encoder, progress=False)
-    for name in ("table.md", "results.json", "bars.png", "routing-s1.png", "routing-s2.png", "routing-s3.png"):
+    result = run_ablation(
+        base, out, ["b1", "s1", "s2", "s3"], 1, None, 1, max_steps=4, encoder=tiny_encoder, progress=False
+    )
+    for name in (
+        "table.md",
+        "results.json",
+        "bars.png",
+        "routing-s1.png",
+        "routing-s2.png",
+        "routing-s3.png",
+    ):
         assert (out / name).stat().st_size > 100, name
     assert (out / "runs" / "s3-seed0.interrupted" / "log.jsonl").is_file()
     assert not (out / "runs" / "s2-seed0.interrupted").exists()
     assert json.loads((out / "runs" / "s2-seed0" / "shapesbench.json").read_text())["steps"] == 4
-    assert {c["claim"] for c in result["claims"]} == {"S2 beats B1 on counting", "S2 is best overall", "S1 has the lowest fidelity"}
+    assert {c["claim"] for c in result["claims"]} == {
+        "S2 beats B1 on counting",
+        "S2 is best overall",
+        "S1 has the lowest fidelity",
+    }
     saved = json.loads((out / "results.json").read_text())
     assert set(saved["summary"]) == {"b1", "s1", "s2", "s3"}
     # Re-running trains nothing: every run is finished.
-    monkeypatch.setattr("semroute.train.train", lambda *a, **k: pytest.fail("a finished run was trained again"))
-    again = run_ablation(base, out, ["b1", "s1", "s2", "s3"], 1, None, 1, max_steps=4, encoder=tiny_encoder, progress=False)
+    monkeypatch.setattr(
+        "semroute.train.train", lambda *a, **k: pytest.fail("a finished run was trained again")
+    )
+    again = run_ablation(
+        base, out, ["b1", "s1", "s2", "s3"], 1, None, 1, max_steps=4, encoder=tiny_encoder, progress=False
+    )
     assert again["summary"] == result["summary"]
-    # A run scored by an older ShapesBench is never mixed in: it is scored again from its checkpoint, not retrained.
+    # A run scored by an older ShapesBench is never mixed in: it is scored again from its checkpoint, not
+    # retrained.
     path = out / "runs" / "b1-seed0" / "shapesbench.json"
     old = json.loads(path.read_text())
     path.write_text(json.dumps({**old, "version": "shapesbench-1", "overall": 0.99}))
@@ -125,7 +176,9 @@ def test_ablation_end_to_end_and_resume(tiny_llama_dir, tiny_encoder, tmp_path, 
         from semroute.bench.ablation import summarize_ablation
 
         summarize_ablation(out, ["b1", "s1", "s2", "s3"], 1)
-    rescored = run_ablation(base, out, ["b1", "s1", "s2", "s3"], 1, None, 1, max_steps=4, encoder=tiny_encoder, progress=False)
+    rescored = run_ablation(
+        base, out, ["b1", "s1", "s2", "s3"], 1, None, 1, max_steps=4, encoder=tiny_encoder, progress=False
+    )
     assert json.loads(path.read_text())["version"] == "shapesbench-2"
     assert rescored["summary"] == result["summary"]
 
@@ -141,12 +194,29 @@ def test_cli_ablate_quick_sized_run(tiny_llama_dir, tmp_path):
     config = tmp_path / "ablation.yaml"
     config.write_text(yaml.safe_dump(raw))
     out = tmp_path / "quick"
-    assert main(["ablate", "--out", str(out), "--config", str(config), "--strategies", "b1,s2", "--quick", "--max-steps", "2"]) == 0
+    assert (
+        main(
+            [
+                "ablate",
+                "--out",
+                str(out),
+                "--config",
+                str(config),
+                "--strategies",
+                "b1,s2",
+                "--quick",
+                "--max-steps",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert "S2 depth-wise" in (out / "table.md").read_text()
 
 
 def test_gate_variants_at_several_guidance_scales(tiny_llama_dir, tiny_encoder, tmp_path, monkeypatch):
-    """The trajectory experiment's table: t-free rows, s1s sampled from S1's checkpoints, every run at every scale."""
+    """The trajectory experiment's table: t-free rows, s1s sampled from S1's checkpoints, every run at every
+    scale."""
     raw = tiny_run_config(tiny_llama_dir)
     raw["model"]["timestep_conditioning"] = "none"
     raw["sample"]["guidance_scale"] = 3.0
@@ -154,9 +224,22 @@ def test_gate_variants_at_several_guidance_scales(tiny_llama_dir, tiny_encoder, 
     out = tmp_path / "trajectory"
     rows = ["b2", "s1", "s1s", "s1e"]
     with pytest.raises(ValueError, match="pass --gate-shift"):
-        run_ablation(base, out, rows, 1, None, 1, max_steps=3, encoder=tiny_encoder, progress=False, scales=[1.5, 3.0])
-    result = run_ablation(base, out, rows, 1, None, 1, max_steps=3, encoder=tiny_encoder, progress=False,
-                          scales=[1.5, 3.0], gate_shift=2.0)
+        run_ablation(
+            base, out, rows, 1, None, 1, max_steps=3, encoder=tiny_encoder, progress=False, scales=[1.5, 3.0]
+        )
+    result = run_ablation(
+        base,
+        out,
+        rows,
+        1,
+        None,
+        1,
+        max_steps=3,
+        encoder=tiny_encoder,
+        progress=False,
+        scales=[1.5, 3.0],
+        gate_shift=2.0,
+    )
     runs = out / "runs"
     assert not (runs / "s1s-seed0" / "checkpoints").exists()  # sampled, never trained
     for row in rows:
@@ -168,19 +251,39 @@ def test_gate_variants_at_several_guidance_scales(tiny_llama_dir, tiny_encoder, 
     assert s1s["checkpoint"] == json.loads((runs / "s1-seed0" / "shapesbench.json").read_text())["checkpoint"]
     from semroute.dit import SemanticRoutingDiT
 
-    assert SemanticRoutingDiT.from_pretrained(s1s["checkpoint"].replace("s1-seed0", "s1e-seed0")).noise_head is not None
+    assert (
+        SemanticRoutingDiT.from_pretrained(s1s["checkpoint"].replace("s1-seed0", "s1e-seed0")).noise_head
+        is not None
+    )
     table = (out / "table.md").read_text()
     assert "## Guidance scale 1.5" in table and "## Guidance scale 3" in table
     assert "| S1 time-wise, shifted gate | 1 |" in table and "| S1 time-wise, estimated gate | 1 |" in table
     assert set(result["scales"]) == {1.5, 3.0}
     assert {c["claim"] for c in result["scales"][1.5]["claims"]} >= {
-        "S1 time-wise loses fidelity against B2", "S1 time-wise, estimated gate loses fidelity against B2"}
+        "S1 time-wise loses fidelity against B2",
+        "S1 time-wise, estimated gate loses fidelity against B2",
+    }
     assert (out / "scales.png").stat().st_size > 1000 and (out / "claims.png").stat().st_size > 1000
     # A new scale later is scored from the saved checkpoints: nothing is trained again.
-    monkeypatch.setattr("semroute.train.train", lambda *a, **k: pytest.fail("a finished run was trained again"))
-    again = run_ablation(base, out, rows, 1, None, 1, max_steps=3, encoder=tiny_encoder, progress=False,
-                         scales=[1.5, 3.0, 5.0], gate_shift=2.0)
-    assert set(again["scales"]) == {1.5, 3.0, 5.0} and (runs / "s1e-seed0" / "shapesbench-cfg5.json").is_file()
+    monkeypatch.setattr(
+        "semroute.train.train", lambda *a, **k: pytest.fail("a finished run was trained again")
+    )
+    again = run_ablation(
+        base,
+        out,
+        rows,
+        1,
+        None,
+        1,
+        max_steps=3,
+        encoder=tiny_encoder,
+        progress=False,
+        scales=[1.5, 3.0, 5.0],
+        gate_shift=2.0,
+    )
+    assert (
+        set(again["scales"]) == {1.5, 3.0, 5.0} and (runs / "s1e-seed0" / "shapesbench-cfg5.json").is_file()
+    )
 
 
 def test_eval_scores_several_guidance_scales_from_one_checkpoint(tiny_llama_dir, tmp_path, capsys):
@@ -188,12 +291,20 @@ def test_eval_scores_several_guidance_scales_from_one_checkpoint(tiny_llama_dir,
     config.write_text(yaml.safe_dump(tiny_run_config(tiny_llama_dir, max_steps=2)))
     assert main(["train", "--config", str(config), "--out", str(tmp_path / "run")]) == 0
     out = tmp_path / "bench.json"
-    assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--cfg", "1.5,3,5", "--n", "1", "--out", str(out)]) == 0
+    assert (
+        main(
+            ["eval", "--checkpoint", str(tmp_path / "run"), "--cfg", "1.5,3,5", "--n", "1", "--out", str(out)]
+        )
+        == 0
+    )
     scored = json.loads(out.read_text())
     assert list(scored["scales"]) == ["1.5", "3", "5"]
     assert [r["sampling"]["guidance_scale"] for r in scored["scales"].values()] == [1.5, 3.0, 5.0]
     capsys.readouterr()
-    assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--cfg", "1.5,7", "--n", "1", "--out", str(out)]) == 2
+    assert (
+        main(["eval", "--checkpoint", str(tmp_path / "run"), "--cfg", "1.5,7", "--n", "1", "--out", str(out)])
+        == 2
+    )
     assert "holds results of other settings" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # a usage error
         main(["eval", "--checkpoint", str(tmp_path / "run"), "--cfg", "3,3", "--n", "1"])
@@ -201,12 +312,15 @@ def test_eval_scores_several_guidance_scales_from_one_checkpoint(tiny_llama_dir,
 
 
 def test_fusedit_is_a_row_of_the_table_with_its_own_text_features(tiny_llama_dir, tiny_encoder, tmp_path):
-    """FuseDiT deep fusion beside B1 in one ablation: its runs read keys/values, B1's hidden states, one LLM for both."""
+    """FuseDiT deep fusion beside B1 in one ablation: its runs read keys/values, B1's hidden states, one LLM
+    for both."""
     raw = tiny_run_config(tiny_llama_dir)
     raw["model"]["num_heads"] = 4  # 4 heads of 8: grouped over the tiny Llama's 2 key/value heads of 8
     base = load_config(raw)
     out = tmp_path / "deep"
-    result = run_ablation(base, out, ["fusedit", "b1"], 1, None, 1, max_steps=3, encoder=tiny_encoder, progress=False)
+    result = run_ablation(
+        base, out, ["fusedit", "b1"], 1, None, 1, max_steps=3, encoder=tiny_encoder, progress=False
+    )
     runs = out / "runs"
     for row, kind in (("b1", "hidden_states"), ("fusedit", "keys_values")):
         checkpoint = json.loads((runs / f"{row}-seed0" / "shapesbench.json").read_text())["checkpoint"]

@@ -27,7 +27,7 @@ class RenderingPipeline(FakePipeline):
 
     def generate(self, prompts, num_steps, guidance_scale, shift, seed, on_step=None):
         images = []
-        for prompt, s in zip(prompts, seed):
+        for prompt, s in zip(prompts, seed, strict=True):
             scene = parse_caption(prompt)
             if self.defect == "miscount":
                 g = scene.groups[0]
@@ -47,8 +47,12 @@ class NoisePipeline(FakePipeline):
         self.size, self.scale = size, scale
 
     def generate(self, prompts, num_steps, guidance_scale, shift, seed, on_step=None):
-        return torch.stack([self.scale * torch.rand(3, self.size, self.size, generator=torch.Generator().manual_seed(s))
-                            for s in seed])
+        return torch.stack(
+            [
+                self.scale * torch.rand(3, self.size, self.size, generator=torch.Generator().manual_seed(s))
+                for s in seed
+            ]
+        )
 
 
 def test_prompt_set_is_fixed_and_covers_every_category():
@@ -71,12 +75,16 @@ def test_excluding_bench_prompts_removes_them_from_training():
     assert not training & held
     rng = np.random.default_rng(0)
     assert not {task.draw_scene(rng) for _ in range(3000)} & held
-    assert ShapesTask(ShapesConfig(two_object_fraction=0.3, position_fraction=0.3)).training_scenes().__len__() == len(training) + len(held)
+    assert ShapesTask(
+        ShapesConfig(two_object_fraction=0.3, position_fraction=0.3)
+    ).training_scenes().__len__() == len(training) + len(held)
 
 
 def test_a_perfect_model_scores_100_percent():
     config = ShapesConfig()
-    results = run_bench(RenderingPipeline(ShapesTask(config)), bench_prompts(config), images_per_prompt=2, progress=False)
+    results = run_bench(
+        RenderingPipeline(ShapesTask(config)), bench_prompts(config), images_per_prompt=2, progress=False
+    )
     assert results["version"] == BENCH_VERSION
     assert results["categories"] == {c: 1.0 for c in CATEGORIES}
     assert results["overall"] == 1.0 and results["fidelity"] == 1.0
@@ -88,15 +96,22 @@ def test_a_perfect_model_scores_100_percent():
 def test_noise_scores_zero_in_every_category(scale):
     # Full noise is one big blob; dimmed noise (0.45) breaks into many small blobs of random colour.
     config = ShapesConfig()
-    results = run_bench(NoisePipeline(scale=scale), bench_prompts(config), images_per_prompt=4, progress=False)
+    results = run_bench(
+        NoisePipeline(scale=scale), bench_prompts(config), images_per_prompt=4, progress=False
+    )
     assert results["categories"] == {c: 0.0 for c in CATEGORIES}
     assert results["overall"] == 0.0 and results["fidelity"] < 0.05
 
 
-@pytest.mark.parametrize("defect, failing", [("miscount", {"counting", "colour", "two_objects", "position"}), ("flip_relation", {"position"})])
+@pytest.mark.parametrize(
+    "defect, failing",
+    [("miscount", {"counting", "colour", "two_objects", "position"}), ("flip_relation", {"position"})],
+)
 def test_defects_fail_exactly_their_categories(defect, failing):
     config = ShapesConfig()
-    results = run_bench(RenderingPipeline(ShapesTask(config), defect), bench_prompts(config), 2, progress=False)
+    results = run_bench(
+        RenderingPipeline(ShapesTask(config), defect), bench_prompts(config), 2, progress=False
+    )
     for category, accuracy in results["categories"].items():
         if category in failing:
             assert accuracy < 0.2, category
@@ -141,7 +156,10 @@ def test_cli_eval_writes_results(tiny_llama_dir, tmp_path):
     path.write_text(yaml.safe_dump(config))
     assert main(["train", "--config", str(path), "--out", str(tmp_path / "run"), "--max-steps", "2"]) == 0
     out = tmp_path / "bench.json"
-    assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--n", "1", "--steps", "2", "--out", str(out)]) == 0
+    assert (
+        main(["eval", "--checkpoint", str(tmp_path / "run"), "--n", "1", "--steps", "2", "--out", str(out)])
+        == 0
+    )
     results = json.loads(out.read_text())
     assert set(results["categories"]) == set(CATEGORIES)
     assert 0 <= results["overall"] <= 1 and 0 <= results["fidelity"] <= 1

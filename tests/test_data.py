@@ -12,7 +12,13 @@ from PIL import Image
 
 from semroute.config import load_config
 from semroute.data.cache import CachedDataset, precompute
-from semroute.data.images import BadImageError, DatasetConfig, ImageCaptionDataset, collate_skipping, to_training_tensor
+from semroute.data.images import (
+    BadImageError,
+    DatasetConfig,
+    ImageCaptionDataset,
+    collate_skipping,
+    to_training_tensor,
+)
 from semroute.fusion import LayerFusion
 from semroute.latent import check_vae_matches, decode_latents, encode_latents, load_vae
 
@@ -22,17 +28,11 @@ from .conftest import tiny_run_config, write_image_folder
 def image_run_config(tiny_llama_dir, dataset: dict, **train) -> dict:
     """16 px images: in pixel space, or through the tiny VAE into 8x8x4 latents."""
     config = tiny_run_config(tiny_llama_dir, **train)
-    config["model"].update(sample_size=8, in_channels=4) if "vae" in dataset else config["model"].update(sample_size=16)
+    config["model"].update(sample_size=8, in_channels=4) if "vae" in dataset else config["model"].update(
+        sample_size=16
+    )
     config["dataset"] = {"resolution": 16, **dataset}
     return config
-
-
-@pytest.fixture
-def manifest(tmp_path):
-    rows = write_image_folder(tmp_path)
-    path = tmp_path / "data.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in rows))
-    return path
 
 
 def test_resize_and_center_crop_against_pil():
@@ -43,8 +43,15 @@ def test_resize_and_center_crop_against_pil():
     expected = torch.from_numpy(array[:, 10:20].astype(np.float32) / 127.5 - 1).permute(2, 0, 1)
     torch.testing.assert_close(out, expected)
     tall = to_training_tensor(Image.fromarray(array).transpose(Image.Transpose.TRANSPOSE), 5)
-    reference = Image.fromarray(array).transpose(Image.Transpose.TRANSPOSE).resize((5, 15), Image.BICUBIC).crop((0, 5, 5, 10))
-    torch.testing.assert_close(tall, torch.from_numpy(np.asarray(reference, np.float32) / 127.5 - 1).permute(2, 0, 1))
+    reference = (
+        Image.fromarray(array)
+        .transpose(Image.Transpose.TRANSPOSE)
+        .resize((5, 15), Image.BICUBIC)
+        .crop((0, 5, 5, 10))
+    )
+    torch.testing.assert_close(
+        tall, torch.from_numpy(np.asarray(reference, np.float32) / 127.5 - 1).permute(2, 0, 1)
+    )
 
 
 def test_manifest_rows_captions_and_skips(tmp_path, manifest):
@@ -97,13 +104,19 @@ def test_custom_keys_and_hf_dataset_on_disk(tmp_path, manifest):
     rows = [json.loads(line) for line in manifest.read_text().splitlines()]
     renamed = tmp_path / "renamed.json"
     renamed.write_text(json.dumps([{"file": r["image"], "caption": r["text"]} for r in rows]))
-    by_keys = ImageCaptionDataset(DatasetConfig(manifest=str(renamed), image_key="file", text_key="caption", resolution=8))
+    by_keys = ImageCaptionDataset(
+        DatasetConfig(manifest=str(renamed), image_key="file", text_key="caption", resolution=8)
+    )
     images = [Image.open(tmp_path / r["image"]).convert("RGB") for r in rows]
-    captions = [r["text"] if isinstance(r["text"], list) else [r["text"]] for r in rows]  # arrow: one type a column
+    captions = [
+        r["text"] if isinstance(r["text"], list) else [r["text"]] for r in rows
+    ]  # arrow: one type a column
     hf = datasets.Dataset.from_dict({"picture": images, "caption": captions})
     hf = hf.cast_column("picture", datasets.Image())
     hf.save_to_disk(str(tmp_path / "hf"))
-    from_hf = ImageCaptionDataset(DatasetConfig(hf_dataset=str(tmp_path / "hf"), image_key="picture", text_key="caption", resolution=8))
+    from_hf = ImageCaptionDataset(
+        DatasetConfig(hf_dataset=str(tmp_path / "hf"), image_key="picture", text_key="caption", resolution=8)
+    )
     assert len(from_hf) == len(by_keys) == 6
     for i in range(6):
         torch.testing.assert_close(from_hf[i][0], by_keys[i][0])
@@ -130,7 +143,9 @@ def test_vae_factors_and_round_trip_shapes(tiny_vae_dir):
         load_vae(tiny_vae_dir / "nowhere")
 
 
-def test_precompute_rows_match_direct_encoding_and_refuse_mixing(tmp_path, manifest, tiny_llama_dir, tiny_vae_dir, tiny_encoder):
+def test_precompute_rows_match_direct_encoding_and_refuse_mixing(
+    tmp_path, manifest, tiny_llama_dir, tiny_vae_dir, tiny_encoder
+):
     raw = image_run_config(tiny_llama_dir, {"manifest": str(manifest), "vae": str(tiny_vae_dir)})
     config = load_config(raw)
     out = tmp_path / "cache"
@@ -147,7 +162,9 @@ def test_precompute_rows_match_direct_encoding_and_refuse_mixing(tmp_path, manif
     torch.testing.assert_close(text[:, :n], LayerFusion.normalize(hidden)[:, 0])
     assert text.shape[1] == 16 and mask[:n].all() and not mask[n:].any() and not text[:, n:].any()
     # Re-running with the same recipe is a no-op; another recipe is refused, not mixed in.
-    assert precompute(config, out, shard_size=4, dtype="fp32", progress=False, encoder=tiny_encoder)["rows"] == 9
+    assert (
+        precompute(config, out, shard_size=4, dtype="fp32", progress=False, encoder=tiny_encoder)["rows"] == 9
+    )
     with pytest.raises(ValueError, match="shard_size: cache has 4, this run has 3"):
         precompute(config, out, shard_size=3, dtype="fp32", progress=False, encoder=tiny_encoder)
     manifest.write_text(manifest.read_text() + "\n")  # other content, same path: another question
@@ -178,10 +195,26 @@ def test_a_precompute_killed_midway_resumes_from_its_shards(tmp_path, tiny_llama
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump(raw))
     out = tmp_path / "cache"
-    command = [sys.executable, "-m", "semroute", "precompute", "--config", str(config), "--out", str(out),
-               "--shard-size", "1", "--device", "cpu"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = [
+        sys.executable,
+        "-m",
+        "semroute",
+        "precompute",
+        "--config",
+        str(config),
+        "--out",
+        str(out),
+        "--shard-size",
+        "1",
+        "--device",
+        "cpu",
+    ]
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None and len(list(out.glob("shard_*"))) < 5:
         time.sleep(0.002)
@@ -191,23 +224,36 @@ def test_a_precompute_killed_midway_resumes_from_its_shards(tmp_path, tiny_llama
     assert 5 <= done < 60, f"killed after {done} of 60 shards"
     with pytest.raises(ValueError, match="incomplete"):
         CachedDataset(out)
-    assert subprocess.run(command, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode == 0
-    reference = precompute(load_config(raw), tmp_path / "reference", shard_size=1, dtype="fp32", progress=False,
-                           encoder=tiny_encoder)
+    assert (
+        subprocess.run(command, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode
+        == 0
+    )
+    reference = precompute(
+        load_config(raw),
+        tmp_path / "reference",
+        shard_size=1,
+        dtype="fp32",
+        progress=False,
+        encoder=tiny_encoder,
+    )
     a, b = CachedDataset(out), CachedDataset(tmp_path / "reference")
     assert a.meta["rows"] == reference["rows"] == 60 and not list(out.glob(".*.tmp"))
     for i in range(len(a)):
-        for x, y in zip(a[i], b[i]):
+        for x, y in zip(a[i], b[i], strict=True):
             torch.testing.assert_close(x, y)
 
 
-def test_training_from_a_cache_never_runs_the_llm_or_the_vae(tmp_path, manifest, tiny_llama_dir, tiny_vae_dir, tiny_encoder, monkeypatch):
+def test_training_from_a_cache_never_runs_the_llm_or_the_vae(
+    tmp_path, manifest, tiny_llama_dir, tiny_vae_dir, tiny_encoder, monkeypatch
+):
     from diffusers import AutoencoderKL
 
     from semroute.text_encoder import TextEncoder
     from semroute.train import train
 
-    raw = image_run_config(tiny_llama_dir, {"manifest": str(manifest), "vae": str(tiny_vae_dir)}, max_steps=3, batch_size=4)
+    raw = image_run_config(
+        tiny_llama_dir, {"manifest": str(manifest), "vae": str(tiny_vae_dir)}, max_steps=3, batch_size=4
+    )
     precompute(load_config(raw), tmp_path / "cache", progress=False, encoder=tiny_encoder)
     raw["dataset"] = {"cache": str(tmp_path / "cache"), "resolution": 16, "vae": str(tiny_vae_dir)}
 
@@ -229,18 +275,31 @@ def test_training_from_a_cache_never_runs_the_llm_or_the_vae(tmp_path, manifest,
         train(load_config(raw), tmp_path / "run2", progress=False)
 
 
-def test_training_on_images_through_the_vae_counts_skipped_images(tmp_path, manifest, tiny_llama_dir, tiny_vae_dir, tiny_encoder):
+def test_training_on_images_through_the_vae_counts_skipped_images(
+    tmp_path, manifest, tiny_llama_dir, tiny_vae_dir, tiny_encoder
+):
     from semroute.pipeline import SemanticRoutingPipeline
     from semroute.train import train
 
-    rows = [json.loads(line) for line in manifest.read_text().splitlines()] + [{"image": "img/gone.png", "text": "x"}]
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()] + [
+        {"image": "img/gone.png", "text": "x"}
+    ]
     manifest.write_text("\n".join(json.dumps(r) for r in rows))
-    raw = image_run_config(tiny_llama_dir, {"manifest": str(manifest), "vae": str(tiny_vae_dir)}, max_steps=4, batch_size=4,
-                           gradient_accumulation_steps=2)
+    raw = image_run_config(
+        tiny_llama_dir,
+        {"manifest": str(manifest), "vae": str(tiny_vae_dir)},
+        max_steps=4,
+        batch_size=4,
+        gradient_accumulation_steps=2,
+    )
     result = train(load_config(raw), tmp_path / "run", progress=False, encoder=tiny_encoder)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert result.skipped_images == summary["skipped_images"] == 1 and "gone.png" in next(iter(summary["skipped"]))
-    assert summary["epochs_started"] == 8  # 4 steps x 2 micro-batches; 6 images give one full batch of 4 an epoch
+    assert result.skipped_images == summary["skipped_images"] == 1 and "gone.png" in next(
+        iter(summary["skipped"])
+    )
+    assert (
+        summary["epochs_started"] == 8
+    )  # 4 steps x 2 micro-batches; 6 images give one full batch of 4 an epoch
     state = json.loads((result.checkpoint / "training_state" / "state.json").read_text())
     assert state["step"] == 4 and state["ema_optimization_step"] == 4  # one EMA update per optimizer step
     pipe = SemanticRoutingPipeline.from_checkpoint(result.checkpoint)

@@ -17,19 +17,21 @@ from semroute.pipeline import SemanticRoutingPipeline
 from semroute.text_encoder import TextEncoder, TextEncoderConfig, default_deep_layers
 
 from .conftest import tiny_run_config
-from .test_data import manifest  # noqa: F401 (fixture)
 
 PROMPTS = ["one red square", "two blue circles and one red square"]
 
 
 def _deep_encoder(llm_dir, layers=(2, 3), **config) -> TextEncoder:
-    return TextEncoder(TextEncoderConfig(model=str(llm_dir), max_length=16, layers=list(layers), features="keys_values",
-                                         **config))
+    return TextEncoder(
+        TextEncoderConfig(
+            model=str(llm_dir), max_length=16, layers=list(layers), features="keys_values", **config
+        )
+    )
 
 
 def _recomputed_keys_values(encoder: TextEncoder, prompts: list[str], layer: int):
-    """Decoder layer `layer` (0-based)'s keys/values recomputed from the hidden state entering it: its input norm,
-    k/v projections, k-norm where the family has one (Qwen3), and the rotary embedding."""
+    """Decoder layer `layer` (0-based)'s keys/values recomputed from the hidden state entering it: its input
+    norm, k/v projections, k-norm where the family has one (Qwen3), and the rotary embedding."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     llm = encoder.model
@@ -55,7 +57,9 @@ def test_layer_keys_values_equal_the_llms_own_attention_inputs(tiny_encoder):
         k, v = _recomputed_keys_values(tiny_encoder, PROMPTS, i)
         torch.testing.assert_close(keys[d], k, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(values[d], v, rtol=1e-5, atol=1e-5)
-    assert keys.shape[:3] == (3, 2, tiny_encoder.model.config.num_key_value_heads) and mask.dtype == torch.bool
+    assert (
+        keys.shape[:3] == (3, 2, tiny_encoder.model.config.num_key_value_heads) and mask.dtype == torch.bool
+    )
     assert mask[0].sum() < mask[1].sum()  # the shorter prompt is padded, and its padding is masked
     with pytest.raises(ValueError, match="out of range: the model has layers 0..3"):
         tiny_encoder.layer_keys_values(PROMPTS, [4])
@@ -68,9 +72,17 @@ def tiny_qwen3_dir(tiny_llama_dir, tmp_path_factory):
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     torch.manual_seed(1)
-    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=64, num_hidden_layers=3,
-                         num_attention_heads=6, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
-                         pad_token_id=tokenizer.pad_token_id)
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=48,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     directory = tmp_path_factory.mktemp("tiny_qwen3")
     model = Qwen3ForCausalLM(config)
     with torch.no_grad():  # the k-norm weights start at one: make them matter
@@ -82,8 +94,11 @@ def tiny_qwen3_dir(tiny_llama_dir, tmp_path_factory):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_the_keys_values_the_dit_receives_are_the_llms_own(family, tiny_llama_dir, tiny_qwen3_dir, monkeypatch):
-    """Text features -> DiT: what every block's attention gets equals the paired layer's recomputed keys/values."""
+def test_the_keys_values_the_dit_receives_are_the_llms_own(
+    family, tiny_llama_dir, tiny_qwen3_dir, monkeypatch
+):
+    """Text features -> DiT: what every block's attention gets equals the paired layer's recomputed
+    keys/values."""
     directory = tiny_llama_dir if family == "llama" else tiny_qwen3_dir
     encoder = _deep_encoder(directory, layers=[-3, -2])  # 1-based decoder layers, negatives from the end
     n = encoder.num_model_layers
@@ -91,8 +106,11 @@ def test_the_keys_values_the_dit_receives_are_the_llms_own(family, tiny_llama_di
     features, mask = encoder.features(PROMPTS)
     kv_width = encoder.kv_heads * encoder.head_dim
     assert features.shape[0] == 2 and features.shape[-1] == encoder.feature_dim == 2 * kv_width
-    model = SemanticRoutingDiT(**{**DIT_PRESETS["tiny"], "hidden_size": 8 * encoder.kv_heads, "num_heads": encoder.kv_heads},
-                               strategy="deep", **dit_text_args(encoder))
+    model = SemanticRoutingDiT(
+        **{**DIT_PRESETS["tiny"], "hidden_size": 8 * encoder.kv_heads, "num_heads": encoder.kv_heads},
+        strategy="deep",
+        **dit_text_args(encoder),
+    )
     seen = []
     attention_forward = type(model.blocks[0].attn).forward
 
@@ -132,7 +150,9 @@ def test_default_pairing_and_the_config_that_follows_the_strategy(tiny_llama_dir
     assert config.text_encoder.features == "keys_values" and config.text_encoder.layers == [-3, -2]
     assert load_config(tiny_run_config(tiny_llama_dir, "depth")).text_encoder.features == "hidden_states"
     raw["text_encoder"]["layers"] = [1, 2, 3]
-    with pytest.raises(ValueError, match="pairs each of the 2 DiT blocks with one LLM layer, but text_encoder.layers names 3"):
+    with pytest.raises(
+        ValueError, match="pairs each of the 2 DiT blocks with one LLM layer, but text_encoder.layers names 3"
+    ):
         load_config(raw)
     raw["text_encoder"].update(layers=[], features="hidden_states")
     with pytest.raises(ValueError, match="does not fit model.strategy 'deep', which reads keys_values"):
@@ -144,13 +164,19 @@ def test_default_pairing_and_the_config_that_follows_the_strategy(tiny_llama_dir
 
 def test_a_head_layout_that_cannot_match_the_llms_names_both(tiny_encoder, tiny_llama_dir):
     encoder = _deep_encoder(tiny_llama_dir)  # 2 key/value heads of size 8
-    with pytest.raises(ValueError, match="the LLM's attention has 2 key/value heads of size 8, this DiT has 2 heads of "
-                                         "size 16; set model.num_heads to a multiple of 2 and model.hidden_size to 8 x "
-                                         "num_heads"):
+    with pytest.raises(
+        ValueError,
+        match="the LLM's attention has 2 key/value heads of size 8, this DiT has 2 heads of "
+        "size 16; set model.num_heads to a multiple of 2 and model.hidden_size to 8 x "
+        "num_heads",
+    ):
         SemanticRoutingDiT(**DIT_PRESETS["tiny"], strategy="deep", **dit_text_args(encoder))
     with pytest.raises(ValueError, match="this DiT has 3 heads of size 8"):
-        SemanticRoutingDiT(**{**DIT_PRESETS["tiny"], "hidden_size": 24, "num_heads": 3}, strategy="deep",
-                           **dit_text_args(encoder))
+        SemanticRoutingDiT(
+            **{**DIT_PRESETS["tiny"], "hidden_size": 24, "num_heads": 3},
+            strategy="deep",
+            **dit_text_args(encoder),
+        )
     with pytest.raises(ValueError, match="needs the LLM's key/value head count"):
         SemanticRoutingDiT(**DIT_PRESETS["tiny"], strategy="deep", text_dim=32, num_text_layers=2)
     raw = tiny_run_config(tiny_llama_dir, "deep")  # the tiny preset's 2 heads of 16 do not fit
@@ -161,7 +187,8 @@ def test_a_head_layout_that_cannot_match_the_llms_names_both(tiny_encoder, tiny_
 
 
 def test_the_embedded_llms_layout_fits_the_cpu_presets():
-    """SmolLM2-135M: 9 query heads over 3 key/value heads of size 64 (its config, read without loading weights)."""
+    """SmolLM2-135M: 9 query heads over 3 key/value heads of size 64 (its config, read without loading
+    weights)."""
     from semroute.dit import check_deep_layout
 
     kv_heads, head_dim = 3, 64
@@ -185,12 +212,17 @@ def deep_run(tiny_llama_dir, tmp_path_factory):
 
 def test_training_deep_fusion_lowers_the_loss_and_has_no_cross_attention(deep_run):
     config, result = deep_run
-    losses = [json.loads(line)["loss"] for line in (result.checkpoint.parent.parent / "log.jsonl").read_text().splitlines()
-              if "loss" in line]
+    losses = [
+        json.loads(line)["loss"]
+        for line in (result.checkpoint.parent.parent / "log.jsonl").read_text().splitlines()
+        if "loss" in line
+    ]
     assert losses[-1] < losses[0]
     model = result.model
     assert model.context_embedder is None and all(block.cross_attn is None for block in model.blocks)
-    plain = SemanticRoutingDiT(**{**config.model.dit_kwargs(), "strategy": "depth"}, text_dim=32, num_text_layers=4)
+    plain = SemanticRoutingDiT(
+        **{**config.model.dit_kwargs(), "strategy": "depth"}, text_dim=32, num_text_layers=4
+    )
     text_side = [*plain.context_embedder.parameters(), *plain.fusion.parameters()]
     text_side += [p for b in plain.blocks for p in (*b.cross_attn.parameters(), *b.norm2.parameters())]
     cross = sum(p.numel() for p in text_side)
@@ -200,27 +232,39 @@ def test_training_deep_fusion_lowers_the_loss_and_has_no_cross_attention(deep_ru
 
 
 def test_keys_values_once_per_prompt_give_the_images_of_recomputing_them_every_step(deep_run, monkeypatch):
-    """Against a sampler that runs the LLM for its keys/values at every step and for both guidance branches."""
+    """Against a sampler that runs the LLM for its keys/values at every step and for both guidance
+    branches."""
     from semroute.flow import RectifiedFlow
 
     _, result = deep_run
     pipe = SemanticRoutingPipeline.from_checkpoint(result.checkpoint, precision="fp32")
     calls = []
     llm_forward = pipe.encoder.model.forward
-    monkeypatch.setattr(pipe.encoder.model, "forward", lambda *a, **k: calls.append(1) or llm_forward(*a, **k))
+    monkeypatch.setattr(
+        pipe.encoder.model, "forward", lambda *a, **k: calls.append(1) or llm_forward(*a, **k)
+    )
     once = pipe.generate(PROMPTS, num_inference_steps=4, guidance_scale=3.0, seed=[3, 4])
-    assert len(calls) == 1  # the prompts and the null prompt in one batch, once for every step and both branches
+    assert (
+        len(calls) == 1
+    )  # the prompts and the null prompt in one batch, once for every step and both branches
 
     model, encoder, steps = pipe.transformer, pipe.encoder, 0
 
     def velocity(x, t):
         nonlocal steps
         steps += 1
-        text, mask = encoder.features(PROMPTS + PROMPTS if x.shape[0] == 4 else PROMPTS)  # recomputed every step
+        text, mask = encoder.features(
+            PROMPTS + PROMPTS if x.shape[0] == 4 else PROMPTS
+        )  # recomputed every step
         null, null_mask = encoder.features([""])
         length = max(text.shape[2], null.shape[2])
-        pad = lambda h, m: (torch.nn.functional.pad(h, (0, 0, 0, length - h.shape[2])),
-                            torch.nn.functional.pad(m, (0, length - m.shape[1])))
+
+        def pad(h, m):
+            return (
+                torch.nn.functional.pad(h, (0, 0, 0, length - h.shape[2])),
+                torch.nn.functional.pad(m, (0, length - m.shape[1])),
+            )
+
         text, mask = pad(text, mask)
         null, null_mask = pad(null, null_mask)
         text = torch.cat([text[:, :2], null.expand(-1, 2, -1, -1)], dim=1)
@@ -241,14 +285,20 @@ def test_deep_checkpoint_and_export_round_trip(deep_run, tmp_path):
     again = SemanticRoutingPipeline.from_pretrained(tmp_path / "export")
     again.precision = "fp32"
     assert again.encoder.feature_kind == "keys_values" and again.encoder.layers == [2, 3]
-    torch.testing.assert_close(again.generate(PROMPTS, num_inference_steps=3, guidance_scale=2.0, seed=1), images,
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        again.generate(PROMPTS, num_inference_steps=3, guidance_scale=2.0, seed=1), images, rtol=0, atol=0
+    )
     # The exported text encoder read the other way is refused, naming both kinds.
     from semroute.pipeline import check_compatible
 
-    hidden = TextEncoder(TextEncoderConfig(model=again.encoder.config.model, layers=[2, 3], max_length=16),
-                         model=again.encoder.model, tokenizer=again.encoder.tokenizer)
-    with pytest.raises(ValueError, match="reads the LLM's keys_values but the text encoder gives hidden_states"):
+    hidden = TextEncoder(
+        TextEncoderConfig(model=again.encoder.config.model, layers=[2, 3], max_length=16),
+        model=again.encoder.model,
+        tokenizer=again.encoder.tokenizer,
+    )
+    with pytest.raises(
+        ValueError, match="reads the LLM's keys_values but the text encoder gives hidden_states"
+    ):
         check_compatible(again.transformer, hidden)
 
 
@@ -292,7 +342,9 @@ def test_deep_attention_groups_query_heads_over_the_llms_key_value_heads():
         attn(x, rope, (torch.randn(1, 3, 3, 8), torch.randn(1, 3, 3, 8)), torch.ones(1, 3, dtype=torch.bool))
 
 
-def test_deep_features_are_cached_with_their_recipe_and_not_mixed(tmp_path, tiny_llama_dir, tiny_encoder, manifest):
+def test_deep_features_are_cached_with_their_recipe_and_not_mixed(
+    tmp_path, tiny_llama_dir, tiny_encoder, manifest
+):
     """precompute stores each row's packed keys/values; a hidden-state cache is refused for deep training."""
     from semroute.data.cache import CachedDataset, precompute
     from semroute.data.images import ImageCaptionDataset
@@ -304,7 +356,9 @@ def test_deep_features_are_cached_with_their_recipe_and_not_mixed(tmp_path, tiny
     raw["model"].update(strategy="deep", num_heads=4)
     config = load_config(raw)
     deep = TextEncoder(config.text_encoder)
-    with pytest.raises(ValueError, match="reads the LLM's keys_values, but the text encoder given reads hidden_states"):
+    with pytest.raises(
+        ValueError, match="reads the LLM's keys_values, but the text encoder given reads hidden_states"
+    ):
         precompute(config, tmp_path / "wrong", progress=False, encoder=tiny_encoder, dtype="fp32")
     meta = precompute(config, tmp_path / "cache", shard_size=4, dtype="fp32", progress=False, encoder=deep)
     assert meta["recipe"]["text_features"] == "keys_values" and meta["recipe"]["text_kv_heads"] == 2
@@ -317,12 +371,21 @@ def test_deep_features_are_cached_with_their_recipe_and_not_mixed(tmp_path, tiny
     # A hidden-state cache of the same data is refused for deep training, and the other way round.
     plain = copy.deepcopy(raw)
     plain["model"]["strategy"] = "depth"
-    precompute(load_config(plain), tmp_path / "hidden", shard_size=4, dtype="fp32", progress=False, encoder=tiny_encoder)
+    precompute(
+        load_config(plain),
+        tmp_path / "hidden",
+        shard_size=4,
+        dtype="fp32",
+        progress=False,
+        encoder=tiny_encoder,
+    )
     for cache, strategy in ((tmp_path / "hidden", "deep"), (tmp_path / "cache", "depth")):
         wrong = copy.deepcopy(raw)
         wrong["model"]["strategy"] = strategy
         wrong["dataset"] = {"cache": str(cache), "resolution": 16}
-        with pytest.raises(ValueError, match="was made another way than this run: .*text_features: cache has"):
+        with pytest.raises(
+            ValueError, match="was made another way than this run: .*text_features: cache has"
+        ):
             train(load_config(wrong), tmp_path / f"run-{strategy}", progress=False)
     ok = copy.deepcopy(raw)
     ok["dataset"] = {"cache": str(tmp_path / "cache"), "resolution": 16}

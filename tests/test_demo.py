@@ -1,4 +1,5 @@
-"""The demo: a step budget (the same result on every machine), an ETA, and a verdict that never passes noise off as a result."""
+"""The demo: a step budget (the same result on every machine), an ETA, and a verdict that never passes noise
+off as a result."""
 
 from __future__ import annotations
 
@@ -28,11 +29,16 @@ def test_an_untrained_demo_says_so_and_exits_4(tiny_llama_dir, tmp_path):
     cfg = tmp_path / "demo.yaml"
     cfg.write_text(yaml.safe_dump(raw))
     out = tmp_path / "demo"
-    assert main(["demo", "--config", str(cfg), "--out", str(out), "--precision", "fp32", "--device", "cpu"]) == NOT_LEARNED_EXIT
+    assert (
+        main(["demo", "--config", str(cfg), "--out", str(out), "--precision", "fp32", "--device", "cpu"])
+        == NOT_LEARNED_EXIT
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     # The budget is the config's step count, whatever the machine's speed.
     assert metrics["steps"] == metrics["recipe_steps"] == 6
-    assert metrics["strategy"] == "depth" and metrics["images"] == 8 * 2  # 2 counts x 2 colours x 2 shapes, 2 each
+    assert (
+        metrics["strategy"] == "depth" and metrics["images"] == 8 * 2
+    )  # 2 counts x 2 colours x 2 shapes, 2 each
     assert metrics["verdict"] == "not learned"
     assert metrics["precision"]["name"] == "fp32" and metrics["device"] == "cpu" and metrics["cpu_capability"]
     text = "\n".join(metrics["verdict_text"])
@@ -40,16 +46,35 @@ def test_an_untrained_demo_says_so_and_exits_4(tiny_llama_dir, tmp_path):
     for name in ("samples.png", "routing.png"):
         assert (out / name).stat().st_size > 1000
     # A time box cut short is named as the cause, with the command that fixes it; the run resumes.
-    assert main(["demo", "--config", str(cfg), "--out", str(tmp_path / "boxed"), "--precision", "fp32",
-                 "--max-steps", "2"]) == NOT_LEARNED_EXIT
+    assert (
+        main(
+            [
+                "demo",
+                "--config",
+                str(cfg),
+                "--out",
+                str(tmp_path / "boxed"),
+                "--precision",
+                "fp32",
+                "--max-steps",
+                "2",
+            ]
+        )
+        == NOT_LEARNED_EXIT
+    )
     boxed = json.loads((tmp_path / "boxed" / "metrics.json").read_text())
     assert boxed["steps"] == 2 and boxed["recipe_steps"] == 6
     assert any("only 2 of the recipe's 6 steps" in line for line in boxed["verdict_text"])
 
 
 def metrics(counting, by_n, clean=0.9, images=288, loss=0.1):
-    return {"count_accuracy": counting, "count_accuracy_by_n": by_n, "clean_accuracy": clean, "images": images,
-            "final_loss": loss}
+    return {
+        "count_accuracy": counting,
+        "count_accuracy_by_n": by_n,
+        "clean_accuracy": clean,
+        "images": images,
+        "final_loss": loss,
+    }
 
 
 def test_verdicts_against_chance_per_count():
@@ -78,7 +103,9 @@ def test_training_reports_its_pace_once(tiny_llama_dir, tmp_path):
 
     seen = []
     config = load_config(tiny_run_config(tiny_llama_dir, max_steps=16, checkpoint_every=100))
-    train(config, tmp_path / "run", progress=False, on_pace=lambda per_step, left: seen.append((per_step, left)))
+    train(
+        config, tmp_path / "run", progress=False, on_pace=lambda per_step, left: seen.append((per_step, left))
+    )
     assert len(seen) == 1
     per_step, left = seen[0]
     assert per_step > 0 and left == pytest.approx(per_step * (16 - 12))

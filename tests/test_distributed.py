@@ -24,14 +24,33 @@ def free_port() -> int:
 
 
 def launch(processes: int, *script: str) -> None:
-    """`accelerate launch` with `processes` CPU processes (gloo) running `script` (a file or `-m module` and its arguments)."""
+    """`accelerate launch` with `processes` CPU processes (gloo) running `script` (a file or `-m module` and
+    its arguments)."""
     accelerate = Path(sys.executable).with_name("accelerate")
-    command = [str(accelerate), "launch", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    command = [
+        str(accelerate),
+        "launch",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
     # --multi_gpu on a machine without GPUs runs torch.distributed on CPU with the gloo backend.
-    command += ["--multi_gpu", "--num_processes", str(processes)] if processes > 1 else ["--cpu", "--num_processes", "1"]
+    command += (
+        ["--multi_gpu", "--num_processes", str(processes)]
+        if processes > 1
+        else ["--cpu", "--num_processes", "1"]
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
-    done = subprocess.run([*command, "--main_process_port", env["MASTER_PORT"], *script],
-                          env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [*command, "--main_process_port", env["MASTER_PORT"], *script],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
 
 
@@ -45,7 +64,10 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, tiny_llama
     config.write_text(yaml.safe_dump(raw))
     launch(2, str(WORKER), str(config), str(tmp_path / "ddp"))
     launch(1, str(WORKER), str(config), str(tmp_path / "single"))
-    rank0, rank1 = load_file(tmp_path / "ddp" / "rank0.safetensors"), load_file(tmp_path / "ddp" / "rank1.safetensors")
+    rank0, rank1 = (
+        load_file(tmp_path / "ddp" / "rank0.safetensors"),
+        load_file(tmp_path / "ddp" / "rank1.safetensors"),
+    )
     single = load_file(tmp_path / "single" / "rank0.safetensors")
     moved = 0
     for name, w in single.items():
@@ -64,14 +86,38 @@ def test_sample_bench_shared_by_two_processes_writes_what_one_writes(tmp_path, t
     config.write_text(yaml.safe_dump(raw))
     assert main(["train", "--config", str(config), "--out", str(tmp_path / "run"), "--device", "cpu"]) == 0
     prompts = tmp_path / "drawbench.csv"
-    prompts.write_text("Prompt,Category\none red square,Counting\ntwo blue circles,Counting\none blue square,Colors\n"
-                       "two red squares,Counting\none red circle,Colors\n", encoding="utf-8")
-    args = ["-m", "semroute", "sample-bench", "--checkpoint", str(tmp_path / "run"), "--bench", "drawbench",
-            "--prompts", str(prompts), "--n", "2", "--batch-size", "3", "--steps", "3", "--device", "cpu", "--precision", "fp32"]
+    prompts.write_text(
+        "Prompt,Category\none red square,Counting\ntwo blue circles,Counting\none blue square,Colors\n"
+        "two red squares,Counting\none red circle,Colors\n",
+        encoding="utf-8",
+    )
+    args = [
+        "-m",
+        "semroute",
+        "sample-bench",
+        "--checkpoint",
+        str(tmp_path / "run"),
+        "--bench",
+        "drawbench",
+        "--prompts",
+        str(prompts),
+        "--n",
+        "2",
+        "--batch-size",
+        "3",
+        "--steps",
+        "3",
+        "--device",
+        "cpu",
+        "--precision",
+        "fp32",
+    ]
     launch(2, *args, "--out", str(tmp_path / "two"))
     launch(1, *args, "--out", str(tmp_path / "one"))
     one, two = files_of(tmp_path / "one"), files_of(tmp_path / "two")
-    assert len(one) == 5 * 2 + 2 and one.keys() == two.keys()  # the images, prompts.json and the settings record
+    assert (
+        len(one) == 5 * 2 + 2 and one.keys() == two.keys()
+    )  # the images, prompts.json and the settings record
     for name in one:
         assert one[name] == two[name], f"{name} differs between 2 processes and 1"
     # An interrupted shared run resumes: the missing images come back identical.
@@ -82,9 +128,10 @@ def test_sample_bench_shared_by_two_processes_writes_what_one_writes(tmp_path, t
 
 
 def test_precompute_shared_by_two_processes_writes_what_one_writes(tmp_path, tiny_llama_dir):
-    from .test_data import image_run_config
-    from .conftest import write_image_folder
     import json
+
+    from .conftest import write_image_folder
+    from .test_data import image_run_config
 
     rows = write_image_folder(tmp_path / "data", n=7)
     manifest = tmp_path / "data" / "train.json"
@@ -97,7 +144,17 @@ def test_precompute_shared_by_two_processes_writes_what_one_writes(tmp_path, tin
     launch(2, *args, "--out", str(tmp_path / "two"))
     launch(1, *args, "--out", str(tmp_path / "one"))
     one, two = files_of(tmp_path / "one"), files_of(tmp_path / "two")
-    assert sorted(one) == sorted(two) == ["cache.json", "null.safetensors", "shard_00000.safetensors",
-                                          "shard_00001.safetensors", "shard_00002.safetensors", "shard_00003.safetensors"]
+    assert (
+        sorted(one)
+        == sorted(two)
+        == [
+            "cache.json",
+            "null.safetensors",
+            "shard_00000.safetensors",
+            "shard_00001.safetensors",
+            "shard_00002.safetensors",
+            "shard_00003.safetensors",
+        ]
+    )
     for name in one:
         assert one[name] == two[name], f"{name} differs between 2 processes and 1"

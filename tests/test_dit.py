@@ -8,7 +8,8 @@ from semroute.fusion import STRATEGIES
 L, C = 5, 24
 
 
-# Deep fusion reads one entry per block (tiny: 2) of keys/values: 2 LLM key/value heads of the DiT's head size 16.
+# Deep fusion reads one entry per block (tiny: 2) of keys/values: 2 LLM key/value heads of the DiT's head size
+# 16.
 DEEP_TEXT = dict(text_dim=2 * 2 * 16, num_text_layers=2, text_kv_heads=2)
 
 
@@ -50,7 +51,10 @@ def test_save_and_reload_is_identical(strategy, tmp_path):
     model.save_pretrained(tmp_path)
     reloaded = SemanticRoutingDiT.from_pretrained(tmp_path).eval()
     assert reloaded.config.strategy == strategy
-    assert (reloaded.config.num_text_layers, reloaded.config.text_dim) == (model.config.num_text_layers, model.config.text_dim)
+    assert (reloaded.config.num_text_layers, reloaded.config.text_dim) == (
+        model.config.num_text_layers,
+        model.config.text_dim,
+    )
     x, t, text, mask = inputs(model=model)
     torch.testing.assert_close(model(x, t, text, mask), reloaded(x, t, text, mask), rtol=0, atol=0)
 
@@ -136,6 +140,8 @@ def test_invalid_sizes_are_errors():
 
 def test_paper_preset_size():
     with torch.device("meta"):
-        model = SemanticRoutingDiT(**DIT_PRESETS["paper"], text_dim=2560, num_text_layers=36, strategy="depth")
+        model = SemanticRoutingDiT(
+            **DIT_PRESETS["paper"], text_dim=2560, num_text_layers=36, strategy="depth"
+        )
     assert len(model.blocks) == 24 and model.config.hidden_size == 2048
     assert model.fusion.logits.shape == (24, 36)

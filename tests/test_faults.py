@@ -42,9 +42,13 @@ from .test_bad_inputs import assert_answered, run_cli, snapshot
 def tmpfs(where: Path, size: str, read_only: bool = False):
     where.mkdir(parents=True, exist_ok=True)
     options = f"size={size}" + (",ro" if read_only else "")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True, text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True, text=True
+    )
     if done.returncode:
-        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}); the RLIMIT_FSIZE test covers refused writes")
+        pytest.skip(
+            f"cannot mount a tmpfs here ({done.stderr.strip()}); the RLIMIT_FSIZE test covers refused writes"
+        )
     try:
         yield where
     finally:
@@ -60,7 +64,9 @@ def write_config(tmp_path: Path, tiny_llama_dir: Path, **train) -> Path:
 def test_full_disk_while_checkpointing_keeps_every_checkpoint_and_resumes(tiny_llama_dir, tmp_path, capsys):
     config = write_config(tmp_path, tiny_llama_dir, max_steps=12, checkpoint_every=2, keep_checkpoints=10)
     with tmpfs(tmp_path / "disk", "3m") as disk:  # two checkpoints of about 1.2 MB fit, the third does not
-        code, err = run_cli(capsys, ["train", "--config", str(config), "--out", str(disk / "run"), "--device", "cpu"])
+        code, err = run_cli(
+            capsys, ["train", "--config", str(config), "--out", str(disk / "run"), "--device", "cpu"]
+        )
         assert_answered(code, err, "No space left on device")
         assert "earlier checkpoints are untouched" in err
         good = list_checkpoints(disk / "run")
@@ -88,8 +94,24 @@ def test_file_size_limit_while_checkpointing_is_one_line(tiny_llama_dir, tmp_pat
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a refused write raises EFBIG instead of killing
         resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
 
-    done = subprocess.run([sys.executable, "-m", "semroute", "train", "--config", str(config), "--out", str(tmp_path / "run"),
-                           "--device", "cpu"], preexec_fn=limit, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "semroute",
+            "train",
+            "--config",
+            str(config),
+            "--out",
+            str(tmp_path / "run"),
+            "--device",
+            "cpu",
+        ],
+        preexec_fn=limit,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert "File too large" in lines[-1] and "could not write the checkpoint" in lines[-1]
@@ -106,9 +128,10 @@ def two_checkpoints(tiny_llama_dir, tmp_path_factory) -> tuple[Path, Path]:
 
 
 def flip_one_byte(data: bytes) -> bytes:
-    """Bit rot: one byte in the middle inverted, the size unchanged (a valid JSON file may stay valid JSON)."""
+    """Bit rot: one byte in the middle inverted, the size unchanged (a valid JSON file may stay valid
+    JSON)."""
     middle = len(data) // 2
-    return data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1:]
+    return data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1 :]
 
 
 DAMAGES = {
@@ -117,7 +140,8 @@ DAMAGES = {
     "corrupted": lambda data: b"{[ not: json, nor yaml",  # for the text files
     "one byte flipped": flip_one_byte,
 }
-# A cache opened for training is checked by size and header only (it may be terabytes); precompute checks digests.
+# A cache opened for training is checked by size and header only (it may be terabytes); precompute checks
+# digests.
 SIZE_DAMAGES = {k: v for k, v in DAMAGES.items() if k != "one byte flipped"}
 
 
@@ -125,12 +149,14 @@ def rewrite_record(checkpoint: Path) -> None:
     """Make checkpoint.json agree with the files again, as a tool that rewrote them consistently would."""
     from semroute.fileio import record_files
 
-    (checkpoint / MANIFEST_FILE).write_text(json.dumps({"format": 2, **record_files(checkpoint, skip=(MANIFEST_FILE,))}))
+    (checkpoint / MANIFEST_FILE).write_text(
+        json.dumps({"format": 2, **record_files(checkpoint, skip=(MANIFEST_FILE,))})
+    )
 
 
 def damaged_files(directory: Path, tmp_path: Path, damages=DAMAGES, under: Path | None = None):
-    """(label, copy of `directory` with one file damaged, that file's copy) for every file (of `under`, default
-    all of `directory`) and every damage; the text files are also corrupted."""
+    """(label, copy of `directory` with one file damaged, that file's copy) for every file (of `under`,
+    default all of `directory`) and every damage; the text files are also corrupted."""
     for file in sorted(p for p in (under or directory).rglob("*") if p.is_file()):
         rel = file.relative_to(directory)
         for name, damage in damages.items():
@@ -147,7 +173,9 @@ def damaged_copies(run: Path, tmp_path: Path):
     return damaged_files(run, tmp_path, under=list_checkpoints(run)[-1])
 
 
-def test_every_damaged_checkpoint_file_falls_back_to_the_previous_checkpoint(two_checkpoints, tmp_path, caplog):
+def test_every_damaged_checkpoint_file_falls_back_to_the_previous_checkpoint(
+    two_checkpoints, tmp_path, caplog
+):
     run, config_path = two_checkpoints
     config = load_config(run / "run_config.yaml")
     cases = 0
@@ -164,7 +192,9 @@ def test_a_damaged_newest_checkpoint_resumes_from_the_one_before(two_checkpoints
     run, config_path = two_checkpoints
     shutil.copytree(run, tmp_path / "run")
     (tmp_path / "run" / "checkpoints" / "step_000004" / "training_state" / "optimizer.pt").write_bytes(b"")
-    assert main(["train", "--config", str(config_path), "--out", str(tmp_path / "run"), "--max-steps", "6"]) == 0
+    assert (
+        main(["train", "--config", str(config_path), "--out", str(tmp_path / "run"), "--max-steps", "6"]) == 0
+    )
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 6 and json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 6
 
@@ -176,12 +206,38 @@ def test_sampling_a_damaged_checkpoint_is_one_line_naming_the_file(two_checkpoin
         if file.parent.name == "training_state":  # sampling does not read the training state
             continue
         checkpoint = file.parent if file.parent.name.startswith("step_") else file.parent.parent
-        code, err = run_cli(capsys, ["sample", "--checkpoint", str(checkpoint), "--prompt", "one red square",
-                                     "--out", str(tmp_path / "s.png")])
+        code, err = run_cli(
+            capsys,
+            [
+                "sample",
+                "--checkpoint",
+                str(checkpoint),
+                "--prompt",
+                "one red square",
+                "--out",
+                str(tmp_path / "s.png"),
+            ],
+        )
         assert_answered(code, err, file.name)
         # The run directory skips the damaged checkpoint and samples the one before.
-        assert main(["sample", "--checkpoint", str(copy), "--prompt", "one red square", "--n", "1", "--steps", "1",
-                     "--out", str(tmp_path / "s.png")]) == 0, label
+        assert (
+            main(
+                [
+                    "sample",
+                    "--checkpoint",
+                    str(copy),
+                    "--prompt",
+                    "one red square",
+                    "--n",
+                    "1",
+                    "--steps",
+                    "1",
+                    "--out",
+                    str(tmp_path / "s.png"),
+                ]
+            )
+            == 0
+        ), label
         cases += 1
     assert cases >= 10
 
@@ -228,11 +284,27 @@ def test_checkpoints_get_the_users_normal_permissions(two_checkpoints):
 def test_sigterm_saves_a_checkpoint_and_exits_in_one_line(tiny_llama_dir, tmp_path):
     config = write_config(tmp_path, tiny_llama_dir, max_steps=100000, checkpoint_every=100000, log_every=1)
     out = tmp_path / "run"
-    process = subprocess.Popen([sys.executable, "-m", "semroute", "train", "--config", str(config), "--out", str(out),
-                                "--device", "cpu"], stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "semroute",
+            "train",
+            "--config",
+            str(config),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     deadline = time.time() + 120
-    while time.time() < deadline and not ((out / "log.jsonl").is_file() and (out / "log.jsonl").read_text().count("\n") >= 3):
+    while time.time() < deadline and not (
+        (out / "log.jsonl").is_file() and (out / "log.jsonl").read_text().count("\n") >= 3
+    ):
         time.sleep(0.2)
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=120)
@@ -257,7 +329,9 @@ def test_a_second_writer_is_refused_naming_the_holder(two_checkpoints, tmp_path,
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
-def test_training_from_a_damaged_cache_is_one_line_naming_the_file(tiny_llama_dir, tiny_encoder, tmp_path, capsys):
+def test_training_from_a_damaged_cache_is_one_line_naming_the_file(
+    tiny_llama_dir, tiny_encoder, tmp_path, capsys
+):
     from semroute.data.cache import precompute
 
     from .conftest import write_image_folder
@@ -265,14 +339,21 @@ def test_training_from_a_damaged_cache_is_one_line_naming_the_file(tiny_llama_di
 
     rows = write_image_folder(tmp_path / "data", n=7)
     (tmp_path / "data" / "train.json").write_text(json.dumps(rows))
-    raw = image_run_config(tiny_llama_dir, {"manifest": str(tmp_path / "data" / "train.json")}, max_steps=1, batch_size=2)
-    precompute(load_config(raw), tmp_path / "cache", shard_size=4, dtype="fp32", progress=False, encoder=tiny_encoder)
+    raw = image_run_config(
+        tiny_llama_dir, {"manifest": str(tmp_path / "data" / "train.json")}, max_steps=1, batch_size=2
+    )
+    precompute(
+        load_config(raw), tmp_path / "cache", shard_size=4, dtype="fp32", progress=False, encoder=tiny_encoder
+    )
     cases = 0
     for label, copy, file in damaged_files(tmp_path / "cache", tmp_path, SIZE_DAMAGES):
         raw["dataset"] = {"cache": str(copy), "resolution": 16}
         config = tmp_path / "cache.yaml"
         config.write_text(yaml.safe_dump(raw))
-        code, err = run_cli(capsys, ["train", "--config", str(config), "--out", str(tmp_path / "run" / label.replace(" ", "-"))])
+        code, err = run_cli(
+            capsys,
+            ["train", "--config", str(config), "--out", str(tmp_path / "run" / label.replace(" ", "-"))],
+        )
         assert_answered(code, err, file.name)
         cases += 1
     assert cases >= 10  # cache.json (3 ways), null.safetensors and 3 shards (2 ways each)
@@ -286,7 +367,9 @@ def test_precompute_again_remakes_a_shard_whose_bytes_changed(tiny_llama_dir, ti
 
     rows = write_image_folder(tmp_path / "data", n=7)
     (tmp_path / "data" / "train.json").write_text(json.dumps(rows))
-    config = load_config(image_run_config(tiny_llama_dir, {"manifest": str(tmp_path / "data" / "train.json")}))
+    config = load_config(
+        image_run_config(tiny_llama_dir, {"manifest": str(tmp_path / "data" / "train.json")})
+    )
     cache = tmp_path / "cache"
     precompute(config, cache, shard_size=4, dtype="fp32", progress=False, encoder=tiny_encoder)
     shard = cache / "shard_00001.safetensors"
@@ -295,18 +378,36 @@ def test_precompute_again_remakes_a_shard_whose_bytes_changed(tiny_llama_dir, ti
     precompute(config, cache, shard_size=4, dtype="fp32", progress=False, encoder=tiny_encoder)
     assert "sha256 mismatch" in caplog.text and shard.name in caplog.text
     assert shard.read_bytes() == original  # made again, identical
-    assert (cache / (shard.name + ".damaged")).read_bytes() == flip_one_byte(original)  # kept aside, not deleted
+    assert (cache / (shard.name + ".damaged")).read_bytes() == flip_one_byte(
+        original
+    )  # kept aside, not deleted
 
 
 def test_a_damaged_exported_pipeline_is_one_line_naming_the_file(two_checkpoints, tmp_path, capsys):
     run, _ = two_checkpoints
     assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "pipe")]) == 0
-    assert [p.name for p in tmp_path.glob(".pipe*")] == [".pipe.lock"]  # written aside, then renamed: nothing left over
+    assert [p.name for p in tmp_path.glob(".pipe*")] == [
+        ".pipe.lock"
+    ]  # written aside, then renamed: nothing left over
     cases = 0
-    for label, copy, file in damaged_files(tmp_path / "pipe", tmp_path):
-        code, err = run_cli(capsys, ["sample", "--checkpoint", str(copy), "--prompt", "one red square", "--n", "1",
-                                     "--out", str(tmp_path / "s.png")])
-        assert_answered(code, err, file.name if file.name != "semroute_export.json" else "semroute_export.json")
+    for _label, copy, file in damaged_files(tmp_path / "pipe", tmp_path):
+        code, err = run_cli(
+            capsys,
+            [
+                "sample",
+                "--checkpoint",
+                str(copy),
+                "--prompt",
+                "one red square",
+                "--n",
+                "1",
+                "--out",
+                str(tmp_path / "s.png"),
+            ],
+        )
+        assert_answered(
+            code, err, file.name if file.name != "semroute_export.json" else "semroute_export.json"
+        )
         cases += 1
     assert cases >= 20
 
@@ -331,13 +432,16 @@ def test_a_checkpoint_file_that_runs_code_when_loaded_is_refused(two_checkpoints
     optimizer = newest / "training_state" / "optimizer.pt"
     torch.save({"state": {}, "param_groups": [], "x": _Payload(marker)}, optimizer)
     rewrite_record(newest)  # sizes and digests consistent: only the content lies
-    code, err = run_cli(capsys, ["train", "--config", str(config_path), "--out", str(tmp_path / "run"), "--max-steps", "6"])
+    code, err = run_cli(
+        capsys, ["train", "--config", str(config_path), "--out", str(tmp_path / "run"), "--max-steps", "6"]
+    )
     assert_answered(code, err, "optimizer.pt cannot be read (Weights only load failed")
     assert not marker.exists()  # refused by torch's weights-only unpickler: nothing ran
 
 
 def test_out_of_memory_is_one_line(tiny_llama_dir, tmp_path):
-    """A real allocation the machine cannot give: math attention over a million image tokens (16 TB of scores).
+    """A real allocation the machine cannot give: math attention over a million image tokens (16 TB of
+    scores).
 
     The math kernel comes from this machine's cached attention choice, written here: the run honours it."""
     from semroute.runtime import PROBE_FILE, machine_key
@@ -350,10 +454,27 @@ def test_out_of_memory_is_one_line(tiny_llama_dir, tmp_path):
     cache = tmp_path / "cache"
     cache.mkdir()
     math_kernel = {"backend": "math", "mask": "bool", "skip_unpadded": True, "seconds": {}}
-    (cache / PROBE_FILE).write_text(json.dumps({machine_key(torch.device("cpu")): {"attention": math_kernel}}))
-    done = subprocess.run([sys.executable, "-m", "semroute", "train", "--config", str(config), "--out", str(tmp_path / "run"),
-                           "--device", "cpu"], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "SEMROUTE_CACHE": str(cache)})
+    (cache / PROBE_FILE).write_text(
+        json.dumps({machine_key(torch.device("cpu")): {"attention": math_kernel}})
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "semroute",
+            "train",
+            "--config",
+            str(config),
+            "--out",
+            str(tmp_path / "run"),
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "SEMROUTE_CACHE": str(cache)},
+    )
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert lines[-1].startswith("semroute: error: ran out of memory; lower train.batch_size")
@@ -361,9 +482,11 @@ def test_out_of_memory_is_one_line(tiny_llama_dir, tmp_path):
 
 # ------------------------------------------------------------------ fuzzing the checkpoint loader
 
-JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
-                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
-                           max_leaves=6)
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=6,
+)
 MUTATIONS = st.one_of(
     st.tuples(st.just("overwrite"), st.floats(0, 1), st.binary(min_size=1, max_size=16)),
     st.tuples(st.just("truncate"), st.floats(0, 1), st.just(b"")),
@@ -374,16 +497,18 @@ MUTATIONS = st.one_of(
 def mutate(data: bytes, how: str, where: float, payload: bytes) -> bytes:
     at = int(where * len(data))
     if how == "overwrite":
-        return data[:at] + payload + data[at + len(payload):]
+        return data[:at] + payload + data[at + len(payload) :]
     return data[:at] if how == "truncate" else data + payload
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(target=st.integers(0, 100), mutation=MUTATIONS, record=st.none() | JSON_VALUES)
-def test_fuzzed_checkpoints_resume_from_a_good_one_or_refuse_in_one_line(two_checkpoints, tmp_path_factory, capsys,
-                                                                          target, mutation, record):
-    """A random change to one file of the newest checkpoint (or a random checkpoint.json) resumes from a checkpoint
-    whose files are intact, or is refused in one line; nothing is trained over what cannot be read."""
+def test_fuzzed_checkpoints_resume_from_a_good_one_or_refuse_in_one_line(
+    two_checkpoints, tmp_path_factory, capsys, target, mutation, record
+):
+    """A random change to one file of the newest checkpoint (or a random checkpoint.json) resumes from a
+    checkpoint whose files are intact, or is refused in one line; nothing is trained over what cannot be
+    read."""
     run, config_path = two_checkpoints
     copy = tmp_path_factory.mktemp("fuzz") / "run"
     shutil.copytree(run, copy)
@@ -394,7 +519,9 @@ def test_fuzzed_checkpoints_resume_from_a_good_one_or_refuse_in_one_line(two_che
         files = sorted(p for p in newest.rglob("*") if p.is_file())
         file = files[target % len(files)]
         file.write_bytes(mutate(file.read_bytes(), *mutation))
-    code, err = run_cli(capsys, ["train", "--config", str(config_path), "--out", str(copy), "--max-steps", "5"])
+    code, err = run_cli(
+        capsys, ["train", "--config", str(config_path), "--out", str(copy), "--max-steps", "5"]
+    )
     assert "Traceback" not in err
     if code == 2:
         assert_answered(code, err, "")

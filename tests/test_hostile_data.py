@@ -38,14 +38,26 @@ def reference_tensor(rgb8: np.ndarray) -> np.ndarray:
 
 
 def flat(mode_value, mode: str, size=(R, R)) -> Image.Image:
-    image = Image.fromarray(np.full(size[::-1], mode_value, dtype={"I;16": np.uint16, "F": np.float32, "I": np.int32}[mode]))
+    image = Image.fromarray(
+        np.full(size[::-1], mode_value, dtype={"I;16": np.uint16, "F": np.float32, "I": np.int32}[mode])
+    )
     assert image.mode == mode
     return image
 
 
-@pytest.mark.parametrize("mode, value, level", [("I;16", 65535, 255), ("I;16", 32896, 128), ("I;16", 0, 0),
-                                                ("F", 1.0, 255), ("F", 0.5, 128), ("F", 7.0, 255), ("F", np.nan, 0),
-                                                ("I", 65535, 255)])
+@pytest.mark.parametrize(
+    "mode, value, level",
+    [
+        ("I;16", 65535, 255),
+        ("I;16", 32896, 128),
+        ("I;16", 0, 0),
+        ("F", 1.0, 255),
+        ("F", 0.5, 128),
+        ("F", 7.0, 255),
+        ("F", np.nan, 0),
+        ("I", 65535, 255),
+    ],
+)
 def test_16_bit_and_float_images_convert_to_their_8_bit_level(mode, value, level):
     tensor = to_training_tensor(flat(value, mode), R).numpy()
     np.testing.assert_allclose(tensor, reference_tensor(np.full((R, R, 3), level, np.uint8)), atol=1e-6)
@@ -78,7 +90,9 @@ def test_extremely_thin_images_resize_with_bounded_memory(size):
 
 def test_the_box_path_matches_two_step_resizing_closely():
     rng = np.random.default_rng(0)
-    image = Image.fromarray(rng.integers(0, 256, (20, 700, 3), dtype=np.uint8).repeat(4, 0).repeat(4, 1))  # 80 x 2800
+    image = Image.fromarray(
+        rng.integers(0, 256, (20, 700, 3), dtype=np.uint8).repeat(4, 0).repeat(4, 1)
+    )  # 80 x 2800
     direct = to_training_tensor(image, 16).numpy()
     resized = image.resize((560, 16), Image.BICUBIC)
     left = (560 - 16) // 2
@@ -87,11 +101,19 @@ def test_the_box_path_matches_two_step_resizing_closely():
 
 
 def png_claiming(width: int, height: int) -> bytes:
-    """A valid PNG header that claims width x height pixels (and one tiny data chunk): a decompression bomb's shape."""
+    """A valid PNG header that claims width x height pixels (and one tiny data chunk): a decompression bomb's
+    shape."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_broken_files_are_skipped_and_counted(tmp_path):
@@ -103,22 +125,31 @@ def test_broken_files_are_skipped_and_counted(tmp_path):
     (tmp_path / "img" / "big.png").write_bytes(png_claiming(3000, 3000))
     good = (tmp_path / "img" / "good.png").read_bytes()
     (tmp_path / "img" / "cut.png").write_bytes(good[: len(good) // 2])
-    (tmp_path / "img" / "loop.png").symlink_to(tmp_path / "img" / "loop2.png")  # a symlink loop: no file at all
+    (tmp_path / "img" / "loop.png").symlink_to(
+        tmp_path / "img" / "loop2.png"
+    )  # a symlink loop: no file at all
     (tmp_path / "img" / "loop2.png").symlink_to(tmp_path / "img" / "loop.png")
     names = ["good", "empty", "text", "bomb", "big", "cut", "loop"]
-    data = dataset_of(tmp_path, [{"image": f"img/{n}.png", "text": "a red square"} for n in names], max_image_pixels=10**6)
+    data = dataset_of(
+        tmp_path, [{"image": f"img/{n}.png", "text": "a red square"} for n in names], max_image_pixels=10**6
+    )
     items = [data[i] for i in range(len(data))]
     assert items[0] is not None and items[0][0].shape == (3, R, R)
     assert items[1:] == [None] * 5
     reasons = {Path(k).stem: v for k, v in data.skips.skipped.items()}
     assert set(reasons) == set(names[1:]) and reasons["loop"] == "file not found"
-    assert "decompression bomb" in reasons["bomb"] and "outside 1..dataset.max_image_pixels (1000000)" in reasons["big"]
+    assert (
+        "decompression bomb" in reasons["bomb"]
+        and "outside 1..dataset.max_image_pixels (1000000)" in reasons["big"]
+    )
     assert all("cannot be decoded" in reasons[n] for n in ("empty", "text", "cut"))
 
 
 def test_large_jpegs_decode_at_reduced_size(tmp_path):
     rng = np.random.default_rng(1)
-    Image.fromarray(rng.integers(0, 256, (1200, 1600, 3), dtype=np.uint8)).save(tmp_path / "big.jpg", quality=90)
+    Image.fromarray(rng.integers(0, 256, (1200, 1600, 3), dtype=np.uint8)).save(
+        tmp_path / "big.jpg", quality=90
+    )
     image = open_image(tmp_path / "big.jpg", 64, 10**8)
     assert image.size == (200, 150)  # 1/8 scale: still at least 64 on the short side
     assert to_training_tensor(image, 64).shape == (3, 64, 64)
@@ -128,9 +159,14 @@ def test_captions_lone_surrogates_are_replaced_and_empty_ones_skipped(tmp_path):
     (tmp_path / "img").mkdir()
     for i in range(3):
         Image.fromarray(np.zeros((R, R, 3), np.uint8)).save(tmp_path / "img" / f"{i}.png")
-    rows = [{"image": "img/0.png", "text": "a red \ud800 square"},  # json.dumps writes the lone surrogate as \ud800
-            {"image": "img/1.png", "text": ["", "   "]},
-            {"image": "img/2.png", "text": ["", "one blue circle"]}]
+    rows = [
+        {
+            "image": "img/0.png",
+            "text": "a red \ud800 square",
+        },  # json.dumps writes the lone surrogate as \ud800
+        {"image": "img/1.png", "text": ["", "   "]},
+        {"image": "img/2.png", "text": ["", "one blue circle"]},
+    ]
     data = dataset_of(tmp_path, rows)
     assert len(data) == 2 and len(data.skips) == 1
     assert "every caption is empty" in next(iter(data.skips.skipped.values()))
@@ -158,30 +194,43 @@ def test_a_source_of_nothing_is_an_error_at_start(tmp_path, tiny_llama_dir, caps
         rows.append({"image": f"img/{i}.png", "text": "a red square"})
     (tmp_path / "data.json").write_text(json.dumps(rows))
     config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump(image_run_config(tiny_llama_dir, {"manifest": str(tmp_path / "data.json")},
-                                                      batch_size=2, max_steps=3)))
+    config.write_text(
+        yaml.safe_dump(
+            image_run_config(
+                tiny_llama_dir, {"manifest": str(tmp_path / "data.json")}, batch_size=2, max_steps=3
+            )
+        )
+    )
     capsys.readouterr()
     assert main(["train", "--config", str(config), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
-    assert "none of the first 10 rows of the dataset can be used (cannot be decoded" in err.strip().splitlines()[-1]
+    assert (
+        "none of the first 10 rows of the dataset can be used (cannot be decoded"
+        in err.strip().splitlines()[-1]
+    )
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_an_hf_dataset_whose_image_column_holds_paths_is_an_error_at_start(tmp_path, tiny_llama_dir, capsys):
     import datasets
 
-    datasets.Dataset.from_dict({"image": [f"img/{i}.png" for i in range(6)], "text": ["a red square"] * 6}
-                               ).save_to_disk(str(tmp_path / "hf"))
+    datasets.Dataset.from_dict(
+        {"image": [f"img/{i}.png" for i in range(6)], "text": ["a red square"] * 6}
+    ).save_to_disk(str(tmp_path / "hf"))
     config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump(image_run_config(tiny_llama_dir, {"hf_dataset": str(tmp_path / "hf")},
-                                                      batch_size=2, max_steps=3)))
+    config.write_text(
+        yaml.safe_dump(
+            image_run_config(tiny_llama_dir, {"hf_dataset": str(tmp_path / "hf")}, batch_size=2, max_steps=3)
+        )
+    )
     capsys.readouterr()
     assert main(["train", "--config", str(config), "--out", str(tmp_path / "run")]) == 2
     assert "does not hold an image" in capsys.readouterr().err
 
 
 def test_an_epoch_with_no_usable_batch_stops_instead_of_looping(tmp_path, tiny_llama_dir, capsys):
-    """The first rows decode, so the start check passes; the files then break (replaced mid-run): an error, not a loop."""
+    """The first rows decode, so the start check passes; the files then break (replaced mid-run): an error,
+    not a loop."""
     from semroute.config import load_config
     from semroute.train import train
 
@@ -191,8 +240,15 @@ def test_an_epoch_with_no_usable_batch_stops_instead_of_looping(tmp_path, tiny_l
         Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "img" / f"{i}.png")
         rows.append({"image": f"img/{i}.png", "text": "a red square"})
     (tmp_path / "data.json").write_text(json.dumps(rows))
-    config = load_config(image_run_config(tiny_llama_dir, {"manifest": str(tmp_path / "data.json")},
-                                          batch_size=2, max_steps=50, checkpoint_every=100))
+    config = load_config(
+        image_run_config(
+            tiny_llama_dir,
+            {"manifest": str(tmp_path / "data.json")},
+            batch_size=2,
+            max_steps=50,
+            checkpoint_every=100,
+        )
+    )
     from semroute.data import sources
 
     real = sources._check_usable
@@ -212,9 +268,18 @@ def test_an_epoch_with_no_usable_batch_stops_instead_of_looping(tmp_path, tiny_l
 
 # ------------------------------------------------------------------ fuzzing the manifest and image reader
 
-ROW_VALUES = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True), st.text(max_size=20),
-                       st.lists(st.text(max_size=8), max_size=3), st.dictionaries(st.text(max_size=5), st.integers(), max_size=2))
-ROWS = st.lists(st.dictionaries(st.sampled_from(["image", "text", "other"]), ROW_VALUES, max_size=3), max_size=4)
+ROW_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(allow_nan=True),
+    st.text(max_size=20),
+    st.lists(st.text(max_size=8), max_size=3),
+    st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
+)
+ROWS = st.lists(
+    st.dictionaries(st.sampled_from(["image", "text", "other"]), ROW_VALUES, max_size=3), max_size=4
+)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -230,7 +295,10 @@ def test_fuzzed_manifests_load_or_raise_a_one_line_value_error(tmp_path, rows):
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(content=st.binary(max_size=300), prefix=st.sampled_from([b"", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0", b"GIF89a", b"BM"]))
+@given(
+    content=st.binary(max_size=300),
+    prefix=st.sampled_from([b"", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0", b"GIF89a", b"BM"]),
+)
 def test_fuzzed_image_bytes_decode_or_raise_a_value_error(tmp_path, content, prefix):
     path = tmp_path / "fuzz.img"
     path.write_bytes(prefix + content)

@@ -1,4 +1,5 @@
-"""SIGKILL a real `semroute train` process at random moments, resume each time, and compare with an uninterrupted run."""
+"""SIGKILL a real `semroute train` process at random moments, resume each time, and compare with an
+uninterrupted run."""
 
 from __future__ import annotations
 
@@ -21,8 +22,12 @@ MAX_STEPS = 16
 
 def start(config: Path, out: Path) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "semroute", "train", "--config", str(config), "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "semroute", "train", "--config", str(config), "--out", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
 
 
 def wait_for(condition, timeout: float = 180.0) -> bool:
@@ -35,8 +40,14 @@ def wait_for(condition, timeout: float = 180.0) -> bool:
 
 
 def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_llama_dir):
-    raw = tiny_run_config(tiny_llama_dir, max_steps=MAX_STEPS, checkpoint_every=1, keep_checkpoints=2, threads=1,
-                          sample_grids=False)
+    raw = tiny_run_config(
+        tiny_llama_dir,
+        max_steps=MAX_STEPS,
+        checkpoint_every=1,
+        keep_checkpoints=2,
+        threads=1,
+        sample_grids=False,
+    )
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(raw))
     checkpoints = tmp_path / "killed" / "checkpoints"
@@ -47,7 +58,9 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_p
         # Wait until this process has written a checkpoint of its own, then kill it: either the moment
         # a checkpoint write is in progress (a hidden temporary directory exists) or after a random delay.
         before = {p.name for p in checkpoints.glob("step_*")} if checkpoints.is_dir() else set()
-        if not wait_for(lambda: process.poll() is not None or ({p.name for p in checkpoints.glob("step_*")} - before)):
+        if not wait_for(
+            lambda: process.poll() is not None or ({p.name for p in checkpoints.glob("step_*")} - before)
+        ):
             process.kill()
             raise AssertionError("no checkpoint appeared in time")
         if process.poll() is not None:

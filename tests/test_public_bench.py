@@ -41,7 +41,11 @@ class CountingPipeline:
 @needs_shared
 def test_real_prompt_files_are_read_whole():
     geneval = read_prompts("geneval", GENEVAL)
-    assert len(geneval) == 553 and geneval[0].metadata["tag"] and geneval[0].prompt == geneval[0].metadata["prompt"]
+    assert (
+        len(geneval) == 553
+        and geneval[0].metadata["tag"]
+        and geneval[0].prompt == geneval[0].metadata["prompt"]
+    )
     genai = read_prompts("genaibench", GENAIBENCH)
     assert len(genai) == 527 and genai[0].key == "00001" and genai[0].prompt
 
@@ -62,8 +66,8 @@ def test_geneval_layout_and_resume(tmp_path):
     (tmp_path / "00001" / "samples" / "0000.png").unlink()
     kept = (tmp_path / "00001" / "samples" / "0001.png").stat().st_mtime_ns
     again = sample_bench(pipe, "geneval", prompts, tmp_path, n=2, batch_size=4, progress=False)
-    # Only the batch holding the missing image is sampled again (batches are fixed, so its images are the same);
-    # only the missing image is written.
+    # Only the batch holding the missing image is sampled again (batches are fixed, so its images are the
+    # same); only the missing image is written.
     assert again == {**again, "written": 1, "already_there": 5} and pipe.images == 6 + 4
     assert (tmp_path / "00001" / "samples" / "0001.png").stat().st_mtime_ns == kept
     assert not list(tmp_path.rglob(".*.tmp"))
@@ -73,15 +77,20 @@ def test_geneval_layout_and_resume(tmp_path):
 def test_genaibench_and_drawbench_layouts(tmp_path):
     genai = read_prompts("genaibench", GENAIBENCH)[:2]
     sample_bench(CountingPipeline(), "genaibench", genai, tmp_path / "genai", n=2, progress=False)
-    assert sorted(p.relative_to(tmp_path / "genai").as_posix() for p in (tmp_path / "genai").rglob("*.jpeg")) == [
-        "sample_0/00001.jpeg", "sample_0/00002.jpeg", "sample_1/00001.jpeg", "sample_1/00002.jpeg"]
+    assert sorted(
+        p.relative_to(tmp_path / "genai").as_posix() for p in (tmp_path / "genai").rglob("*.jpeg")
+    ) == ["sample_0/00001.jpeg", "sample_0/00002.jpeg", "sample_1/00001.jpeg", "sample_1/00002.jpeg"]
     drawbench = tmp_path / "drawbench.csv"
-    drawbench.write_text("Prompt,Category\nA red colored car.,Colors\n\"A tower, tall\",Positional\n", encoding="utf-8")
+    drawbench.write_text(
+        'Prompt,Category\nA red colored car.,Colors\n"A tower, tall",Positional\n', encoding="utf-8"
+    )
     prompts = read_prompts("drawbench", drawbench)
     sample_bench(CountingPipeline(), "drawbench", prompts, tmp_path / "draw", n=1, progress=False)
     rows = list(csv.DictReader((tmp_path / "draw" / "metadata.csv").open()))
-    assert rows == [{"file": "images/000_0.png", "Prompt": "A red colored car.", "Category": "Colors"},
-                    {"file": "images/001_0.png", "Prompt": "A tower, tall", "Category": "Positional"}]
+    assert rows == [
+        {"file": "images/000_0.png", "Prompt": "A red colored car.", "Category": "Colors"},
+        {"file": "images/001_0.png", "Prompt": "A tower, tall", "Category": "Positional"},
+    ]
     assert image_path("drawbench", tmp_path / "draw", prompts[1], 0).is_file()
 
 
@@ -117,10 +126,12 @@ def test_an_output_of_other_settings_is_refused_never_mixed(tmp_path):
     sample_bench(CountingPipeline(), "drawbench", prompts, out, n=2, progress=False)
     files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     changes = {"n": {"n": 1}, "seed": {"seed": 7}, "prompts": {"prompts": prompts[:1]}}
-    for name, change in changes.items():
+    for change in changes.values():
         kwargs = {"prompts": prompts, "n": 2, **change}
-        with pytest.raises(ValueError, match=f"was sampled with other settings .*; sample into another --out"):
-            sample_bench(CountingPipeline(), "drawbench", kwargs.pop("prompts"), out, progress=False, **kwargs)
+        with pytest.raises(ValueError, match="was sampled with other settings .*; sample into another --out"):
+            sample_bench(
+                CountingPipeline(), "drawbench", kwargs.pop("prompts"), out, progress=False, **kwargs
+            )
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
     (out / ".semroute-sampling.json").write_text("{not json")
     with pytest.raises(ValueError, match="damaged: choose another --out"):
@@ -140,8 +151,23 @@ def test_cli_sample_bench_and_export_from_a_trained_run(tmp_path, tiny_llama_dir
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump(tiny_run_config(tiny_llama_dir, max_steps=2)))
     assert main(["train", "--config", str(config), "--out", str(tmp_path / "run")]) == 0
-    args = ["sample-bench", "--checkpoint", str(tmp_path / "run"), "--bench", "geneval", "--prompts", str(GENEVAL),
-            "--out", str(tmp_path / "geneval"), "--limit", "2", "--n", "1", "--steps", "2"]
+    args = [
+        "sample-bench",
+        "--checkpoint",
+        str(tmp_path / "run"),
+        "--bench",
+        "geneval",
+        "--prompts",
+        str(GENEVAL),
+        "--out",
+        str(tmp_path / "geneval"),
+        "--limit",
+        "2",
+        "--n",
+        "1",
+        "--steps",
+        "2",
+    ]
     assert main(args) == 0
     assert len(list((tmp_path / "geneval").rglob("*.png"))) == 2
     assert main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "pipe")]) == 0
@@ -149,13 +175,40 @@ def test_cli_sample_bench_and_export_from_a_trained_run(tmp_path, tiny_llama_dir
     assert pipe("one red square", num_inference_steps=2).images[0].size == (12, 12)
     # `sample` takes the exported directory as well as the run, and draws the same images from it.
     for source, name in ((tmp_path / "pipe", "from_pipe.png"), (tmp_path / "run", "from_run.png")):
-        assert main(["sample", "--checkpoint", str(source), "--prompt", "one red square", "--n", "10", "--steps", "2",
-                     "--precision", "fp32", "--out", str(tmp_path / name)]) == 0
+        assert (
+            main(
+                [
+                    "sample",
+                    "--checkpoint",
+                    str(source),
+                    "--prompt",
+                    "one red square",
+                    "--n",
+                    "10",
+                    "--steps",
+                    "2",
+                    "--precision",
+                    "fp32",
+                    "--out",
+                    str(tmp_path / name),
+                ]
+            )
+            == 0
+        )
     from semroute.bench.sampling import sample_all
     from semroute.pipeline import load_pipeline
 
-    drawn = [sample_all(load_pipeline(source, device="cpu", precision="fp32"), ["one red square"], 3, steps=2, seed=5,
-                        batch_size=2) for source in (tmp_path / "pipe", tmp_path / "run")]
+    drawn = [
+        sample_all(
+            load_pipeline(source, device="cpu", precision="fp32"),
+            ["one red square"],
+            3,
+            steps=2,
+            seed=5,
+            batch_size=2,
+        )
+        for source in (tmp_path / "pipe", tmp_path / "run")
+    ]
     torch.testing.assert_close(drawn[0], drawn[1], rtol=0, atol=1e-5)
     capsys.readouterr()
     assert main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "pipe")]) == 2

@@ -52,9 +52,14 @@ def image_config(tiny_llama_dir, root, **train):
 
 @pytest.mark.parametrize("data", ["shapes", "images"])
 def test_n_steps_then_resume_to_2n_equals_2n_bitwise(tmp_path, tiny_llama_dir, tiny_encoder, data):
-    # Image data: 10 images, batch 4 -> 2 batches an epoch, 2 micro-batches a step; the resume lands mid-epoch.
+    # Image data: 10 images, batch 4 -> 2 batches an epoch, 2 micro-batches a step; the resume lands
+    # mid-epoch.
     kwargs = dict(batch_size=4, checkpoint_every=3, gradient_accumulation_steps=2, mixed_precision="bf16")
-    raw = image_config(tiny_llama_dir, tmp_path / "data", **kwargs) if data == "images" else tiny_run_config(tiny_llama_dir, **kwargs)
+    raw = (
+        image_config(tiny_llama_dir, tmp_path / "data", **kwargs)
+        if data == "images"
+        else tiny_run_config(tiny_llama_dir, **kwargs)
+    )
     raw["train"]["max_steps"] = 6
     whole = train(load_config(raw), tmp_path / "whole", progress=False, encoder=tiny_encoder)
     raw["train"]["max_steps"] = 3
@@ -66,7 +71,9 @@ def test_n_steps_then_resume_to_2n_equals_2n_bitwise(tmp_path, tiny_llama_dir, t
     assert json.loads((tmp_path / "split" / "summary.json").read_text())["steps"] == 6
 
 
-def test_resume_with_another_config_lists_the_differences_and_keeps_the_run(tmp_path, tiny_llama_dir, tiny_encoder):
+def test_resume_with_another_config_lists_the_differences_and_keeps_the_run(
+    tmp_path, tiny_llama_dir, tiny_encoder
+):
     raw = tiny_run_config(tiny_llama_dir, max_steps=2)
     result = train(load_config(raw), tmp_path, progress=False, encoder=tiny_encoder)
     before = state_tensors(result.checkpoint)
@@ -95,7 +102,9 @@ def test_keeps_the_newest_k_and_clears_leftovers_of_killed_writes(tmp_path, tiny
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000006", "step_000007"]
 
 
-def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, tiny_llama_dir, tiny_encoder, caplog):
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(
+    tmp_path, tiny_llama_dir, tiny_encoder, caplog
+):
     raw = tiny_run_config(tiny_llama_dir, max_steps=4, checkpoint_every=2)
     config = load_config(raw)
     train(config, tmp_path, progress=False, encoder=tiny_encoder)
@@ -107,8 +116,9 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, ti
 
 
 def test_a_data_row_with_non_finite_features_is_skipped_and_counted(tmp_path, tiny_llama_dir, tiny_encoder):
-    """A real non-finite row on disk (a cache shard with NaN text features, as an overflowing fp16 encoder would
-    leave it) makes the real loss NaN on each step that draws it: those steps are skipped and counted."""
+    """A real non-finite row on disk (a cache shard with NaN text features, as an overflowing fp16 encoder
+    would leave it) makes the real loss NaN on each step that draws it: those steps are skipped and
+    counted."""
     from safetensors.torch import save_file
 
     from semroute.data.cache import precompute
@@ -116,11 +126,20 @@ def test_a_data_row_with_non_finite_features_is_skipped_and_counted(tmp_path, ti
     from .test_data import image_run_config
 
     rows = write_image_folder(tmp_path / "data", n=8)
-    (tmp_path / "data" / "train.json").write_text(json.dumps([{**r, "text": r["text"] if isinstance(r["text"], str)
-                                                                else r["text"][0]} for r in rows]))
-    raw = image_run_config(tiny_llama_dir, {"manifest": str(tmp_path / "data" / "train.json")}, batch_size=2,
-                           max_steps=8, checkpoint_every=100, caption_dropout=0.0)
-    precompute(load_config(raw), tmp_path / "cache", shard_size=8, dtype="fp32", progress=False, encoder=tiny_encoder)
+    (tmp_path / "data" / "train.json").write_text(
+        json.dumps([{**r, "text": r["text"] if isinstance(r["text"], str) else r["text"][0]} for r in rows])
+    )
+    raw = image_run_config(
+        tiny_llama_dir,
+        {"manifest": str(tmp_path / "data" / "train.json")},
+        batch_size=2,
+        max_steps=8,
+        checkpoint_every=100,
+        caption_dropout=0.0,
+    )
+    precompute(
+        load_config(raw), tmp_path / "cache", shard_size=8, dtype="fp32", progress=False, encoder=tiny_encoder
+    )
     shard = tmp_path / "cache" / "shard_00000.safetensors"
     from safetensors import safe_open
 
@@ -135,23 +154,38 @@ def test_a_data_row_with_non_finite_features_is_skipped_and_counted(tmp_path, ti
     # 8 rows in batches of 2: 4 steps an epoch, row 3 in one of them; 8 steps are 2 epochs.
     assert summary["nonfinite_steps"] == 2 and result.steps == 8
     state = json.loads((result.checkpoint / "training_state" / "state.json").read_text())
-    assert state["ema_optimization_step"] == 6 and state["nonfinite_steps"] == 2  # no EMA step on skipped steps
+    assert (
+        state["ema_optimization_step"] == 6 and state["nonfinite_steps"] == 2
+    )  # no EMA step on skipped steps
     assert all(torch.isfinite(v).all() for v in state_tensors(result.checkpoint).values())
-    assert max(json.loads(line)["nonfinite_steps"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 2
+    assert (
+        max(
+            json.loads(line)["nonfinite_steps"]
+            for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+        )
+        == 2
+    )
 
 
-def test_a_run_that_really_diverges_stops_and_keeps_the_good_checkpoint(tmp_path, tiny_llama_dir, tiny_encoder):
+def test_a_run_that_really_diverges_stops_and_keeps_the_good_checkpoint(
+    tmp_path, tiny_llama_dir, tiny_encoder
+):
     """No injected NaN: a learning rate of 1e30 blows the weights up to ~1e29 in one step, and every forward
     pass after it overflows. The run stops after max_nonfinite_steps and names the last good checkpoint."""
-    raw = tiny_run_config(tiny_llama_dir, max_steps=50, checkpoint_every=2, max_nonfinite_steps=3, lr=1e30,
-                          warmup_steps=0)
+    raw = tiny_run_config(
+        tiny_llama_dir, max_steps=50, checkpoint_every=2, max_nonfinite_steps=3, lr=1e30, warmup_steps=0
+    )
     with pytest.raises(TrainingDiverged, match=r"3 consecutive steps .*through step (\d+)\).*step_0000"):
         train(load_config(raw), tmp_path, progress=False, encoder=tiny_encoder)
     checkpoints = list_checkpoints(tmp_path)
     assert checkpoints
     for checkpoint in checkpoints:
         assert all(torch.isfinite(v).all() for v in state_tensors(checkpoint).values())
-    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()] if (tmp_path / "log.jsonl").is_file() else []
+    log = (
+        [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+        if (tmp_path / "log.jsonl").is_file()
+        else []
+    )
     assert all(entry["nonfinite_steps"] <= 3 for entry in log)
 
 
@@ -167,6 +201,13 @@ def test_a_checkpoint_with_non_finite_weights_is_never_written(tmp_path, tiny_ll
     with torch.no_grad():
         next(model.parameters())[0] = float("inf")
     with pytest.raises(TrainingDiverged, match="not all finite"):
-        save_checkpoint(tmp_path / "step_000001", model, ema, AdamW(model.parameters()), {"step": 1},
-                        load_config(tiny_run_config(tiny_llama_dir)), tiny_encoder)
+        save_checkpoint(
+            tmp_path / "step_000001",
+            model,
+            ema,
+            AdamW(model.parameters()),
+            {"step": 1},
+            load_config(tiny_run_config(tiny_llama_dir)),
+            tiny_encoder,
+        )
     assert list(tmp_path.iterdir()) == []

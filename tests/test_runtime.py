@@ -1,4 +1,5 @@
-"""Device and precision chosen for the machine: each branch with the probe and availability faked, the cache, the CLI."""
+"""Device and precision chosen for the machine: each branch with the probe and availability faked, the cache,
+the CLI."""
 
 from __future__ import annotations
 
@@ -40,7 +41,13 @@ def cuda(monkeypatch):
 
 
 def test_precision_names():
-    assert [check_precision(p) for p in ("auto", "fp32", "bf16", "fp16", "no")] == ["auto", "fp32", "bf16", "fp16", "fp32"]
+    assert [check_precision(p) for p in ("auto", "fp32", "bf16", "fp16", "no")] == [
+        "auto",
+        "fp32",
+        "bf16",
+        "fp16",
+        "fp32",
+    ]
     with pytest.raises(ValueError, match="unknown precision 'fp8'; valid: auto, fp32, bf16, fp16"):
         check_precision("fp8")
 
@@ -49,7 +56,9 @@ def test_cpu_that_emulates_bf16_gets_fp32_and_says_why(no_gpu):
     probe = fixed(11.0)
     p = resolve_precision("auto", "cpu", ratio=probe)
     assert (p.name, p.autocast_dtype, p.accelerate, p.dtype) == ("fp32", None, "no", torch.float32)
-    assert p.describe() == f"precision fp32: bf16 measured 11.0x slower on this CPU ({runtime.cpu_capability()})"
+    assert (
+        p.describe() == f"precision fp32: bf16 measured 11.0x slower on this CPU ({runtime.cpu_capability()})"
+    )
     assert len(probe.calls) == 1
 
 
@@ -65,7 +74,10 @@ def test_asking_for_bf16_on_an_emulating_cpu_works_but_warns(no_gpu, caplog):
     with caplog.at_level(logging.WARNING, logger="semroute.runtime"):
         p = resolve_precision("bf16", "cpu", ratio=fixed(9.2))
     assert p.name == "bf16"
-    assert "bf16 asked for, but it measured 9.2x slower than fp32" in caplog.text and "auto would choose fp32" in caplog.text
+    assert (
+        "bf16 asked for, but it measured 9.2x slower than fp32" in caplog.text
+        and "auto would choose fp32" in caplog.text
+    )
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="semroute.runtime"):
         resolve_precision("bf16", "cpu", ratio=fixed(0.3))
@@ -157,8 +169,8 @@ def test_help_never_imports_torch():
         "        main(argv)\n"
         "    except SystemExit as e:\n"
         "        assert e.code == 0, argv\n"
-        "heavy = sorted(m for m in ('torch', 'transformers', 'diffusers', 'accelerate') if m in sys.modules)\n"
-        "print(heavy)\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'diffusers', 'accelerate') if m in "
+        "sys.modules)\nprint(heavy)\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

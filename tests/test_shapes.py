@@ -3,7 +3,16 @@ import pytest
 import torch
 
 from semroute.bench.scoring import detect_objects, fidelity_counts, score
-from semroute.data.shapes import COLOURS, Group, Scene, ShapesConfig, ShapesDataset, ShapesTask, caption, parse_caption
+from semroute.data.shapes import (
+    COLOURS,
+    Group,
+    Scene,
+    ShapesConfig,
+    ShapesDataset,
+    ShapesTask,
+    caption,
+    parse_caption,
+)
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +121,10 @@ def test_rendering_is_deterministic_by_seed(task):
 def test_captions_round_trip(task):
     for scene in task.single_scenes + task.two_object_scenes[:100] + task.position_scenes[:100]:
         assert parse_caption(caption(scene)) == scene
-    assert caption(Scene((Group(2, "red", "circle"), Group(1, "blue", "square")))) == "two red circles and one blue square"
+    assert (
+        caption(Scene((Group(2, "red", "circle"), Group(1, "blue", "square"))))
+        == "two red circles and one blue square"
+    )
     with pytest.raises(ValueError, match="cannot read"):
         parse_caption("seven pink hexagons")
 

@@ -1,4 +1,5 @@
-"""Speed choices: made on the machine, cached, recorded; and every fast path computes what the plain one does."""
+"""Speed choices: made on the machine, cached, recorded; and every fast path computes what the plain one
+does."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ from semroute.train import train
 
 from .conftest import tiny_run_config
 
-CHOICES = [AttentionChoice(b, m, s) for b in attn.ATTENTION_BACKENDS for m in attn.MASK_FORMS for s in (True, False)]
+CHOICES = [
+    AttentionChoice(b, m, s) for b in attn.ATTENTION_BACKENDS for m in attn.MASK_FORMS for s in (True, False)
+]
 
 
 def explicit_attention(q, k, v, keep):
@@ -28,7 +31,9 @@ def explicit_attention(q, k, v, keep):
     return torch.softmax(scores, dim=-1) @ v
 
 
-@pytest.mark.parametrize("choice", CHOICES, ids=lambda c: f"{c.backend}-{c.mask}-{'skip' if c.skip_unpadded else 'keep'}")
+@pytest.mark.parametrize(
+    "choice", CHOICES, ids=lambda c: f"{c.backend}-{c.mask}-{'skip' if c.skip_unpadded else 'keep'}"
+)
 def test_every_kernel_and_mask_form_computes_the_same_attention(choice):
     torch.manual_seed(0)
     q, k, v = torch.randn(3, 2, 5, 8), torch.randn(3, 2, 7, 8), torch.randn(3, 2, 7, 8)
@@ -43,8 +48,9 @@ def test_every_kernel_and_mask_form_computes_the_same_attention(choice):
             if mask is not None:
                 assert mask.dtype == (torch.bool if choice.mask == "bool" else torch.float32)
                 assert mask.shape == (3, 1, 1, 7)
-            torch.testing.assert_close(attn.attention(q, k, v, mask), explicit_attention(q, k, v, keep),
-                                       rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(
+                attn.attention(q, k, v, mask), explicit_attention(q, k, v, keep), rtol=1e-5, atol=1e-5
+            )
     finally:
         attn.use_attention(previous)
 
@@ -75,12 +81,19 @@ def test_the_attention_choice_is_measured_once_cached_and_checked(tmp_path, monk
     assert len(calls) == 1 and first.value == again.value
     assert first.value.backend in attn.ATTENTION_BACKENDS and "this CPU" in first.reason
     cached = json.loads((tmp_path / runtime.PROBE_FILE).read_text())[runtime.machine_key(cpu)]["attention"]
-    assert cached["backend"] == first.value.backend and set(cached["seconds"]) >= {"default/bool", "math/bool"}
+    assert cached["backend"] == first.value.backend and set(cached["seconds"]) >= {
+        "default/bool",
+        "math/bool",
+    }
     # A cached entry that is not a valid choice is never believed: it is measured again and rewritten.
     path = tmp_path / runtime.PROBE_FILE
     forged = json.loads(path.read_text())
-    forged[runtime.machine_key(cpu)]["attention"] = {"backend": "flash9", "mask": "bool", "skip_unpadded": True,
-                                                     "seconds": {}}
+    forged[runtime.machine_key(cpu)]["attention"] = {
+        "backend": "flash9",
+        "mask": "bool",
+        "skip_unpadded": True,
+        "seconds": {},
+    }
     path.write_text(json.dumps(forged))
     assert speed.attention_choice(cpu).value.backend in attn.ATTENTION_BACKENDS and len(calls) == 2
     # Other devices take PyTorch's own selection, unmeasured.
@@ -122,10 +135,14 @@ def test_selected_features_are_layer_major_and_dropout_writes_only_dropped_rows(
     features = PromptFeatures(hidden, mask)
     ids = torch.tensor([4, 0, 0, 2])
     text, m = features.select(ids)
-    assert text.is_contiguous() and torch.equal(text, hidden[ids].transpose(0, 1)) and torch.equal(m, mask[ids])
+    assert (
+        text.is_contiguous() and torch.equal(text, hidden[ids].transpose(0, 1)) and torch.equal(m, mask[ids])
+    )
     null_text, null_mask = torch.randn(3, 4, 2), torch.tensor([True, True, False, False])
     before = text.clone()
-    out, out_mask = drop_captions(text, m.clone(), null_text, null_mask, torch.tensor([False, True, False, False]))
+    out, out_mask = drop_captions(
+        text, m.clone(), null_text, null_mask, torch.tensor([False, True, False, False])
+    )
     assert torch.equal(out[:, [0, 2, 3]], before[:, [0, 2, 3]]) and torch.equal(out[:, 1], null_text)
     assert torch.equal(out_mask[1], null_mask)
     # Nothing dropped: the tensors come back as they were.
@@ -166,7 +183,12 @@ def test_auto_compiles_only_a_run_long_enough_to_pay_it_back(monkeypatch):
     c.observe(40.0, 4000)  # the first compiled step: the compile cost
     feed(c, [0.7] * (1 + speed.TIMED_STEPS), steps_left=3999)
     record = c.record()
-    assert c.used and record["first_call_s"] == 40.0 and record["compiled_step_s"] == 0.7 and "kept" in record["reason"]
+    assert (
+        c.used
+        and record["first_call_s"] == 40.0
+        and record["compiled_step_s"] == 0.7
+        and "kept" in record["reason"]
+    )
 
 
 def test_auto_drops_a_compiled_run_that_is_not_faster_and_on_keeps_it(monkeypatch):
@@ -200,7 +222,9 @@ def test_train_compile_reads_yaml_booleans_and_refuses_other_words(tiny_llama_di
         load_config(tiny_run_config(tiny_llama_dir, compile=5))
 
 
-def test_a_compiled_run_trains_records_its_choices_and_samples_like_eager(tiny_llama_dir, tiny_encoder, tmp_path):
+def test_a_compiled_run_trains_records_its_choices_and_samples_like_eager(
+    tiny_llama_dir, tiny_encoder, tmp_path
+):
     """A real torch.compile of the tiny DiT's blocks: the choice and its measurements land in summary.json."""
     config = load_config(tiny_run_config(tiny_llama_dir, compile="on", max_steps=14, checkpoint_every=14))
     result = train(config, tmp_path / "run", progress=False, encoder=tiny_encoder)
@@ -208,7 +232,10 @@ def test_a_compiled_run_trains_records_its_choices_and_samples_like_eager(tiny_l
     compiled = summary["speed"]["compile"]
     assert compiled["used"] and compiled["first_call_s"] > 0 and compiled["eager_step_s"] > 0
     assert compiled["compiled_step_s"] > 0 and "compile is on" in compiled["reason"]
-    assert summary["speed"]["attention"]["backend"] in attn.ATTENTION_BACKENDS and summary["speed"]["threads"] >= 1
+    assert (
+        summary["speed"]["attention"]["backend"] in attn.ATTENTION_BACKENDS
+        and summary["speed"]["threads"] >= 1
+    )
     assert math.isfinite(summary["final_loss"])
     # The trained model, still compiled, predicts what its blocks predict eagerly.
     model = result.model.eval()
@@ -223,7 +250,9 @@ def test_a_compiled_run_trains_records_its_choices_and_samples_like_eager(tiny_l
         torch.testing.assert_close(compiled_out, model(x, t, text, mask), rtol=1e-4, atol=1e-5)
 
 
-def test_the_batched_sampler_compiles_full_batches_only_and_hands_the_pipeline_back_eager(tiny_encoder, monkeypatch):
+def test_the_batched_sampler_compiles_full_batches_only_and_hands_the_pipeline_back_eager(
+    tiny_encoder, monkeypatch
+):
     """The plumbing with torch.compile replaced by a counting pass-through (the real one is tested above)."""
     from semroute.bench.sampling import sample_all
 
@@ -260,7 +289,8 @@ def test_the_batched_sampler_compiles_full_batches_only_and_hands_the_pipeline_b
 
 
 def test_the_eta_is_measured_on_the_steps_after_a_compile(monkeypatch):
-    """A compile's long first step must not enter the time-left estimate (it once read 6 h for a 30 min run)."""
+    """A compile's long first step must not enter the time-left estimate (it once read 6 h for a 30 min
+    run)."""
     from semroute import progress
 
     clock = [0.0]

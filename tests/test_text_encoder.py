@@ -19,7 +19,9 @@ def test_shapes_and_mask(tiny_encoder):
 def test_layers_match_the_models_hidden_states(tiny_encoder):
     prompts = ["three red circles"]
     hidden, _ = tiny_encoder(prompts)
-    batch = tiny_encoder.tokenizer([tiny_encoder.wrap(p) for p in prompts], add_special_tokens=False, return_tensors="pt")
+    batch = tiny_encoder.tokenizer(
+        [tiny_encoder.wrap(p) for p in prompts], add_special_tokens=False, return_tensors="pt"
+    )
     with torch.no_grad():
         states = tiny_encoder.model(**batch, output_hidden_states=True).hidden_states
     assert len(states) == 5  # embedding + 4 layers; the embedding output is excluded

@@ -39,19 +39,23 @@ class StraightLine:
     def generate(self, prompts, steps, guidance_scale, seed, on_state):
         target = torch.linspace(-0.9, 0.9, 3 * 8 * 8).view(1, 3, 8, 8).expand(len(prompts), -1, -1, -1)
         noise = torch.stack([torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(s)) for s in seed])
-        schedule = [0.0]
 
         def velocity(x, t):
             # x = (1 - s) target + s noise with s = shift_time(t, drift): move s along with t.
             tt = t[: len(target)]
-            s = shift_time(tt, self.drift)
             ds_dt = self.drift / (1 + (self.drift - 1) * tt) ** 2
-            v = (ds_dt.view(-1, 1, 1, 1) * (noise - target))
+            v = ds_dt.view(-1, 1, 1, 1) * (noise - target)
             return torch.cat([v, v]) if len(t) > len(target) else v
 
-        x = RectifiedFlow.sample(velocity, shift_time(torch.tensor(1.0), self.drift) * noise
-                                 + (1 - shift_time(torch.tensor(1.0), self.drift)) * target,
-                                 self.scheduler, steps or 200, guidance_scale, on_state=on_state)
+        x = RectifiedFlow.sample(
+            velocity,
+            shift_time(torch.tensor(1.0), self.drift) * noise
+            + (1 - shift_time(torch.tensor(1.0), self.drift)) * target,
+            self.scheduler,
+            steps or 200,
+            guidance_scale,
+            on_state=on_state,
+        )
         return (x + 1) / 2
 
 
@@ -60,8 +64,8 @@ def test_trace_reads_the_level_of_a_known_trajectory(drift):
     result = trace(StraightLine(drift), ["a", "b"], 2, [1.0, 3.0], steps=200)
     t = torch.tensor(result["t"])
     for entry in result["scales"].values():
-        # The endpoint fit is exact for any straight trajectory; the x0-prediction fit assumes the velocity is a
-        # model's (noise - x0 at the nominal t), which this synthetic one is only without drift.
+        # The endpoint fit is exact for any straight trajectory; the x0-prediction fit assumes the velocity is
+        # a model's (noise - x0 at the nominal t), which this synthetic one is only without drift.
         for name in ("endpoint", "x0-prediction") if drift == 1.0 else ("endpoint",):
             levels = torch.tensor(entry["levels"][name])
             # Euler on a curved schedule: within a few steps' worth of error of the exact level.
@@ -81,13 +85,43 @@ def test_cli_trajectory_on_a_trained_run(tiny_llama_dir, tmp_path, capsys):
     config.write_text(yaml.safe_dump(raw))
     assert main(["train", "--config", str(config), "--out", str(tmp_path / "run")]) == 0
     capsys.readouterr()
-    assert main(["trajectory", "--checkpoint", str(tmp_path / "run"), "--cfg", "1.5,3", "--n", "1", "--prompts-limit", "3",
-                 "--steps", "4", "--out", str(tmp_path / "traj")]) == 0
+    assert (
+        main(
+            [
+                "trajectory",
+                "--checkpoint",
+                str(tmp_path / "run"),
+                "--cfg",
+                "1.5,3",
+                "--n",
+                "1",
+                "--prompts-limit",
+                "3",
+                "--steps",
+                "4",
+                "--out",
+                str(tmp_path / "traj"),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "CFG 1.5:" in printed and "gate shift that fits best" in printed
     saved = json.loads((tmp_path / "traj" / "trajectory.json").read_text())
     assert list(saved["scales"]) == ["1.5", "3"] and len(saved["t"]) == 4
     assert len(saved["scales"]["3"]["head"]) == 4  # the estimated gate's own reading
     assert (tmp_path / "traj" / "trajectory.png").stat().st_size > 5000
-    assert main(["trajectory", "--checkpoint", str(tmp_path / "run"), "--scheduler", "FlowMatchHeunDiscreteScheduler",
-                 "--out", str(tmp_path / "t2")]) == 2
+    assert (
+        main(
+            [
+                "trajectory",
+                "--checkpoint",
+                str(tmp_path / "run"),
+                "--scheduler",
+                "FlowMatchHeunDiscreteScheduler",
+                "--out",
+                str(tmp_path / "t2"),
+            ]
+        )
+        == 2
+    )

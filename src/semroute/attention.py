@@ -32,8 +32,10 @@ class AttentionChoice:
 
     def __post_init__(self):
         if self.backend not in ATTENTION_BACKENDS or self.mask not in MASK_FORMS:
-            raise ValueError(f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)} and mask one of "
-                             f"{', '.join(MASK_FORMS)}, got {self.backend!r}, {self.mask!r}")
+            raise ValueError(
+                f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)} and mask one of "
+                f"{', '.join(MASK_FORMS)}, got {self.backend!r}, {self.mask!r}"
+            )
 
 
 _current = AttentionChoice()
@@ -49,8 +51,11 @@ def current_attention() -> AttentionChoice:
     return _current
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """scaled_dot_product_attention on (B, heads, N, d) queries; mask from `cross_mask` / `joint_mask` (or None)."""
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """scaled_dot_product_attention on (B, heads, N, d) queries; mask from `cross_mask` / `joint_mask` (or
+    None)."""
     backend = _BACKENDS[_current.backend] if q.device.type == "cpu" else None
     if mask is not None and mask.dtype != torch.bool:
         mask = mask.to(q.dtype)
@@ -67,8 +72,8 @@ def _form(keep: torch.Tensor, form: str) -> torch.Tensor:
 
 
 def cross_mask(mask: torch.Tensor, choice: AttentionChoice | None = None) -> torch.Tensor | None:
-    """The cross-attention mask for text tokens (B, S) (True = real), in the chosen form; None where nothing is
-    padded (unless the probe found the unmasked kernel slower)."""
+    """The cross-attention mask for text tokens (B, S) (True = real), in the chosen form; None where nothing
+    is padded (unless the probe found the unmasked kernel slower)."""
     choice = choice or _current
     mask = mask.bool()
     if choice.skip_unpadded and mask.device.type != "meta" and bool(mask.all()):
@@ -76,7 +81,9 @@ def cross_mask(mask: torch.Tensor, choice: AttentionChoice | None = None) -> tor
     return _form(mask, choice.mask)
 
 
-def joint_mask(mask: torch.Tensor, image_tokens: int, choice: AttentionChoice | None = None) -> torch.Tensor | None:
+def joint_mask(
+    mask: torch.Tensor, image_tokens: int, choice: AttentionChoice | None = None
+) -> torch.Tensor | None:
     """Deep fusion's self-attention mask over [text tokens; image tokens] (image tokens are never padded)."""
     choice = choice or _current
     if cross_mask(mask, choice) is None:  # nothing padded: image tokens never are either

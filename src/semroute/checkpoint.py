@@ -40,8 +40,17 @@ STEP_PREFIX = "step_"
 MANIFEST_FILE = "checkpoint.json"
 # What sampling reads, and what a resume reads besides.
 INFERENCE_FILES = ("config.json", "diffusion_pytorch_model.safetensors", TEXT_ENCODER_FILE, RUN_CONFIG_FILE)
-TRAINING_FILES = tuple(f"{TRAINING_STATE_DIR}/{name}" for name in
-                       ("model.safetensors", "ema.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "state.json"))
+TRAINING_FILES = tuple(
+    f"{TRAINING_STATE_DIR}/{name}"
+    for name in (
+        "model.safetensors",
+        "ema.safetensors",
+        "optimizer.pt",
+        "scheduler.pt",
+        "rng.pt",
+        "state.json",
+    )
+)
 
 
 class TrainingDiverged(RuntimeError):
@@ -55,12 +64,15 @@ class TrainingStopped(Exception):
         import signal
 
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
-        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; saved {checkpoint}; run the same "
-                         f"command again to resume from it")
+        super().__init__(
+            f"stopped by {signal.Signals(signum).name} at step {step}; saved {checkpoint}; run the same "
+            f"command again to resume from it"
+        )
 
 
 class OutputError(OSError):
-    """Writing an output failed (full disk, file-size limit, permissions); the message names the path and the fix."""
+    """Writing an output failed (full disk, file-size limit, permissions); the message names the path and the
+    fix."""
 
     def __str__(self) -> str:
         return self.args[0]
@@ -103,10 +115,13 @@ def save_checkpoint(
     scheduler=None,
     rng: dict | None = None,
 ) -> Path:
-    """Write a checkpoint atomically; `state` holds at least {"step": N} and is stored as training_state/state.json."""
+    """Write a checkpoint atomically; `state` holds at least {"step": N} and is stored as
+    training_state/state.json."""
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if not all_finite(weights.values()) or not all_finite(ema.shadow_params):
-        raise TrainingDiverged(f"the weights at step {state['step']} are not all finite; no checkpoint was written")
+        raise TrainingDiverged(
+            f"the weights at step {state['step']} are not all finite; no checkpoint was written"
+        )
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
@@ -119,15 +134,22 @@ def save_checkpoint(
         state_dir = tmp / TRAINING_STATE_DIR
         state_dir.mkdir()
         save_file(weights, state_dir / "model.safetensors")
-        save_file({str(i): p.detach().cpu().contiguous() for i, p in enumerate(ema.shadow_params)}, state_dir / "ema.safetensors")
+        save_file(
+            {str(i): p.detach().cpu().contiguous() for i, p in enumerate(ema.shadow_params)},
+            state_dir / "ema.safetensors",
+        )
         torch.save(optimizer.state_dict(), state_dir / "optimizer.pt")
         if scheduler is not None:
             torch.save(scheduler.state_dict(), state_dir / "scheduler.pt")
         if rng is not None:
             torch.save(rng, state_dir / "rng.pt")
-        (state_dir / "state.json").write_text(json.dumps({**state, "ema_optimization_step": ema.optimization_step}))
+        (state_dir / "state.json").write_text(
+            json.dumps({**state, "ema_optimization_step": ema.optimization_step})
+        )
         # The layers as configured (empty = all) and as resolved for this model.
-        (tmp / TEXT_ENCODER_FILE).write_text(json.dumps({**encoder.config.to_dict(), "resolved_layers": encoder.layers}, indent=2))
+        (tmp / TEXT_ENCODER_FILE).write_text(
+            json.dumps({**encoder.config.to_dict(), "resolved_layers": encoder.layers}, indent=2)
+        )
         config.save(tmp / RUN_CONFIG_FILE)
         if vae_path is not None:
             (tmp / VAE_FILE).write_text(json.dumps({"path": str(vae_path)}))
@@ -141,9 +163,11 @@ def save_checkpoint(
         os.replace(tmp, directory)
         _fsync(directory.parent)
     except Exception as err:  # the libraries raise their own types for a full disk or a file-size limit
-        raise OutputError(f"could not write the checkpoint {directory} ({' '.join(str(err).split())}); the earlier "
-                          f"checkpoints are untouched: free disk space (or raise the file-size limit) and run the same "
-                          f"command again to resume") from err
+        raise OutputError(
+            f"could not write the checkpoint {directory} ({' '.join(str(err).split())}); the earlier "
+            f"checkpoints are untouched: free disk space (or raise the file-size limit) and run the same "
+            f"command again to resume"
+        ) from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return directory
@@ -157,10 +181,14 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted((p for p in root.glob(f"{STEP_PREFIX}*") if p.is_dir()), key=lambda p: p.name)
 
 
-def checkpoint_problem(checkpoint: Path, files: tuple[str, ...] = INFERENCE_FILES + TRAINING_FILES) -> str | None:
-    """Why `files` of a checkpoint cannot be used (missing, truncated, altered or unparsable), or None if they can.
+def checkpoint_problem(
+    checkpoint: Path, files: tuple[str, ...] = INFERENCE_FILES + TRAINING_FILES
+) -> str | None:
+    """Why `files` of a checkpoint cannot be used (missing, truncated, altered or unparsable), or None if they
+    can.
 
-    Sizes and sha256 digests are checked against checkpoint.json; checkpoints written before it have their files opened.
+    Sizes and sha256 digests are checked against checkpoint.json; checkpoints written before it have their
+    files opened.
     """
     manifest = checkpoint / MANIFEST_FILE
     record = {}
@@ -191,7 +219,7 @@ def _unreadable(path: Path) -> str | None:
             load_yaml(path.read_text(), str(path))
         elif path.suffix == ".safetensors":
             with safe_open(path, "pt") as f:
-                for key in f.keys():
+                for key in f.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
                     f.get_tensor(key)
         elif path.suffix == ".pt":
             load_torch_file(path)
@@ -227,8 +255,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if (path / TEXT_ENCODER_FILE).exists() or (path / MANIFEST_FILE).exists():
         problem = checkpoint_problem(path, INFERENCE_FILES)
         if problem:
-            raise ValueError(f"{problem}; this checkpoint cannot be used: point at another checkpoint of the run "
-                             f"(or at the run directory, which picks its newest good one)")
+            raise ValueError(
+                f"{problem}; this checkpoint cannot be used: point at another checkpoint of the run "
+                f"(or at the run directory, which picks its newest good one)"
+            )
         return path
     found = list_checkpoints(path)
     if not found:
@@ -238,12 +268,15 @@ def resolve_checkpoint(path: str | Path) -> Path:
         if problem is None:
             return checkpoint
         logger.warning("skipping %s: %s", checkpoint.name, problem)
-    raise ValueError(f"no checkpoint in {path} can be used (the newest: {checkpoint_problem(found[-1], INFERENCE_FILES)})")
+    raise ValueError(
+        f"no checkpoint in {path} can be used (the newest: {checkpoint_problem(found[-1], INFERENCE_FILES)})"
+    )
 
 
 def load_torch_file(path: Path):
-    """A .pt file of a checkpoint, unpickled with torch's weights-only loader: tensors, containers and numbers only,
-    plus numpy's array rebuilding for the saved numpy RNG state. A file made to run code when loaded is refused.
+    """A .pt file of a checkpoint, unpickled with torch's weights-only loader: tensors, containers and numbers
+    only, plus numpy's array rebuilding for the saved numpy RNG state. A file made to run code when loaded is
+    refused.
 
     Loaded on the CPU whatever device wrote it: the optimizer moves its state to its parameters' device.
     """
@@ -255,10 +288,18 @@ def load_torch_file(path: Path):
 
 
 def rng_state(generator: torch.Generator) -> dict:
-    # On a GPU the global CUDA generators are saved too, so that every RNG a step may touch resumes where it was.
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    return {"generator": generator.get_state(), "torch": torch.get_rng_state(), "cuda": cuda, "python": random.getstate(),
-            "numpy": np.random.get_state()}
+    # On a GPU the global CUDA generators are saved too, so that every RNG a step may touch resumes where it
+    # was.
+    cuda = (
+        torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    )
+    return {
+        "generator": generator.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": cuda,
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+    }
 
 
 def set_rng_state(state: dict, generator: torch.Generator) -> None:
@@ -272,9 +313,21 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
 
 # Config parts a resumed run must share with the checkpoint; everything else (budget, logging,
 # checkpoint cadence, sampling) may change between sessions.
-RESUME_MUST_MATCH_TRAIN = ("batch_size", "gradient_accumulation_steps", "seed", "mixed_precision", "lr", "fusion_lr",
-                           "betas", "weight_decay", "warmup_steps", "grad_clip", "ema_decay", "caption_dropout",
-                           "noise_level_weight")
+RESUME_MUST_MATCH_TRAIN = (
+    "batch_size",
+    "gradient_accumulation_steps",
+    "seed",
+    "mixed_precision",
+    "lr",
+    "fusion_lr",
+    "betas",
+    "weight_decay",
+    "warmup_steps",
+    "grad_clip",
+    "ema_decay",
+    "caption_dropout",
+    "noise_level_weight",
+)
 
 
 def resume_differences(saved, current) -> list[str]:
@@ -292,8 +345,11 @@ def resume_differences(saved, current) -> list[str]:
         compare("dataset", asdict(saved.dataset), asdict(current.dataset))
     else:
         compare("data", asdict(saved.data), asdict(current.data))
-    compare("train", {k: getattr(saved.train, k) for k in RESUME_MUST_MATCH_TRAIN},
-            {k: getattr(current.train, k) for k in RESUME_MUST_MATCH_TRAIN})
+    compare(
+        "train",
+        {k: getattr(saved.train, k) for k in RESUME_MUST_MATCH_TRAIN},
+        {k: getattr(current.train, k) for k in RESUME_MUST_MATCH_TRAIN},
+    )
     return diffs
 
 
@@ -305,13 +361,17 @@ def load_training_state(checkpoint: Path, model, ema, optimizer, scheduler, gene
         try:
             return read(state_dir / name)
         except Exception as err:  # one line naming the file, whatever the library raised
-            raise ValueError(f"{state_dir / name} cannot be read ({' '.join(str(err).split())[:200]}); resume from an "
-                             f"older checkpoint by moving this one aside") from None
+            raise ValueError(
+                f"{state_dir / name} cannot be read ({' '.join(str(err).split())[:200]}); resume from an "
+                f"older checkpoint by moving this one aside"
+            ) from None
 
     model.load_state_dict(load("model.safetensors", load_file))
     shadow = load("ema.safetensors", load_file)
     if len(shadow) != len(ema.shadow_params):
-        raise ValueError(f"{checkpoint} holds {len(shadow)} EMA tensors, the model has {len(ema.shadow_params)}")
+        raise ValueError(
+            f"{checkpoint} holds {len(shadow)} EMA tensors, the model has {len(ema.shadow_params)}"
+        )
     for i, p in enumerate(ema.shadow_params):
         p.data.copy_(shadow[str(i)])
     optimizer.load_state_dict(load("optimizer.pt", load_torch_file))
@@ -342,12 +402,16 @@ def newest_loadable(run_dir: Path, config) -> tuple[Path, object] | None:
         try:
             saved = load_config(checkpoint / RUN_CONFIG_FILE)
         except ValueError as err:
-            raise ValueError(f"{checkpoint} cannot be read by this semroute ({err}); it was written by another version: "
-                             f"resume it with that version, or train into a new --out") from None
+            raise ValueError(
+                f"{checkpoint} cannot be read by this semroute ({err}); it was written by another version: "
+                f"resume it with that version, or train into a new --out"
+            ) from None
         return checkpoint, saved
     if checkpoints:
-        raise ValueError(f"{run_dir} holds {len(checkpoints)} checkpoint(s) and none can be resumed (newest: {problems[0]}); "
-                         f"nothing was overwritten: restore them, or train into a new --out")
+        raise ValueError(
+            f"{run_dir} holds {len(checkpoints)} checkpoint(s) and none can be resumed (newest: "
+            f"{problems[0]}); nothing was overwritten: restore them, or train into a new --out"
+        )
     return None
 
 

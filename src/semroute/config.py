@@ -27,10 +27,12 @@ DERIVED_MODEL_KEYS = ("text_dim", "num_text_layers", "text_kv_heads")
 _YAML11_EXPONENT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 # accelerate trackers the training metrics can also go to (train.report_to).
 TRACKERS = ("none", "tensorboard", "wandb")
-# Every integer of a config fits a C int: larger ones are typos that would overflow or exhaust memory downstream.
+# Every integer of a config fits a C int: larger ones are typos that would overflow or exhaust memory
+# downstream.
 INT_LIMIT = 2**31 - 1
 MAX_SEED = INT_LIMIT
-# YAML aliases can make a small file expand into a huge document ("billion laughs"): a bound on its expanded nodes.
+# YAML aliases can make a small file expand into a huge document ("billion laughs"): a bound on its expanded
+# nodes.
 MAX_YAML_NODES = 100_000
 _SHORT = reprlib.Repr()  # values as errors show them: short, whatever their size
 _SHORT.maxstring = _SHORT.maxother = 60
@@ -40,7 +42,8 @@ _SHORT.maxlevel = 2
 
 @dataclass
 class ModelConfig:
-    """The DiT of a run: a named preset, overridden key by key (None: the preset's value, else the DiT's default)."""
+    """The DiT of a run: a named preset, overridden key by key (None: the preset's value, else the DiT's
+    default)."""
 
     preset: str | None = None
     sample_size: int | None = None
@@ -52,7 +55,8 @@ class ModelConfig:
     mlp_ratio: float | None = None
     mlp_conv: bool | None = None
     timestep_conditioning: str | None = None
-    # One of the paper's strategies (single, uniform, static, deep, time, depth, joint) or its id (b1..s3, fusedit).
+    # One of the paper's strategies (single, uniform, static, deep, time, depth, joint) or its id (b1..s3,
+    # fusedit).
     strategy: Strategy | None = None
     single_layer: int | None = None
     gate_hidden_dim: int | None = None
@@ -84,17 +88,22 @@ class ModelConfig:
 
 def text_encoder_for(text: TextEncoderConfig, strategy: str, depth: int) -> TextEncoderConfig:
     """`text` with what the strategy reads filled in: deep fusion reads keys/values, by default of the layers
-    `default_deep_layers` pairs with the blocks; every other strategy reads hidden states. A copy, never `text` itself."""
+    `default_deep_layers` pairs with the blocks; every other strategy reads hidden states. A copy, never
+    `text` itself."""
     wanted = STRATEGY_TABLE[check_strategy(strategy)].text_features
     if text.features not in (None, wanted):
-        raise ValueError(f"text_encoder.features {text.features!r} does not fit model.strategy {strategy!r}, which reads "
-                         f"{wanted}; remove text_encoder.features (it follows the strategy)")
+        raise ValueError(
+            f"text_encoder.features {text.features!r} does not fit model.strategy {strategy!r}, which reads "
+            f"{wanted}; remove text_encoder.features (it follows the strategy)"
+        )
     layers = list(text.layers)
     if wanted == "keys_values" and not layers:
         layers = default_deep_layers(depth)
     if wanted == "keys_values" and len(layers) != depth:
-        raise ValueError(f"deep fusion pairs each of the {depth} DiT blocks with one LLM layer, but text_encoder.layers "
-                         f"names {len(layers)}; give {depth} layers or none (the default pairing)")
+        raise ValueError(
+            f"deep fusion pairs each of the {depth} DiT blocks with one LLM layer, but text_encoder.layers "
+            f"names {len(layers)}; give {depth} layers or none (the default pairing)"
+        )
     return dataclasses.replace(text, features=wanted, layers=layers)
 
 
@@ -148,10 +157,17 @@ class TrainConfig:
     noise_level_weight: float = 1.0
 
     def __post_init__(self):
-        positive = {"batch_size": self.batch_size, "max_steps": self.max_steps, "log_every": self.log_every,
-                    "checkpoint_every": self.checkpoint_every, "lr": self.lr, "fusion_lr": self.fusion_lr,
-                    "gradient_accumulation_steps": self.gradient_accumulation_steps,
-                    "keep_checkpoints": self.keep_checkpoints, "max_nonfinite_steps": self.max_nonfinite_steps}
+        positive = {
+            "batch_size": self.batch_size,
+            "max_steps": self.max_steps,
+            "log_every": self.log_every,
+            "checkpoint_every": self.checkpoint_every,
+            "lr": self.lr,
+            "fusion_lr": self.fusion_lr,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps,
+            "keep_checkpoints": self.keep_checkpoints,
+            "max_nonfinite_steps": self.max_nonfinite_steps,
+        }
         for key, value in positive.items():
             if value <= 0:
                 raise ValueError(f"train.{key} must be > 0, got {value}")
@@ -160,8 +176,10 @@ class TrainConfig:
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.warmup_steps < 0 or self.grad_clip <= 0 or self.weight_decay < 0:
-            raise ValueError(f"train.warmup_steps and train.weight_decay must be >= 0 and train.grad_clip > 0, "
-                             f"got {self.warmup_steps}, {self.weight_decay}, {self.grad_clip}")
+            raise ValueError(
+                f"train.warmup_steps and train.weight_decay must be >= 0 and train.grad_clip > 0, "
+                f"got {self.warmup_steps}, {self.weight_decay}, {self.grad_clip}"
+            )
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"train.betas must be two numbers in [0, 1), got {self.betas}")
         if self.threads is not None and self.threads < 1:
@@ -173,8 +191,9 @@ class TrainConfig:
         try:
             self.mixed_precision = check_precision(self.mixed_precision)
         except ValueError:
-            raise ValueError(f"train.mixed_precision must be one of {', '.join(PRECISIONS)}, "
-                             f"got {self.mixed_precision!r}") from None
+            raise ValueError(
+                f"train.mixed_precision must be one of {', '.join(PRECISIONS)}, got {self.mixed_precision!r}"
+            ) from None
         if isinstance(self.compile, bool):  # YAML reads on/off as booleans
             self.compile = "on" if self.compile else "off"
         if self.compile not in ("auto", "on", "off"):
@@ -202,21 +221,22 @@ class RunConfig:
         check_dit_args(**model)  # the preset and the overrides together (heads must divide the width)
         self.text_encoder = text_encoder_for(self.text_encoder, model["strategy"], model["depth"])
         if self.dataset.active:
-            if self.dataset.vae is None and self.dataset.cache is None:
-                if model["sample_size"] != self.dataset.resolution or model["in_channels"] != 3:
-                    raise ValueError(
-                        f"pixel-space training at dataset.resolution {self.dataset.resolution} needs model.sample_size "
-                        f"{self.dataset.resolution} and model.in_channels 3 (got {model['sample_size']}, {model['in_channels']}); "
-                        f"or set dataset.vae to train on latents"
-                    )
+            pixel_space = self.dataset.vae is None and self.dataset.cache is None
+            if pixel_space and (model["sample_size"], model["in_channels"]) != (self.dataset.resolution, 3):
+                raise ValueError(
+                    f"pixel-space training at dataset.resolution {self.dataset.resolution} needs "
+                    f"model.sample_size {self.dataset.resolution} and model.in_channels 3 (got "
+                    f"{model['sample_size']}, {model['in_channels']}); or set dataset.vae to train on latents"
+                )
         elif model["sample_size"] != self.data.image_size:
             raise ValueError(
-                f"model.sample_size {model['sample_size']} differs from data.image_size {self.data.image_size}; make them equal"
+                f"model.sample_size {model['sample_size']} differs from data.image_size "
+                f"{self.data.image_size}; make them equal"
             )
         if model["sample_size"] % model["patch_size"]:
             raise ValueError(
-                f"model.sample_size {model['sample_size']} is not divisible by model.patch_size {model['patch_size']}; "
-                f"pick a resolution that is a multiple of the patch size"
+                f"model.sample_size {model['sample_size']} is not divisible by model.patch_size "
+                f"{model['patch_size']}; pick a resolution that is a multiple of the patch size"
             )
 
     def to_dict(self) -> dict:
@@ -253,7 +273,12 @@ def _check_type(value, annotation, where: str):
         if not isinstance(value, list):
             raise ValueError(f"{where} must be a list, got {_SHORT.repr(value)}")
         return [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    if annotation in (int, float) and isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT_LIMIT:
+    if (
+        annotation in (int, float)
+        and isinstance(value, int)
+        and not isinstance(value, bool)
+        and abs(value) > INT_LIMIT
+    ):
         raise ValueError(f"{where} is out of range: {_SHORT.repr(value)} is beyond {INT_LIMIT:,}")
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
@@ -269,13 +294,16 @@ def _check_type(value, annotation, where: str):
 
 
 def _shown(key) -> str:
-    """A key as an error message shows it: plain names as they are, anything else quoted (one line, visible)."""
+    """A key as an error message shows it: plain names as they are, anything else quoted (one line,
+    visible)."""
     return key if isinstance(key, str) and key.isidentifier() else repr(key)
 
 
 def _build(cls, data, where: str):
     if not isinstance(data, dict):
-        raise ValueError(f"{where or 'the config'} must be a mapping of keys to values, got {_SHORT.repr(data)}")
+        raise ValueError(
+            f"{where or 'the config'} must be a mapping of keys to values, got {_SHORT.repr(data)}"
+        )
     hints = typing.get_type_hints(cls)
     fields = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -294,7 +322,8 @@ def _build(cls, data, where: str):
 
 
 def load_yaml(text: str, what: str):
-    """YAML (safe types only) whose aliases expand to at most MAX_YAML_NODES nodes; errors are one line naming `what`."""
+    """YAML (safe types only) whose aliases expand to at most MAX_YAML_NODES nodes; errors are one line naming
+    `what`."""
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
@@ -302,8 +331,10 @@ def load_yaml(text: str, what: str):
             return None
         size = _expanded_size(node, {}, set())
         if size > MAX_YAML_NODES:
-            raise ValueError(f"{what} expands to more than {MAX_YAML_NODES:,} YAML nodes through its aliases (&/*); "
-                             f"write the values out instead")
+            raise ValueError(
+                f"{what} expands to more than {MAX_YAML_NODES:,} YAML nodes through its aliases (&/*); "
+                f"write the values out instead"
+            )
         return loader.construct_document(node)
     except yaml.YAMLError as err:
         raise ValueError(f"{what} is not valid UTF-8 YAML: {' '.join(str(err).split())}") from None
@@ -354,7 +385,9 @@ def load_config(source: Path | str | dict, overrides: list[str] | tuple[str, ...
         try:
             data = load_yaml(path.read_text(encoding="utf-8"), f"config file {path}")
         except UnicodeDecodeError as err:
-            raise ValueError(f"config file {path} is not valid UTF-8 YAML: {' '.join(str(err).split())}") from None
+            raise ValueError(
+                f"config file {path} is not valid UTF-8 YAML: {' '.join(str(err).split())}"
+            ) from None
         data = data or {}
     for override in overrides:
         data = _override(data, override)

@@ -12,7 +12,14 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from .attention import attention, cross_mask, current_attention, joint_mask
-from .fusion import STRATEGY_TABLE, LayerFusion, Strategy, check_strategy, sinusoidal_embedding, unpack_keys_values
+from .fusion import (
+    STRATEGY_TABLE,
+    LayerFusion,
+    Strategy,
+    check_strategy,
+    sinusoidal_embedding,
+    unpack_keys_values,
+)
 
 TIMESTEP_CONDITIONING = ("none", "adaln-zero")
 # What the time gates of the `time` and `joint` strategies read: the nominal t of the schedule (the paper), or
@@ -20,7 +27,9 @@ TIMESTEP_CONDITIONING = ("none", "adaln-zero")
 GATE_SIGNALS = ("nominal", "estimated")
 
 
-def rope_2d(grid_h: int, grid_w: int, head_dim: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_2d(
+    grid_h: int, grid_w: int, head_dim: int, theta: float = 10000.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables for 2D rotary embeddings: half the head rotates with the row, half with the column.
 
     returns two (N, head_dim // 2) tensors for N = grid_h * grid_w tokens in row-major order
@@ -49,7 +58,9 @@ class _RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps):
-        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.promote_types(x.dtype, torch.float32))
+        norm = torch.linalg.vector_norm(
+            x, dim=-1, keepdim=True, dtype=torch.promote_types(x.dtype, torch.float32)
+        )
         rstd = torch.rsqrt(norm.square() / x.shape[-1] + eps).to(x.dtype)
         x_hat = x * rstd
         ctx.save_for_backward(x_hat, rstd, weight)
@@ -67,14 +78,18 @@ class _RMSNormFunction(torch.autograd.Function):
 
 
 class RMSNorm(nn.RMSNorm):
-    """RMSNorm computed in the input dtype (autocast-friendly) with a faster backward; without gradients in fp32,
-    PyTorch's own fused kernel."""
+    """RMSNorm computed in the input dtype (autocast-friendly) with a faster backward; without gradients in
+    fp32, PyTorch's own fused kernel."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = None if self.weight is None else self.weight.to(x.dtype)
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad))
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad or (weight is not None and weight.requires_grad)
+        )
         if not needs_grad and x.dtype in (torch.float32, torch.float64):
-            return F.rms_norm(x, self.normalized_shape, weight, self.eps)  # PyTorch's fused forward (sampling)
+            return F.rms_norm(
+                x, self.normalized_shape, weight, self.eps
+            )  # PyTorch's fused forward (sampling)
         return _RMSNormFunction.apply(x, weight, self.eps)
 
 
@@ -89,7 +104,9 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, hidden_size: int, freq_dim: int = 256):
         super().__init__()
         self.freq_dim = freq_dim
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+        self.mlp = nn.Sequential(
+            nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+        )
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         return self.mlp(sinusoidal_embedding(t, self.freq_dim).to(self.mlp[0].weight.dtype))
@@ -119,15 +136,23 @@ class SelfAttention(nn.Module):
         self.k_norm = RMSNorm(head_dim, eps=1e-6)
         self.out = nn.Linear(hidden_size, hidden_size)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                text_kv: tuple[torch.Tensor, torch.Tensor] | None = None, text_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, N, H). text_kv: deep fusion (FuseDiT): an LLM layer's own keys and values (B, kv_heads, S, d),
-        which the image queries attend over together with the image tokens; each of the LLM's key/value heads
-        serves heads / kv_heads query heads (its grouped-query layout). text_mask: (B, S) bool, True = real token,
-        or the attention mask `attention.joint_mask` made of it (the DiT makes it once per forward)."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        text_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+        text_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x: (B, N, H). text_kv: deep fusion (FuseDiT): an LLM layer's own keys and values (B, kv_heads, S,
+        d), which the image queries attend over together with the image tokens; each of the LLM's key/value
+        heads serves heads / kv_heads query heads (its grouped-query layout). text_mask: (B, S) bool, True =
+        real token, or the attention mask `attention.joint_mask` made of it (the DiT makes it once per
+        forward)."""
         B, N, H = x.shape
         # Split, not unbound: the backward then concatenates three gradients instead of filling a buffer.
-        q, k, v = (part.view(B, N, self.num_heads, -1).transpose(1, 2) for part in self.qkv(x).split(H, dim=-1))
+        q, k, v = (
+            part.view(B, N, self.num_heads, -1).transpose(1, 2) for part in self.qkv(x).split(H, dim=-1)
+        )
         q = apply_rope(self.q_norm(q), *rope)
         k = apply_rope(self.k_norm(k), *rope)
         mask = None
@@ -135,9 +160,11 @@ class SelfAttention(nn.Module):
             text_k, text_v = text_kv
             groups = self.num_heads // text_k.shape[1]
             if text_k.shape[1] * groups != self.num_heads or text_k.shape[-1] != q.shape[-1]:
-                raise ValueError(f"the LLM's keys/values have {text_k.shape[1]} heads of size {text_k.shape[-1]}; this DiT "
-                                 f"has {self.num_heads} query heads of size {q.shape[-1]}: the heads must group evenly "
-                                 f"over the LLM's and have its head size")
+                raise ValueError(
+                    f"the LLM's keys/values have {text_k.shape[1]} heads of size {text_k.shape[-1]}; this "
+                    f"DiT has {self.num_heads} query heads of size {q.shape[-1]}: the heads must group "
+                    "evenly over the LLM's and have its head size"
+                )
             k = torch.cat([text_k.repeat_interleave(groups, dim=1).to(k.dtype), k], dim=2)
             v = torch.cat([text_v.repeat_interleave(groups, dim=1).to(v.dtype), v], dim=2)
             mask = joint_mask(text_mask, N) if text_mask is not None and text_mask.dim() == 2 else text_mask
@@ -164,9 +191,11 @@ class CrossAttention(nn.Module):
         k, v = self.kv(context).view(B, S, 2, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         return self.k_norm(k), v
 
-    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
-        """x: (B, N, H); kv from `keys_values`; mask: (B, S) bool, True = real text token, or the attention mask
-        `attention.cross_mask` made of it (None: nothing padded; the DiT makes it once per forward)."""
+    def forward(
+        self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """x: (B, N, H); kv from `keys_values`; mask: (B, S) bool, True = real text token, or the attention
+        mask `attention.cross_mask` made of it (None: nothing padded; the DiT makes it once per forward)."""
         B, N, H = x.shape
         q = self.q_norm(self.q(x).view(B, N, self.num_heads, -1).transpose(1, 2))
         k, v = kv
@@ -177,7 +206,8 @@ class CrossAttention(nn.Module):
 
 
 class GatedMLP(nn.Module):
-    """Gated-GELU MLP; optionally a 3x3 depthwise conv on the token grid first lets tokens see their neighbours.
+    """Gated-GELU MLP; optionally a 3x3 depthwise conv on the token grid first lets tokens see their
+    neighbours.
 
     On tiny images the conv is what makes whole objects learnable in minutes (CALIBRATION.md); it runs
     on the block width rather than the 2 x 4 x wider inner width, where its backward pass costs 10x more.
@@ -207,8 +237,16 @@ class DiTBlock(nn.Module):
     keys/values beside the image tokens' (`SelfAttention` with text_kv).
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, grid_size: int, mlp_conv: bool, adaln: bool,
-                 deep: bool = False):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        mlp_ratio: float,
+        grid_size: int,
+        mlp_conv: bool,
+        adaln: bool,
+        deep: bool = False,
+    ):
         super().__init__()
         affine = not adaln
         self.norm1 = RMSNorm(hidden_size, eps=1e-6, elementwise_affine=affine)
@@ -220,16 +258,18 @@ class DiTBlock(nn.Module):
         self.adaln = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size)) if adaln else None
 
     def forward(self, x, c, rope, kv, mask):
-        """x: (B, N, H); c: (B, H) timestep embedding or None; kv/mask: this block's text context (its cross-attention
-        keys/values, or with deep fusion its LLM layer's keys/values) and the text mask, (B, S) bool or as an attention
-        mask (`attention.cross_mask` / `joint_mask`)."""
+        """x: (B, N, H); c: (B, H) timestep embedding or None; kv/mask: this block's text context (its
+        cross-attention keys/values, or with deep fusion its LLM layer's keys/values) and the text mask, (B,
+        S) bool or as an attention mask (`attention.cross_mask` / `joint_mask`)."""
         deep = self.cross_attn is None
         text = (kv, mask) if deep else (None, None)
         if self.adaln is None:
             x = x + self.attn(self.norm1(x), rope, *text)
         else:
             shift1, scale1, gate1, shift2, scale2, gate2 = self.adaln(c).chunk(6, dim=-1)
-            x = torch.addcmul(x, gate1[:, None], self.attn(modulate(self.norm1(x), shift1, scale1), rope, *text))
+            x = torch.addcmul(
+                x, gate1[:, None], self.attn(modulate(self.norm1(x), shift1, scale1), rope, *text)
+            )
         if not deep:
             x = x + self.cross_attn(self.norm2(x), kv, mask)
         if self.adaln is None:
@@ -255,32 +295,36 @@ class FinalLayer(nn.Module):
 
 
 class NoiseLevelHead(nn.Module):
-    """Estimates the noise level t of x_t from the sample itself: an MLP on each raw patch, averaged, then a sigmoid.
+    """Estimates the noise level t of x_t from the sample itself: an MLP on each raw patch, averaged, then a
+    sigmoid.
 
-    The per-patch MLP can compute local energy and differences (what separates noise from shapes); the mean over
-    patches makes the estimate global and cheap: (C p^2 x 64 + 64 x 64) multiply-adds per patch, far below
-    one DiT block. (B, C, H, W) -> (B,) in (0, 1).
+    The per-patch MLP can compute local energy and differences (what separates noise from shapes); the mean
+    over patches makes the estimate global and cheap: (C p^2 x 64 + 64 x 64) multiply-adds per patch, far
+    below one DiT block. (B, C, H, W) -> (B,) in (0, 1).
     """
 
     def __init__(self, in_channels: int, patch_size: int, hidden: int = 64):
         super().__init__()
         self.patch_size = patch_size
-        self.mlp = nn.Sequential(nn.Linear(in_channels * patch_size**2, hidden), nn.SiLU(), nn.Linear(hidden, hidden),
-                                 nn.SiLU())
+        self.mlp = nn.Sequential(
+            nn.Linear(in_channels * patch_size**2, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU()
+        )
         self.out = nn.Linear(hidden, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.patch_size
         patches = F.unfold(x, p, stride=p).transpose(1, 2)  # (B, N, C p p)
-        return torch.sigmoid(self.out(self.mlp(patches.to(self.out.weight.dtype)).mean(1)).float()).squeeze(-1)
+        return torch.sigmoid(self.out(self.mlp(patches.to(self.out.weight.dtype)).mean(1)).float()).squeeze(
+            -1
+        )
 
 
 @dataclass
 class RoutedContext:
     """Per-block text keys/values of a batch of prompts, plus the text padding mask.
 
-    Cross-attention keys/values, (B, heads, S, d) each; with deep fusion, the paired LLM layers' own keys/values,
-    (B, kv_heads, S, d) each.
+    Cross-attention keys/values, (B, heads, S, d) each; with deep fusion, the paired LLM layers' own
+    keys/values, (B, kv_heads, S, d) each.
     """
 
     keys_values: list[tuple[torch.Tensor, torch.Tensor]]  # D x (keys, values)
@@ -289,7 +333,8 @@ class RoutedContext:
 
     def attention_mask(self, image_tokens: int, deep: bool) -> torch.Tensor | None:
         """The mask every block's attention takes, made once per context (a sampler reuses it for every step):
-        the text mask as `attention.cross_mask`, or with deep fusion `joint_mask` over [text; image tokens]."""
+        the text mask as `attention.cross_mask`, or with deep fusion `joint_mask` over [text; image
+        tokens]."""
         key = (image_tokens, deep, current_attention())
         if key not in self._formed:
             self._formed[key] = joint_mask(self.mask, image_tokens) if deep else cross_mask(self.mask)
@@ -297,18 +342,20 @@ class RoutedContext:
 
 
 def check_deep_layout(hidden_size: int, num_heads: int, text_dim: int, text_kv_heads: int | None) -> None:
-    """Deep fusion's DiT attention takes the LLM's head layout: its heads group evenly over the LLM's key/value heads
-    and have the LLM's head size. One error naming both layouts otherwise."""
+    """Deep fusion's DiT attention takes the LLM's head layout: its heads group evenly over the LLM's
+    key/value heads and have the LLM's head size. One error naming both layouts otherwise."""
     if text_kv_heads is None:
-        raise ValueError("deep fusion needs the LLM's key/value head count (text_kv_heads); it comes from the text "
-                         "encoder: build the DiT through `semroute train` or pass text_kv_heads")
+        raise ValueError(
+            "deep fusion needs the LLM's key/value head count (text_kv_heads); it comes from the text "
+            "encoder: build the DiT through `semroute train` or pass text_kv_heads"
+        )
     llm_head, rest = divmod(text_dim, 2 * text_kv_heads)
     head = hidden_size // num_heads
     if rest or num_heads % text_kv_heads or head != llm_head:
         raise ValueError(
-            f"deep fusion: the LLM's attention has {text_kv_heads} key/value heads of size {llm_head}, this DiT has "
-            f"{num_heads} heads of size {head}; set model.num_heads to a multiple of {text_kv_heads} and "
-            f"model.hidden_size to {llm_head} x num_heads (e.g. num_heads {text_kv_heads}, hidden_size "
+            f"deep fusion: the LLM's attention has {text_kv_heads} key/value heads of size {llm_head}, this "
+            f"DiT has {num_heads} heads of size {head}; set model.num_heads to a multiple of {text_kv_heads} "
+            f"and model.hidden_size to {llm_head} x num_heads (e.g. num_heads {text_kv_heads}, hidden_size "
             f"{text_kv_heads * llm_head})"
         )
 
@@ -318,9 +365,20 @@ MAX_PARAMETERS = 100e9
 
 
 def check_dit_args(**args) -> None:
-    """One-line errors for DiT sizes that parse but make no sense; `args` are SemanticRoutingDiT arguments (any subset)."""
-    for key in ("sample_size", "in_channels", "patch_size", "hidden_size", "depth", "num_heads", "text_dim",
-                "num_text_layers", "gate_hidden_dim", "text_kv_heads"):
+    """One-line errors for DiT sizes that parse but make no sense; `args` are SemanticRoutingDiT arguments
+    (any subset)."""
+    for key in (
+        "sample_size",
+        "in_channels",
+        "patch_size",
+        "hidden_size",
+        "depth",
+        "num_heads",
+        "text_dim",
+        "num_text_layers",
+        "gate_hidden_dim",
+        "text_kv_heads",
+    ):
         value = args.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"model.{key} must be a positive integer, got {value!r}")
@@ -332,23 +390,37 @@ def check_dit_args(**args) -> None:
         raise ValueError(f"sample_size {size} is not divisible by patch_size {patch}")
     width, heads = args.get("hidden_size"), args.get("num_heads")
     if width is not None and heads is not None and (width % heads or (width // heads) % 4):
-        raise ValueError(f"hidden_size {width} / num_heads {heads} must give a whole head size divisible by 4 "
-                         f"(the 2D rotary embedding splits it in four), e.g. hidden_size 256 with num_heads 4")
+        raise ValueError(
+            f"hidden_size {width} / num_heads {heads} must give a whole head size divisible by 4 "
+            f"(the 2D rotary embedding splits it in four), e.g. hidden_size 256 with num_heads 4"
+        )
     signal = args.get("gate_signal")
     if signal is not None and signal not in GATE_SIGNALS:
         raise ValueError(f"unknown model.gate_signal {signal!r}; valid: {', '.join(GATE_SIGNALS)}")
     strategy = args.get("strategy")
-    if signal == "estimated" and strategy is not None and not STRATEGY_TABLE[check_strategy(strategy)].depends_on_t:
-        raise ValueError(f"model.gate_signal 'estimated' feeds the time gates, which strategy {strategy!r} does not have; "
-                         f"use strategy time or joint (s1, s3), or gate_signal nominal")
+    if (
+        signal == "estimated"
+        and strategy is not None
+        and not STRATEGY_TABLE[check_strategy(strategy)].depends_on_t
+    ):
+        raise ValueError(
+            f"model.gate_signal 'estimated' feeds the time gates, which strategy {strategy!r} does not have; "
+            f"use strategy time or joint (s1, s3), or gate_signal nominal"
+        )
     conditioning = args.get("timestep_conditioning")
     if conditioning is not None and conditioning not in TIMESTEP_CONDITIONING:
-        raise ValueError(f"unknown timestep_conditioning {conditioning!r}; valid: {', '.join(TIMESTEP_CONDITIONING)}")
+        raise ValueError(
+            f"unknown timestep_conditioning {conditioning!r}; valid: {', '.join(TIMESTEP_CONDITIONING)}"
+        )
     if width is not None and args.get("depth") is not None:
-        estimate = args["depth"] * width * width * (4 + 2 * (ratio or 4.0) + 6)  # attention, MLP, cross-attention/adaLN
+        estimate = (
+            args["depth"] * width * width * (4 + 2 * (ratio or 4.0) + 6)
+        )  # attention, MLP, cross-attention/adaLN
         if estimate > MAX_PARAMETERS:
-            raise ValueError(f"model.depth {args['depth']} x hidden_size {width} makes a DiT of about {estimate:.1e} "
-                             f"parameters; this is surely a typo (limit {MAX_PARAMETERS:.0e})")
+            raise ValueError(
+                f"model.depth {args['depth']} x hidden_size {width} makes a DiT of about {estimate:.1e} "
+                f"parameters; this is surely a typo (limit {MAX_PARAMETERS:.0e})"
+            )
 
 
 class SemanticRoutingDiT(ModelMixin, ConfigMixin):
@@ -376,17 +448,32 @@ class SemanticRoutingDiT(ModelMixin, ConfigMixin):
         gate_signal: str = "nominal",
         text_kv_heads: int | None = None,
     ):
-        """text_dim / num_text_layers: the width and count of the text feature entries: the LLM's hidden size and
-        routed layers, or with strategy deep one entry per block of width 2 x text_kv_heads x head size (its keys
-        and values). text_kv_heads: the LLM's key/value heads (deep fusion only; the text encoder gives them)."""
+        """text_dim / num_text_layers: the width and count of the text feature entries: the LLM's hidden size
+        and routed layers, or with strategy deep one entry per block of width 2 x text_kv_heads x head size
+        (its keys and values). text_kv_heads: the LLM's key/value heads (deep fusion only; the text encoder
+        gives them)."""
         super().__init__()
-        check_dit_args(sample_size=sample_size, in_channels=in_channels, patch_size=patch_size, hidden_size=hidden_size,
-                       depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, timestep_conditioning=timestep_conditioning,
-                       text_dim=text_dim, num_text_layers=num_text_layers, gate_hidden_dim=gate_hidden_dim,
-                       strategy=strategy, gate_signal=gate_signal, text_kv_heads=text_kv_heads)
+        check_dit_args(
+            sample_size=sample_size,
+            in_channels=in_channels,
+            patch_size=patch_size,
+            hidden_size=hidden_size,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            timestep_conditioning=timestep_conditioning,
+            text_dim=text_dim,
+            num_text_layers=num_text_layers,
+            gate_hidden_dim=gate_hidden_dim,
+            strategy=strategy,
+            gate_signal=gate_signal,
+            text_kv_heads=text_kv_heads,
+        )
         self.grid_size = sample_size // patch_size
         adaln = timestep_conditioning == "adaln-zero"
-        self.fusion = LayerFusion(num_text_layers, depth, strategy, single_layer, gate_hidden_dim=gate_hidden_dim)
+        self.fusion = LayerFusion(
+            num_text_layers, depth, strategy, single_layer, gate_hidden_dim=gate_hidden_dim
+        )
         deep = self.fusion.spec.text_features == "keys_values"
         if deep:
             check_deep_layout(hidden_size, num_heads, text_dim, text_kv_heads)
@@ -395,7 +482,8 @@ class SemanticRoutingDiT(ModelMixin, ConfigMixin):
         self.t_embedder = TimestepEmbedder(hidden_size) if adaln else None
         self.noise_head = NoiseLevelHead(in_channels, patch_size) if gate_signal == "estimated" else None
         self.blocks = nn.ModuleList(
-            DiTBlock(hidden_size, num_heads, mlp_ratio, self.grid_size, mlp_conv, adaln, deep) for _ in range(depth)
+            DiTBlock(hidden_size, num_heads, mlp_ratio, self.grid_size, mlp_conv, adaln, deep)
+            for _ in range(depth)
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, in_channels, adaln)
         self.gradient_checkpointing = False  # enable_gradient_checkpointing() (diffusers) turns it on
@@ -447,7 +535,10 @@ class SemanticRoutingDiT(ModelMixin, ConfigMixin):
         if fused.device.type == "meta" or not torch.is_autocast_enabled(fused.device.type):
             fused = fused.to(self.context_embedder.proj.weight.dtype)  # e.g. bf16 cached features, fp32 model
         context = self.context_embedder(fused)  # (G, B, S, H)
-        kv = [block.cross_attn.keys_values(context[min(d, len(context) - 1)]) for d, block in enumerate(self.blocks)]
+        kv = [
+            block.cross_attn.keys_values(context[min(d, len(context) - 1)])
+            for d, block in enumerate(self.blocks)
+        ]
         return RoutedContext(kv, text_mask.bool())
 
     def forward(
@@ -490,7 +581,7 @@ class SemanticRoutingDiT(ModelMixin, ConfigMixin):
         rope = (self.rope_cos, self.rope_sin)
         # The attention mask over text tokens, made once for every block (None where nothing is padded).
         mask = context.attention_mask(h.shape[1], deep=self.context_embedder is None)
-        for block, kv in zip(self.blocks, context.keys_values):
+        for block, kv in zip(self.blocks, context.keys_values, strict=True):
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 h = self._gradient_checkpointing_func(block, h, c, rope, kv, mask)
             else:
@@ -505,24 +596,53 @@ class SemanticRoutingDiT(ModelMixin, ConfigMixin):
 DIT_PRESETS: dict[str, dict] = {
     # The paper's DiT: 24 blocks x 2048 on SD3-VAE latents (256 px -> 32x32x16), no timestep embedding.
     "paper": dict(
-        sample_size=32, in_channels=16, patch_size=2, hidden_size=2048, depth=24, num_heads=16,
-        mlp_ratio=4.0, mlp_conv=False, timestep_conditioning="none",
+        sample_size=32,
+        in_channels=16,
+        patch_size=2,
+        hidden_size=2048,
+        depth=24,
+        num_heads=16,
+        mlp_ratio=4.0,
+        mlp_conv=False,
+        timestep_conditioning="none",
     ),
     # The CPU shapes demo: 16x16 pixels, patch 2, 6 x 192, gated MLP 2x with a conv, adaLN-zero.
     # Measured on 2 cores in bf16: 2.2x the training throughput of 6 x 256 with a 4x MLP.
     "cpu-small": dict(
-        sample_size=16, in_channels=3, patch_size=2, hidden_size=192, depth=6, num_heads=3,
-        mlp_ratio=2.0, mlp_conv=True, timestep_conditioning="adaln-zero",
+        sample_size=16,
+        in_channels=3,
+        patch_size=2,
+        hidden_size=192,
+        depth=6,
+        num_heads=3,
+        mlp_ratio=2.0,
+        mlp_conv=True,
+        timestep_conditioning="adaln-zero",
     ),
     # The paper's setting at CPU scale: cpu-small without any timestep input. The DiT must infer the noise
     # level from x_t, and in S1/S3 the fusion gate is the only place t enters (the trajectory experiment).
     "cpu-small-tfree": dict(
-        sample_size=16, in_channels=3, patch_size=2, hidden_size=192, depth=6, num_heads=3,
-        mlp_ratio=2.0, mlp_conv=True, timestep_conditioning="none",
+        sample_size=16,
+        in_channels=3,
+        patch_size=2,
+        hidden_size=192,
+        depth=6,
+        num_heads=3,
+        mlp_ratio=2.0,
+        mlp_conv=True,
+        timestep_conditioning="none",
     ),
     # Unit tests.
     "tiny": dict(
-        sample_size=8, in_channels=3, patch_size=2, hidden_size=32, depth=2, num_heads=2,
-        mlp_ratio=2.0, mlp_conv=True, timestep_conditioning="adaln-zero", gate_hidden_dim=16,
+        sample_size=8,
+        in_channels=3,
+        patch_size=2,
+        hidden_size=32,
+        depth=2,
+        num_heads=2,
+        mlp_ratio=2.0,
+        mlp_conv=True,
+        timestep_conditioning="adaln-zero",
+        gate_hidden_dim=16,
     ),
 }

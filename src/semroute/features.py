@@ -1,4 +1,5 @@
-"""Text features: prompts -> LayerNorm'd LLM layers (or deep fusion's keys/values), computed once and indexed per batch.
+"""Text features: prompts -> LayerNorm'd LLM layers (or deep fusion's keys/values), computed once and indexed
+per batch.
 
 Every fusion strategy mixes the same thing, LN(H_l) for the chosen layers, so they are computed
 once per prompt (and the null prompt of classifier-free guidance) and reused by training,
@@ -18,7 +19,8 @@ NULL_PROMPT = ""  # the unconditional prompt of classifier-free guidance (captio
 
 
 class EncoderInfo(Protocol):
-    """What the DiT and a checkpoint need to know about the LLM: a loaded `TextEncoder` or a cache's description."""
+    """What the DiT and a checkpoint need to know about the LLM: a loaded `TextEncoder` or a cache's
+    description."""
 
     config: object  # TextEncoderConfig
     layers: list[int]
@@ -31,8 +33,11 @@ class EncoderInfo(Protocol):
 
 def dit_text_args(info: EncoderInfo) -> dict:
     """The DiT arguments that come from the text encoder (config.DERIVED_MODEL_KEYS)."""
-    return {"text_dim": info.feature_dim, "num_text_layers": info.num_layers,
-            "text_kv_heads": info.kv_heads if info.feature_kind == "keys_values" else None}
+    return {
+        "text_dim": info.feature_dim,
+        "num_text_layers": info.num_layers,
+        "text_kv_heads": info.kv_heads if info.feature_kind == "keys_values" else None,
+    }
 
 
 @dataclass
@@ -54,15 +59,15 @@ class PromptFeatures:
         Gathered straight into the layer-major layout, so the fusion never copies them again."""
         return self.hidden.transpose(0, 1).index_select(1, ids), self.mask[ids]
 
-    def to(self, dtype: torch.dtype) -> "PromptFeatures":
+    def to(self, dtype: torch.dtype) -> PromptFeatures:
         return PromptFeatures(self.hidden.to(dtype), self.mask)
 
 
 def encode_prompts(
     encoder, prompts: list[str], batch_size: int = 32, dtype=torch.float32, progress: bool = False
 ) -> PromptFeatures:
-    """Run the LLM once per prompt and keep what the DiT reads (`TextEncoder.features`): the LayerNorm'd layers
-    every fusion strategy mixes, or deep fusion's per-layer keys/values."""
+    """Run the LLM once per prompt and keep what the DiT reads (`TextEncoder.features`): the LayerNorm'd
+    layers every fusion strategy mixes, or deep fusion's per-layer keys/values."""
     hidden, masks = [], []
     for i in tqdm(range(0, len(prompts), batch_size), desc="encoding prompts", disable=not progress):
         h, m = encoder.features(prompts[i : i + batch_size])
@@ -84,7 +89,11 @@ def prompt_table(encoder, captions: list[str], dtype: torch.dtype, progress: boo
 
 
 def drop_captions(
-    text: torch.Tensor, mask: torch.Tensor, null_text: torch.Tensor, null_mask: torch.Tensor, drop: torch.Tensor
+    text: torch.Tensor,
+    mask: torch.Tensor,
+    null_text: torch.Tensor,
+    null_mask: torch.Tensor,
+    drop: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Caption dropout: the features of the prompts where `drop` (B,) is True become the null prompt's.
 

@@ -6,8 +6,8 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 
 def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
@@ -48,7 +48,9 @@ def read_json(path: Path, what: str, fix: str):
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} {path} is missing; {fix}") from None
     except (ValueError, UnicodeDecodeError) as err:
-        raise ValueError(f"{what} {path} is not valid JSON ({' '.join(str(err).split())[:120]}); {fix}") from None
+        raise ValueError(
+            f"{what} {path} is not valid JSON ({' '.join(str(err).split())[:120]}); {fix}"
+        ) from None
 
 
 def file_digest(path: Path) -> str:
@@ -60,8 +62,10 @@ def file_digest(path: Path) -> str:
 def record_files(root: Path, skip: tuple[str, ...] = ()) -> dict:
     """What a directory of outputs holds, for `files_problem` to check later: each file's size and sha256."""
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.relative_to(root).as_posix() not in skip)
-    return {"files": {p.relative_to(root).as_posix(): p.stat().st_size for p in files},
-            "sha256": {p.relative_to(root).as_posix(): file_digest(p) for p in files}}
+    return {
+        "files": {p.relative_to(root).as_posix(): p.stat().st_size for p in files},
+        "sha256": {p.relative_to(root).as_posix(): file_digest(p) for p in files},
+    }
 
 
 def files_problem(root: Path, record: dict, names=None) -> str | None:
@@ -86,9 +90,11 @@ def files_problem(root: Path, record: dict, names=None) -> str | None:
 
 
 def recorded_problem(root: Path, manifest: Path, names=None) -> tuple[dict, str | None]:
-    """The record `manifest` holds and why `root`'s files (`names`, default all) differ from it, or None when they match.
+    """The record `manifest` holds and why `root`'s files (`names`, default all) differ from it, or None when
+    they match.
 
-    A manifest that is not a JSON object is itself the problem; a problem of the record's form names the manifest.
+    A manifest that is not a JSON object is itself the problem; a problem of the record's form names the
+    manifest.
     """
     try:
         record = json.loads(manifest.read_text())
@@ -107,7 +113,8 @@ def write_text(path: Path, text: str) -> None:
 
 
 class OutputLock:
-    """One writer per output: an exclusive lock on `.<name>.lock` beside `path`, released when the holder exits.
+    """One writer per output: an exclusive lock on `.<name>.lock` beside `path`, released when the holder
+    exits.
 
     A second process is refused in one line naming the holder's pid. flock locks die with their
     process, so a killed run never leaves a stale lock behind.
@@ -118,7 +125,7 @@ class OutputLock:
         self.lock_file = self.path.parent / f".{self.path.name}.lock"
         self._fd: int | None = None
 
-    def __enter__(self) -> "OutputLock":
+    def __enter__(self) -> OutputLock:
         import fcntl
 
         self.lock_file.parent.mkdir(parents=True, exist_ok=True)
@@ -128,8 +135,10 @@ class OutputLock:
         except BlockingIOError:
             holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise ValueError(f"another semroute process (pid {holder}) is writing to {self.path}; wait for it to finish, "
-                             f"or choose another output") from None
+            raise ValueError(
+                f"another semroute process (pid {holder}) is writing to {self.path}; wait for it to finish, "
+                f"or choose another output"
+            ) from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._fd = fd

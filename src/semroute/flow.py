@@ -1,4 +1,5 @@
-"""Rectified flow: the training loss and the guided sampler, and the sampling settings. The trainer calls only these.
+"""Rectified flow: the training loss and the guided sampler, and the sampling settings. The trainer calls only
+these.
 
 Convention (t in [0, 1], 1 = pure noise):
     x_t = (1 - t) * x0 + t * noise        target velocity v = noise - x0
@@ -32,13 +33,18 @@ class RectifiedFlow:
         self.t_std = t_std
         self.caption_dropout = caption_dropout
 
-    def sample_t(self, batch_size: int, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample_t(
+        self, batch_size: int, device=None, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """t = sigmoid(N(mean, std)): logit-normal, concentrating training on mid-range noise. -> (B,)"""
         z = torch.randn(batch_size, generator=generator, device=device)
         return torch.sigmoid(self.t_mean + self.t_std * z)
 
-    def drop_mask(self, batch_size: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
-        """Which of `batch_size` captions to replace by the null prompt (teaches the unconditional branch). -> (B,) bool"""
+    def drop_mask(
+        self, batch_size: int, generator: torch.Generator | None = None, device=None
+    ) -> torch.Tensor:
+        """Which of `batch_size` captions to replace by the null prompt (teaches the unconditional branch). ->
+        (B,) bool"""
         return torch.rand(batch_size, generator=generator, device=device) < self.caption_dropout
 
     def loss(
@@ -104,7 +110,8 @@ class RectifiedFlow:
 
 
 def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
-    """The time shift of SD3 / diffusers' flow-matching schedulers: s t / (1 + (s - 1) t); s > 1 reads noisier."""
+    """The time shift of SD3 / diffusers' flow-matching schedulers: s t / (1 + (s - 1) t); s > 1 reads
+    noisier."""
     return shift * t / (1 + (shift - 1) * t)
 
 
@@ -112,14 +119,18 @@ def flow_schedulers() -> list[str]:
     """The diffusers flow-matching scheduler classes a `SampleConfig` may name."""
     import diffusers
 
-    return sorted(name for name in dir(diffusers) if name.startswith("FlowMatch") and name.endswith("Scheduler"))
+    return sorted(
+        name for name in dir(diffusers) if name.startswith("FlowMatch") and name.endswith("Scheduler")
+    )
 
 
 @dataclass
 class SampleConfig:
-    """How images are sampled, saved with every checkpoint: the default of `sample`, `eval`, `sample-bench` and the pipeline."""
+    """How images are sampled, saved with every checkpoint: the default of `sample`, `eval`, `sample-bench`
+    and the pipeline."""
 
-    # A diffusers flow-matching scheduler class (FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler, ...).
+    # A diffusers flow-matching scheduler class (FlowMatchEulerDiscreteScheduler,
+    # FlowMatchHeunDiscreteScheduler, ...).
     scheduler: str = "FlowMatchEulerDiscreteScheduler"
     steps: int = 25
     guidance_scale: float = 3.0
@@ -136,15 +147,21 @@ class SampleConfig:
         if not self.gate_shift > 0:
             raise ValueError(f"sample.gate_shift must be > 0 (1 = the nominal t), got {self.gate_shift}")
         if self.images_per_prompt < 1 or self.shift <= 0:
-            raise ValueError(f"sample.images_per_prompt must be >= 1 and sample.shift > 0, "
-                             f"got {self.images_per_prompt}, {self.shift}")
+            raise ValueError(
+                f"sample.images_per_prompt must be >= 1 and sample.shift > 0, "
+                f"got {self.images_per_prompt}, {self.shift}"
+            )
         if self.guidance_scale < 1:
-            raise ValueError(f"sample.guidance_scale must be >= 1 (1 disables guidance), got {self.guidance_scale}")
+            raise ValueError(
+                f"sample.guidance_scale must be >= 1 (1 disables guidance), got {self.guidance_scale}"
+            )
         if self.steps < 1:
             raise ValueError(f"sample.steps must be >= 1, got {self.steps}")
         if self.scheduler not in flow_schedulers():
-            raise ValueError(f"sample.scheduler {self.scheduler!r} is not a diffusers flow-matching scheduler; "
-                             f"valid: {', '.join(flow_schedulers())}")
+            raise ValueError(
+                f"sample.scheduler {self.scheduler!r} is not a diffusers flow-matching scheduler; "
+                f"valid: {', '.join(flow_schedulers())}"
+            )
 
     def make_scheduler(self):
         import diffusers
@@ -152,7 +169,8 @@ class SampleConfig:
         return getattr(diffusers, self.scheduler)(num_train_timesteps=1000, shift=self.shift)
 
     def scheduler_calls(self) -> int:
-        """Model evaluations per image and guidance branch: the scheduler's timesteps for `steps` (Heun: 2 steps - 1)."""
+        """Model evaluations per image and guidance branch: the scheduler's timesteps for `steps` (Heun: 2
+        steps - 1)."""
         scheduler = self.make_scheduler()
         scheduler.set_timesteps(self.steps)
         return len(scheduler.timesteps)

@@ -78,16 +78,22 @@ def check_strategy(strategy: str) -> str:
 def pack_keys_values(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """LLM keys/values (D, B, kv_heads, S, d) each -> deep-fusion text features (D, B, S, 2 kv_heads d).
 
-    One feature entry per paired layer, of width 2 kv_heads d (keys, then values): the shape of the hidden states
-    the other strategies read, so tables, caches, caption dropout and padding treat both alike.
+    One feature entry per paired layer, of width 2 kv_heads d (keys, then values): the shape of the hidden
+    states the other strategies read, so tables, caches, caption dropout and padding treat both alike.
     """
     D, B, heads, S, d = keys.shape
-    return torch.cat([keys.permute(0, 1, 3, 2, 4).reshape(D, B, S, heads * d),
-                      values.permute(0, 1, 3, 2, 4).reshape(D, B, S, heads * d)], dim=-1)
+    return torch.cat(
+        [
+            keys.permute(0, 1, 3, 2, 4).reshape(D, B, S, heads * d),
+            values.permute(0, 1, 3, 2, 4).reshape(D, B, S, heads * d),
+        ],
+        dim=-1,
+    )
 
 
 def unpack_keys_values(features: torch.Tensor, kv_heads: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The inverse of `pack_keys_values`: (D, B, S, 2 kv_heads d) -> D x (keys, values), (B, kv_heads, S, d) each."""
+    """The inverse of `pack_keys_values`: (D, B, S, 2 kv_heads d) -> D x (keys, values), (B, kv_heads, S, d)
+    each."""
     D, B, S, width = features.shape
     kv = features.view(D, B, S, 2, kv_heads, width // (2 * kv_heads)).permute(3, 0, 1, 4, 2, 5)
     return [(kv[0, j], kv[1, j]) for j in range(D)]
@@ -125,8 +131,10 @@ class LayerFusion(nn.Module):
             raise ValueError(f"single_layer={single_layer} is outside the {num_layers} LLM layers given")
         self.single_layer = single_layer % num_layers
         if self.spec.logits == "pairing" and num_layers != num_blocks:
-            raise ValueError(f"deep fusion pairs each of the {num_blocks} DiT blocks with one LLM layer, "
-                             f"but {num_layers} layers were given; give text_encoder.layers one layer per block")
+            raise ValueError(
+                f"deep fusion pairs each of the {num_blocks} DiT blocks with one LLM layer, "
+                f"but {num_layers} layers were given; give text_encoder.layers one layer per block"
+            )
         self.gate_embed_dim = gate_embed_dim
         # Tracks the module's device for strategies that have no parameters.
         self.register_buffer("_anchor", torch.zeros(()), persistent=False)
@@ -137,7 +145,9 @@ class LayerFusion(nn.Module):
         if self.spec.logits == "time_mlp":
             g = self.num_groups
             bound = 1.0 / math.sqrt(gate_embed_dim)
-            self.gate_w1 = nn.Parameter(torch.empty(g, gate_embed_dim, gate_hidden_dim).uniform_(-bound, bound))
+            self.gate_w1 = nn.Parameter(
+                torch.empty(g, gate_embed_dim, gate_hidden_dim).uniform_(-bound, bound)
+            )
             self.gate_b1 = nn.Parameter(torch.zeros(g, gate_hidden_dim))
             # Zero-init output layer: every learned strategy starts exactly at uniform (B2).
             self.gate_w2 = nn.Parameter(torch.zeros(g, gate_hidden_dim, num_layers))
@@ -187,7 +197,9 @@ class LayerFusion(nn.Module):
             return self.logits
         if t is None:
             raise ValueError(f"strategy {self.strategy!r} depends on t: pass the diffusion time t")
-        phi = sinusoidal_embedding(t, self.gate_embed_dim).to(self.gate_w1.dtype)  # (B, E), in the gates' dtype
+        phi = sinusoidal_embedding(t, self.gate_embed_dim).to(
+            self.gate_w1.dtype
+        )  # (B, E), in the gates' dtype
         h = F.silu(torch.einsum("be,geh->bgh", phi, self.gate_w1) + self.gate_b1)
         return torch.einsum("bgh,ghl->bgl", h, self.gate_w2) + self.gate_b2  # (B, G, L)
 
@@ -218,9 +230,7 @@ class LayerFusion(nn.Module):
         returns: (G, B, S, C) with G = `num_groups`
         """
         if hidden_states.shape[0] != self.num_layers:
-            raise ValueError(
-                f"fusion expects {self.num_layers} LLM layers but got {hidden_states.shape[0]}"
-            )
+            raise ValueError(f"fusion expects {self.num_layers} LLM layers but got {hidden_states.shape[0]}")
         if self.spec.logits == "pairing":
             return hidden_states
         if self.spec.logits == "one_hot":  # a selection, not a mix: only that layer is normalized

@@ -21,7 +21,9 @@ def load_vae(path: str | Path):
         if (path / "vae" / "config.json").is_file():
             path = path / "vae"
         else:
-            raise FileNotFoundError(f"VAE {path} is not a directory with an AutoencoderKL config.json (or a vae/ folder)")
+            raise FileNotFoundError(
+                f"VAE {path} is not a directory with an AutoencoderKL config.json (or a vae/ folder)"
+            )
     return AutoencoderKL.from_pretrained(path).eval().requires_grad_(False)
 
 
@@ -37,7 +39,8 @@ def vae_downsample(vae) -> int:
 
 @torch.no_grad()
 def encode_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
-    """Images (B, 3, H, W) in [-1, 1] -> DiT inputs (B, C, H/f, W/f): the posterior mode, shifted and scaled."""
+    """Images (B, 3, H, W) in [-1, 1] -> DiT inputs (B, C, H/f, W/f): the posterior mode, shifted and
+    scaled."""
     shift, scale = vae_factors(vae)
     param = next(vae.parameters())
     latents = vae.encode(pixels.to(param.device, param.dtype)).latent_dist.mode()
@@ -56,10 +59,13 @@ def check_vae_matches(vae, in_channels: int, sample_size: int, resolution: int) 
     """The DiT must take the VAE's latent channels, at resolution / downsample."""
     channels, factor = vae.config.latent_channels, vae_downsample(vae)
     if channels != in_channels:
-        raise ValueError(f"the VAE has {channels} latent channels but model.in_channels is {in_channels}; set model.in_channels: {channels}")
+        raise ValueError(
+            f"the VAE has {channels} latent channels but model.in_channels is {in_channels}; set "
+            f"model.in_channels: {channels}"
+        )
     if resolution % factor or resolution // factor != sample_size:
         raise ValueError(
-            f"resolution {resolution} through a VAE that downsamples by {factor} gives {resolution / factor:g} latents, "
-            f"but model.sample_size is {sample_size}; set model.sample_size: {resolution // factor} "
-            f"(and a resolution divisible by {factor})"
+            f"resolution {resolution} through a VAE that downsamples by {factor} gives "
+            f"{resolution / factor:g} latents, but model.sample_size is {sample_size}; set "
+            f"model.sample_size: {resolution // factor} (and a resolution divisible by {factor})"
         )

@@ -10,11 +10,11 @@ from pathlib import Path
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 
-from .dit import SemanticRoutingDiT
-from .flow import RectifiedFlow, SampleConfig, shift_time
 from .checkpoint import TEXT_ENCODER_FILE, VAE_FILE
-from .fileio import read_json, record_files, recorded_problem
+from .dit import SemanticRoutingDiT
 from .features import NULL_PROMPT, PromptFeatures, encode_prompts
+from .fileio import read_json, record_files, recorded_problem
+from .flow import RectifiedFlow, SampleConfig, shift_time
 from .latent import check_vae_matches, decode_latents, vae_downsample
 from .runtime import Precision, resolve_device, resolve_precision
 from .speed import configure
@@ -22,40 +22,53 @@ from .text_encoder import TextEncoder, TextEncoderConfig, llm_dtype
 
 logger = logging.getLogger(__name__)
 
+
 def check_compatible(transformer: SemanticRoutingDiT, encoder: TextEncoder) -> None:
-    """The DiT must read the kind of text features it was trained on, from as many LLM layers, of the same width."""
+    """The DiT must read the kind of text features it was trained on, from as many LLM layers, of the same
+    width."""
     cfg = transformer.config
     wanted = transformer.fusion.spec.text_features
     if encoder.feature_kind != wanted:
-        raise ValueError(f"the checkpoint ({transformer.fusion.strategy}) reads the LLM's {wanted} but the text encoder "
-                         f"gives {encoder.feature_kind}; set text_encoder.features to {wanted}")
+        raise ValueError(
+            f"the checkpoint ({transformer.fusion.strategy}) reads the LLM's {wanted} but the text encoder "
+            f"gives {encoder.feature_kind}; set text_encoder.features to {wanted}"
+        )
     if cfg.num_text_layers != encoder.num_layers:
         raise ValueError(
-            f"the checkpoint routes {cfg.num_text_layers} LLM layers but the text encoder gives {encoder.num_layers}; "
-            f"use the text encoder and layers it was trained with"
+            f"the checkpoint routes {cfg.num_text_layers} LLM layers but the text encoder gives "
+            f"{encoder.num_layers}; use the text encoder and layers it was trained with"
         )
     if cfg.text_dim != encoder.feature_dim:
-        what = "LLM hidden size" if wanted == "hidden_states" else "key/value width (2 x kv heads x head size)"
+        what = (
+            "LLM hidden size" if wanted == "hidden_states" else "key/value width (2 x kv heads x head size)"
+        )
         raise ValueError(
             f"the checkpoint expects {what} {cfg.text_dim} but the text encoder has {encoder.feature_dim}; "
             f"use the text encoder it was trained with"
         )
     if wanted == "keys_values" and cfg.text_kv_heads != encoder.kv_heads:
-        raise ValueError(f"the checkpoint groups its heads over {cfg.text_kv_heads} LLM key/value heads but the text "
-                         f"encoder has {encoder.kv_heads}; use the text encoder it was trained with")
+        raise ValueError(
+            f"the checkpoint groups its heads over {cfg.text_kv_heads} LLM key/value heads but the text "
+            f"encoder has {encoder.kv_heads}; use the text encoder it was trained with"
+        )
 
 
 def check_gate_shift(transformer) -> None:
     """A gate shift changes only nominal time gates: refuse it where it would silently do nothing."""
     fusion = transformer.fusion
     if not fusion.depends_on_t:
-        raise ValueError(f"a gate shift changes time gates; strategy {fusion.strategy!r} has none (use time or joint)")
+        raise ValueError(
+            f"a gate shift changes time gates; strategy {fusion.strategy!r} has none (use time or joint)"
+        )
     if transformer.noise_head is not None:
-        raise ValueError("this DiT's gates read a noise level it estimates from x_t, not t: a gate shift would not apply")
+        raise ValueError(
+            "this DiT's gates read a noise level it estimates from x_t, not t: a gate shift would not apply"
+        )
 
 
 class SemanticRoutingPipeline(DiffusionPipeline):
-    """A diffusers pipeline: causal LM + tokenizer -> routed DiT -> flow-matching Euler sampler -> (VAE) -> images.
+    """A diffusers pipeline: causal LM + tokenizer -> routed DiT -> flow-matching Euler sampler -> (VAE) ->
+    images.
 
     `SemanticRoutingPipeline.from_pretrained(DIR)(prompt, num_inference_steps=.., guidance_scale=..)`
     returns PIL images like any diffusers pipeline; `generate` returns tensors for library code.
@@ -80,59 +93,104 @@ class SemanticRoutingPipeline(DiffusionPipeline):
         gate_shift: float = SampleConfig.gate_shift,
     ):
         super().__init__()
-        self.register_modules(transformer=transformer, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae)
+        self.register_modules(
+            transformer=transformer,
+            scheduler=scheduler,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            vae=vae,
+        )
         layers = list(text_layers or [])
-        # steps / guidance_scale: the sampling defaults of the run (its SampleConfig); the scheduler carries the shift.
-        self.register_to_config(text_layers=layers, max_length=max_length, template=template, steps=steps,
-                                guidance_scale=guidance_scale, gate_shift=gate_shift)
-        config = TextEncoderConfig(model=getattr(text_encoder, "name_or_path", ""), layers=layers, max_length=max_length,
-                                   template=template, features=transformer.fusion.spec.text_features)
+        # steps / guidance_scale: the sampling defaults of the run (its SampleConfig); the scheduler carries
+        # the shift.
+        self.register_to_config(
+            text_layers=layers,
+            max_length=max_length,
+            template=template,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            gate_shift=gate_shift,
+        )
+        config = TextEncoderConfig(
+            model=getattr(text_encoder, "name_or_path", ""),
+            layers=layers,
+            max_length=max_length,
+            template=template,
+            features=transformer.fusion.spec.text_features,
+        )
         self.encoder = TextEncoder(config, model=text_encoder, tokenizer=tokenizer)
         check_compatible(transformer, self.encoder)
         if vae is not None:
-            check_vae_matches(vae, transformer.config.in_channels, transformer.config.sample_size,
-                              transformer.config.sample_size * vae_downsample(vae))
+            check_vae_matches(
+                vae,
+                transformer.config.in_channels,
+                transformer.config.sample_size,
+                transformer.config.sample_size * vae_downsample(vae),
+            )
         transformer.eval()
         # The DiT's sampling precision: auto | fp32 | bf16 | fp16, resolved for its device when sampling.
         self.precision = "auto"
-        # Whether the batched sampler (bench.sampling) may compile the DiT blocks: auto | on | off (speed.StepCompiler).
+        # Whether the batched sampler (bench.sampling) may compile the DiT blocks: auto | on | off
+        # (speed.StepCompiler).
         self.compile = "auto"
         self._resolved: dict[tuple[str, str], Precision] = {}
 
     @classmethod
     def from_parts(
-        cls, transformer: SemanticRoutingDiT, encoder: TextEncoder, vae=None, sample: SampleConfig | None = None,
+        cls,
+        transformer: SemanticRoutingDiT,
+        encoder: TextEncoder,
+        vae=None,
+        sample: SampleConfig | None = None,
         precision: str = "auto",
-    ) -> "SemanticRoutingPipeline":
+    ) -> SemanticRoutingPipeline:
         """Build from a loaded `TextEncoder` wrapper (its resolved layers become the pipeline's text_layers).
 
         sample: the run's sampling settings (scheduler, steps, guidance, shift), the pipeline's defaults.
         """
         c, sample = encoder.config, sample or SampleConfig()
-        pipe = cls(transformer, sample.make_scheduler(), encoder.model, encoder.tokenizer, vae, text_layers=encoder.layers,
-                   max_length=c.max_length, template=c.template, steps=sample.steps, guidance_scale=sample.guidance_scale,
-                   gate_shift=sample.gate_shift)
+        pipe = cls(
+            transformer,
+            sample.make_scheduler(),
+            encoder.model,
+            encoder.tokenizer,
+            vae,
+            text_layers=encoder.layers,
+            max_length=c.max_length,
+            template=c.template,
+            steps=sample.steps,
+            guidance_scale=sample.guidance_scale,
+            gate_shift=sample.gate_shift,
+        )
         pipe.encoder = encoder
         pipe.precision = precision
         return pipe
 
     def use_scheduler(self, name: str) -> None:
-        """Sample with another diffusers flow-matching scheduler class, keeping this one's settings (shift)."""
+        """Sample with another diffusers flow-matching scheduler class, keeping this one's settings
+        (shift)."""
         import diffusers
 
         SampleConfig(scheduler=name)  # checks the name
         self.register_modules(scheduler=getattr(diffusers, name).from_config(self.scheduler.config))
 
     def use_gate_shift(self, shift: float) -> None:
-        """Time gates read shift_time(t, shift) when sampling (the paper's manual repair); 1 restores the nominal t."""
+        """Time gates read shift_time(t, shift) when sampling (the paper's manual repair); 1 restores the
+        nominal t."""
         SampleConfig(gate_shift=shift)  # checks the value
         if shift != 1.0:
             check_gate_shift(self.transformer)
         self.register_to_config(gate_shift=float(shift))
 
-    def sampling(self, steps: int | None = None, guidance_scale: float | None = None, shift: float | None = None,
-                 scheduler: str | None = None) -> SampleConfig:
-        """The settings a `generate` call uses: the given ones, else the pipeline's own (its run's `sample:`)."""
+    def sampling(
+        self,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        shift: float | None = None,
+        scheduler: str | None = None,
+    ) -> SampleConfig:
+        """The settings a `generate` call uses: the given ones, else the pipeline's own (its run's
+        `sample:`)."""
         current = type(self.scheduler).__name__
         return SampleConfig(
             scheduler=scheduler or current,
@@ -143,8 +201,8 @@ class SemanticRoutingPipeline(DiffusionPipeline):
         )
 
     def sampling_precision(self) -> Precision:
-        """`precision` resolved for the transformer's device (measured once per machine, logged once), with the
-        device's other speed settings (`speed.configure`)."""
+        """`precision` resolved for the transformer's device (measured once per machine, logged once), with
+        the device's other speed settings (`speed.configure`)."""
         device = self.transformer.device
         key = (str(device), self.precision)
         if key not in self._resolved:
@@ -155,8 +213,12 @@ class SemanticRoutingPipeline(DiffusionPipeline):
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | Path, text_encoder: str | None = None, device: str | torch.device = "auto", precision: str = "auto",
-    ) -> "SemanticRoutingPipeline":
+        cls,
+        path: str | Path,
+        text_encoder: str | None = None,
+        device: str | torch.device = "auto",
+        precision: str = "auto",
+    ) -> SemanticRoutingPipeline:
         """Load a checkpoint directory written by `semroute train`; `text_encoder` overrides the model path.
 
         device: where the DiT, the LLM and the VAE run (auto = cuda, then mps, then cpu).
@@ -171,7 +233,9 @@ class SemanticRoutingPipeline(DiffusionPipeline):
             stored.pop("resolved_layers", None)
             config = TextEncoderConfig(**stored)
         except (AttributeError, TypeError):
-            raise ValueError(f"text encoder description {meta} does not describe a text encoder; {fix}") from None
+            raise ValueError(
+                f"text encoder description {meta} does not describe a text encoder; {fix}"
+            ) from None
         if text_encoder is not None:
             config.model = text_encoder
         vae = None
@@ -183,8 +247,13 @@ class SemanticRoutingPipeline(DiffusionPipeline):
         transformer = load_transformer(path)
         device = resolve_device(device)
         configure(device)
-        pipe = cls.from_parts(transformer, TextEncoder(config, device=device), vae, sample=_saved_sampling(path),
-                              precision=precision)
+        pipe = cls.from_parts(
+            transformer,
+            TextEncoder(config, device=device),
+            vae,
+            sample=_saved_sampling(path),
+            precision=precision,
+        )
         return pipe.to(device)
 
     def encode(self, prompts: list[str]) -> PromptFeatures:
@@ -230,7 +299,9 @@ class SemanticRoutingPipeline(DiffusionPipeline):
         features = features or self.encode(prompts)
         n = len(prompts)
         if features.hidden.shape[0] != n + 1:
-            raise ValueError(f"features hold {features.hidden.shape[0]} prompts; expected {n} prompts + the null prompt")
+            raise ValueError(
+                f"features hold {features.hidden.shape[0]} prompts; expected {n} prompts + the null prompt"
+            )
         ids = torch.arange(n)
         if guidance_scale != 1.0:
             ids = torch.cat([ids, torch.full((n,), n)])  # [conditional; unconditional]
@@ -245,13 +316,21 @@ class SemanticRoutingPipeline(DiffusionPipeline):
         else:
             if len(seed) != n:
                 raise ValueError(f"got {len(seed)} seeds for {n} prompts")
-            noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seed])
+            noise = torch.stack(
+                [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seed]
+            )
         noise = noise.to(device, weights)
-        scheduler = self.scheduler if shift is None else type(self.scheduler).from_config(self.scheduler.config, shift=shift)
+        scheduler = (
+            self.scheduler
+            if shift is None
+            else type(self.scheduler).from_config(self.scheduler.config, shift=shift)
+        )
         with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
             context = None
             if reuse_context and not model.fusion.depends_on_t:
-                context = model.route_text(text, mask, normalized=True)  # once for every step and both branches
+                context = model.route_text(
+                    text, mask, normalized=True
+                )  # once for every step and both branches
 
             gate_shift = settings.gate_shift
 
@@ -262,8 +341,9 @@ class SemanticRoutingPipeline(DiffusionPipeline):
                 gate_t = shift_time(t, gate_shift) if gate_shift != 1.0 else None
                 return model(x, t, text, mask, text_normalized=True, gate_t=gate_t)
 
-            x = RectifiedFlow.sample(velocity, noise, scheduler, settings.steps, guidance_scale, on_step=on_step,
-                                     on_state=on_state)
+            x = RectifiedFlow.sample(
+                velocity, noise, scheduler, settings.steps, guidance_scale, on_step=on_step, on_state=on_state
+            )
         if self.vae is not None:
             x = decode_latents(self.vae, x)
         return ((x + 1) / 2).clamp(0, 1)
@@ -298,7 +378,8 @@ class SemanticRoutingPipeline(DiffusionPipeline):
 
 
 def load_transformer(path: Path) -> SemanticRoutingDiT:
-    """The DiT of a checkpoint, strictly: a damaged file or another model's weights is an error, never a random init."""
+    """The DiT of a checkpoint, strictly: a damaged file or another model's weights is an error, never a
+    random init."""
     from safetensors.torch import load_file
 
     weights_file = path / "diffusion_pytorch_model.safetensors"
@@ -306,22 +387,27 @@ def load_transformer(path: Path) -> SemanticRoutingDiT:
         config = SemanticRoutingDiT.load_config(path)
         model = SemanticRoutingDiT.from_config(config)
     except (OSError, ValueError, TypeError) as err:
-        raise ValueError(f"{path}/config.json is not a SemanticRoutingDiT config ({err}); point at a semroute checkpoint") from None
+        raise ValueError(
+            f"{path}/config.json is not a SemanticRoutingDiT config ({err}); point at a semroute checkpoint"
+        ) from None
     try:
         weights = load_file(weights_file)
     except FileNotFoundError:
         raise FileNotFoundError(f"{weights_file} is missing; the checkpoint is incomplete") from None
     except Exception as err:  # safetensors raises its own error type for truncated or foreign files
-        raise ValueError(f"{weights_file} cannot be read ({err}); it is truncated or not a safetensors file, "
-                         f"use another checkpoint of the run") from None
+        raise ValueError(
+            f"{weights_file} cannot be read ({err}); it is truncated or not a safetensors file, "
+            f"use another checkpoint of the run"
+        ) from None
     expected = model.state_dict()
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
     wrong = sorted(k for k in set(expected) & set(weights) if expected[k].shape != weights[k].shape)
     if missing or unexpected or wrong:
         raise ValueError(
-            f"{weights_file} holds weights of another model ({len(missing)} missing, {len(unexpected)} unexpected, "
-            f"{len(wrong)} of another shape, e.g. {(missing + unexpected + wrong)[0]}); use a checkpoint written by semroute"
+            f"{weights_file} holds weights of another model ({len(missing)} missing, {len(unexpected)} "
+            f"unexpected, {len(wrong)} of another shape, e.g. {(missing + unexpected + wrong)[0]}); use a "
+            "checkpoint written by semroute"
         )
     model.load_state_dict(weights)
     return model.eval()
@@ -331,8 +417,8 @@ EXPORT_MANIFEST = "semroute_export.json"
 
 
 def export_pipeline(pipeline: SemanticRoutingPipeline, out: Path) -> None:
-    """save_pretrained into a hidden sibling, record every file's size, then rename into place: a killed export
-    leaves no half-written pipeline, and a truncated file is found before loading."""
+    """save_pretrained into a hidden sibling, record every file's size, then rename into place: a killed
+    export leaves no half-written pipeline, and a truncated file is found before loading."""
     import os
     import shutil
     import tempfile
@@ -351,14 +437,17 @@ def export_pipeline(pipeline: SemanticRoutingPipeline, out: Path) -> None:
             out.rmdir()  # empty (checked by the caller): replaced in one step
         os.replace(tmp, out)
     except OSError as err:
-        raise OutputError(f"could not write the pipeline {out} ({' '.join(str(err).split())}); nothing was left half-written: "
-                          f"free disk space or choose another --out") from err
+        raise OutputError(
+            f"could not write the pipeline {out} ({' '.join(str(err).split())}); nothing was left "
+            "half-written: free disk space or choose another --out"
+        ) from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 def pipeline_problem(path: Path) -> str | None:
-    """A missing, truncated, altered or unparsable file of a pipeline directory `export_pipeline` wrote, or None."""
+    """A missing, truncated, altered or unparsable file of a pipeline directory `export_pipeline` wrote, or
+    None."""
     manifest = path / EXPORT_MANIFEST
     if not manifest.is_file():
         return None  # not written by semroute's export: loading tells
@@ -375,7 +464,8 @@ def pipeline_problem(path: Path) -> str | None:
 
 
 def _saved_sampling(checkpoint: Path) -> SampleConfig:
-    """The `sample:` section of a checkpoint's run config (checkpoints without one sample with the defaults)."""
+    """The `sample:` section of a checkpoint's run config (checkpoints without one sample with the
+    defaults)."""
     from .checkpoint import RUN_CONFIG_FILE
     from .config import load_config
 
@@ -384,9 +474,13 @@ def _saved_sampling(checkpoint: Path) -> SampleConfig:
 
 
 def load_pipeline(
-    path: str | Path, text_encoder: str | None = None, device: str | torch.device = "auto", precision: str = "auto",
+    path: str | Path,
+    text_encoder: str | None = None,
+    device: str | torch.device = "auto",
+    precision: str = "auto",
 ) -> SemanticRoutingPipeline:
-    """A diffusers pipeline directory (model_index.json), a semroute checkpoint, or a run directory (newest checkpoint)."""
+    """A diffusers pipeline directory (model_index.json), a semroute checkpoint, or a run directory (newest
+    checkpoint)."""
     from .checkpoint import resolve_checkpoint
 
     path = Path(path)
@@ -399,11 +493,14 @@ def load_pipeline(
         try:
             pipe = SemanticRoutingPipeline.from_pretrained(path)
         except Exception as err:  # diffusers and transformers raise many types for a damaged directory
-            raise ValueError(f"the pipeline in {path} cannot be loaded ({' '.join(str(err).split())[:200]}); "
-                             f"export the checkpoint again into a new directory") from None
+            raise ValueError(
+                f"the pipeline in {path} cannot be loaded ({' '.join(str(err).split())[:200]}); "
+                f"export the checkpoint again into a new directory"
+            ) from None
         if device.type == "cuda":
             pipe.text_encoder.to(llm_dtype(device))
         pipe.precision = precision
         return pipe.to(device)
-    return SemanticRoutingPipeline.from_checkpoint(resolve_checkpoint(path), text_encoder=text_encoder, device=device,
-                                                   precision=precision)
+    return SemanticRoutingPipeline.from_checkpoint(
+        resolve_checkpoint(path), text_encoder=text_encoder, device=device, precision=precision
+    )

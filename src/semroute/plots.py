@@ -1,4 +1,5 @@
-"""Pictures: sample grids, what the router learned (block x LLM-layer weights, weights vs t), bars and intervals."""
+"""Pictures: sample grids, what the router learned (block x LLM-layer weights, weights vs t), bars and
+intervals."""
 
 from __future__ import annotations
 
@@ -28,8 +29,11 @@ def _save(fig, path: Path, title: str) -> Path:
 GRID_COLUMNS = 8  # images of one prompt wrap onto further rows past this
 
 
-def save_sample_grid(images: torch.Tensor, prompts: list[str], per_prompt: int, path: Path, title: str = "") -> Path:
-    """images: (len(prompts) * per_prompt, C, H, W) in [0, 1], grouped by prompt -> rows of at most 8 per prompt."""
+def save_sample_grid(
+    images: torch.Tensor, prompts: list[str], per_prompt: int, path: Path, title: str = ""
+) -> Path:
+    """images: (len(prompts) * per_prompt, C, H, W) in [0, 1], grouped by prompt -> rows of at most 8 per
+    prompt."""
     columns = min(per_prompt, GRID_COLUMNS)
     rows_each = -(-per_prompt // columns)
     rows = len(prompts) * rows_each
@@ -42,7 +46,9 @@ def save_sample_grid(images: torch.Tensor, prompts: list[str], per_prompt: int, 
         for k in range(per_prompt):
             ax = axes[p * rows_each + k // columns][k % columns]
             ax.axis("on")
-            ax.imshow(images[p * per_prompt + k].permute(1, 2, 0).float().cpu().numpy(), interpolation="nearest")
+            ax.imshow(
+                images[p * per_prompt + k].permute(1, 2, 0).float().cpu().numpy(), interpolation="nearest"
+            )
         axes[p * rows_each][0].set_ylabel(prompt, rotation=0, ha="right", va="center", fontsize=8)
     return _save(fig, path, title)
 
@@ -57,26 +63,34 @@ def _heatmap(ax, weights: np.ndarray, layer_ids: list[int], title: str):
     return im
 
 
-def plot_routing(fusion: LayerFusion, path: Path, layer_ids: list[int] | None = None, title: str = "") -> Path:
-    """Heatmap of block x layer weights; for t-dependent strategies also heatmaps at three times and weight-vs-t curves."""
+def plot_routing(
+    fusion: LayerFusion, path: Path, layer_ids: list[int] | None = None, title: str = ""
+) -> Path:
+    """Heatmap of block x layer weights; for t-dependent strategies also heatmaps at three times and
+    weight-vs-t curves."""
     layer_ids = layer_ids or list(range(1, fusion.num_layers + 1))
     uniform = 1.0 / fusion.num_layers
     with torch.no_grad():
         if not fusion.depends_on_t:
             weights = fusion.layer_weights().cpu().numpy()
             fig, ax = plt.subplots(figsize=(7, 0.35 * fusion.num_blocks + 1.8))
-            what = ("fixed pairing: each block attends over its layer's keys/values" if fusion.spec.logits == "pairing"
-                    else f"weights (uniform = {uniform:.3f})")
+            what = (
+                "fixed pairing: each block attends over its layer's keys/values"
+                if fusion.spec.logits == "pairing"
+                else f"weights (uniform = {uniform:.3f})"
+            )
             im = _heatmap(ax, weights, layer_ids, f"{fusion.strategy}: {what}")
             fig.colorbar(im, ax=ax)
         else:
             times = torch.tensor([0.0, 0.5, 1.0])
             ts = torch.linspace(0, 1, 51)
             weights_t = fusion.layer_weights(times.to(fusion._anchor.device)).cpu().numpy()  # (3, D, L)
-            curves = fusion.layer_weights(ts.to(fusion._anchor.device)).mean(1).cpu().numpy()  # (T, L), mean over blocks
+            curves = (
+                fusion.layer_weights(ts.to(fusion._anchor.device)).mean(1).cpu().numpy()
+            )  # (T, L), mean over blocks
             fig, axes = plt.subplots(1, 4, figsize=(18, 0.35 * fusion.num_blocks + 2.2))
             vmax = weights_t.max()
-            for ax, t, w in zip(axes[:3], times.tolist(), weights_t):
+            for ax, t, w in zip(axes[:3], times.tolist(), weights_t, strict=True):
                 im = _heatmap(ax, w, layer_ids, f"{fusion.strategy}: weights at t = {t:.1f}")
                 im.set_clim(0, vmax)
             fig.colorbar(im, ax=axes[2])
@@ -90,7 +104,9 @@ def plot_routing(fusion: LayerFusion, path: Path, layer_ids: list[int] | None = 
     return _save(fig, path, title)
 
 
-def bar_chart(labels: list[str], stats: dict[str, list[tuple[float, float]]], path: Path, title: str = "") -> Path:
+def bar_chart(
+    labels: list[str], stats: dict[str, list[tuple[float, float]]], path: Path, title: str = ""
+) -> Path:
     """Grouped bars: one group per metric, one bar per label, (mean, std) in [0, 1] shown in percent."""
     metrics = list(stats)
     width = 0.8 / len(labels)
@@ -98,7 +114,14 @@ def bar_chart(labels: list[str], stats: dict[str, list[tuple[float, float]]], pa
     for i, label in enumerate(labels):
         means = [100 * stats[m][i][0] for m in metrics]
         stds = [100 * stats[m][i][1] for m in metrics]
-        ax.bar(np.arange(len(metrics)) + (i - (len(labels) - 1) / 2) * width, means, width, yerr=stds, label=label, capsize=2)
+        ax.bar(
+            np.arange(len(metrics)) + (i - (len(labels) - 1) / 2) * width,
+            means,
+            width,
+            yerr=stds,
+            label=label,
+            capsize=2,
+        )
     ax.set_xticks(range(len(metrics)), metrics)
     ax.set_ylabel("%")
     ax.set_ylim(0, 100)
@@ -106,22 +129,35 @@ def bar_chart(labels: list[str], stats: dict[str, list[tuple[float, float]]], pa
     return _save(fig, path, title)
 
 
-def interval_panels(panels: dict[str, list[tuple[float, float, float, float]]], path: Path, xlabel: str, ylabel: str,
-                    title: str = "") -> Path:
+def interval_panels(
+    panels: dict[str, list[tuple[float, float, float, float]]],
+    path: Path,
+    xlabel: str,
+    ylabel: str,
+    title: str = "",
+) -> Path:
     """One panel per name: points (x, value, low, high) with their intervals as error bars, and 0 marked."""
     columns = min(3, len(panels))
     rows = math.ceil(len(panels) / columns)
     fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False)
-    for ax, (name, points) in zip(axes.flat, panels.items()):
-        xs, values, lows, highs = (list(column) for column in zip(*points))
+    for ax, (name, points) in zip(axes.flat, panels.items(), strict=False):  # spare axes stay empty
+        xs, values, lows, highs = (list(column) for column in zip(*points, strict=True))
         ax.axhline(0, color="grey", linewidth=0.8)
-        ax.errorbar(xs, values, yerr=[[v - lo for v, lo in zip(values, lows)], [hi - v for v, hi in zip(values, highs)]],
-                    marker="o", capsize=3)
+        ax.errorbar(
+            xs,
+            values,
+            yerr=[
+                [v - lo for v, lo in zip(values, lows, strict=True)],
+                [hi - v for v, hi in zip(values, highs, strict=True)],
+            ],
+            marker="o",
+            capsize=3,
+        )
         ax.set_title(name, fontsize=9)
         ax.set_xticks(xs)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.set_visible(False)
     return _save(fig, path, title)

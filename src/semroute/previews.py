@@ -1,4 +1,5 @@
-"""Sample grids of a run in progress: the source's preview prompts, drawn with the EMA weights at a checkpoint."""
+"""Sample grids of a run in progress: the source's preview prompts, drawn with the EMA weights at a
+checkpoint."""
 
 from __future__ import annotations
 
@@ -13,12 +14,15 @@ from .pipeline import SemanticRoutingPipeline
 from .plots import save_sample_grid
 
 
-def write_sample_grid(model, ema, encoder, preview: Preview, sample: SampleConfig, precision: str, path: Path,
-                      title: str) -> None:
+def write_sample_grid(
+    model, ema, encoder, preview: Preview, sample: SampleConfig, precision: str, path: Path, title: str
+) -> None:
     """`sample.images_per_prompt` images of every preview prompt, from its stored features (no LLM call)."""
     k = sample.images_per_prompt
     n = len(preview.captions)
-    ids = torch.cat([torch.arange(n).repeat_interleave(k), torch.tensor([n])])  # each caption k times, then the null prompt
+    ids = torch.cat(
+        [torch.arange(n).repeat_interleave(k), torch.tensor([n])]
+    )  # each caption k times, then the null prompt
     features = PromptFeatures(preview.features.hidden[ids].float(), preview.features.mask[ids])
     prompts = [c for c in preview.captions for _ in range(k)]
     ema.store(model.parameters())

@@ -9,17 +9,21 @@ logger = logging.getLogger("semroute.train")
 
 
 class Pace:
-    """Times a few steps after warm-up, then calls `report(seconds_per_step, seconds_left)` once: an ETA for the user."""
+    """Times a few steps after warm-up, then calls `report(seconds_per_step, seconds_left)` once: an ETA for
+    the user."""
 
     WARMUP, MEASURED = 2, 10
 
     def __init__(self, first_step: int, max_steps: int, minutes: float | None, report):
         self.first_step, self.max_steps, self.minutes, self.report = first_step, max_steps, minutes, report
-        self.measure_from = first_step  # the step the pace is measured from (`restart` moves it, not first_step)
+        self.measure_from = (
+            first_step  # the step the pace is measured from (`restart` moves it, not first_step)
+        )
         self.started: float | None = None
 
     def restart(self, step: int) -> None:
-        """Measure again from `step` (the pace changed, e.g. the steps began to run compiled); nothing if reported."""
+        """Measure again from `step` (the pace changed, e.g. the steps began to run compiled); nothing if
+        reported."""
         if self.report is not None:
             self.measure_from, self.started = step, None
 

@@ -26,16 +26,24 @@ class MetricsWindow:
         self.loss, self.images, self.steps = self.loss + loss, self.images + images, self.steps + 1
 
     def flush(self, accelerator, log_path: Path, step: int, extra: dict, started: float) -> dict:
-        """One record: the window's mean loss and img/s, `extra` (lr, entropy, ...) and the time since `started`."""
+        """One record: the window's mean loss and img/s, `extra` (lr, entropy, ...) and the time since
+        `started`."""
         now = time.perf_counter()
         self.last_loss = self.loss / self.steps if self.steps else math.nan
         self.images_per_s = self.images / (now - self.start)
-        record = {"step": step, "loss": self.last_loss, "images_per_s": self.images_per_s, **extra,
-                  "elapsed_s": now - started}
+        record = {
+            "step": step,
+            "loss": self.last_loss,
+            "images_per_s": self.images_per_s,
+            **extra,
+            "elapsed_s": now - started,
+        }
         if accelerator.is_main_process:
             with log_path.open("a") as f:
                 f.write(json.dumps(finite(record), allow_nan=False) + "\n")
-        accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)  # trackers: main process only
+        accelerator.log(
+            {k: v for k, v in record.items() if k != "step"}, step=step
+        )  # trackers: main process only
         self.start, self.loss, self.images, self.steps = now, 0.0, 0, 0
         return record
 
@@ -47,10 +55,16 @@ def check_tracker(name: str) -> None:
     available = {"none": True, "tensorboard": is_tensorboard_available(), "wandb": is_wandb_available()}
     if not available[name]:
         package = "tensorboardX (pip install 'semroute[tensorboard]')" if name == "tensorboard" else "wandb"
-        raise ValueError(f"train.report_to is {name}, but {package} is not installed; install it or set train.report_to: none")
+        raise ValueError(
+            f"train.report_to is {name}, but {package} is not installed; install it or set train.report_to: "
+            "none"
+        )
 
 
 def flat_config(sections: dict) -> dict:
     """A run config as `section.key: value` scalars, as trackers store hyperparameters."""
-    return {f"{section}.{key}": value if isinstance(value, (int, float, str, bool)) else str(value)
-            for section, values in sections.items() for key, value in values.items()}
+    return {
+        f"{section}.{key}": value if isinstance(value, (int, float, str, bool)) else str(value)
+        for section, values in sections.items()
+        for key, value in values.items()
+    }

@@ -54,12 +54,18 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
         raise ValueError(f"unknown device {spec!r}; valid: {DEVICE_CHOICES}") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {spec!r} asked for, but this torch build sees no CUDA GPU; use --device cpu or auto")
+            raise ValueError(
+                f"device {spec!r} asked for, but this torch build sees no CUDA GPU; use --device cpu or auto"
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device {spec!r} does not exist: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+            raise ValueError(
+                f"device {spec!r} does not exist: this machine has {torch.cuda.device_count()} CUDA GPU(s)"
+            )
     elif device.type == "mps":
         if not torch.backends.mps.is_available():
-            raise ValueError(f"device {spec!r} asked for, but MPS is not available here; use --device cpu or auto")
+            raise ValueError(
+                f"device {spec!r} asked for, but MPS is not available here; use --device cpu or auto"
+            )
     elif device.type != "cpu":
         raise ValueError(f"unknown device {spec!r}; valid: {DEVICE_CHOICES}")
     return device
@@ -118,12 +124,17 @@ def _cpu_model() -> str:
 
 
 def machine_key(device: torch.device) -> str:
-    """What the bf16/fp32 speed ratio depends on: the processor, torch, and the ISA limits set in the environment."""
+    """What the bf16/fp32 speed ratio depends on: the processor, torch, and the ISA limits set in the
+    environment."""
     if device.type == "cpu":
         hardware = f"{_cpu_model()} [{cpu_capability()}]"
     else:
         hardware = f"{device.type} {platform.machine()}"
-    limits = ",".join(f"{k}={os.environ[k]}" for k in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY") if k in os.environ)
+    limits = ",".join(
+        f"{k}={os.environ[k]}"
+        for k in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+        if k in os.environ
+    )
     return f"{hardware} | torch {torch.__version__}" + (f" | {limits}" if limits else "")
 
 
@@ -133,7 +144,8 @@ def _synchronize(device: torch.device) -> None:
 
 
 def time_block(device: torch.device, dtype: torch.dtype | None, repeats: int = 4) -> list[float]:
-    """Seconds of one forward + backward of a demo-sized DiT block (8 images of 8x8 tokens), autocast to `dtype`."""
+    """Seconds of one forward + backward of a demo-sized DiT block (8 images of 8x8 tokens), autocast to
+    `dtype`."""
     from .dit import DiTBlock, rope_2d
 
     generator = torch.Generator().manual_seed(0)
@@ -141,13 +153,18 @@ def time_block(device: torch.device, dtype: torch.dtype | None, repeats: int = 4
     block = DiTBlock(hidden, heads, 2.0, grid, mlp_conv=True, adaln=True).to(device)
     x = torch.randn(batch, grid * grid, hidden, generator=generator).to(device).requires_grad_(True)
     c = torch.randn(batch, hidden, generator=generator).to(device)
-    kv = tuple(torch.randn(batch, heads, text, hidden // heads, generator=generator).to(device) for _ in range(2))
+    kv = tuple(
+        torch.randn(batch, heads, text, hidden // heads, generator=generator).to(device) for _ in range(2)
+    )
     mask = torch.ones(batch, text, dtype=torch.bool, device=device)
     rope = tuple(r.to(device) for r in rope_2d(grid, grid, hidden // heads))
     times = []
     for _ in range(repeats + 1):  # the first call warms up kernels and caches
         start = time.perf_counter()
-        with torch.enable_grad(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with (
+            torch.enable_grad(),
+            torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None),
+        ):
             out = block(x, c, rope, kv, mask)
             out.float().square().mean().backward()
         _synchronize(device)
@@ -184,7 +201,8 @@ def _read_probes() -> dict:
 
 
 def stored_measurement(device: torch.device, name: str, valid):
-    """This machine's cached `name` (see `cached_measurement`), or None where there is none that `valid` accepts."""
+    """This machine's cached `name` (see `cached_measurement`), or None where there is none that `valid`
+    accepts."""
     entry = _read_probes().get(machine_key(device))
     if not isinstance(entry, dict) or name not in entry:
         return None
@@ -195,7 +213,8 @@ def stored_measurement(device: torch.device, name: str, valid):
 
 
 def store_measurement(device: torch.device, name: str, value) -> None:
-    """Cache `value` as this machine's `name`; a cache that cannot be written only means measuring again next time."""
+    """Cache `value` as this machine's `name`; a cache that cannot be written only means measuring again next
+    time."""
     path, key = _probe_path(), machine_key(device)
     cached = _read_probes()
     entry = cached.get(key) if isinstance(cached.get(key), dict) else {}
@@ -208,27 +227,36 @@ def store_measurement(device: torch.device, name: str, value) -> None:
 
 
 def cached_measurement(device: torch.device, name: str, measure, valid):
-    """`measure()` once per machine and `name`, cached in $SEMROUTE_CACHE/precision-probe.json under `machine_key`.
+    """`measure()` once per machine and `name`, cached in $SEMROUTE_CACHE/precision-probe.json under
+    `machine_key`.
 
-    valid(value) -> bool checks a cached value before it is trusted: a damaged, hand-edited or foreign entry is
-    measured again and rewritten, never believed and never an error."""
+    valid(value) -> bool checks a cached value before it is trusted: a damaged, hand-edited or foreign entry
+    is measured again and rewritten, never believed and never an error."""
     value = stored_measurement(device, name, valid)
     if value is not None:
         return value
-    logger.info("timing %s on this %s once (a few seconds; cached in %s)", name.replace("_", " "), device.type,
-                _probe_path())
+    logger.info(
+        "timing %s on this %s once (a few seconds; cached in %s)",
+        name.replace("_", " "),
+        device.type,
+        _probe_path(),
+    )
     value = measure()
     store_measurement(device, name, value)
     return value
 
 
 def _positive_finite(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    return (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    )
 
 
 def bf16_ratio(device: torch.device) -> float:
     """`measure_bf16_ratio`, measured once per machine and cached ($SEMROUTE_CACHE/precision-probe.json)."""
-    return float(cached_measurement(device, "bf16_over_fp32", lambda: measure_bf16_ratio(device), _positive_finite))
+    return float(
+        cached_measurement(device, "bf16_over_fp32", lambda: measure_bf16_ratio(device), _positive_finite)
+    )
 
 
 def _speed_words(ratio: float) -> str:
@@ -253,13 +281,18 @@ def resolve_precision(requested: str, device: torch.device | str = "cpu", ratio=
                 return Precision("bf16", requested, "the GPU supports bf16")
             return Precision("fp16", requested, "the GPU has no bf16; fp16 with loss scaling")
         if requested == "bf16" and not bf16_ok:
-            raise ValueError("this GPU does not support bf16; use --precision fp16 (with loss scaling) or auto")
+            raise ValueError(
+                "this GPU does not support bf16; use --precision fp16 (with loss scaling) or auto"
+            )
         return Precision(requested, requested, "asked for")
     if requested == "fp32":
         return Precision("fp32", requested, "asked for")
     if requested == "fp16":
-        logger.warning("fp16 on %s: no loss scaling off CUDA, and most CPUs emulate fp16 matmuls; auto or fp32 is "
-                       "usually faster and safer", where)
+        logger.warning(
+            "fp16 on %s: no loss scaling off CUDA, and most CPUs emulate fp16 matmuls; auto or fp32 is "
+            "usually faster and safer",
+            where,
+        )
         return Precision("fp16", requested, "asked for")
     try:
         r = ratio(device)
@@ -269,8 +302,11 @@ def resolve_precision(requested: str, device: torch.device | str = "cpu", ratio=
         return Precision("fp32", requested, f"bf16 does not run on {where}")
     if requested == "bf16":
         if r > BF16_FASTER:
-            logger.warning("bf16 asked for, but it measured %s than fp32 on %s: --precision auto would choose fp32",
-                           _speed_words(r), where)
+            logger.warning(
+                "bf16 asked for, but it measured %s than fp32 on %s: --precision auto would choose fp32",
+                _speed_words(r),
+                where,
+            )
         return Precision("bf16", requested, f"asked for; measured {_speed_words(r)} than fp32 on {where}")
     if r <= BF16_FASTER:
         return Precision("bf16", requested, f"measured {_speed_words(r)} than fp32 on {where}")
@@ -279,17 +315,21 @@ def resolve_precision(requested: str, device: torch.device | str = "cpu", ratio=
 
 def process_state(device: str):
     """accelerate's state of this process. A CPU-only machine is named as such: accelerate 1.15 asked for
-    `auto` there joins no process group under `accelerate launch --multi_gpu`, and every process thinks it is the main one."""
+    `auto` there joins no process group under `accelerate launch --multi_gpu`, and every process thinks it is
+    the main one."""
     from accelerate import PartialState
 
     return PartialState(cpu=resolve_device(device).type == "cpu")
 
 
 def training_precision(requested: str, device: str) -> Precision:
-    """The precision a training run uses; with several processes the main one measures first and the rest reuse its cache."""
+    """The precision a training run uses; with several processes the main one measures first and the rest
+    reuse its cache."""
     if device not in ("auto", "cpu", "cuda", "mps"):
-        raise ValueError(f"training takes --device auto, cpu, cuda or mps, got {device!r}; to pick one GPU of several "
-                         f"set CUDA_VISIBLE_DEVICES (accelerate launch gives each process its own GPU)")
+        raise ValueError(
+            f"training takes --device auto, cpu, cuda or mps, got {device!r}; to pick one GPU of several "
+            f"set CUDA_VISIBLE_DEVICES (accelerate launch gives each process its own GPU)"
+        )
     kind = resolve_device(device).type
     with process_state(device).main_process_first():
         return resolve_precision(requested, kind)

@@ -6,7 +6,8 @@ whether a training run compiles its DiT blocks.
   PyTorch's own kernel choice with a boolean mask is kept unless another candidate is measured faster
   by a clear margin; where no text token is padded the mask is dropped unless that measured slower.
   On CUDA and MPS PyTorch's own selection is used as it is.
-- Compilation (`train.compile`, and `--compile` of the sampling commands): the run itself is the probe. With `auto`, the first steps are timed
+- Compilation (`train.compile`, and `--compile` of the sampling commands): the run itself is the probe. With
+`auto`, the first steps are timed
   eagerly; if the training time left can pay back the compile cost (as last measured on this machine),
   the DiT blocks are compiled with torch.compile, the first compiled step's cost is shown, and the
   compiled steps are timed in turn: they are kept only when measured faster, else the run goes back to
@@ -26,7 +27,13 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .attention import ATTENTION_BACKENDS, MASK_FORMS, AttentionChoice, current_attention, use_attention
-from .runtime import cpu_capability, configure_device, stored_measurement, store_measurement, cached_measurement
+from .runtime import (
+    cached_measurement,
+    configure_device,
+    cpu_capability,
+    store_measurement,
+    stored_measurement,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +42,8 @@ ATTENTION_MARGIN = 0.9
 COMPILE_CHOICES = ("auto", "on", "off")
 # auto compiles only when the eager training time left is at least PAYBACK x the expected compile cost.
 PAYBACK = 5.0
-# The compile cost assumed before one was measured on this machine (seconds; 40 s measured on a 2-core AVX2 CPU).
+# The compile cost assumed before one was measured on this machine (seconds; 40 s measured on a 2-core AVX2
+# CPU).
 COMPILE_COST_GUESS = 60.0
 # Steps not timed after a (re)start of either mode, and steps timed in each mode.
 WARM_STEPS, TIMED_STEPS = 2, 8
@@ -44,7 +52,8 @@ COMPILE_KEEP = 0.95
 
 
 def _time_attention(choice: AttentionChoice, tensors: dict, padded: bool) -> float:
-    """Seconds of a forward + backward of demo-sized self-attention and cross-attention, in `choice`'s form."""
+    """Seconds of a forward + backward of demo-sized self-attention and cross-attention, in `choice`'s
+    form."""
     from .attention import attention, cross_mask
 
     previous = current_attention()
@@ -62,7 +71,8 @@ def _time_attention(choice: AttentionChoice, tensors: dict, padded: bool) -> flo
 
 
 def measure_attention(device: torch.device, rounds: int = 5) -> dict:
-    """Time every kernel x mask form on `device` and return the choice as a dict (cached by `attention_choice`)."""
+    """Time every kernel x mask form on `device` and return the choice as a dict (cached by
+    `attention_choice`)."""
     generator = torch.Generator().manual_seed(0)
     B, heads, N, S, d = 16, 3, 64, 12, 64  # 8x8 image tokens, heads of 64, a short prompt: the demo's shapes
 
@@ -70,9 +80,15 @@ def measure_attention(device: torch.device, rounds: int = 5) -> dict:
         return torch.randn(*shape, generator=generator).to(device).requires_grad_(True)
 
     keep = torch.ones(B, S, dtype=torch.bool)
-    keep[::2, S // 2:] = False  # half the prompts padded
-    tensors = dict(q=randn(B, heads, N, d), k=randn(B, heads, N, d), v=randn(B, heads, N, d), tk=randn(B, heads, S, d),
-                   tv=randn(B, heads, S, d), keep=keep.to(device))
+    keep[::2, S // 2 :] = False  # half the prompts padded
+    tensors = dict(
+        q=randn(B, heads, N, d),
+        k=randn(B, heads, N, d),
+        v=randn(B, heads, N, d),
+        tk=randn(B, heads, S, d),
+        tv=randn(B, heads, S, d),
+        keep=keep.to(device),
+    )
     candidates = [AttentionChoice(b, m) for b in ATTENTION_BACKENDS for m in MASK_FORMS]
     times: dict[str, list[float]] = {f"{c.backend}/{c.mask}": [] for c in candidates}
     for c in candidates:  # warm-up
@@ -94,13 +110,22 @@ def measure_attention(device: torch.device, rounds: int = 5) -> dict:
         with_mask.append(_time_attention(masked, tensors, padded=False))
         without.append(_time_attention(unmasked, tensors, padded=False))
     skip = min(without) <= min(with_mask) / ATTENTION_MARGIN
-    return {"backend": backend, "mask": mask, "skip_unpadded": skip,
-            "seconds": {**best, "unpadded/mask": min(with_mask), "unpadded/none": min(without)}}
+    return {
+        "backend": backend,
+        "mask": mask,
+        "skip_unpadded": skip,
+        "seconds": {**best, "unpadded/mask": min(with_mask), "unpadded/none": min(without)},
+    }
 
 
 def _valid_attention(entry) -> bool:
-    return (isinstance(entry, dict) and entry.get("backend") in ATTENTION_BACKENDS and entry.get("mask") in MASK_FORMS
-            and isinstance(entry.get("skip_unpadded"), bool) and isinstance(entry.get("seconds"), dict))
+    return (
+        isinstance(entry, dict)
+        and entry.get("backend") in ATTENTION_BACKENDS
+        and entry.get("mask") in MASK_FORMS
+        and isinstance(entry.get("skip_unpadded"), bool)
+        and isinstance(entry.get("seconds"), dict)
+    )
 
 
 @dataclass
@@ -112,7 +137,8 @@ class Choice:
 
 
 def attention_choice(device: torch.device) -> Choice:
-    """The attention kernel and mask form for `device`: measured once per machine on a CPU, PyTorch's own elsewhere."""
+    """The attention kernel and mask form for `device`: measured once per machine on a CPU, PyTorch's own
+    elsewhere."""
     if device.type != "cpu":
         return Choice(AttentionChoice(), f"PyTorch's own kernel selection on {device.type}")
     entry = cached_measurement(device, "attention", lambda: measure_attention(device), _valid_attention)
@@ -133,18 +159,23 @@ _announced: set[str] = set()
 
 
 def configure(device: torch.device) -> dict:
-    """Process-wide speed settings for `device` (TF32 on CUDA, the measured attention form); logged once per process.
+    """Process-wide speed settings for `device` (TF32 on CUDA, the measured attention form); logged once per
+    process.
 
     Returns what was chosen and why, for a run's summary."""
     configure_device(device)
     attention = attention_choice(device)
     use_attention(attention.value)
-    text = f"attention {attention.value.backend} kernel, {attention.value.mask} mask" + \
-        (", none where nothing is padded" if attention.value.skip_unpadded else "")
+    text = f"attention {attention.value.backend} kernel, {attention.value.mask} mask" + (
+        ", none where nothing is padded" if attention.value.skip_unpadded else ""
+    )
     if text not in _announced:
         _announced.add(text)
         logger.info("%s: %s", text, attention.reason)
-    return {"attention": {**asdict(attention.value), "reason": attention.reason}, "threads": torch.get_num_threads()}
+    return {
+        "attention": {**asdict(attention.value), "reason": attention.reason},
+        "threads": torch.get_num_threads(),
+    }
 
 
 def cpp_compiler() -> str | None:
@@ -161,11 +192,13 @@ def _valid_cost(value) -> bool:
 
 @dataclass
 class StepCompiler:
-    """Decides, from the run's own step times, whether its DiT blocks run compiled (see the module's docstring).
+    """Decides, from the run's own step times, whether its DiT blocks run compiled (see the module's
+    docstring).
 
-    Call `observe(seconds, steps_left)` after every step; `record()` is what a summary keeps. `pause()` runs eager
-    without forgetting the compiled code (work of another shape, e.g. a sampler's last, smaller batch);
-    `resume()` undoes it. agree(flag) -> flag every process agrees on (the minimum under several processes)."""
+    Call `observe(seconds, steps_left)` after every step; `record()` is what a summary keeps. `pause()` runs
+    eager without forgetting the compiled code (work of another shape, e.g. a sampler's last, smaller batch);
+    `resume()` undoes it. agree(flag) -> flag every process agrees on (the minimum under several
+    processes)."""
 
     model: torch.nn.Module
     mode: str
@@ -210,8 +243,12 @@ class StepCompiler:
             self.first_call_s = seconds
             eager = statistics.median(self.eager)
             store_measurement(self.device, self.cost_key, max(seconds - eager, 1e-3))
-            logger.info("torch.compile: the first compiled %s step took %.0f s (compiling the DiT blocks; inductor "
-                        "caches the kernels on disk for later runs)", self.work, seconds)
+            logger.info(
+                "torch.compile: the first compiled %s step took %.0f s (compiling the DiT blocks; inductor "
+                "caches the kernels on disk for later runs)",
+                self.work,
+                seconds,
+            )
             self.phase, self._seen = "compiled", 0
         elif self.phase == "compiled":
             if self._seen > 1:  # the step after the first may still compile (e.g. a last, shorter batch)
@@ -224,19 +261,30 @@ class StepCompiler:
         if self.mode == "on":
             go, why = True, "compile is on"
         elif cpp_compiler() is None:
-            go, why = False, "no C++ compiler found (torch.compile builds CPU kernels with g++; apt-get install g++)"
+            go, why = (
+                False,
+                "no C++ compiler found (torch.compile builds CPU kernels with g++; apt-get install g++)",
+            )
         else:
             cost = stored_measurement(self.device, self.cost_key, _valid_cost) or COMPILE_COST_GUESS
             left = eager * steps_left
             go = left >= PAYBACK * cost
-            why = (f"about {left:.0f} s of {self.work} left, compiling costs about {cost:.0f} s here" if go else
-                   f"too short to pay it back: about {left:.0f} s of {self.work} left, compiling costs "
-                   f"about {cost:.0f} s here (it must be {PAYBACK:g}x that)")
+            why = (
+                f"about {left:.0f} s of {self.work} left, compiling costs about {cost:.0f} s here"
+                if go
+                else f"too short to pay it back: about {left:.0f} s of {self.work} left, compiling costs "
+                f"about {cost:.0f} s here (it must be {PAYBACK:g}x that)"
+            )
         if not self._agreed(go):
             self.phase, self.reason = "done", f"not compiled: {why}"
             logger.info("torch.compile (%s): %s", self.work, self.reason)
             return
-        logger.info("torch.compile: compiling the DiT blocks for %s (%s); eager steps take %.3f s", self.work, why, eager)
+        logger.info(
+            "torch.compile: compiling the DiT blocks for %s (%s); eager steps take %.3f s",
+            self.work,
+            why,
+            eager,
+        )
         self._compile(True)
         self.phase, self.reason = "first-call", why
 
@@ -249,7 +297,9 @@ class StepCompiler:
         self.used = on
 
     def _install(self, on: bool) -> None:
-        for block, compiled in zip(self.model.blocks, self._compiled or [None] * len(self.model.blocks)):
+        for block, compiled in zip(
+            self.model.blocks, self._compiled or [None] * len(self.model.blocks), strict=True
+        ):
             if on and compiled is not None:
                 block.forward = compiled
             elif "forward" in vars(block):
@@ -280,11 +330,25 @@ class StepCompiler:
             self._compile(False)
         verdict = "kept" if keep else "dropped, back to eager"
         self.reason += f"; compiled steps take {ratio:.2f}x the eager time: {verdict}"
-        logger.info("torch.compile: compiled %s steps %.3f s against eager %.3f s (%.2fx the time): %s", self.work,
-                    compiled, eager, ratio, verdict)
+        logger.info(
+            "torch.compile: compiled %s steps %.3f s against eager %.3f s (%.2fx the time): %s",
+            self.work,
+            compiled,
+            eager,
+            ratio,
+            verdict,
+        )
         self.phase = "done"
 
     def record(self) -> dict:
-        med = (lambda xs: round(statistics.median(xs), 5) if xs else None)
-        return {"mode": self.mode, "used": self.used, "reason": self.reason, "eager_step_s": med(self.eager),
-                "compiled_step_s": med(self.compiled), "first_call_s": self.first_call_s}
+        def med(xs: list[float]) -> float | None:
+            return round(statistics.median(xs), 5) if xs else None
+
+        return {
+            "mode": self.mode,
+            "used": self.used,
+            "reason": self.reason,
+            "eager_step_s": med(self.eager),
+            "compiled_step_s": med(self.compiled),
+            "first_call_s": self.first_call_s,
+        }

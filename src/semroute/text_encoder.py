@@ -49,11 +49,16 @@ class TextEncoderConfig:
 
     def __post_init__(self):
         if self.features is not None and self.features not in TEXT_FEATURES:
-            raise ValueError(f"text_encoder.features must be one of {', '.join(TEXT_FEATURES)} or null, got {self.features!r}")
+            raise ValueError(
+                f"text_encoder.features must be one of {', '.join(TEXT_FEATURES)} or null, got "
+                f"{self.features!r}"
+            )
         if not 1 <= self.max_length <= MAX_LENGTH:
             raise ValueError(f"text_encoder.max_length must be in 1..{MAX_LENGTH}, got {self.max_length}")
         if not self.model.strip():
-            raise ValueError("text_encoder.model is empty; name the embedded default or a local model directory")
+            raise ValueError(
+                "text_encoder.model is empty; name the embedded default or a local model directory"
+            )
         check_template(self.template)
 
     def to_dict(self) -> dict:
@@ -65,8 +70,9 @@ TEXT_FEATURES = ("hidden_states", "keys_values")
 
 
 def default_deep_layers(num_blocks: int) -> list[int]:
-    """Deep fusion's default pairing, as `text_encoder.layers`: block j reads the j-th of the `num_blocks` decoder
-    layers that end just before the last one (the last is shaped for next-token prediction, not for the prompt).
+    """Deep fusion's default pairing, as `text_encoder.layers`: block j reads the j-th of the `num_blocks`
+    decoder layers that end just before the last one (the last is shaped for next-token prediction, not for
+    the prompt).
 
     Negative, so it fits any LLM deep enough. The paper pairs its 24 blocks with layers 6..29 (0-based) of 36,
     i.e. `text_encoder.layers: [7, 8, ..., 30]`.
@@ -75,29 +81,41 @@ def default_deep_layers(num_blocks: int) -> list[int]:
 
 
 def check_template(template: str) -> None:
-    """'chat', or a format string whose only field is {prompt}, not at its very start; one-line errors otherwise."""
+    """'chat', or a format string whose only field is {prompt}, not at its very start; one-line errors
+    otherwise."""
     if template == "chat":
         return
     try:
         fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
     except ValueError as err:
-        raise ValueError(f"text_encoder.template {template!r:.80} is not a valid format ({err}); write a literal "
-                         f"brace as {{{{ or }}}}") from None
+        raise ValueError(
+            f"text_encoder.template {template!r:.80} is not a valid format ({err}); write a literal "
+            f"brace as {{{{ or }}}}"
+        ) from None
     unknown = sorted({name for name in fields if name != "prompt"}, key=str)
     if unknown:
-        raise ValueError(f"text_encoder.template has fields {', '.join(repr(u) for u in unknown)}: only {{prompt}} is "
-                         f"filled in; write a literal brace as {{{{ or }}}}")
+        raise ValueError(
+            f"text_encoder.template has fields {', '.join(repr(u) for u in unknown)}: only {{prompt}} is "
+            f"filled in; write a literal brace as {{{{ or }}}}"
+        )
     if "prompt" not in fields:
-        raise ValueError(f"text_encoder.template must be 'chat' or contain '{{prompt}}', got {template!r:.80}")
+        raise ValueError(
+            f"text_encoder.template must be 'chat' or contain '{{prompt}}', got {template!r:.80}"
+        )
     try:
         template.format(prompt="")
-    except (ValueError, IndexError, KeyError) as err:  # a bad format spec or conversion: {prompt:zz}, {prompt!x}
+    except (
+        ValueError,
+        IndexError,
+        KeyError,
+    ) as err:  # a bad format spec or conversion: {prompt:zz}, {prompt!x}
         raise ValueError(f"text_encoder.template {template!r:.80} cannot be filled in ({err})") from None
     # Position 0 of these LLMs carries massive activations that erase the token's meaning after LN.
     if template.lstrip().startswith("{prompt"):
         raise ValueError(
             "text_encoder.template starts with {prompt}, so the first prompt word would sit at position 0 "
-            "where its features are erased; put an instruction before it, e.g. 'Describe an image of {prompt}'"
+            "where its features are erased; put an instruction before it, e.g. 'Describe an image of "
+            "{prompt}'"
         )
 
 
@@ -125,7 +143,9 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
     logger.info("converting %s to %s (once; later runs load the cache)", gguf_file, out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32
+    )
     # The dequantized weights are plain float tensors; drop the GGUF marker so they serialize.
     del model.config.quantization_config
     model.hf_quantizer = None
@@ -162,7 +182,8 @@ def resolve_model_dir(model: str) -> Path:
 
 
 def resolve_layers(layers: list[int], num_model_layers: int) -> list[int]:
-    """Configured layers (1-based, negatives from the end, empty = all) -> 1-based indices into `hidden_states`."""
+    """Configured layers (1-based, negatives from the end, empty = all) -> 1-based indices into
+    `hidden_states`."""
     n = num_model_layers
     if not layers:
         return list(range(1, n + 1))
@@ -170,7 +191,9 @@ def resolve_layers(layers: list[int], num_model_layers: int) -> list[int]:
     for layer in layers:
         index = layer + n + 1 if layer < 0 else layer
         if not 1 <= index <= n:
-            raise ValueError(f"text encoder layer {layer} is out of range: the model has layers 1..{n} (or -1..-{n})")
+            raise ValueError(
+                f"text encoder layer {layer} is out of range: the model has layers 1..{n} (or -1..-{n})"
+            )
         resolved.append(index)
     return resolved
 
@@ -185,9 +208,15 @@ def llm_dtype(device: torch.device) -> torch.dtype:
 class TextEncoder(nn.Module):
     """Frozen causal LM returning the chosen layers' hidden states (L, B, S, C) and the attention mask."""
 
-    def __init__(self, config: TextEncoderConfig | None = None, model: nn.Module | None = None, tokenizer=None,
-                 device: torch.device | str | None = None):
-        """Load `config.model`, or wrap an already loaded causal LM and its tokenizer (the diffusers pipeline).
+    def __init__(
+        self,
+        config: TextEncoderConfig | None = None,
+        model: nn.Module | None = None,
+        tokenizer=None,
+        device: torch.device | str | None = None,
+    ):
+        """Load `config.model`, or wrap an already loaded causal LM and its tokenizer (the diffusers
+        pipeline).
 
         device: where to load it (default CPU). On a GPU the LLM runs in bf16 where supported (fp32
         elsewhere): its outputs are LayerNorm'd in fp32 afterwards either way.
@@ -220,7 +249,8 @@ class TextEncoder(nn.Module):
 
     @property
     def feature_dim(self) -> int:
-        """Width of each text feature entry the DiT reads: the hidden size, or 2 x kv_heads x head_dim (keys, values)."""
+        """Width of each text feature entry the DiT reads: the hidden size, or 2 x kv_heads x head_dim (keys,
+        values)."""
         return self.hidden_size if self.feature_kind == "hidden_states" else 2 * self.kv_heads * self.head_dim
 
     @property
@@ -230,11 +260,15 @@ class TextEncoder(nn.Module):
     def _check_template(self) -> None:
         check_template(self.config.template)
         if self.config.template == "chat" and self.tokenizer.chat_template is None:
-            raise ValueError("this tokenizer has no chat template; set text_encoder.template to a format with {prompt}")
+            raise ValueError(
+                "this tokenizer has no chat template; set text_encoder.template to a format with {prompt}"
+            )
         positions = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
         if positions is not None and self.config.max_length > positions:
-            raise ValueError(f"text_encoder.max_length {self.config.max_length} is beyond the {positions} positions "
-                             f"this LLM was trained on; set it to at most {positions}")
+            raise ValueError(
+                f"text_encoder.max_length {self.config.max_length} is beyond the {positions} positions "
+                f"this LLM was trained on; set it to at most {positions}"
+            )
 
     def wrap(self, prompt: str) -> str:
         """The exact text fed to the LLM for a prompt."""
@@ -254,25 +288,32 @@ class TextEncoder(nn.Module):
     def features(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """What the DiT reads for the prompts: (L, B, S, feature_dim) float32 and the mask (B, S) bool.
 
-        hidden_states: each chosen layer's output, LayerNorm'd without affine (what every fusion strategy mixes);
-        keys_values: each chosen decoder layer's own attention keys and values, packed (`pack_keys_values`).
+        hidden_states: each chosen layer's output, LayerNorm'd without affine (what every fusion strategy
+        mixes); keys_values: each chosen decoder layer's own attention keys and values, packed
+        (`pack_keys_values`).
         """
         if self.feature_kind == "hidden_states":
             hidden, mask = self(prompts)
             return LayerFusion.normalize(hidden), mask
         keys, values, mask = self.layer_keys_values(prompts, [i - 1 for i in self.layers])
         if keys.shape[2] != self.kv_heads or keys.shape[-1] != self.head_dim:
-            raise ValueError(f"the LLM's cache holds {keys.shape[2]} key/value heads of size {keys.shape[-1]}, its config "
-                             f"says {self.kv_heads} of size {self.head_dim}; this model family is not supported for deep fusion")
+            raise ValueError(
+                f"the LLM's cache holds {keys.shape[2]} key/value heads of size {keys.shape[-1]}, its config "
+                f"says {self.kv_heads} of size {self.head_dim}; this model family is not supported for deep "
+                "fusion"
+            )
         return pack_keys_values(keys, values), mask
 
     @torch.no_grad()
-    def layer_keys_values(self, prompts: list[str], layers: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def layer_keys_values(
+        self, prompts: list[str], layers: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The LLM's own self-attention keys and values of decoder `layers` (0-based) for the prompts.
 
         Exactly what its forward pass computes (its projections, norms and rotary embedding, whatever the
         model family), read from the key/value cache transformers returns: deep fusion (FuseDiT) lets
-        image queries attend over them. -> keys, values (D, B, kv_heads, S, head_dim) float32, mask (B, S) bool.
+        image queries attend over them. -> keys, values (D, B, kv_heads, S, head_dim) float32, mask (B, S)
+        bool.
         """
         n = self.num_model_layers
         bad = [i for i in layers if not 0 <= i < n]
@@ -281,28 +322,45 @@ class TextEncoder(nn.Module):
         batch = self._tokenize(prompts)
         cache = self.model(**batch, use_cache=True).past_key_values
         if not hasattr(cache, "layers") or len(cache.layers) != n:
-            raise ValueError(f"{type(self.model).__name__} returned no per-layer key/value cache (got {type(cache).__name__}); "
-                             f"deep fusion reads the keys/values from it: use a causal LM that returns one")
+            raise ValueError(
+                f"{type(self.model).__name__} returned no per-layer key/value cache (got "
+                f"{type(cache).__name__}); deep fusion reads the keys/values from it: use a causal LM that "
+                "returns one"
+            )
         keys = torch.stack([cache.layers[i].keys for i in layers]).float()
         values = torch.stack([cache.layers[i].values for i in layers]).float()
         return keys, values, batch["attention_mask"].bool()
 
     def _tokenize(self, prompts: list[str]):
-        """The wrapped prompts as a right-padded batch on the LLM's device, cut at max_length (with a warning)."""
+        """The wrapped prompts as a right-padded batch on the LLM's device, cut at max_length (with a
+        warning)."""
         texts = [self.wrap(p) for p in prompts]
         limit = self.config.max_length
         lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
-        for prompt, n in zip(prompts, lengths):
+        for prompt, n in zip(prompts, lengths, strict=True):
             if n > limit:
-                logger.warning("prompt truncated to text_encoder.max_length=%d tokens (it has %d): %.60r", limit, n, prompt)
+                logger.warning(
+                    "prompt truncated to text_encoder.max_length=%d tokens (it has %d): %.60r",
+                    limit,
+                    n,
+                    prompt,
+                )
         return self.tokenizer(
-            texts, padding=True, truncation=True, max_length=limit, add_special_tokens=False, return_tensors="pt"
+            texts,
+            padding=True,
+            truncation=True,
+            max_length=limit,
+            add_special_tokens=False,
+            return_tensors="pt",
         ).to(self.model.device)
 
 
 def check_reads(encoder, config: TextEncoderConfig, who: str = "this config") -> None:
-    """A text encoder handed in must read what `config` asks for (hidden states or deep fusion's keys/values)."""
+    """A text encoder handed in must read what `config` asks for (hidden states or deep fusion's
+    keys/values)."""
     wanted = config.feature_kind
     if encoder.feature_kind != wanted:
-        raise ValueError(f"{who} reads the LLM's {wanted}, but the text encoder given reads {encoder.feature_kind}; "
-                         f"build it from the run's text_encoder config")
+        raise ValueError(
+            f"{who} reads the LLM's {wanted}, but the text encoder given reads {encoder.feature_kind}; "
+            f"build it from the run's text_encoder config"
+        )

@@ -100,7 +100,8 @@ class Run:
 
 
 def build_optimizer(model: SemanticRoutingDiT, config: RunConfig) -> torch.optim.AdamW:
-    """AdamW with the fusion gates in their own groups, scaled so that logits move at about `fusion_lr` per step."""
+    """AdamW with the fusion gates in their own groups, scaled so that logits move at about `fusion_lr` per
+    step."""
     t = config.train
     fusion_ids = {id(p) for p in model.fusion.parameters()}
     rest = [p for p in model.parameters() if id(p) not in fusion_ids]
@@ -187,7 +188,9 @@ class BatchStream:
         while True:
             self.run.source.set_epoch(state.epoch)
             usable, whole_epoch = 0, state.position == 0
-            for batch in self.run.accelerator.skip_first_batches(loader, state.position) if state.position else loader:
+            for batch in (
+                self.run.accelerator.skip_first_batches(loader, state.position) if state.position else loader
+            ):
                 state.position += 1
                 if batch is not None:
                     usable += 1
@@ -195,8 +198,10 @@ class BatchStream:
             if usable == 0 and whole_epoch:  # a whole epoch of broken images would otherwise loop for ever
                 skipped = self.run.source.skipped()
                 example = next(iter(skipped.items()), ("-", "-"))
-                raise ValueError(f"epoch {state.epoch} held no usable image ({len(skipped)} skipped, e.g. {example[0]}: "
-                                 f"{example[1]}); fix or replace the images")
+                raise ValueError(
+                    f"epoch {state.epoch} held no usable image ({len(skipped)} skipped, e.g. {example[0]}: "
+                    f"{example[1]}); fix or replace the images"
+                )
             state.epoch, state.position = state.epoch + 1, 0
 
     def __next__(self):
@@ -215,13 +220,17 @@ def _accelerator(config: RunConfig, out_dir: Path, device: str, precision: Preci
         cpu=resolve_device(device).type == "cpu",  # see runtime.process_state
         mixed_precision=precision.accelerate,
         # Our loop runs across epochs: an optimizer step is every k micro-batches, not at each epoch end.
-        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=t.gradient_accumulation_steps, sync_with_dataloader=False),
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=t.gradient_accumulation_steps, sync_with_dataloader=False
+        ),
         dataloader_config=DataLoaderConfiguration(split_batches=True),
         log_with=None if t.report_to == "none" else t.report_to,
         project_dir=out_dir,
     )
     if t.batch_size % accelerator.num_processes:
-        raise ValueError(f"train.batch_size {t.batch_size} must divide by the {accelerator.num_processes} processes")
+        raise ValueError(
+            f"train.batch_size {t.batch_size} must divide by the {accelerator.num_processes} processes"
+        )
     return accelerator
 
 
@@ -238,21 +247,37 @@ def _resume_point(config: RunConfig, out_dir: Path, precision: Precision) -> Pat
             f"{'; '.join(differences)}. Restore those settings to resume, or train into a new --out"
         )
     if saved_precision(checkpoint) not in (None, precision.name):
-        logger.warning("%s was trained in %s; this session runs in %s, so the resumed run will not be bitwise "
-                       "what an uninterrupted run gives", checkpoint.name, saved_precision(checkpoint), precision.name)
+        logger.warning(
+            "%s was trained in %s; this session runs in %s, so the resumed run will not be bitwise "
+            "what an uninterrupted run gives",
+            checkpoint.name,
+            saved_precision(checkpoint),
+            precision.name,
+        )
     return checkpoint
 
 
 def _build_run(config, out_dir, accelerator, precision, encoder, features, progress, speed: dict) -> Run:
     t = config.train
-    source = build_source(config, lambda: encoder or TextEncoder(config.text_encoder, device=accelerator.device), features,
-                          progress and accelerator.is_main_process, precision.dtype, accelerator.device)
+    source = build_source(
+        config,
+        lambda: encoder or TextEncoder(config.text_encoder, device=accelerator.device),
+        features,
+        progress and accelerator.is_main_process,
+        precision.dtype,
+        accelerator.device,
+    )
     info = source.encoder
     model = SemanticRoutingDiT(**config.model.dit_kwargs(), **dit_text_args(info))
     if t.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     n_params = sum(p.numel() for p in model.parameters())
-    logger.info("DiT %.2fM parameters, strategy %s, %d process(es)", n_params / 1e6, model.fusion.strategy, accelerator.num_processes)
+    logger.info(
+        "DiT %.2fM parameters, strategy %s, %d process(es)",
+        n_params / 1e6,
+        model.fusion.strategy,
+        accelerator.num_processes,
+    )
     optimizer = build_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_schedule(t.warmup_steps))
     loader = source.loader(t.batch_size, config.dataset.num_workers)
@@ -265,17 +290,39 @@ def _build_run(config, out_dir, accelerator, precision, encoder, features, progr
         return bool(accelerator.reduce(torch.tensor(int(flag), device=accelerator.device), reduction="min"))
 
     compiler = StepCompiler(accelerator.unwrap_model(model), t.compile, accelerator.device, agree)
-    return Run(config, out_dir, accelerator, precision, source, model, optimizer, scheduler, loader, ema,
-               RectifiedFlow(caption_dropout=t.caption_dropout), torch.Generator(device=accelerator.device).manual_seed(t.seed + 1),
-               compiler, speed)
+    return Run(
+        config,
+        out_dir,
+        accelerator,
+        precision,
+        source,
+        model,
+        optimizer,
+        scheduler,
+        loader,
+        ema,
+        RectifiedFlow(caption_dropout=t.caption_dropout),
+        torch.Generator(device=accelerator.device).manual_seed(t.seed + 1),
+        compiler,
+        speed,
+    )
 
 
 def _save(run: Run, state: TrainState) -> Path:
     """Save a checkpoint, then keep the newest `keep_checkpoints` (the one just written is the newest)."""
     saved = {**state.saved(), "precision": run.precision.to_dict(), "device": str(run.accelerator.device)}
-    path = save_checkpoint(run.out_dir / "checkpoints" / f"step_{state.step:06d}", run.raw_model, run.ema, run.optimizer,
-                           saved, run.config, run.source.encoder, vae_path=run.source.vae_path, scheduler=run.scheduler,
-                           rng=rng_state(run.generator))
+    path = save_checkpoint(
+        run.out_dir / "checkpoints" / f"step_{state.step:06d}",
+        run.raw_model,
+        run.ema,
+        run.optimizer,
+        saved,
+        run.config,
+        run.source.encoder,
+        vae_path=run.source.vae_path,
+        scheduler=run.scheduler,
+        rng=rng_state(run.generator),
+    )
     prune_checkpoints(run.out_dir, run.config.train.keep_checkpoints)
     run.last_checkpoint = path
     return path
@@ -286,32 +333,50 @@ def _preview(run: Run, state: TrainState) -> None:
 
     preview = run.source.preview()
     if preview is not None and run.config.train.sample_grids:
-        write_sample_grid(run.raw_model, run.ema, run.source.encoder, preview, run.config.sample, run.precision.name,
-                          run.out_dir / "samples" / f"step_{state.step:06d}.png",
-                          title=f"{run.raw_model.fusion.strategy}, step {state.step} (EMA)")
+        write_sample_grid(
+            run.raw_model,
+            run.ema,
+            run.source.encoder,
+            preview,
+            run.config.sample,
+            run.precision.name,
+            run.out_dir / "samples" / f"step_{state.step:06d}.png",
+            title=f"{run.raw_model.fusion.strategy}, step {state.step} (EMA)",
+        )
 
 
-def _count_step(run: Run, state: TrainState, losses: list[float], finite: bool, images: int, window: MetricsWindow) -> None:
-    """Account for one optimizer step: a finite one enters the metrics; too many non-finite ones in a row stop the run."""
+def _count_step(
+    run: Run, state: TrainState, losses: list[float], finite: bool, images: int, window: MetricsWindow
+) -> None:
+    """Account for one optimizer step: a finite one enters the metrics; too many non-finite ones in a row stop
+    the run."""
     if finite:
         state.bad_streak = 0
         window.add(sum(losses) / len(losses), images)
         return
     state.bad_streak += 1
     state.nonfinite_steps += 1
-    logger.warning("step %d: non-finite loss or gradient, update skipped (%d in a row, %d in all)",
-                   state.step, state.bad_streak, state.nonfinite_steps)
+    logger.warning(
+        "step %d: non-finite loss or gradient, update skipped (%d in a row, %d in all)",
+        state.step,
+        state.bad_streak,
+        state.nonfinite_steps,
+    )
     if state.bad_streak >= run.config.train.max_nonfinite_steps:
         raise TrainingDiverged(
-            f"{state.bad_streak} consecutive steps had a non-finite loss or gradient (through step {state.step}); the last "
-            f"good checkpoint is {run.last_checkpoint or 'none (nothing was saved yet)'}. Lower train.lr, raise "
-            f"train.warmup_steps or check the data, then resume"
+            f"{state.bad_streak} consecutive steps had a non-finite loss or gradient (through step "
+            f"{state.step}); the last good checkpoint is "
+            f"{run.last_checkpoint or 'none (nothing was saved yet)'}. Lower train.lr, raise "
+            "train.warmup_steps or check the data, then resume"
         )
 
 
 def _log(run: Run, state: TrainState, window: MetricsWindow, started: float) -> dict:
-    extra = {"lr": run.scheduler.get_last_lr()[0], "fusion_entropy": run.raw_model.fusion.weight_entropy().item(),
-             "nonfinite_steps": state.nonfinite_steps}
+    extra = {
+        "lr": run.scheduler.get_last_lr()[0],
+        "fusion_entropy": run.raw_model.fusion.weight_entropy().item(),
+        "nonfinite_steps": state.nonfinite_steps,
+    }
     return window.flush(run.accelerator, run.out_dir / "log.jsonl", state.step, extra, started)
 
 
@@ -340,30 +405,54 @@ def stop_signals():
 
 
 def _stop_signal(run: Run, received: list[int]) -> int | None:
-    """The signal every process stops for, or None (under several processes they agree through an all-reduce)."""
+    """The signal every process stops for, or None (under several processes they agree through an
+    all-reduce)."""
     signum = received[0] if received else 0
     if run.accelerator.num_processes > 1:
-        signum = int(run.accelerator.reduce(torch.tensor(signum, device=run.accelerator.device), reduction="max"))
+        signum = int(
+            run.accelerator.reduce(torch.tensor(signum, device=run.accelerator.device), reduction="max")
+        )
     return signum or None
 
 
 def _summary(run: Run, state: TrainState, window: MetricsWindow) -> dict:
     skipped = run.source.skipped()
-    return {"steps": state.step, "final_loss": window.last_loss, "images_per_s": window.images_per_s,
-            "epochs_started": state.epoch + 1, "nonfinite_steps": state.nonfinite_steps,
-            "precision": run.precision.to_dict(), "device": str(run.accelerator.device), "cpu_capability": cpu_capability(),
-            "processes": run.accelerator.num_processes, "speed": {**run.speed, "compile": run.compiler.record()},
-            "skipped_images": len(skipped), "skipped": skipped,
-            "checkpoint": str(run.last_checkpoint)}
+    return {
+        "steps": state.step,
+        "final_loss": window.last_loss,
+        "images_per_s": window.images_per_s,
+        "epochs_started": state.epoch + 1,
+        "nonfinite_steps": state.nonfinite_steps,
+        "precision": run.precision.to_dict(),
+        "device": str(run.accelerator.device),
+        "cpu_capability": cpu_capability(),
+        "processes": run.accelerator.num_processes,
+        "speed": {**run.speed, "compile": run.compiler.record()},
+        "skipped_images": len(skipped),
+        "skipped": skipped,
+        "checkpoint": str(run.last_checkpoint),
+    }
 
 
 def _micro_step(run: Run, batch) -> tuple[float, bool | None]:
-    """`train_step` on `batch`; should the first compiled step fail (no working compiler), the run goes on eager."""
+    """`train_step` on `batch`; should the first compiled step fail (no working compiler), the run goes on
+    eager."""
     t = run.config.train
 
     def step():
-        return train_step(run.accelerator, run.model, run.optimizer, run.scheduler, run.ema, run.flow, run.source,
-                          batch, run.generator, t.grad_clip, t.noise_level_weight)
+        return train_step(
+            run.accelerator,
+            run.model,
+            run.optimizer,
+            run.scheduler,
+            run.ema,
+            run.flow,
+            run.source,
+            batch,
+            run.generator,
+            t.grad_clip,
+            t.noise_level_weight,
+        )
 
     if not run.compiler.compiling:
         return step()
@@ -375,9 +464,20 @@ def _micro_step(run: Run, batch) -> tuple[float, bool | None]:
         return step()
 
 
-def _loop(run: Run, state: TrainState, batches: BatchStream, window: MetricsWindow, bar, pace: Pace, started: float,
-          max_steps: int, minutes: float | None, received: list[int]) -> None:
-    """Optimizer steps until the budget is spent; log, checkpoint and preview on their cadence; stop cleanly on a signal."""
+def _loop(
+    run: Run,
+    state: TrainState,
+    batches: BatchStream,
+    window: MetricsWindow,
+    bar,
+    pace: Pace,
+    started: float,
+    max_steps: int,
+    minutes: float | None,
+    received: list[int],
+) -> None:
+    """Optimizer steps until the budget is spent; log, checkpoint and preview on their cadence; stop cleanly
+    on a signal."""
     t, accelerator = run.config.train, run.accelerator
     while state.step < max_steps:
         if minutes is not None and time.perf_counter() - started > 60 * minutes:
@@ -393,24 +493,35 @@ def _loop(run: Run, state: TrainState, batches: BatchStream, window: MetricsWind
         seconds = time.perf_counter() - step_started
         steps_left = max_steps - state.step - 1
         if minutes is not None:
-            steps_left = min(steps_left, int((60 * minutes - (time.perf_counter() - started)) / max(seconds, 1e-9)))
+            steps_left = min(
+                steps_left, int((60 * minutes - (time.perf_counter() - started)) / max(seconds, 1e-9))
+            )
         phase = run.compiler.phase
         run.compiler.observe(seconds, steps_left)
         state.step += 1
-        if run.compiler.phase != phase and (run.compiler.phase == "first-call" or phase in ("first-call", "compiled")):
+        if run.compiler.phase != phase and (
+            run.compiler.phase == "first-call" or phase in ("first-call", "compiled")
+        ):
             pace.restart(state.step)  # the kernels changed: the ETA is measured on the steps after the change
         pace.update(state.step)
         _count_step(run, state, losses, finite, images, window)
         if state.step % t.log_every == 0 or state.step == max_steps:
             record = _log(run, state, window, started)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}", H=f"{record['fusion_entropy']:.3f}")
+            bar.set_postfix(
+                loss=f"{record['loss']:.4f}",
+                img_s=f"{record['images_per_s']:.0f}",
+                H=f"{record['fusion_entropy']:.3f}",
+            )
         bar.update(1)
         if state.step % t.checkpoint_every == 0 and accelerator.is_main_process:
             _save(run, state)
             _preview(run, state)
         signum = _stop_signal(run, received)
         if signum is not None:
-            if accelerator.is_main_process and run.last_checkpoint != run.out_dir / "checkpoints" / f"step_{state.step:06d}":
+            if (
+                accelerator.is_main_process
+                and run.last_checkpoint != run.out_dir / "checkpoints" / f"step_{state.step:06d}"
+            ):
                 _save(run, state)
             accelerator.wait_for_everyone()
             raise TrainingStopped(signum, state.step, run.last_checkpoint)
@@ -441,7 +552,8 @@ def train(
     device: auto | cpu | cuda | mps (under `accelerate launch` each process takes its own GPU).
     Precision: `config.train.mixed_precision`, resolved for the device (`runtime.resolve_precision`),
     logged once and recorded in summary.json and every checkpoint.
-    on_pace(seconds_per_step, seconds_left): called once the step time is measured (default: log the time left).
+    on_pace(seconds_per_step, seconds_left): called once the step time is measured (default: log the time
+    left).
     """
     t = config.train
     max_steps = max_steps or t.max_steps
@@ -461,20 +573,30 @@ def train(
     run = _build_run(config, out_dir, accelerator, precision, encoder, features, progress, speed)
     state = TrainState()
     if resume_from is not None:
-        saved = load_training_state(resume_from, run.raw_model, run.ema, run.optimizer, run.scheduler, run.generator)
+        saved = load_training_state(
+            resume_from, run.raw_model, run.ema, run.optimizer, run.scheduler, run.generator
+        )
         state = TrainState(saved["step"], saved["epoch"], saved["position"], saved["nonfinite_steps"])
         run.last_checkpoint = resume_from
         logger.info("resuming from %s (step %d)", resume_from, state.step)
     if run.source.preview() is None and t.sample_grids:
-        logger.info("this data source has no preview prompts: no sample grids at checkpoints; sample the run with `semroute sample`")
+        logger.info(
+            "this data source has no preview prompts: no sample grids at checkpoints; sample the run with "
+            "`semroute sample`"
+        )
     accelerator.init_trackers(out_dir.name, config=flat_config(config.to_dict()))
 
     # With a time budget the step count is unknown: the bar then counts steps and shows the rate.
-    bar = tqdm(total=max_steps if minutes is None else None, initial=state.step,
-               desc=f"train {run.raw_model.fusion.strategy}" + (f" ({minutes:g} min)" if minutes else ""),
-               disable=not progress or not accelerator.is_main_process)
+    bar = tqdm(
+        total=max_steps if minutes is None else None,
+        initial=state.step,
+        desc=f"train {run.raw_model.fusion.strategy}" + (f" ({minutes:g} min)" if minutes else ""),
+        disable=not progress or not accelerator.is_main_process,
+    )
     started, window = time.perf_counter(), MetricsWindow()
-    pace = Pace(state.step, max_steps, minutes, (on_pace or log_pace) if accelerator.is_main_process else None)
+    pace = Pace(
+        state.step, max_steps, minutes, (on_pace or log_pace) if accelerator.is_main_process else None
+    )
     batches = BatchStream(run, state)
     run.model.train()
     with stop_signals() as received:
@@ -493,12 +615,20 @@ def train(
     if finished_before:  # nothing was trained now: the summary of the session that did stays
         logger.info("%s had already trained %d steps; its summary.json is kept", out_dir, state.step)
         summary = read_json(out_dir / "summary.json", "run summary", "delete it to have it written again")
-        window.last_loss, window.images_per_s = summary.get("final_loss") or math.nan, summary.get("images_per_s") or 0.0
+        window.last_loss, window.images_per_s = (
+            summary.get("final_loss") or math.nan,
+            summary.get("images_per_s") or 0.0,
+        )
     elif accelerator.is_main_process:
         write_json(out_dir / "summary.json", summary)
         if summary["skipped_images"]:
-            logger.warning("%d images were skipped (missing or unreadable); listed in %s", summary["skipped_images"],
-                           out_dir / "summary.json")
+            logger.warning(
+                "%d images were skipped (missing or unreadable); listed in %s",
+                summary["skipped_images"],
+                out_dir / "summary.json",
+            )
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return TrainResult(final, state.step, window.last_loss, window.images_per_s, summary["skipped_images"], run.raw_model)
+    return TrainResult(
+        final, state.step, window.last_loss, window.images_per_s, summary["skipped_images"], run.raw_model
+    )

@@ -21,14 +21,15 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-
 from ..data.images import parse_json, parse_jsonl, read_user_text
 from ..fileio import read_json, write_atomic, write_json
 from .sampling import batches, sample_batches
 
 BENCHES = ("geneval", "genaibench", "drawbench")
 SETTINGS_FILE = ".semroute-sampling.json"  # hidden: the scorers walk the folders, not the files beside them
-SAFE_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")  # a prompt id is a file name: nothing that climbs out
+SAFE_ID = re.compile(
+    r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}"
+)  # a prompt id is a file name: nothing that climbs out
 
 
 @dataclass
@@ -51,11 +52,15 @@ def read_prompts(bench: str, path: Path) -> list[PublicPrompt]:
                 raise ValueError(f"{path} prompt {len(prompts) + 1} has no string 'prompt'")
             prompts.append(PublicPrompt(len(prompts), f"{len(prompts):05d}", record["prompt"], record))
     elif bench == "genaibench":
-        records = parse_json(text, str(path), dict, 'GenAI-Bench prompts are one object keyed by prompt id ("00001": {...})')
+        records = parse_json(
+            text, str(path), dict, 'GenAI-Bench prompts are one object keyed by prompt id ("00001": {...})'
+        )
         for key in sorted(records):
             if not SAFE_ID.fullmatch(str(key)):
-                raise ValueError(f"{path} has prompt id {str(key)!r:.60}; ids become file names, so they may hold only "
-                                 f"letters, digits, '.', '_' and '-' (and not start with '.')")
+                raise ValueError(
+                    f"{path} has prompt id {str(key)!r:.60}; ids become file names, so they may hold only "
+                    f"letters, digits, '.', '_' and '-' (and not start with '.')"
+                )
             record = records[key]
             if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
                 raise ValueError(f"{path} entry {key!r} has no string 'prompt'")
@@ -63,7 +68,10 @@ def read_prompts(bench: str, path: Path) -> list[PublicPrompt]:
     else:
         reader = csv.DictReader(io.StringIO(text))
         if not reader.fieldnames or "Prompt" not in reader.fieldnames:
-            raise ValueError(f"{path} must be a CSV with a header holding 'Prompt' (and 'Category'), got {reader.fieldnames}")
+            raise ValueError(
+                f"{path} must be a CSV with a header holding 'Prompt' (and 'Category'), got "
+                f"{reader.fieldnames}"
+            )
         for row in reader:
             prompts.append(PublicPrompt(len(prompts), f"{len(prompts):03d}", row["Prompt"], dict(row)))
     if not prompts:
@@ -72,19 +80,24 @@ def read_prompts(bench: str, path: Path) -> list[PublicPrompt]:
 
 
 def check_settings(path: Path, settings: dict) -> None:
-    """An output made with other sampling settings (or prompts) is refused: its images would answer another question."""
+    """An output made with other sampling settings (or prompts) is refused: its images would answer another
+    question."""
     if not path.parent.exists():
         return
     if not path.is_file():
         if any(path.parent.iterdir()):
-            raise ValueError(f"{path.parent} holds files but no {path.name}: it was not written by sample-bench; "
-                             f"choose another --out")
+            raise ValueError(
+                f"{path.parent} holds files but no {path.name}: it was not written by sample-bench; "
+                f"choose another --out"
+            )
         return
     found = read_json(path, "sampling record", "it is damaged: choose another --out")
     differences = sorted(k for k in set(found) | set(settings) if found.get(k) != settings.get(k))
     if differences:
-        raise ValueError(f"{path.parent} was sampled with other settings ({', '.join(differences)} differ); "
-                         f"sample into another --out, or repeat the same settings to resume")
+        raise ValueError(
+            f"{path.parent} was sampled with other settings ({', '.join(differences)} differ); "
+            f"sample into another --out, or repeat the same settings to resume"
+        )
 
 
 def image_path(bench: str, out: Path, prompt: PublicPrompt, k: int) -> Path:
@@ -99,22 +112,42 @@ def write_metadata(bench: str, out: Path, prompts: list[PublicPrompt], n: int) -
     """The per-prompt files the layout needs besides the images."""
     if bench == "geneval":
         for p in prompts:
-            write_atomic(out / f"{p.index:05d}" / "metadata.jsonl", lambda tmp, p=p: tmp.write_text(json.dumps(p.metadata) + "\n"))
+            write_atomic(
+                out / f"{p.index:05d}" / "metadata.jsonl",
+                lambda tmp, p=p: tmp.write_text(json.dumps(p.metadata) + "\n"),
+            )
     elif bench == "drawbench":
+
         def write_csv(tmp: Path) -> None:
             with tmp.open("w", newline="", encoding="utf-8") as f:
                 writer = csv.writer(f)
                 writer.writerow(["file", "Prompt", "Category"])
                 for p in prompts:
                     for k in range(n):
-                        writer.writerow([image_path(bench, out, p, k).relative_to(out).as_posix(), p.prompt, p.metadata.get("Category", "")])
+                        writer.writerow(
+                            [
+                                image_path(bench, out, p, k).relative_to(out).as_posix(),
+                                p.prompt,
+                                p.metadata.get("Category", ""),
+                            ]
+                        )
 
         write_atomic(out / "metadata.csv", write_csv)
 
 
-def sample_bench(pipeline, bench: str, prompts: list[PublicPrompt], out: Path, n: int = 4, steps: int | None = None,
-                 guidance_scale: float | None = None, shift: float | None = None, seed: int = 0, batch_size: int = 16,
-                 progress: bool = True) -> dict | None:
+def sample_bench(
+    pipeline,
+    bench: str,
+    prompts: list[PublicPrompt],
+    out: Path,
+    n: int = 4,
+    steps: int | None = None,
+    guidance_scale: float | None = None,
+    shift: float | None = None,
+    seed: int = 0,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> dict | None:
     """Generate n images per prompt (image k of prompt i from seed + 1000 i + k), skipping existing ones.
 
     The batches are fixed slices of the full (prompt, k) list, whatever is already on disk and however
@@ -129,29 +162,56 @@ def sample_bench(pipeline, bench: str, prompts: list[PublicPrompt], out: Path, n
     state = PartialState()
     sampling = asdict(pipeline.sampling(steps, guidance_scale, shift))
     sampling.pop("images_per_prompt")  # n below
-    settings = {"bench": bench, "prompts": [p.prompt for p in prompts], "images_per_prompt": n, "seed": seed,
-                "batch_size": batch_size, **sampling}
+    settings = {
+        "bench": bench,
+        "prompts": [p.prompt for p in prompts],
+        "images_per_prompt": n,
+        "seed": seed,
+        "batch_size": batch_size,
+        **sampling,
+    }
     check_settings(out / SETTINGS_FILE, settings)
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / SETTINGS_FILE, settings)
         write_metadata(bench, out, prompts, n)
     state.wait_for_everyone()  # everyone sees the same files before deciding what is missing
-    missing = [[not image_path(bench, out, prompts[i], k).is_file() for i, k in jobs] for jobs in batches(len(prompts), n, batch_size)]
+    missing = [
+        [not image_path(bench, out, prompts[i], k).is_file() for i, k in jobs]
+        for jobs in batches(len(prompts), n, batch_size)
+    ]
     state.wait_for_everyone()
-    mine = [b for b in range(len(missing)) if b % state.num_processes == state.process_index and any(missing[b])]
-    sampled = sample_batches(pipeline, [p.prompt for p in prompts], n, steps, guidance_scale, shift, seed, batch_size,
-                             progress and state.is_main_process, desc=f"sample {bench}", only=mine)
-    for b, (jobs, images) in zip(mine, sampled):
-        for (i, k), image, todo in zip(jobs, images, missing[b]):
+    mine = [
+        b for b in range(len(missing)) if b % state.num_processes == state.process_index and any(missing[b])
+    ]
+    sampled = sample_batches(
+        pipeline,
+        [p.prompt for p in prompts],
+        n,
+        steps,
+        guidance_scale,
+        shift,
+        seed,
+        batch_size,
+        progress and state.is_main_process,
+        desc=f"sample {bench}",
+        only=mine,
+    )
+    for b, (jobs, images) in zip(mine, sampled, strict=True):
+        for (i, k), image, todo in zip(jobs, images, missing[b], strict=True):
             if todo:
                 _save_image(image, image_path(bench, out, prompts[i], k))
     state.wait_for_everyone()
     if not state.is_main_process:
         return None
     written = sum(map(sum, missing))
-    return {"bench": bench, "prompts": len(prompts), "images_per_prompt": n, "written": written,
-            "already_there": len(prompts) * n - written}
+    return {
+        "bench": bench,
+        "prompts": len(prompts),
+        "images_per_prompt": n,
+        "written": written,
+        "already_there": len(prompts) * n - written,
+    }
 
 
 def _save_image(image, path: Path) -> None:
@@ -160,4 +220,9 @@ def _save_image(image, path: Path) -> None:
 
     array = (image.permute(1, 2, 0).float().cpu().numpy() * 255).round().astype("uint8")
     fmt = "JPEG" if path.suffix == ".jpeg" else "PNG"
-    write_atomic(path, lambda tmp: Image.fromarray(array).save(tmp, format=fmt, **({"quality": 95} if fmt == "JPEG" else {})))
+    write_atomic(
+        path,
+        lambda tmp: Image.fromarray(array).save(
+            tmp, format=fmt, **({"quality": 95} if fmt == "JPEG" else {})
+        ),
+    )

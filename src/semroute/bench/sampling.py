@@ -52,12 +52,17 @@ def sample_batches(
     settings = pipeline.sampling(steps, guidance_scale, shift)
     calls = settings.scheduler_calls()
     full = max((len(todo[i]) for i in chosen), default=0)
-    # Compiled DiT blocks where this job's own timed steps show they pay (speed.StepCompiler); full batches only.
+    # Compiled DiT blocks where this job's own timed steps show they pay (speed.StepCompiler); full batches
+    # only.
     model = getattr(pipeline, "transformer", None)
     compilable = model is not None and hasattr(model, "blocks")  # any pipeline with `generate` may come here
-    compiler = StepCompiler(model, getattr(pipeline, "compile", "auto") if compilable else "off",
-                            getattr(model, "device", torch.device("cpu")), work="sampling",
-                            cost_key="sampling_compile_seconds")
+    compiler = StepCompiler(
+        model,
+        getattr(pipeline, "compile", "auto") if compilable else "off",
+        getattr(model, "device", torch.device("cpu")),
+        work="sampling",
+        cost_key="sampling_compile_seconds",
+    )
     left = sum(calls for i in chosen if len(todo[i]) == full)
     clock = [time.perf_counter()]
 
@@ -78,9 +83,14 @@ def sample_batches(
                 timed = len(jobs) == full
                 compiler.resume() if timed else compiler.pause()
                 clock[0] = time.perf_counter()
-                images = pipeline.generate([prompts[i] for i, _ in jobs], steps, guidance_scale, shift,
-                                           seed=[image_seed(seed, i, k) for i, k in jobs],
-                                           on_step=lambda timed=timed: step_done(timed))
+                images = pipeline.generate(
+                    [prompts[i] for i, _ in jobs],
+                    steps,
+                    guidance_scale,
+                    shift,
+                    seed=[image_seed(seed, i, k) for i, k in jobs],
+                    on_step=lambda timed=timed: step_done(timed),
+                )
                 yield jobs, images
         finally:
             compiler.pause()  # the pipeline is handed back eager

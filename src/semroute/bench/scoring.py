@@ -70,7 +70,11 @@ def detect_objects(image: np.ndarray | torch.Tensor, min_pixels: int = MIN_PIXEL
         h, w = component.shape
         shape = int(np.abs(_SHAPE_FEATURES - np.array([h, w, pixels], dtype=np.float32)).sum(axis=1).argmin())
         template = SHAPES[_SHAPE_NAMES[shape]]
-        clean = template.shape == component.shape and bool((template == component).all()) and colour_distances[colour] < 0.3
+        clean = (
+            template.shape == component.shape
+            and bool((template == component).all())
+            and colour_distances[colour] < 0.3
+        )
         bbox = (slices[0].start, slices[1].start, slices[0].stop, slices[1].stop)
         objects.append(DetectedObject(_COLOUR_NAMES[colour], _SHAPE_NAMES[shape], pixels, bbox, clean))
     return objects

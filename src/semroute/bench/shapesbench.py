@@ -71,24 +71,49 @@ def run_bench(
     sampling_s = scoring_s = 0.0
     texts = [p.text for p in prompts]
     t0 = time.perf_counter()
-    for jobs, images in sample_batches(pipeline, texts, images_per_prompt, num_steps, guidance_scale, shift, seed,
-                                       batch_size, progress, desc=f"ShapesBench ({len(prompts) * images_per_prompt} images)"):
+    for jobs, images in sample_batches(
+        pipeline,
+        texts,
+        images_per_prompt,
+        num_steps,
+        guidance_scale,
+        shift,
+        seed,
+        batch_size,
+        progress,
+        desc=f"ShapesBench ({len(prompts) * images_per_prompt} images)",
+    ):
         t1 = time.perf_counter()
-        for (i, _), image in zip(jobs, images):
+        for (i, _), image in zip(jobs, images, strict=True):
             correct[i].append(score(image, prompts[i].scene)["exact"])
             c, b = fidelity_counts(image)
             clean, blobs = clean + c, blobs + b
-        t0, sampling_s, scoring_s = time.perf_counter(), sampling_s + t1 - t0, scoring_s + time.perf_counter() - t1
+        t0, sampling_s, scoring_s = (
+            time.perf_counter(),
+            sampling_s + t1 - t0,
+            scoring_s + time.perf_counter() - t1,
+        )
     per_prompt = [
-        {"category": p.category, "prompt": p.text, "correct": ok} for p, ok in zip(prompts, correct)
+        {"category": p.category, "prompt": p.text, "correct": ok}
+        for p, ok in zip(prompts, correct, strict=True)
     ]
     settings = pipeline.sampling(num_steps, guidance_scale, shift)
     return {
         "version": BENCH_VERSION,
         **summarize(per_prompt, clean, blobs),
         "images_per_prompt": images_per_prompt,
-        "sampling": {"scheduler": settings.scheduler, "steps": settings.steps, "guidance_scale": settings.guidance_scale,
-                     "shift": settings.shift, "gate_shift": settings.gate_shift, "seed": seed},
-        "timing": {"sampling_s": sampling_s, "scoring_s": scoring_s, "scoring_fraction": scoring_s / max(sampling_s, 1e-9)},
+        "sampling": {
+            "scheduler": settings.scheduler,
+            "steps": settings.steps,
+            "guidance_scale": settings.guidance_scale,
+            "shift": settings.shift,
+            "gate_shift": settings.gate_shift,
+            "seed": seed,
+        },
+        "timing": {
+            "sampling_s": sampling_s,
+            "scoring_s": scoring_s,
+            "scoring_fraction": scoring_s / max(sampling_s, 1e-9),
+        },
         "prompts": per_prompt,
     }

@@ -35,8 +35,14 @@ def effective_level(x_t: torch.Tensor, clean: torch.Tensor, noise: torch.Tensor)
     return (coef[:, 1] / coef.sum(-1)).float()
 
 
-def trace(pipeline, prompts: list[str], images_per_prompt: int, scales: list[float], steps: int | None = None,
-          seed: int = 0) -> dict:
+def trace(
+    pipeline,
+    prompts: list[str],
+    images_per_prompt: int,
+    scales: list[float],
+    steps: int | None = None,
+    seed: int = 0,
+) -> dict:
     """Sample every prompt at every guidance scale and estimate the effective noise level at every step.
 
     Returns {"t": nominal times, "scales": {g: {estimator: mean sigma per step, "spread": ..., "head": ...}}}.
@@ -45,17 +51,27 @@ def trace(pipeline, prompts: list[str], images_per_prompt: int, scales: list[flo
     from .sampling import image_seed
 
     if type(pipeline.scheduler).__name__ != "FlowMatchEulerDiscreteScheduler":
-        raise ValueError("trajectory reads the guided velocity off consecutive states, exact only for "
-                         "FlowMatchEulerDiscreteScheduler; pass --scheduler FlowMatchEulerDiscreteScheduler")
+        raise ValueError(
+            "trajectory reads the guided velocity off consecutive states, exact only for "
+            "FlowMatchEulerDiscreteScheduler; pass --scheduler FlowMatchEulerDiscreteScheduler"
+        )
     model = pipeline.transformer
     pixel_space = pipeline.vae is None
     seeds = [image_seed(seed, i, k) for i in range(len(prompts)) for k in range(images_per_prompt)]
     batch = [p for p in prompts for _ in range(images_per_prompt)]
-    result = {"estimators": {k: v for k, v in ESTIMATORS.items() if pixel_space or k != "endpoint"}, "scales": {}}
+    result = {
+        "estimators": {k: v for k, v in ESTIMATORS.items() if pixel_space or k != "endpoint"},
+        "scales": {},
+    }
     for scale in scales:
         states: list[tuple[float, torch.Tensor]] = []
-        images = pipeline.generate(batch, steps, scale, seed=seeds,
-                                   on_state=lambda t, x: states.append((float(t[0]), x.detach().float().cpu())))
+        images = pipeline.generate(
+            batch,
+            steps,
+            scale,
+            seed=seeds,
+            on_state=lambda t, x, states=states: states.append((float(t[0]), x.detach().float().cpu())),
+        )
         final = images.float().cpu() * 2 - 1 if pixel_space else None
         noise = states[0][1]
         times = [t for t, _ in states] + [0.0]
@@ -80,14 +96,17 @@ def trace(pipeline, prompts: list[str], images_per_prompt: int, scales: list[flo
                 with torch.no_grad():
                     head.append(float(model.noise_head(x.to(model.device, model.dtype)).mean()))
         entry = {"levels": levels, "spread": spreads, "head": head}
-        entry["suggested_gate_shift"] = suggest_gate_shift(times[:-1], levels["endpoint" if final is not None else "x0-prediction"])
+        entry["suggested_gate_shift"] = suggest_gate_shift(
+            times[:-1], levels["endpoint" if final is not None else "x0-prediction"]
+        )
         result["scales"][scale] = entry
         result["t"] = times[:-1]
     return result
 
 
 def suggest_gate_shift(nominal: list[float], effective: list[float]) -> float:
-    """The gate shift s whose shift_time(t, s) is closest to the effective levels (least squares over a log grid)."""
+    """The gate shift s whose shift_time(t, s) is closest to the effective levels (least squares over a log
+    grid)."""
     t = torch.tensor(nominal, dtype=torch.float64)
     target = torch.tensor(effective, dtype=torch.float64)
     known = torch.isfinite(target)
@@ -98,7 +117,8 @@ def suggest_gate_shift(nominal: list[float], effective: list[float]) -> float:
 
 
 def plot_trajectory(result: dict, path, title: str) -> None:
-    """Effective noise level against the nominal t, one line per guidance scale, the estimators stated on the figure."""
+    """Effective noise level against the nominal t, one line per guidance scale, the estimators stated on the
+    figure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -109,13 +129,29 @@ def plot_trajectory(result: dict, path, title: str) -> None:
     ax.plot([0, 1], [0, 1], ":", color="grey", label="effective = nominal")
     colours = plt.cm.viridis([i / max(1, len(result["scales"]) - 1) for i in range(len(result["scales"]))])
     styles = {"endpoint": "-", "x0-prediction": "--"}
-    for colour, (scale, entry) in zip(colours, result["scales"].items()):
+    for colour, (scale, entry) in zip(colours, result["scales"].items(), strict=True):
         for name, levels in entry["levels"].items():
-            ax.plot(t, levels, styles[name], color=colour, marker="o", markersize=2.5,
-                    label=f"CFG {scale:g}, {name} (gate shift fit {entry['suggested_gate_shift']:.2f})"
-                    if name == next(iter(entry["levels"])) else f"CFG {scale:g}, {name}")
+            ax.plot(
+                t,
+                levels,
+                styles[name],
+                color=colour,
+                marker="o",
+                markersize=2.5,
+                label=f"CFG {scale:g}, {name} (gate shift fit {entry['suggested_gate_shift']:.2f})"
+                if name == next(iter(entry["levels"]))
+                else f"CFG {scale:g}, {name}",
+            )
         if entry["head"] is not None:
-            ax.plot(t, entry["head"], ":", color=colour, marker="x", markersize=3, label=f"CFG {scale:g}, noise head")
+            ax.plot(
+                t,
+                entry["head"],
+                ":",
+                color=colour,
+                marker="x",
+                markersize=3,
+                label=f"CFG {scale:g}, noise head",
+            )
     ax.set_xlabel("nominal t (what the time gates read)")
     ax.set_ylabel("effective noise level of x_t")
     ax.set_xlim(1.02, -0.02)
@@ -123,8 +159,16 @@ def plot_trajectory(result: dict, path, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper right")
     stated = "\n".join(f"{name}: {text}" for name, text in result["estimators"].items())
-    ax.text(0.98, 0.02, stated, transform=ax.transAxes, fontsize=7, ha="right", va="bottom",
-            bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"})
+    ax.text(
+        0.98,
+        0.02,
+        stated,
+        transform=ax.transAxes,
+        fontsize=7,
+        ha="right",
+        va="bottom",
+        bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"},
+    )
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=130)

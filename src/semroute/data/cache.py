@@ -43,8 +43,14 @@ def source_identity(dataset_config) -> dict:
     digest = hashlib.sha256()
     for file in files:
         digest.update(file.read_bytes())
-    return {"kind": kind, "path": str(path), "sha256": digest.hexdigest(), "image_root": d.image_root,
-            "image_key": d.image_key, "text_key": d.text_key}
+    return {
+        "kind": kind,
+        "path": str(path),
+        "sha256": digest.hexdigest(),
+        "image_root": d.image_root,
+        "image_key": d.image_key,
+        "text_key": d.text_key,
+    }
 
 
 def cache_recipe(encoder, dataset_config, vae, dtype: str, shard_size: int | None = None) -> dict:
@@ -67,18 +73,29 @@ def cache_recipe(encoder, dataset_config, vae, dtype: str, shard_size: int | Non
         "dtype": dtype,
     }
     if encoder.feature_kind != "hidden_states":  # (absent from older caches, all of hidden states)
-        recipe.update(text_features=encoder.feature_kind, text_feature_dim=encoder.feature_dim,
-                      text_kv_heads=encoder.kv_heads)
+        recipe.update(
+            text_features=encoder.feature_kind,
+            text_feature_dim=encoder.feature_dim,
+            text_kv_heads=encoder.kv_heads,
+        )
     if vae is not None:
         shift, scale = vae_factors(vae)
-        recipe["vae"] = {"path": str(dataset_config.vae), "latent_channels": vae.config.latent_channels,
-                         "shift_factor": shift, "scaling_factor": scale}
+        recipe["vae"] = {
+            "path": str(dataset_config.vae),
+            "latent_channels": vae.config.latent_channels,
+            "shift_factor": shift,
+            "scaling_factor": scale,
+        }
     return recipe
 
 
 def recipe_differences(found: dict, wanted: dict) -> list[str]:
     keys = sorted(set(found) | set(wanted))
-    return [f"{k}: cache has {found.get(k)!r}, this run has {wanted.get(k)!r}" for k in keys if found.get(k) != wanted.get(k)]
+    return [
+        f"{k}: cache has {found.get(k)!r}, this run has {wanted.get(k)!r}"
+        for k in keys
+        if found.get(k) != wanted.get(k)
+    ]
 
 
 def _pad(hidden: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,8 +104,16 @@ def _pad(hidden: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.T
     return F.pad(hidden, (0, 0, 0, pad)), F.pad(mask, (0, pad))
 
 
-def precompute(config, out: Path, shard_size: int = 1024, dtype: str = "auto", batch_size: int = 16,
-               progress: bool = True, encoder=None, device: str = "auto") -> dict | None:
+def precompute(
+    config,
+    out: Path,
+    shard_size: int = 1024,
+    dtype: str = "auto",
+    batch_size: int = 16,
+    progress: bool = True,
+    encoder=None,
+    device: str = "auto",
+) -> dict | None:
     """Encode every (image, caption) pair of `config.dataset` once; returns the cache's metadata.
 
     Under `accelerate launch` the processes share out the shards (shard i goes to process i mod N) and
@@ -97,8 +122,8 @@ def precompute(config, out: Path, shard_size: int = 1024, dtype: str = "auto", b
     shard's own metadata, so a resumed or shared precompute reports all of them.
     dtype: storage precision; auto is the dtype `train.mixed_precision` resolves to on this machine.
     """
-    from ..latent import encode_latents, load_vae
     from ..features import NULL_PROMPT
+    from ..latent import encode_latents, load_vae
     from ..runtime import configure_device, process_state, resolve_device, resolve_precision
     from ..text_encoder import TextEncoder, check_reads
     from .images import ImageCaptionDataset, to_training_tensor
@@ -123,8 +148,10 @@ def precompute(config, out: Path, shard_size: int = 1024, dtype: str = "auto", b
     if found is not None:
         differences = recipe_differences(found["recipe"], recipe)
         if differences:
-            raise ValueError(f"{out} holds a cache made another way ({'; '.join(differences)}); "
-                             f"precompute into a new directory instead of mixing")
+            raise ValueError(
+                f"{out} holds a cache made another way ({'; '.join(differences)}); "
+                f"precompute into a new directory instead of mixing"
+            )
         if found.get("complete"):
             damaged = cache_problems(out, found, digests=True)
             if not damaged:
@@ -151,9 +178,16 @@ def precompute(config, out: Path, shard_size: int = 1024, dtype: str = "auto", b
     length = encoder.config.max_length
     store = CACHE_DTYPES[dtype]
     starts = list(range(0, len(pairs), shard_size))
-    mine = [(number, start) for number, start in enumerate(starts) if number % state.num_processes == state.process_index]
-    bar = tqdm(total=sum(len(pairs[s : s + shard_size]) for _, s in mine), desc="precompute",
-               disable=not progress or not state.is_main_process)
+    mine = [
+        (number, start)
+        for number, start in enumerate(starts)
+        if number % state.num_processes == state.process_index
+    ]
+    bar = tqdm(
+        total=sum(len(pairs[s : s + shard_size]) for _, s in mine),
+        desc="precompute",
+        disable=not progress or not state.is_main_process,
+    )
     for number, start in mine:
         path = out / _shard_name(number)
         chunk = pairs[start : start + shard_size]
@@ -181,7 +215,9 @@ def precompute(config, out: Path, shard_size: int = 1024, dtype: str = "auto", b
         if latents:
             tensors.update(latents=torch.cat(latents), text=torch.cat(hidden))
         tmp = out / f".{path.name}.tmp"
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"skipped": json.dumps(skipped)})
+        save_file(
+            {k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"skipped": json.dumps(skipped)}
+        )
         os.replace(tmp, path)
     bar.close()
     state.wait_for_everyone()
@@ -194,13 +230,30 @@ def precompute(config, out: Path, shard_size: int = 1024, dtype: str = "auto", b
             rows = f.get_slice("mask").get_shape()[0]
             skipped.update(json.loads((f.metadata() or {}).get("skipped", "{}")))
         if rows:
-            shards.append({"file": name, "rows": rows, "bytes": (out / name).stat().st_size, "sha256": file_digest(out / name)})
+            shards.append(
+                {
+                    "file": name,
+                    "rows": rows,
+                    "bytes": (out / name).stat().st_size,
+                    "sha256": file_digest(out / name),
+                }
+            )
     h, m = encoder.features([NULL_PROMPT])
     h, m = _pad(h.transpose(0, 1), m, length)
-    save_file({"text": h[0].to("cpu", store).contiguous(), "mask": m[0].cpu().contiguous()}, out / "null.safetensors")
+    save_file(
+        {"text": h[0].to("cpu", store).contiguous(), "mask": m[0].cpu().contiguous()},
+        out / "null.safetensors",
+    )
     rows = sum(shard["rows"] for shard in shards)
-    meta = {"recipe": recipe, "complete": True, "rows": rows, "shards": shards, "skipped": skipped,
-            "null_bytes": (out / "null.safetensors").stat().st_size, "null_sha256": file_digest(out / "null.safetensors")}
+    meta = {
+        "recipe": recipe,
+        "complete": True,
+        "rows": rows,
+        "shards": shards,
+        "skipped": skipped,
+        "null_bytes": (out / "null.safetensors").stat().st_size,
+        "null_sha256": file_digest(out / "null.safetensors"),
+    }
     write_json(meta_path, meta)
     logger.info("cached %d rows in %d shards (%d images skipped) in %s", rows, len(shards), len(skipped), out)
     return meta
@@ -216,7 +269,9 @@ def _read_meta(path: Path) -> dict | None:
     try:
         meta = json.loads(path.read_text())
     except ValueError:
-        raise ValueError(f"{path} is not valid JSON; it is damaged: precompute into a new directory") from None
+        raise ValueError(
+            f"{path} is not valid JSON; it is damaged: precompute into a new directory"
+        ) from None
     if not isinstance(meta, dict) or not isinstance(meta.get("recipe"), dict):
         raise ValueError(f"{path} is not a semroute cache description; precompute into a new directory")
     return meta
@@ -227,10 +282,21 @@ def read_cache_meta(path: Path) -> dict:
 
     meta_path = path / CACHE_META
     if not meta_path.is_file():
-        raise FileNotFoundError(f"{path} is not a semroute cache (no {CACHE_META}); make one with `semroute precompute`")
-    meta = read_json(meta_path, "cache description", "the cache is damaged: precompute it again into a new directory")
-    if not isinstance(meta, dict) or not isinstance(meta.get("recipe"), dict) or not isinstance(meta.get("shards", []), list):
-        raise ValueError(f"{meta_path} is not a semroute cache description; precompute the cache again into a new directory")
+        raise FileNotFoundError(
+            f"{path} is not a semroute cache (no {CACHE_META}); make one with `semroute precompute`"
+        )
+    meta = read_json(
+        meta_path, "cache description", "the cache is damaged: precompute it again into a new directory"
+    )
+    if (
+        not isinstance(meta, dict)
+        or not isinstance(meta.get("recipe"), dict)
+        or not isinstance(meta.get("shards", []), list)
+    ):
+        raise ValueError(
+            f"{meta_path} is not a semroute cache description; precompute the cache again into a new "
+            "directory"
+        )
     if not meta.get("complete"):
         raise ValueError(f"the cache in {path} is incomplete; run `semroute precompute` again to finish it")
     return meta
@@ -285,8 +351,10 @@ class CachedDataset(torch.utils.data.Dataset):
         self.meta = read_cache_meta(self.path)
         problem = cache_problem(self.path, self.meta)
         if problem:
-            raise ValueError(f"{problem}; delete the damaged file and run `semroute precompute` again with the same config "
-                             f"(it redoes only what is missing)")
+            raise ValueError(
+                f"{problem}; delete the damaged file and run `semroute precompute` again with the same "
+                "config (it redoes only what is missing)"
+            )
         self.index = [(s["file"], j) for s in self.meta["shards"] for j in range(s["rows"])]
         if not self.index:
             raise ValueError(f"the cache in {self.path} has no rows")
@@ -320,9 +388,13 @@ class CachedEncoderInfo:
         from ..text_encoder import TextEncoderConfig
 
         self.feature_kind = recipe.get("text_features", "hidden_states")
-        self.config = TextEncoderConfig(model=recipe["text_model"], layers=list(recipe["configured_layers"]),
-                                        max_length=recipe["max_length"], template=recipe["template"],
-                                        features=self.feature_kind)
+        self.config = TextEncoderConfig(
+            model=recipe["text_model"],
+            layers=list(recipe["configured_layers"]),
+            max_length=recipe["max_length"],
+            template=recipe["template"],
+            features=self.feature_kind,
+        )
         self.layers = list(recipe["text_layers"])
         self.num_layers = len(self.layers)
         self.hidden_size = recipe["text_hidden_size"]

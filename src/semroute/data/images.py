@@ -26,7 +26,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class DatasetConfig:
-    """Real image-caption data. With none of manifest / hf_dataset / cache set, training uses the shapes task."""
+    """Real image-caption data. With none of manifest / hf_dataset / cache set, training uses the shapes
+    task."""
 
     manifest: str | None = None  # a .json file holding a list of rows, or a .jsonl file with one row a line
     image_root: str | None = None  # where relative image paths start (default: the manifest's folder)
@@ -40,7 +41,8 @@ class DatasetConfig:
     num_workers: int = 0
     # Larger images are skipped and counted (a decompression bomb never reaches memory).
     max_image_pixels: int = 64_000_000
-    # Manifest image paths must stay inside image_root (no ../ or absolute paths elsewhere) unless this is true.
+    # Manifest image paths must stay inside image_root (no ../ or absolute paths elsewhere) unless this is
+    # true.
     allow_paths_outside_root: bool = False
 
     @property
@@ -50,14 +52,18 @@ class DatasetConfig:
     def __post_init__(self):
         sources = [k for k in ("manifest", "hf_dataset", "cache") if getattr(self, k) is not None]
         if len(sources) > 1:
-            raise ValueError(f"dataset: set one of manifest, hf_dataset or cache, not {' and '.join(sources)}")
+            raise ValueError(
+                f"dataset: set one of manifest, hf_dataset or cache, not {' and '.join(sources)}"
+            )
         if self.resolution < 8:
             raise ValueError(f"dataset.resolution must be >= 8, got {self.resolution}")
         if self.num_workers < 0:
             raise ValueError(f"dataset.num_workers must be >= 0, got {self.num_workers}")
-        if self.resolution > 8192 or self.resolution ** 2 > self.max_image_pixels:
-            raise ValueError(f"dataset.resolution {self.resolution} is beyond 8192 or dataset.max_image_pixels; "
-                             f"train at a smaller resolution")
+        if self.resolution > 8192 or self.resolution**2 > self.max_image_pixels:
+            raise ValueError(
+                f"dataset.resolution {self.resolution} is beyond 8192 or dataset.max_image_pixels; "
+                f"train at a smaller resolution"
+            )
         if self.max_image_pixels < 1:
             raise ValueError(f"dataset.max_image_pixels must be >= 1, got {self.max_image_pixels}")
 
@@ -67,7 +73,8 @@ class BadImageError(ValueError):
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB from any mode: 16-bit and 32-bit integer images scaled from 0..65535, float images from 0..1."""
+    """8-bit RGB from any mode: 16-bit and 32-bit integer images scaled from 0..65535, float images from
+    0..1."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         array = np.asarray(image, dtype=np.float64)
         scale = 1.0 if image.mode == "F" else 65535.0
@@ -80,7 +87,8 @@ def to_training_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
     """Resize the shorter side to `resolution` (bicubic), center-crop a square, scale to [-1, 1]: (3, R, R).
 
     An image whose resized long side would be huge (a 1 x 100000 strip) is resampled from the crop's box
-    of the original instead, so memory stays bounded (the result differs from two-step resizing by a few levels).
+    of the original instead, so memory stays bounded (the result differs from two-step resizing by a few
+    levels).
     """
     image = to_rgb(image)
     w, h = image.size
@@ -90,7 +98,12 @@ def to_training_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
     if size[0] * size[1] <= 16 * resolution * resolution:
         image = image.resize(size, Image.BICUBIC).crop((left, top, left + resolution, top + resolution))
     else:
-        box = (left * w / size[0], top * h / size[1], (left + resolution) * w / size[0], (top + resolution) * h / size[1])
+        box = (
+            left * w / size[0],
+            top * h / size[1],
+            (left + resolution) * w / size[0],
+            (top + resolution) * h / size[1],
+        )
         image = image.resize((resolution, resolution), Image.BICUBIC, box=box)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
@@ -119,8 +132,10 @@ def open_image(path: Path, resolution: int, max_pixels: int) -> Image.Image:
     except _TooLarge as err:
         raise ValueError(str(err)) from None
     except Image.DecompressionBombError:
-        raise ValueError("a decompression bomb: its header claims more pixels than Pillow's limit "
-                         "(and than dataset.max_image_pixels)") from None
+        raise ValueError(
+            "a decompression bomb: its header claims more pixels than Pillow's limit "
+            "(and than dataset.max_image_pixels)"
+        ) from None
     except Exception as err:  # noqa: BLE001 - see the docstring
         raise ValueError(f"cannot be decoded ({err.__class__.__name__})") from None
 
@@ -150,7 +165,8 @@ def parse_jsonl(text: str, path: Path, hint: str = "") -> list:
 
 
 def parse_json(text: str, what: str, expected: type, hint: str):
-    """One JSON document of the `expected` type; otherwise an error naming `what` (the file) and `hint` (the fix)."""
+    """One JSON document of the `expected` type; otherwise an error naming `what` (the file) and `hint` (the
+    fix)."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
@@ -161,14 +177,18 @@ def parse_json(text: str, what: str, expected: type, hint: str):
 
 
 def _inside(root: Path, name, where: str, allow_outside: bool) -> Path:
-    """The image path of a manifest row; one that leaves `root` (../, an absolute path) is an error unless allowed."""
+    """The image path of a manifest row; one that leaves `root` (../, an absolute path) is an error unless
+    allowed."""
     if not isinstance(name, str) or not name or "\x00" in name:
         raise ValueError(f"{where}: the image must be a non-empty path string, got {name!r:.120}")
     path = root / name
-    # realpath, not Path.resolve: a symlink loop then stays a path that is no file (skipped), not an exception.
+    # realpath, not Path.resolve: a symlink loop then stays a path that is no file (skipped), not an
+    # exception.
     if not allow_outside and not Path(os.path.realpath(path)).is_relative_to(os.path.realpath(root)):
-        raise ValueError(f"{where}: image {name!r:.120} lies outside image_root {root}; move it under image_root or set "
-                         f"dataset.allow_paths_outside_root: true")
+        raise ValueError(
+            f"{where}: image {name!r:.120} lies outside image_root {root}; move it under image_root or set "
+            f"dataset.allow_paths_outside_root: true"
+        )
     return path
 
 
@@ -178,21 +198,29 @@ def read_manifest(path: Path) -> list[dict]:
     if path.suffix == ".jsonl":
         rows = parse_jsonl(text, path)
     else:
-        rows = parse_json(text, f"manifest {path}", list, "a .json manifest is a list of rows; use .jsonl for one row a line")
+        rows = parse_json(
+            text,
+            f"manifest {path}",
+            list,
+            "a .json manifest is a list of rows; use .jsonl for one row a line",
+        )
     if not rows:
         raise ValueError(f"manifest {path} has no rows")
     return rows
 
 
 def _captions(value, where: str) -> list[str]:
-    """The usable captions of a row: strings, lone surrogates replaced (they cannot be tokenized), empty ones dropped.
+    """The usable captions of a row: strings, lone surrogates replaced (they cannot be tokenized), empty ones
+    dropped.
 
     A row whose every caption is empty gets none (the caller skips and counts it); a caption that is not
     a string is an error naming the row.
     """
     captions = [value] if isinstance(value, str) else value
     if not isinstance(captions, list) or not captions or not all(isinstance(c, str) for c in captions):
-        raise ValueError(f"{where}: the caption must be a string or a non-empty list of strings, got {value!r:.120}")
+        raise ValueError(
+            f"{where}: the caption must be a string or a non-empty list of strings, got {value!r:.120}"
+        )
     cleaned = [c.encode("utf-8", "replace").decode("utf-8") for c in captions]
     return [c for c in cleaned if c.strip()]
 
@@ -205,7 +233,9 @@ class SkipLog:
 
     def add(self, name: str, reason: str, strict: bool) -> None:
         if strict:
-            raise BadImageError(f"image {name}: {reason}; fix or remove it, or set dataset.strict: false to skip such images")
+            raise BadImageError(
+                f"image {name}: {reason}; fix or remove it, or set dataset.strict: false to skip such images"
+            )
         if name not in self.skipped:
             logger.warning("skipping image %s: %s", name, reason)
         self.skipped[name] = reason
@@ -256,7 +286,9 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         if not self.items:
             raise ValueError("the dataset has no usable images (every row was skipped)")
         if self.skips:
-            logger.warning("%d of %d images skipped (missing)", len(self.skips), len(self.skips) + len(self.items))
+            logger.warning(
+                "%d of %d images skipped (missing)", len(self.skips), len(self.skips) + len(self.items)
+            )
 
     def __len__(self) -> int:
         return len(self.items)
@@ -265,7 +297,9 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         """The row's usable captions (empty for a row of a saved dataset whose captions are all empty)."""
         source, captions = self.items[index]
         if captions is None:
-            captions = _captions(self._hf[source][self.config.text_key], f"{self.config.hf_dataset} row {source}")
+            captions = _captions(
+                self._hf[source][self.config.text_key], f"{self.config.hf_dataset} row {source}"
+            )
         return captions
 
     def load_image(self, index: int) -> Image.Image | None:
@@ -278,10 +312,16 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
                 self.skips.add(name, f"cannot be decoded ({err.__class__.__name__})", self.config.strict)
                 return None
             if not isinstance(image, Image.Image):
-                self.skips.add(name, f"column {self.config.image_key!r} does not hold an image", self.config.strict)
+                self.skips.add(
+                    name, f"column {self.config.image_key!r} does not hold an image", self.config.strict
+                )
                 return None
             if image.width * image.height > self.config.max_image_pixels:
-                self.skips.add(name, f"{image.width} x {image.height} pixels is over dataset.max_image_pixels", self.config.strict)
+                self.skips.add(
+                    name,
+                    f"{image.width} x {image.height} pixels is over dataset.max_image_pixels",
+                    self.config.strict,
+                )
                 return None
             return image
         try:
@@ -293,7 +333,11 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         captions = self.captions_of(index)
         if not captions:
-            self.skips.add(f"{self.config.hf_dataset} row {self.items[index][0]}", "every caption is empty", self.config.strict)
+            self.skips.add(
+                f"{self.config.hf_dataset} row {self.items[index][0]}",
+                "every caption is empty",
+                self.config.strict,
+            )
             return None
         image = self.load_image(index)
         if image is None:
@@ -325,5 +369,8 @@ def load_hf_dataset(config: DatasetConfig):
         data = data["train"]
     for key in (config.image_key, config.text_key):
         if key not in data.column_names:
-            raise ValueError(f"{path} has columns {data.column_names}, no {key!r}; set dataset.image_key / dataset.text_key")
+            raise ValueError(
+                f"{path} has columns {data.column_names}, no {key!r}; set dataset.image_key / "
+                "dataset.text_key"
+            )
     return data

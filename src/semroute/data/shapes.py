@@ -68,7 +68,7 @@ class Scene:
 
 
 def caption(scene: Scene) -> str:
-    """"two red circles and one blue square", or "a red circle left of a blue square"."""
+    """ "two red circles and one blue square", or "a red circle left of a blue square"."""
     if scene.relation is not None:
         a, b = scene.groups
         return f"a {a.colour} {a.shape} {scene.relation} a {b.colour} {b.shape}"
@@ -81,9 +81,9 @@ _RELATION_RE = re.compile(r"^a (\w+) (\w+) (" + "|".join(RELATIONS) + r") a (\w+
 
 def _vocabulary_error(part: str) -> ValueError:
     return ValueError(
-        f"cannot read {part!r} as '<count> <colour> <shape>' or 'a <colour> <shape> <relation> a <colour> <shape>'; "
-        f"counts {', '.join(NUMBERS[1:])}, colours {', '.join(COLOURS)}, shapes {', '.join(SHAPES)}, "
-        f"relations {', '.join(RELATIONS)}"
+        f"cannot read {part!r} as '<count> <colour> <shape>' or 'a <colour> <shape> <relation> a <colour> "
+        f"<shape>'; counts {', '.join(NUMBERS[1:])}, colours {', '.join(COLOURS)}, shapes "
+        f"{', '.join(SHAPES)}, relations {', '.join(RELATIONS)}"
     )
 
 
@@ -129,8 +129,10 @@ class ShapesConfig:
         if not 8 <= self.image_size <= 1024:
             raise ValueError(f"data.image_size must be in 8..1024 pixels, got {self.image_size}")
         if self.two_object_fraction > 0 and self.two_object_max_total < 2:
-            raise ValueError(f"data.two_object_max_total must be >= 2 when data.two_object_fraction > 0 "
-                             f"(two groups of at least one object), got {self.two_object_max_total}")
+            raise ValueError(
+                f"data.two_object_max_total must be >= 2 when data.two_object_fraction > 0 "
+                f"(two groups of at least one object), got {self.two_object_max_total}"
+            )
         if not self.counts or min(self.counts) < 1 or max(self.counts) >= len(NUMBERS):
             raise ValueError(f"data.counts must be within 1..{len(NUMBERS) - 1}, got {self.counts}")
         for name in ("two_object_fraction", "position_fraction"):
@@ -171,7 +173,10 @@ class ShapesTask:
         ]
         excluded = {scene for _, scene in held_out_scenes(c)} if c.exclude_bench_prompts else set()
         self._pools = [
-            (1.0 - c.two_object_fraction - c.position_fraction, [s for s in self.single_scenes if s not in excluded]),
+            (
+                1.0 - c.two_object_fraction - c.position_fraction,
+                [s for s in self.single_scenes if s not in excluded],
+            ),
             (c.two_object_fraction, [s for s in self.two_object_scenes if s not in excluded]),
             (c.position_fraction, [s for s in self.position_scenes if s not in excluded]),
         ]
@@ -217,7 +222,9 @@ class ShapesTask:
                         break
                 else:
                     break
-            if len(placed) == len(masks) and (scene.relation is None or self._separated(scene.relation, placed)):
+            if len(placed) == len(masks) and (
+                scene.relation is None or self._separated(scene.relation, placed)
+            ):
                 image = np.zeros((3, size, size), dtype=np.float32)
                 for y, x, mask, colour in placed:
                     h, w = mask.shape
@@ -259,13 +266,15 @@ class ShapesDataset(torch.utils.data.Dataset):
         return torch.from_numpy(image) * 2 - 1, self._ids[caption(scene)]
 
 
-# The held-out split that ShapesBench evaluates on; part of the bench version (changing it changes the prompts).
+# The held-out split that ShapesBench evaluates on; part of the bench version (changing it changes the
+# prompts).
 HELD_OUT_SEED = 20260203
 HELD_OUT_PER_CATEGORY = 12
 
 
 def held_out_scenes(config: ShapesConfig) -> list[tuple[str, Scene]]:
-    """The fixed (category, scene) evaluation split of a shapes vocabulary (the same config always gives the same list).
+    """The fixed (category, scene) evaluation split of a shapes vocabulary (the same config always gives the
+    same list).
 
     counting: every count with every shape, colour drawn; colour (single objects that are not also
     counting scenes), two_objects and position: drawn without replacement.
@@ -273,11 +282,18 @@ def held_out_scenes(config: ShapesConfig) -> list[tuple[str, Scene]]:
     task = ShapesTask(replace(config, exclude_bench_prompts=False))
     c = task.config
     rng = np.random.default_rng(HELD_OUT_SEED)
-    split = [("counting", Scene((Group(n, c.colours[rng.integers(len(c.colours))], shape),)))
-             for n in c.counts for shape in c.shapes]
+    split = [
+        ("counting", Scene((Group(n, c.colours[rng.integers(len(c.colours))], shape),)))
+        for n in c.counts
+        for shape in c.shapes
+    ]
     taken = {scene for _, scene in split}
     singles = [s for s in task.single_scenes if s.total == 1 and s not in taken]  # no scene in two categories
-    for category, pool in (("colour", singles), ("two_objects", task.two_object_scenes), ("position", task.position_scenes)):
+    for category, pool in (
+        ("colour", singles),
+        ("two_objects", task.two_object_scenes),
+        ("position", task.position_scenes),
+    ):
         picks = rng.choice(len(pool), size=min(HELD_OUT_PER_CATEGORY, len(pool)), replace=False)
         split += [(category, pool[i]) for i in sorted(picks)]
     return split

@@ -21,7 +21,8 @@ from .shapes import ShapesDataset, ShapesTask, caption
 
 @dataclass
 class Preview:
-    """Prompts to draw sample grids of a run in progress, with their features (no LLM call at a checkpoint)."""
+    """Prompts to draw sample grids of a run in progress, with their features (no LLM call at a
+    checkpoint)."""
 
     captions: list[str]
     features: PromptFeatures  # the captions' rows, then the null prompt's
@@ -35,7 +36,9 @@ class BatchSource(Protocol):
     """
 
     encoder: EncoderInfo  # the LLM as the DiT must know it (a cache describes it without loading it)
-    null: tuple[torch.Tensor, torch.Tensor]  # the null prompt's LN'd layers (L, S, C) and mask (S,): dropout's target
+    null: tuple[
+        torch.Tensor, torch.Tensor
+    ]  # the null prompt's LN'd layers (L, S, C) and mask (S,): dropout's target
     vae_path: str | None  # recorded with checkpoints, so that sampling decodes as training encoded
 
     def loader(self, batch_size: int, num_workers: int = 0) -> torch.utils.data.DataLoader: ...
@@ -44,7 +47,8 @@ class BatchSource(Protocol):
         """Order the data for `epoch` (a function of the seed and the epoch, for exact resume)."""
 
     def condition(self, batch, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(x0, text, mask) on `device`; new tensors the trainer may write to (caption dropout does, in place)."""
+        """(x0, text, mask) on `device`; new tensors the trainer may write to (caption dropout does, in
+        place)."""
 
     def skipped(self) -> dict[str, str]:
         """Images that could not be used, with why."""
@@ -54,7 +58,8 @@ class BatchSource(Protocol):
 
 
 def own_generator(seed: int) -> torch.Generator:
-    """A loader's own RNG: each new loader iterator draws its worker seed from it, not from torch's global RNG.
+    """A loader's own RNG: each new loader iterator draws its worker seed from it, not from torch's global
+    RNG.
 
     Otherwise a resumed run, which starts an extra iterator, ends with another global RNG state than an
     uninterrupted one. Items never depend on the worker seed: they are functions of (seed, index, epoch).
@@ -63,7 +68,8 @@ def own_generator(seed: int) -> torch.Generator:
 
 
 class EpochShuffle(torch.utils.data.Sampler):
-    """A permutation per epoch from (seed, epoch): the data order is a function of the step, for exact resume."""
+    """A permutation per epoch from (seed, epoch): the data order is a function of the step, for exact
+    resume."""
 
     def __init__(self, n: int, seed: int):
         self.n, self.seed, self.epoch = n, seed, 0
@@ -81,25 +87,44 @@ class ShapesSource:
 
     vae_path = None
 
-    def __init__(self, config, encoder, features: PromptFeatures | None, progress: bool, dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        config,
+        encoder,
+        features: PromptFeatures | None,
+        progress: bool,
+        dtype: torch.dtype = torch.float32,
+    ):
         self.dataset = ShapesDataset(ShapesTask(config.data), seed=config.train.seed)
         if features is None:
             features = prompt_table(encoder, self.dataset.captions, dtype, progress)
         elif features.hidden.shape[0] != len(self.dataset.captions) + 1:
             raise ValueError(
-                f"features hold {features.hidden.shape[0]} prompts; this data config has {len(self.dataset.captions)} + the null prompt"
+                f"features hold {features.hidden.shape[0]} prompts; this data config has "
+                f"{len(self.dataset.captions)} + the null prompt"
             )
-        elif tuple(features.hidden.shape[1:2]) + tuple(features.hidden.shape[3:]) != (encoder.num_layers, encoder.feature_dim):
-            raise ValueError(f"features hold {features.hidden.shape[1]} entries of width {features.hidden.shape[3]}; the text "
-                             f"encoder gives {encoder.num_layers} of width {encoder.feature_dim} ({encoder.feature_kind})")
+        elif tuple(features.hidden.shape[1:2]) + tuple(features.hidden.shape[3:]) != (
+            encoder.num_layers,
+            encoder.feature_dim,
+        ):
+            raise ValueError(
+                f"features hold {features.hidden.shape[1]} entries of width {features.hidden.shape[3]}; the "
+                f"text encoder gives {encoder.num_layers} of width {encoder.feature_dim} "
+                f"({encoder.feature_kind})"
+            )
         self.features = features.to(dtype)
         self.encoder = encoder
         self.null = (self.features.hidden[-1], self.features.mask[-1])
 
     def loader(self, batch_size: int, num_workers: int = 0) -> torch.utils.data.DataLoader:
         # Items are drawn from rng(seed, index): the order is already fixed, every epoch alike.
-        return torch.utils.data.DataLoader(self.dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                                           generator=own_generator(self.dataset.seed))
+        return torch.utils.data.DataLoader(
+            self.dataset,
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=num_workers,
+            generator=own_generator(self.dataset.seed),
+        )
 
     def set_epoch(self, epoch: int) -> None:
         pass
@@ -123,7 +148,9 @@ class ShapesSource:
 class ImageSource:
     """Images + captions through the VAE (or pixels) and the LLM, every step."""
 
-    def __init__(self, config, encoder, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    def __init__(
+        self, config, encoder, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+    ):
         d = config.dataset
         self.dataset = ImageCaptionDataset(d, seed=config.train.seed)
         self.encoder = encoder
@@ -143,9 +170,15 @@ class ImageSource:
 
     def loader(self, batch_size: int, num_workers: int = 0) -> torch.utils.data.DataLoader:
         _check_size(len(self.dataset), batch_size)
-        return torch.utils.data.DataLoader(self.dataset, batch_size=batch_size, sampler=self.sampler, drop_last=True,
-                                           num_workers=num_workers, collate_fn=collate_skipping,
-                                           generator=own_generator(self.sampler.seed))
+        return torch.utils.data.DataLoader(
+            self.dataset,
+            batch_size=batch_size,
+            sampler=self.sampler,
+            drop_last=True,
+            num_workers=num_workers,
+            collate_fn=collate_skipping,
+            generator=own_generator(self.sampler.seed),
+        )
 
     def condition(self, batch, device):
         pixels, captions = batch
@@ -169,12 +202,16 @@ class CacheSource:
         recipe = dataset.meta["recipe"]
         differences = recipe_differences(recipe, _recipe_from_config(config, recipe))
         if differences:
-            raise ValueError(f"the cache in {d.cache} was made another way than this run: {'; '.join(differences)}; "
-                             f"precompute a new cache for this config")
+            raise ValueError(
+                f"the cache in {d.cache} was made another way than this run: {'; '.join(differences)}; "
+                f"precompute a new cache for this config"
+            )
         model = config.model.settings()
         channels = recipe["vae"]["latent_channels"] if recipe["vae"] else 3
         if channels != model["in_channels"]:
-            raise ValueError(f"the cache holds {channels}-channel inputs but model.in_channels is {model['in_channels']}")
+            raise ValueError(
+                f"the cache holds {channels}-channel inputs but model.in_channels is {model['in_channels']}"
+            )
         self.encoder = CachedEncoderInfo(recipe)
         self.vae_path = recipe["vae"]["path"] if recipe["vae"] else None
         self.dtype = dtype  # the training precision's, whatever the cache stores: no bf16 math in an fp32 run
@@ -187,8 +224,14 @@ class CacheSource:
 
     def loader(self, batch_size: int, num_workers: int = 0) -> torch.utils.data.DataLoader:
         _check_size(len(self.dataset), batch_size)
-        return torch.utils.data.DataLoader(self.dataset, batch_size=batch_size, sampler=self.sampler, drop_last=True,
-                                           num_workers=num_workers, generator=own_generator(self.sampler.seed))
+        return torch.utils.data.DataLoader(
+            self.dataset,
+            batch_size=batch_size,
+            sampler=self.sampler,
+            drop_last=True,
+            num_workers=num_workers,
+            generator=own_generator(self.sampler.seed),
+        )
 
     def condition(self, batch, device):
         latents, text, mask = batch  # (B, C, h, w), (B, L, S, C), (B, S)
@@ -205,22 +248,33 @@ PROBE_ITEMS = 32
 
 
 def _check_usable(dataset: ImageCaptionDataset) -> None:
-    """At least one of the first rows decodes and has a caption: a source of nothing is an error now, not a loop later."""
+    """At least one of the first rows decodes and has a caption: a source of nothing is an error now, not a
+    loop later."""
     n = min(len(dataset), PROBE_ITEMS)
     if not any(dataset.captions_of(i) and dataset.load_image(i) is not None for i in range(n)):
         reasons = sorted(set(dataset.skips.skipped.values()))[:3]
-        raise ValueError(f"none of the first {n} rows of the dataset can be used ({'; '.join(reasons) or 'no caption'}); "
-                         f"check dataset.image_key / dataset.text_key and the image files")
+        raise ValueError(
+            f"none of the first {n} rows of the dataset can be used ({'; '.join(reasons) or 'no caption'}); "
+            f"check dataset.image_key / dataset.text_key and the image files"
+        )
 
 
 def _check_size(n: int, batch_size: int) -> None:
     # Full batches only (the last partial batch of an epoch is dropped): every step sees batch_size images.
     if n < batch_size:
-        raise ValueError(f"the dataset has {n} usable rows, fewer than train.batch_size {batch_size}; lower the batch size")
+        raise ValueError(
+            f"the dataset has {n} usable rows, fewer than train.batch_size {batch_size}; lower the batch size"
+        )
 
 
-def build_source(config, encoder_factory, features: PromptFeatures | None = None, progress: bool = True,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> BatchSource:
+def build_source(
+    config,
+    encoder_factory,
+    features: PromptFeatures | None = None,
+    progress: bool = True,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> BatchSource:
     """The batch source the config asks for. `encoder_factory()` loads the LLM (not called for a cache).
 
     dtype: what the LN'd text features are handed to the DiT in (the training precision's dtype).
@@ -230,7 +284,9 @@ def build_source(config, encoder_factory, features: PromptFeatures | None = None
     if d.cache is not None:
         return CacheSource(config, CachedDataset(d.cache), dtype)
     encoder = encoder_factory()
-    check_reads(encoder, config.text_encoder, f"this run (model.strategy {config.model.settings()['strategy']})")
+    check_reads(
+        encoder, config.text_encoder, f"this run (model.strategy {config.model.settings()['strategy']})"
+    )
     if d.active:
         return ImageSource(config, encoder, dtype, device)
     return ShapesSource(config, encoder, features, progress, dtype)
@@ -244,8 +300,14 @@ def _recipe_from_config(config, cached: dict) -> dict:
     from ..text_encoder import resolve_layers
 
     t = config.text_encoder
-    wanted = {**cached, "text_model": t.model, "text_layers": resolve_layers(t.layers, cached["text_model_layers"]),
-              "max_length": t.max_length, "template": t.template, "resolution": config.dataset.resolution}
+    wanted = {
+        **cached,
+        "text_model": t.model,
+        "text_layers": resolve_layers(t.layers, cached["text_model_layers"]),
+        "max_length": t.max_length,
+        "template": t.template,
+        "resolution": config.dataset.resolution,
+    }
     kind = t.feature_kind
     if kind == "hidden_states":  # what a cache without these keys holds
         for key in ("text_features", "text_feature_dim", "text_kv_heads"):
