@@ -17,7 +17,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from diffusers.training_utils import EMAModel
 
-from semroute.cli import DEMO_CONFIG, packaged_config
+from semroute.base import DEMO_CONFIG, packaged_config
 from semroute.config import load_config
 from semroute.data.shapes import ShapesDataset, ShapesTask
 from semroute.data.sources import ShapesSource

@@ -4,14 +4,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from semroute.bench.ablation import (
-    claim_interval,
-    claims,
-    paired_bootstrap,
-    parse_strategies,
-    run_ablation,
-    table_markdown,
-)
+from semroute.bench.ablation import run_ablation
+from semroute.bench.claims import claim_interval, claims, paired_bootstrap, table_markdown
+from semroute.bench.rows import parse_strategies
 from semroute.cli import main
 from semroute.config import load_config
 from semroute.fusion import PAPER_NAMES

@@ -64,7 +64,7 @@ FLAG_CASES = {
     "train --max-steps -5": (["train", "--config", "{config}", "--max-steps", "-5"], "must be >= 1"),
     "train --minutes abc": (
         ["train", "--config", "{config}", "--minutes", "abc"],
-        "invalid _positive_float value",
+        "argument --minutes: must be a number, got 'abc'",
     ),
     "train --minutes 0": (["train", "--config", "{config}", "--minutes", "0"], "must be > 0"),
     "train --config missing.yaml": (["train", "--config", "{tmp}/missing.yaml"], "does not exist"),
@@ -190,7 +190,7 @@ CONFIG_CASES = {
     "zero batch size": ({"train": {"batch_size": 0}}, "train.batch_size must be > 0"),
     "negative lr": ({"train": {"lr": -1}}, "train.lr must be > 0"),
     "unknown precision": ({"train": {"mixed_precision": "fp8"}}, "train.mixed_precision must be one of"),
-    "unknown compile mode": ({"train": {"compile": "fast"}}, "train.compile must be auto, on or off"),
+    "unknown compile mode": ({"train": {"compile": "fast"}}, "train.compile must be one of auto, on, off"),
     "caption dropout 1.5": ({"train": {"caption_dropout": 1.5}}, "train.caption_dropout must be in [0, 1)"),
     "keep no checkpoints": ({"train": {"keep_checkpoints": 0}}, "train.keep_checkpoints must be > 0"),
     "CFG below 1": ({"sample": {"guidance_scale": 0.5}}, "sample.guidance_scale must be >= 1"),

@@ -8,7 +8,8 @@ import json
 import pytest
 import yaml
 
-from semroute.cli import main, packaged_config
+from semroute.base import packaged_config
+from semroute.cli import main
 from semroute.config import load_config
 from semroute.demo import NOT_LEARNED_EXIT, judge
 

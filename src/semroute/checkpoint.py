@@ -28,7 +28,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .fileio import record_files, recorded_problem
+from .base import OutputError, TrainingDiverged, one_line
+from .fileio import read_json, record_files, recorded_problem
 
 logger = logging.getLogger(__name__)
 
@@ -51,31 +52,6 @@ TRAINING_FILES = tuple(
         "state.json",
     )
 )
-
-
-class TrainingDiverged(RuntimeError):
-    """Too many consecutive non-finite steps, or weights that are no longer finite."""
-
-
-class TrainingStopped(Exception):
-    """SIGTERM or SIGINT stopped training at a step boundary, after a checkpoint was written."""
-
-    def __init__(self, signum: int, step: int, checkpoint: Path | None):
-        import signal
-
-        self.signum, self.step, self.checkpoint = signum, step, checkpoint
-        super().__init__(
-            f"stopped by {signal.Signals(signum).name} at step {step}; saved {checkpoint}; run the same "
-            f"command again to resume from it"
-        )
-
-
-class OutputError(OSError):
-    """Writing an output failed (full disk, file-size limit, permissions); the message names the path and the
-    fix."""
-
-    def __str__(self) -> str:
-        return self.args[0]
 
 
 def default_modes() -> tuple[int, int]:
@@ -164,7 +140,7 @@ def save_checkpoint(
         _fsync(directory.parent)
     except Exception as err:  # the libraries raise their own types for a full disk or a file-size limit
         raise OutputError(
-            f"could not write the checkpoint {directory} ({' '.join(str(err).split())}); the earlier "
+            f"could not write the checkpoint {directory} ({one_line(err)}); the earlier "
             f"checkpoints are untouched: free disk space (or raise the file-size limit) and run the same "
             f"command again to resume"
         ) from err
@@ -224,7 +200,7 @@ def _unreadable(path: Path) -> str | None:
         elif path.suffix == ".pt":
             load_torch_file(path)
     except Exception as err:  # each library has its own error types for a damaged file
-        return " ".join(str(err).split())[:200] or type(err).__name__
+        return one_line(err, 200) or type(err).__name__
     return None
 
 
@@ -245,6 +221,12 @@ def remove_leftovers(run_dir: Path) -> None:
 def load_raw_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     """The non-EMA training weights of a checkpoint."""
     return load_file(checkpoint / TRAINING_STATE_DIR / "model.safetensors")
+
+
+def routed_layers(checkpoint: Path) -> list[int]:
+    """The LLM layers (1-based) a checkpoint's fusion reads, in the order of its weights."""
+    record = read_json(checkpoint / TEXT_ENCODER_FILE, "the text-encoder record", "re-save the checkpoint")
+    return list(record["resolved_layers"])
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -362,7 +344,7 @@ def load_training_state(checkpoint: Path, model, ema, optimizer, scheduler, gene
             return read(state_dir / name)
         except Exception as err:  # one line naming the file, whatever the library raised
             raise ValueError(
-                f"{state_dir / name} cannot be read ({' '.join(str(err).split())[:200]}); resume from an "
+                f"{state_dir / name} cannot be read ({one_line(err, 200)}); resume from an "
                 f"older checkpoint by moving this one aside"
             ) from None
 

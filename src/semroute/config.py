@@ -14,12 +14,13 @@ from pathlib import Path
 
 import yaml
 
+from .base import COMPILE_CHOICES, INT_LIMIT, MAX_SEED, check_choice, one_line
 from .data.images import DatasetConfig
 from .data.shapes import ShapesConfig
 from .dit import DIT_PRESETS, SemanticRoutingDiT, check_dit_args
 from .flow import SampleConfig
 from .fusion import STRATEGY_TABLE, Strategy, check_strategy
-from .runtime import PRECISIONS, check_precision
+from .runtime import check_precision
 from .text_encoder import TextEncoderConfig, default_deep_layers
 
 # DiT arguments that come from the text encoder, never from the config file.
@@ -27,10 +28,6 @@ DERIVED_MODEL_KEYS = ("text_dim", "num_text_layers", "text_kv_heads")
 _YAML11_EXPONENT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 # accelerate trackers the training metrics can also go to (train.report_to).
 TRACKERS = ("none", "tensorboard", "wandb")
-# Every integer of a config fits a C int: larger ones are typos that would overflow or exhaust memory
-# downstream.
-INT_LIMIT = 2**31 - 1
-MAX_SEED = INT_LIMIT
 # YAML aliases can make a small file expand into a huge document ("billion laughs"): a bound on its expanded
 # nodes.
 MAX_YAML_NODES = 100_000
@@ -188,20 +185,13 @@ class TrainConfig:
             raise ValueError(f"train.minutes must be > 0 or null, got {self.minutes}")
         if not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"train.seed must be in 0..{MAX_SEED}, got {self.seed}")
-        try:
-            self.mixed_precision = check_precision(self.mixed_precision)
-        except ValueError:
-            raise ValueError(
-                f"train.mixed_precision must be one of {', '.join(PRECISIONS)}, got {self.mixed_precision!r}"
-            ) from None
+        self.mixed_precision = check_precision(self.mixed_precision, "train.mixed_precision")
         if isinstance(self.compile, bool):  # YAML reads on/off as booleans
             self.compile = "on" if self.compile else "off"
-        if self.compile not in ("auto", "on", "off"):
-            raise ValueError(f"train.compile must be auto, on or off, got {self.compile!r}")
+        self.compile = check_choice(self.compile, COMPILE_CHOICES, "train.compile")
         if self.noise_level_weight < 0:
             raise ValueError(f"train.noise_level_weight must be >= 0, got {self.noise_level_weight}")
-        if self.report_to not in TRACKERS:
-            raise ValueError(f"train.report_to must be one of {', '.join(TRACKERS)}, got {self.report_to!r}")
+        check_choice(self.report_to, TRACKERS, "train.report_to")
 
 
 @dataclass
@@ -337,7 +327,7 @@ def load_yaml(text: str, what: str):
             )
         return loader.construct_document(node)
     except yaml.YAMLError as err:
-        raise ValueError(f"{what} is not valid UTF-8 YAML: {' '.join(str(err).split())}") from None
+        raise ValueError(f"{what} is not valid UTF-8 YAML: {one_line(err)}") from None
     except RecursionError:
         raise ValueError(f"{what} is nested too deeply or refers to itself through an alias") from None
     finally:
@@ -385,9 +375,7 @@ def load_config(source: Path | str | dict, overrides: list[str] | tuple[str, ...
         try:
             data = load_yaml(path.read_text(encoding="utf-8"), f"config file {path}")
         except UnicodeDecodeError as err:
-            raise ValueError(
-                f"config file {path} is not valid UTF-8 YAML: {' '.join(str(err).split())}"
-            ) from None
+            raise ValueError(f"config file {path} is not valid UTF-8 YAML: {one_line(err)}") from None
         data = data or {}
     for override in overrides:
         data = _override(data, override)

@@ -34,7 +34,6 @@ RECIPE_COUNTING = 0.6
 # standard errors) and that: partly learned. At chance: not learned.
 LEARNED_OVER_CHANCE = 2.0
 # Exit code of `semroute demo` when the model did not learn (2 is bad input, 3 divergence).
-NOT_LEARNED_EXIT = 4
 SAMPLE_SEED = 12345
 
 

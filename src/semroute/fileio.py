@@ -9,6 +9,8 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from .base import one_line
+
 
 def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
     """Call `write(tmp)` on a hidden sibling of `path`, then rename it over `path` in one step."""
@@ -48,9 +50,7 @@ def read_json(path: Path, what: str, fix: str):
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} {path} is missing; {fix}") from None
     except (ValueError, UnicodeDecodeError) as err:
-        raise ValueError(
-            f"{what} {path} is not valid JSON ({' '.join(str(err).split())[:120]}); {fix}"
-        ) from None
+        raise ValueError(f"{what} {path} is not valid JSON ({one_line(err, 120)}); {fix}") from None
 
 
 def file_digest(path: Path) -> str:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .base import check_guidance
+
 # velocity(x_t (B, C, H, W), t (B,)) -> v (B, C, H, W)
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -151,10 +153,7 @@ class SampleConfig:
                 f"sample.images_per_prompt must be >= 1 and sample.shift > 0, "
                 f"got {self.images_per_prompt}, {self.shift}"
             )
-        if self.guidance_scale < 1:
-            raise ValueError(
-                f"sample.guidance_scale must be >= 1 (1 disables guidance), got {self.guidance_scale}"
-            )
+        check_guidance(self.guidance_scale, "sample.guidance_scale")
         if self.steps < 1:
             raise ValueError(f"sample.steps must be >= 1, got {self.steps}")
         if self.scheduler not in flow_schedulers():

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 
+from .base import one_line
 from .checkpoint import TEXT_ENCODER_FILE, VAE_FILE
 from .dit import SemanticRoutingDiT
 from .features import NULL_PROMPT, PromptFeatures, encode_prompts
@@ -288,10 +289,6 @@ class SemanticRoutingPipeline(DiffusionPipeline):
         Precision: `self.precision` under autocast, unless the transformer was cast as a whole to
         another dtype (`pipe.to(dtype=torch.bfloat16)`, or float64 for checks): then it runs in that dtype.
         """
-        if num_inference_steps is not None and num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
-        if guidance_scale is not None and guidance_scale < 1:
-            raise ValueError(f"guidance_scale must be >= 1 (1 disables guidance), got {guidance_scale}")
         settings = self.sampling(num_inference_steps, guidance_scale, shift)
         guidance_scale = settings.guidance_scale
         model = self.transformer
@@ -438,7 +435,7 @@ def export_pipeline(pipeline: SemanticRoutingPipeline, out: Path) -> None:
         os.replace(tmp, out)
     except OSError as err:
         raise OutputError(
-            f"could not write the pipeline {out} ({' '.join(str(err).split())}); nothing was left "
+            f"could not write the pipeline {out} ({one_line(err)}); nothing was left "
             "half-written: free disk space or choose another --out"
         ) from err
     finally:
@@ -494,7 +491,7 @@ def load_pipeline(
             pipe = SemanticRoutingPipeline.from_pretrained(path)
         except Exception as err:  # diffusers and transformers raise many types for a damaged directory
             raise ValueError(
-                f"the pipeline in {path} cannot be loaded ({' '.join(str(err).split())[:200]}); "
+                f"the pipeline in {path} cannot be loaded ({one_line(err, 200)}); "
                 f"export the checkpoint again into a new directory"
             ) from None
         if device.type == "cuda":

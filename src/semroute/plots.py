@@ -12,16 +12,20 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 from .fusion import LayerFusion  # noqa: E402
 
+DPI = 120  # every figure semroute writes
 
-def _save(fig, path: Path, title: str) -> Path:
+
+def save_figure(fig: Figure, path: Path, title: str = "") -> Path:
+    """The one way figures are written: a suptitle if given, tight layout, DPI dots per inch, closed."""
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return path
 
@@ -50,7 +54,7 @@ def save_sample_grid(
                 images[p * per_prompt + k].permute(1, 2, 0).float().cpu().numpy(), interpolation="nearest"
             )
         axes[p * rows_each][0].set_ylabel(prompt, rotation=0, ha="right", va="center", fontsize=8)
-    return _save(fig, path, title)
+    return save_figure(fig, path, title)
 
 
 def _heatmap(ax, weights: np.ndarray, layer_ids: list[int], title: str):
@@ -101,7 +105,7 @@ def plot_routing(
             axes[3].set_xlabel("t (1 = noise)")
             axes[3].set_ylabel("weight (mean over blocks)")
             axes[3].set_title("weight vs t; colour = LLM layer (dark = early)", fontsize=9)
-    return _save(fig, path, title)
+    return save_figure(fig, path, title)
 
 
 def bar_chart(
@@ -126,7 +130,7 @@ def bar_chart(
     ax.set_ylabel("%")
     ax.set_ylim(0, 100)
     ax.legend(fontsize=7, ncol=min(3, len(labels)))
-    return _save(fig, path, title)
+    return save_figure(fig, path, title)
 
 
 def interval_panels(
@@ -160,4 +164,4 @@ def interval_panels(
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(panels) :]:
         ax.set_visible(False)
-    return _save(fig, path, title)
+    return save_figure(fig, path, title)

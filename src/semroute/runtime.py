@@ -16,11 +16,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .base import PRECISIONS, check_choice
 from .fileio import write_json
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # accelerate's name for full precision, written by older run configs.
 _ALIASES = {"no": "fp32"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -30,12 +30,9 @@ BF16_FASTER = 0.8
 PROBE_FILE = "precision-probe.json"
 
 
-def check_precision(name: str) -> str:
+def check_precision(name: str, key: str = "precision") -> str:
     """The canonical precision name ('no' reads as fp32); anything else is an error listing the valid ones."""
-    name = _ALIASES.get(name, name)
-    if name not in PRECISIONS:
-        raise ValueError(f"unknown precision {name!r}; valid: {', '.join(PRECISIONS)}")
-    return name
+    return check_choice(_ALIASES.get(name, name), PRECISIONS, key)
 
 
 def resolve_device(spec: str | torch.device = "auto") -> torch.device:

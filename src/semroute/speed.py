@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .attention import ATTENTION_BACKENDS, MASK_FORMS, AttentionChoice, current_attention, use_attention
+from .base import COMPILE_CHOICES, check_choice, one_line
 from .runtime import (
     cached_measurement,
     configure_device,
@@ -39,7 +40,6 @@ logger = logging.getLogger(__name__)
 
 # Another attention candidate must take at most this share of the default's time to be chosen.
 ATTENTION_MARGIN = 0.9
-COMPILE_CHOICES = ("auto", "on", "off")
 # auto compiles only when the eager training time left is at least PAYBACK x the expected compile cost.
 PAYBACK = 5.0
 # The compile cost assumed before one was measured on this machine (seconds; 40 s measured on a 2-core AVX2
@@ -215,8 +215,7 @@ class StepCompiler:
     reason: str = ""
 
     def __post_init__(self):
-        if self.mode not in COMPILE_CHOICES:
-            raise ValueError(f"train.compile must be one of {', '.join(COMPILE_CHOICES)}, got {self.mode!r}")
+        check_choice(self.mode, COMPILE_CHOICES, "compile")
         if self.mode == "off":
             self.phase, self.reason = "done", "compile is off"
         self._seen = 0
@@ -318,7 +317,7 @@ class StepCompiler:
         """The first compiled step raised: run eager from now on, in one line."""
         self._compile(False)
         self.phase = "done"
-        self.reason = f"torch.compile failed, running eager: {' '.join(str(err).split())[:300]}"
+        self.reason = f"torch.compile failed, running eager: {one_line(err, 300)}"
         logger.warning("%s", self.reason)
 
     def _verdict(self) -> None:

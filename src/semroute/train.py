@@ -21,10 +21,9 @@ from accelerate.utils import set_seed
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
+from .base import TrainingDiverged, TrainingStopped
 from .checkpoint import (
     RUN_CONFIG_FILE,
-    TrainingDiverged,
-    TrainingStopped,
     load_training_state,
     newest_loadable,
     prune_checkpoints,

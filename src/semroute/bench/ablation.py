@@ -22,70 +22,26 @@ import copy
 import dataclasses
 import json
 import logging
-import math
-import statistics
 from pathlib import Path
 
-import numpy as np
-
+from ..checkpoint import newest_loadable, resume_differences, routed_layers
 from ..config import RunConfig
+from ..data.shapes import ShapesDataset, ShapesTask
+from ..dit import SemanticRoutingDiT
+from ..features import prompt_table
 from ..fileio import write_json, write_text
-from ..fusion import PAPER_IDS, PAPER_NAMES, STRATEGY_TABLE
-from .shapesbench import BENCH_VERSION, CATEGORIES, bench_prompts, run_bench
+from ..fusion import PAPER_IDS, STRATEGY_TABLE
+from ..pipeline import SemanticRoutingPipeline
+from ..plots import plot_routing
+from ..runtime import resolve_precision
+from ..text_encoder import TextEncoder
+from ..train import train
+from .claims import COLUMNS, claims, mean_std, plot_bars, plot_claims, plot_scales, score, table_markdown
+from .rows import ROW_NAMES, VARIANTS
+from .shapesbench import BENCH_VERSION, bench_prompts, run_bench
 
 logger = logging.getLogger(__name__)
 RESULTS_FILE = "shapesbench.json"
-COLUMNS = (*CATEGORIES, "overall", "fidelity")
-
-
-@dataclasses.dataclass(frozen=True)
-class Variant:
-    """One row: a paper strategy, what its time gates read, and whether it is trained or only sampled
-    differently."""
-
-    name: str
-    paper_id: str  # the strategy (b1..s3, fusedit)
-    gate_signal: str = "nominal"
-    samples: str | None = None  # sampling-only: the row whose checkpoints it samples (with the gate shift)
-
-
-# In the order of the tables: each gate variant follows its nominal strategy.
-VARIANTS: dict[str, Variant] = {
-    **{sid: Variant(PAPER_NAMES[sid], sid) for sid in ("b1", "b2", "b3", "fusedit", "s1")},
-    "s1s": Variant("S1 time-wise, shifted gate", "s1", samples="s1"),
-    "s1e": Variant("S1 time-wise, estimated gate", "s1", gate_signal="estimated"),
-    "s2": Variant(PAPER_NAMES["s2"], "s2"),
-    "s3": Variant(PAPER_NAMES["s3"], "s3"),
-    "s3e": Variant("S3 joint, estimated gate", "s3", gate_signal="estimated"),
-}
-ROW_NAMES = {vid: v.name for vid, v in VARIANTS.items()}
-
-
-def parse_strategies(text: str) -> list[str]:
-    """'b1,s2' -> row ids in the table's order; unknown ids are an error listing the valid ones."""
-    ids = [s.strip().lower() for s in text.split(",") if s.strip()]
-    unknown = [s for s in ids if s not in VARIANTS]
-    if unknown or not ids:
-        raise ValueError(
-            f"unknown strategies {unknown or text!r}; valid: {', '.join(PAPER_IDS)} "
-            f"(the paper's), {', '.join(v for v in VARIANTS if v not in PAPER_IDS)} (gate variants)"
-        )
-    return [s for s in VARIANTS if s in ids]
-
-
-def parse_scales(text: str) -> list[float]:
-    """'1.5,3,5,7' -> guidance scales (each >= 1, no repeats)."""
-    try:
-        scales = [float(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise ValueError(
-            f"guidance scales must be numbers separated by commas, e.g. 1.5,3,5,7; got {text!r}"
-        ) from None
-    if not scales or any(not math.isfinite(g) or g < 1 for g in scales) or len(set(scales)) != len(scales):
-        raise ValueError(
-            f"guidance scales must be distinct finite numbers >= 1 (1 disables guidance), got {text!r}"
-        )
-    return scales
 
 
 def results_file(scale: float, base_scale: float) -> str:
@@ -115,13 +71,6 @@ def run_ablation(
     gate_shift: the gate shift of the s1s row (required with it). A run scored by an older ShapesBench version
     is scored again from its checkpoint (not retrained).
     """
-    from ..checkpoint import newest_loadable, resume_differences
-    from ..data.shapes import ShapesDataset, ShapesTask
-    from ..features import prompt_table
-    from ..runtime import resolve_precision
-    from ..text_encoder import TextEncoder
-    from ..train import train
-
     base_scale = base.sample.guidance_scale
     scales = scales or [base_scale]
     if "s1s" in strategies and gate_shift is None:
@@ -273,8 +222,6 @@ def _evaluate(
     gate_shift: float | None,
 ) -> None:
     """ShapesBench on a run's checkpoint at one guidance scale (the config's other sampling settings)."""
-    from ..pipeline import SemanticRoutingPipeline
-
     pipeline = SemanticRoutingPipeline.from_checkpoint(
         checkpoint, device=device, precision=config.train.mixed_precision
     )
@@ -307,168 +254,6 @@ def collect(
     return found
 
 
-def _value(result: dict, column: str) -> float:
-    return result[column] if column in ("overall", "fidelity") else result["categories"][column]
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def paired_bootstrap(
-    a: dict[tuple, float], b: dict[tuple, float], samples: int = 10000, seed: int = 0
-) -> dict:
-    """Mean of a - b over shared keys (seed, prompt) and a 95% bootstrap interval resampling those pairs."""
-    keys = sorted(set(a) & set(b))
-    if not keys:
-        raise ValueError("no paired results to compare")
-    diffs = np.array([a[k] - b[k] for k in keys])
-    rng = np.random.default_rng(seed)
-    means = diffs[rng.integers(0, len(diffs), size=(samples, len(diffs)))].mean(axis=1)
-    low, high = np.percentile(means, [2.5, 97.5])
-    return {"mean": float(diffs.mean()), "ci95": [float(low), float(high)], "pairs": len(keys)}
-
-
-def _per_prompt(results: list[dict], category: str) -> dict[tuple, float]:
-    return {
-        (r["seed"], p["prompt"]): sum(p["correct"]) / len(p["correct"])
-        for r in results
-        for p in r["prompts"]
-        if p["category"] == category
-    }
-
-
-def _per_prompt_all(results: list[dict]) -> dict[tuple, float]:
-    return {
-        (r["seed"], p["category"], p["prompt"]): sum(p["correct"]) / len(p["correct"])
-        for r in results
-        for p in r["prompts"]
-    }
-
-
-# A fidelity loss across seeds: the mean difference is below 0 by more than this many standard errors.
-LOSS_SE = 2
-
-
-def _seed_differences(a: list[dict], b: list[dict], column: str) -> dict:
-    """a - b of one column, paired by seed: mean, its standard error over seeds, and whether it is below 0 by
-    LOSS_SE SE."""
-    by_seed = {r["seed"]: _value(r, column) for r in b}
-    diffs = [_value(r, column) - by_seed[r["seed"]] for r in a if r["seed"] in by_seed]
-    if not diffs:
-        raise ValueError("no seeds in common")
-    mean = statistics.fmean(diffs)
-    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else 0.0
-    return {"mean": mean, "se": se, "seeds": len(diffs), "loss": mean + LOSS_SE * se < 0}
-
-
-def _bootstrap_text(difference: str, boot: dict) -> str:
-    return (
-        f"{difference} = {100 * boot['mean']:+.1f} points, 95% CI [{100 * boot['ci95'][0]:+.1f}, "
-        f"{100 * boot['ci95'][1]:+.1f}] over {boot['pairs']} (seed, prompt) pairs"
-    )
-
-
-def claims(found: dict[str, list[dict]]) -> list[dict]:
-    """The paper's claims and the gate variants' targets, checked against our numbers (one needing a missing
-    row is skipped)."""
-    out = []
-    means = {sid: {c: mean_std([_value(r, c) for r in rs])[0] for c in COLUMNS} for sid, rs in found.items()}
-    paper_rows = {sid: m for sid, m in means.items() if sid in PAPER_IDS}
-    if "s2" in found and "b1" in found:
-        boot = paired_bootstrap(_per_prompt(found["s2"], "counting"), _per_prompt(found["b1"], "counting"))
-        out.append(
-            {
-                "claim": "S2 beats B1 on counting",
-                "ours": _bootstrap_text("S2 - B1", boot),
-                "agrees": bool(boot["ci95"][0] > 0),
-                "bootstrap": boot,
-            }
-        )
-    for sid, column, extreme, claim, word in (
-        ("s2", "overall", max, "S2 is best overall", "best overall"),
-        ("s1", "fidelity", min, "S1 has the lowest fidelity", "lowest fidelity"),
-    ):
-        if len(paper_rows) > 1 and sid in paper_rows:
-            value = extreme(m[column] for m in paper_rows.values())
-            leaders = [s for s in paper_rows if paper_rows[s][column] == value]
-            names = " = ".join(ROW_NAMES[s] for s in leaders)
-            ours = f"{word} of the paper's rows: {names}" + (
-                f" (tied at {100 * value:.1f})" if len(leaders) > 1 else ""
-            )
-            out.append({"claim": claim, "ours": ours, "agrees": leaders == [sid]})
-    if (
-        "fusedit" in found and "b1" in found
-    ):  # the paper: GenEval 60.95 against B1's 64.54, the lowest of its table
-        boot = paired_bootstrap(_per_prompt_all(found["fusedit"]), _per_prompt_all(found["b1"]))
-        out.append(
-            {
-                "claim": "FuseDiT deep scores below B1 overall",
-                "ours": _bootstrap_text("FuseDiT - B1", boot),
-                "agrees": bool(boot["ci95"][1] < 0),
-                "bootstrap": boot,
-            }
-        )
-    # The gate variants' targets: fidelity against B2 (a loss: below by more than 2 standard errors over
-    # seeds).
-    for sid in ("s1", "s1s", "s1e"):
-        if sid in found and "b2" in found:
-            d = _seed_differences(found[sid], found["b2"], "fidelity")
-            out.append(
-                {
-                    "claim": f"{ROW_NAMES[sid]} loses fidelity against B2",
-                    "ours": f"{ROW_NAMES[sid]} - B2 = {100 * d['mean']:+.1f} ± {100 * d['se']:.1f} (SE over "
-                    f"{d['seeds']} seeds)",
-                    "agrees": d["loss"],
-                    "difference": d,
-                }
-            )
-    if "s3e" in found and "s2" in found:
-        boot = paired_bootstrap(_per_prompt_all(found["s3e"]), _per_prompt_all(found["s2"]))
-        out.append(
-            {
-                "claim": "S3 with estimated gates matches or beats S2 overall",
-                "ours": _bootstrap_text("S3e - S2", boot),
-                "agrees": bool(boot["ci95"][1] >= 0),
-                "bootstrap": boot,
-            }
-        )
-    return out
-
-
-def table_markdown(found: dict[str, list[dict]], checked: list[dict]) -> str:
-    """Rows in the paper's order (gate variants after their strategy), mean +- std over seeds in percent; then
-    the claims."""
-    header = "| strategy | seeds | " + " | ".join(COLUMNS) + " |"
-    lines = [header, "|" + "---|" * (len(COLUMNS) + 2)]
-    for sid in VARIANTS:
-        if sid not in found:
-            continue
-        cells = []
-        for column in COLUMNS:
-            mean, std = mean_std([_value(r, column) for r in found[sid]])
-            # One seed has no spread to show.
-            cells.append(
-                f"{100 * mean:.1f} ± {100 * std:.1f}" if len(found[sid]) > 1 else f"{100 * mean:.1f}"
-            )
-        lines.append(f"| {ROW_NAMES[sid]} | {len(found[sid])} | " + " | ".join(cells) + " |")
-    lines += ["", "| paper claim | our numbers | agrees |", "|---|---|---|"]
-    lines += [f"| {c['claim']} | {c['ours']} | {'yes' if c['agrees'] else 'no'} |" for c in checked]
-    if not checked:
-        lines.append(
-            "| (none: these strategies test no claim; each needs S2 with B1, or S1 with others) | | |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def plot_bars(found: dict[str, list[dict]], path: Path, title: str | None = None) -> None:
-    from ..plots import bar_chart
-
-    ids = [s for s in VARIANTS if s in found]
-    stats = {c: [mean_std([_value(r, c) for r in found[s]]) for s in ids] for c in COLUMNS}
-    bar_chart([ROW_NAMES[s] for s in ids], stats, path, title=title or "ShapesBench: mean ± std over seeds")
-
-
 def summarize_ablation(
     out: Path,
     strategies: list[str],
@@ -481,9 +266,6 @@ def summarize_ablation(
     With several guidance scales, table.md holds one table and its claims per scale; the returned summary
     and claims are those of the first scale, and "scales" holds each scale's.
     """
-    from ..dit import SemanticRoutingDiT
-    from ..plots import plot_routing
-
     scales = scales or [base_scale]
     per_scale = {}
     for scale in scales:
@@ -496,7 +278,7 @@ def summarize_ablation(
         checked = claims(found)
         summary = {
             sid: {
-                c: dict(zip(("mean", "std"), mean_std([_value(r, c) for r in rs]), strict=True))
+                c: dict(zip(("mean", "std"), mean_std([score(r, c) for r in rs]), strict=True))
                 for c in COLUMNS
             }
             | {"seeds": [r["seed"] for r in rs], "steps": [r["steps"] for r in rs]}
@@ -527,76 +309,13 @@ def summarize_ablation(
         if sid in first["runs"]:
             checkpoint = Path(first["runs"][sid][0]["checkpoint"])
             model = SemanticRoutingDiT.from_pretrained(checkpoint)
-            layers = json.loads((checkpoint / "text_encoder.json").read_text())["resolved_layers"]
-            plot_routing(model.fusion, out / f"routing-{sid}.png", layers, title=f"{ROW_NAMES[sid]}, seed 0")
+            plot_routing(
+                model.fusion,
+                out / f"routing-{sid}.png",
+                routed_layers(checkpoint),
+                title=f"{ROW_NAMES[sid]}, seed 0",
+            )
     result = {"summary": first["summary"], "claims": first["claims"]}
     if len(scales) > 1:
         result["scales"] = {g: {"summary": v["summary"], "claims": v["claims"]} for g, v in per_scale.items()}
     return result
-
-
-def plot_scales(summaries: dict[float, dict], path: Path) -> None:
-    """Fidelity and overall score of every row against the guidance scale (mean ± std over seeds)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    scales = sorted(summaries)
-    rows = [sid for sid in VARIANTS if all(sid in summaries[g] for g in scales)]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, column in zip(axes, ("fidelity", "overall"), strict=True):
-        for sid in rows:
-            mean = [100 * summaries[g][sid][column]["mean"] for g in scales]
-            std = [100 * summaries[g][sid][column]["std"] for g in scales]
-            ax.errorbar(
-                scales,
-                mean,
-                yerr=std,
-                marker="o",
-                capsize=3,
-                label=ROW_NAMES[sid],
-                linestyle="--" if VARIANTS[sid].paper_id != sid else "-",
-            )
-        ax.set_xlabel("guidance scale")
-        ax.set_ylabel(f"{column} (%)")
-        ax.set_xticks(scales)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle("ShapesBench against the guidance scale (mean ± std over seeds)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def claim_interval(claim: dict) -> tuple[float, float, float] | None:
-    """A claim's difference and the interval it is judged by, in points: the paired bootstrap's 95% CI, or
-    mean ± LOSS_SE standard errors over seeds. None for a claim that is a ranking, not a difference."""
-    if "bootstrap" in claim:
-        boot = claim["bootstrap"]
-        return 100 * boot["mean"], 100 * boot["ci95"][0], 100 * boot["ci95"][1]
-    if "difference" in claim:
-        d = claim["difference"]
-        return 100 * d["mean"], 100 * (d["mean"] - LOSS_SE * d["se"]), 100 * (d["mean"] + LOSS_SE * d["se"])
-    return None
-
-
-def plot_claims(per_scale: dict[float, list[dict]], path: Path) -> None:
-    """One panel per claim that is a difference: its value and interval against the guidance scale, with 0
-    marked."""
-    from ..plots import interval_panels
-
-    panels: dict[str, list[tuple[float, float, float, float]]] = {}
-    for scale in sorted(per_scale):
-        for claim in per_scale[scale]:
-            interval = claim_interval(claim)
-            if interval is not None:
-                panels.setdefault(claim["claim"], []).append((scale, *interval))
-    if panels:
-        interval_panels(
-            panels,
-            path,
-            "guidance scale",
-            "difference (points)",
-            f"Claims as differences: paired bootstrap 95% CI, or mean ± {LOSS_SE} SE over seeds",
-        )

@@ -16,10 +16,13 @@ A DiT with an estimated gate also reports its noise head's estimate on the same 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 
 from ..flow import shift_time
+from ..plots import plt, save_figure
+from .sampling import image_seed
 
 ESTIMATORS = {
     "endpoint": "fit x_t = a x_final + b noise; sigma = b / (a + b)",
@@ -48,7 +51,6 @@ def trace(
     Returns {"t": nominal times, "scales": {g: {estimator: mean sigma per step, "spread": ..., "head": ...}}}.
     Velocities are read off consecutive states, which is exact for a first-order (Euler) scheduler.
     """
-    from .sampling import image_seed
 
     if type(pipeline.scheduler).__name__ != "FlowMatchEulerDiscreteScheduler":
         raise ValueError(
@@ -116,14 +118,9 @@ def suggest_gate_shift(nominal: list[float], effective: list[float]) -> float:
     return float(grid[int(errors.argmin())])
 
 
-def plot_trajectory(result: dict, path, title: str) -> None:
+def plot_trajectory(result: dict, path: Path, title: str) -> None:
     """Effective noise level against the nominal t, one line per guidance scale, the estimators stated on the
     figure."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(figsize=(6.4, 5.4))
     t = result["t"]
     ax.plot([0, 1], [0, 1], ":", color="grey", label="effective = nominal")
@@ -169,7 +166,4 @@ def plot_trajectory(result: dict, path, title: str) -> None:
         va="bottom",
         bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"},
     )
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    save_figure(fig, path, title)

@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from ..base import one_line
 from ..fileio import file_digest, write_json
 
 logger = logging.getLogger(__name__)
@@ -337,7 +338,7 @@ def _file_problem(file: Path, size, digest, rows) -> str | None:
         with safe_open(file, "pt") as f:
             found = f.get_slice("mask").get_shape()[0] if rows is not None else None
     except Exception as err:  # safetensors raises its own error type for a damaged file
-        return f"{file} cannot be read ({' '.join(str(err).split())[:160]})"
+        return f"{file} cannot be read ({one_line(err, 160)})"
     if rows is not None and found != rows:
         return f"{file} holds {found} rows, the cache description says {rows}"
     return None

@@ -1,0 +1,45 @@
+"""The ablation's rows (the paper's strategies and the gate variants) and the columns they are scored in."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ..fusion import PAPER_IDS, PAPER_NAMES
+from .shapesbench import CATEGORIES
+
+COLUMNS = (*CATEGORIES, "overall", "fidelity")
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One row: a paper strategy, what its time gates read, and whether it is trained or only sampled
+    differently."""
+
+    name: str
+    paper_id: str  # the strategy (b1..s3, fusedit)
+    gate_signal: str = "nominal"
+    samples: str | None = None  # sampling-only: the row whose checkpoints it samples (with the gate shift)
+
+
+# In the order of the tables: each gate variant follows its nominal strategy.
+VARIANTS: dict[str, Variant] = {
+    **{sid: Variant(PAPER_NAMES[sid], sid) for sid in ("b1", "b2", "b3", "fusedit", "s1")},
+    "s1s": Variant("S1 time-wise, shifted gate", "s1", samples="s1"),
+    "s1e": Variant("S1 time-wise, estimated gate", "s1", gate_signal="estimated"),
+    "s2": Variant(PAPER_NAMES["s2"], "s2"),
+    "s3": Variant(PAPER_NAMES["s3"], "s3"),
+    "s3e": Variant("S3 joint, estimated gate", "s3", gate_signal="estimated"),
+}
+ROW_NAMES = {vid: v.name for vid, v in VARIANTS.items()}
+
+
+def parse_strategies(text: str) -> list[str]:
+    """'b1,s2' -> row ids in the table's order; unknown ids are an error listing the valid ones."""
+    ids = [s.strip().lower() for s in text.split(",") if s.strip()]
+    unknown = [s for s in ids if s not in VARIANTS]
+    if unknown or not ids:
+        raise ValueError(
+            f"unknown strategies {unknown or text!r}; valid: {', '.join(PAPER_IDS)} "
+            f"(the paper's), {', '.join(v for v in VARIANTS if v not in PAPER_IDS)} (gate variants)"
+        )
+    return [s for s in VARIANTS if s in ids]

@@ -1,0 +1,357 @@
+"""What each `semroute` command does once its arguments are parsed (imported only then: it loads torch)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
+
+import transformers
+
+from ..base import ABLATION_CONFIG, DEMO_CONFIG, NOT_LEARNED_EXIT, QUICK_MINUTES, packaged_config
+from ..bench import bench_prompts, run_bench
+from ..bench.ablation import run_ablation
+from ..bench.public import read_prompts, sample_bench
+from ..bench.rows import parse_strategies
+from ..bench.sampling import sample_all
+from ..bench.trajectory import plot_trajectory, trace
+from ..checkpoint import RUN_CONFIG_FILE, resolve_checkpoint, routed_layers
+from ..config import load_config
+from ..data.cache import precompute
+from ..demo import run_demo
+from ..fileio import OutputLock, read_json, write_json
+from ..pipeline import export_pipeline, load_pipeline, load_transformer
+from ..plots import plot_routing, save_sample_grid
+from ..runtime import process_state
+from ..train import train
+
+logger = logging.getLogger("semroute")
+
+
+def _config_for(
+    path: Path | None,
+    sets: list[str],
+    precision: str | None = None,
+    default: str | None = None,
+    extra: tuple[str, ...] = (),
+):
+    """The run config of --config (or a packaged default) with --set and the flags that override config
+    keys."""
+    overrides = [*sets, *extra] + ([f"train.mixed_precision={precision}"] if precision is not None else [])
+    return load_config(path or packaged_config(default), overrides)
+
+
+def _writer(out: Path):
+    """The lock that makes this process the only writer of `out` (the main one of an accelerate launch)."""
+    # The launcher's RANK, read without setting up accelerate's state (each command does that its own way).
+    return OutputLock(out) if int(os.environ.get("RANK", "0")) == 0 else nullcontext()
+
+
+def _sampling_pipeline(args, checkpoint: Path | None = None):
+    """The pipeline of --checkpoint on --device in --precision, sampling with --scheduler if given."""
+    pipeline = load_pipeline(
+        checkpoint or args.checkpoint,
+        text_encoder=args.text_encoder,
+        device=_process_device(args.device),
+        precision=args.precision,
+    )
+    if args.scheduler is not None:
+        pipeline.use_scheduler(args.scheduler)
+    if args.gate_shift is not None:
+        pipeline.use_gate_shift(args.gate_shift)
+    pipeline.compile = getattr(args, "compile", "off")  # commands that trace single calls never compile
+    return pipeline
+
+
+def cmd_train(args) -> None:
+    report = (f"train.report_to={args.report_to}",) if args.report_to else ()
+    config = _config_for(args.config, args.set, args.precision, extra=report)
+    out = args.out or Path("runs") / args.config.stem
+    with _writer(out):
+        result = train(config, out, max_steps=args.max_steps, minutes=args.minutes, device=args.device)
+    print(
+        f"trained {result.steps} steps, loss {result.final_loss:.4f}, {result.images_per_s:.0f} img/s; "
+        f"checkpoint {result.checkpoint}"
+    )
+
+
+MAX_GRID_IMAGES = 256  # `sample` draws one PNG grid; more images belong in sample-bench's folders
+
+
+def cmd_sample(args) -> None:
+    if args.n > MAX_GRID_IMAGES:
+        raise ValueError(
+            f"--n {args.n}: sample draws one grid of at most {MAX_GRID_IMAGES} images; for more, write them "
+            f"as files with sample-bench"
+        )
+    if args.out.suffix.lower() != ".png":
+        raise ValueError(f"--out must be a .png file, got {args.out}")
+    pipeline = _sampling_pipeline(args)
+    # In batches, so that a large --n never holds more than one batch of activations; image k from seed + k.
+    images = sample_all(
+        pipeline,
+        [args.prompt],
+        args.n,
+        steps=args.steps,
+        guidance_scale=args.cfg,
+        shift=args.shift,
+        seed=args.seed,
+        batch_size=32,
+        desc=f"sampling {args.n} images",
+    )
+    settings = pipeline.sampling(args.steps, args.cfg, args.shift)
+    save_sample_grid(
+        images,
+        [args.prompt or "(unconditional)"],
+        args.n,
+        args.out,
+        title=f"{args.checkpoint} cfg {settings.guidance_scale}",
+    )
+    print(f"wrote {args.out}")
+
+
+def cmd_routing(args) -> None:
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    model = load_transformer(checkpoint)
+    plot_routing(model.fusion, args.out, routed_layers(checkpoint), title=str(checkpoint))
+    print(f"wrote {args.out}")
+
+
+def cmd_eval(args) -> None:
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    out = args.out or checkpoint / "shapesbench.json"
+    if out.suffix.lower() != ".json":
+        raise ValueError(f"--out must be a .json file, got {out}")
+    config = load_config(checkpoint / RUN_CONFIG_FILE)
+    pipeline = _sampling_pipeline(args, checkpoint)
+    n = args.n or config.sample.images_per_prompt
+    scales = args.cfg or [None]
+    every = {}
+    for scale in scales:
+        results = run_bench(pipeline, bench_prompts(config.data), n, args.steps, scale, args.shift, args.seed)
+        results["checkpoint"] = str(checkpoint)
+        every[results["sampling"]["guidance_scale"]] = results
+        summary = {k: round(v, 4) for k, v in results["categories"].items()}
+        print(
+            json.dumps(
+                {
+                    "guidance_scale": results["sampling"]["guidance_scale"],
+                    **summary,
+                    "overall": round(results["overall"], 4),
+                    "fidelity": round(results["fidelity"], 4),
+                }
+            )
+        )
+    # One scale: the results themselves; several: {"scales": {"1.5": results, ...}} in one file.
+    document = (
+        results
+        if len(scales) == 1
+        else {
+            "version": results["version"],
+            "checkpoint": str(checkpoint),
+            "scales": {f"{g:g}": r for g, r in every.items()},
+        }
+    )
+    _refuse_other_results(out, document)
+    write_json(out, document)
+    print(f"wrote {out}")
+
+
+def _refuse_other_results(out: Path, results: dict) -> None:
+    """An existing results file of other settings is never overwritten (the same settings re-score it)."""
+    if not out.exists():
+        return
+
+    found = read_json(out, "results file", "move it away or pass another --out")
+    keys = ("version", "images_per_prompt", "sampling", "checkpoint", "scales")
+    if "scales" in results:  # several scales: the settings of each
+        found = (
+            {**found, "scales": _settings_by_scale(found.get("scales"))} if isinstance(found, dict) else found
+        )
+        results = {**results, "scales": _settings_by_scale(results["scales"])}
+    differences = [k for k in keys if not isinstance(found, dict) or found.get(k) != results.get(k)]
+    if differences:
+        raise ValueError(
+            f"{out} holds results of other settings ({', '.join(differences)} differ); pass another --out"
+        )
+
+
+def cmd_trajectory(args) -> None:
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    prompts = (
+        args.prompt
+        or [p.text for p in bench_prompts(load_config(checkpoint / RUN_CONFIG_FILE).data)][
+            : args.prompts_limit
+        ]
+    )
+    pipeline = _sampling_pipeline(args, checkpoint)
+    scales = args.cfg or [pipeline.sampling().guidance_scale]
+    with _writer(args.out):
+        result = trace(pipeline, prompts, args.n, scales, args.steps, args.seed)
+        result.update(
+            checkpoint=str(checkpoint),
+            prompts=prompts,
+            images_per_prompt=args.n,
+            gate_shift=pipeline.sampling().gate_shift,
+        )
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_json(
+            args.out / "trajectory.json",
+            {**result, "scales": {f"{g:g}": v for g, v in result["scales"].items()}},
+        )
+        fusion = pipeline.transformer.fusion
+        gates = "estimated" if pipeline.transformer.noise_head is not None else "nominal"
+        plot_trajectory(
+            result,
+            args.out / "trajectory.png",
+            title=f"{checkpoint}\n{fusion.strategy} ({gates} gates), {len(prompts)} prompts x {args.n}, "
+            f"{len(result['t'])} steps",
+        )
+    for scale, entry in result["scales"].items():
+        name = next(iter(entry["levels"]))
+        worst = max(range(len(result["t"])), key=lambda k: abs(entry["levels"][name][k] - result["t"][k]))
+        print(
+            f"CFG {scale:g}: effective level {entry['levels'][name][worst]:.3f} at nominal t "
+            f"{result['t'][worst]:.3f} (largest gap, {name}); gate shift that fits best: "
+            f"{entry['suggested_gate_shift']:.2f}"
+        )
+    print(f"wrote {args.out}/trajectory.png and trajectory.json")
+
+
+def _settings_by_scale(scales) -> dict | None:
+    if not isinstance(scales, dict):
+        return None
+    return {
+        g: (r.get("images_per_prompt"), r.get("sampling")) if isinstance(r, dict) else None
+        for g, r in scales.items()
+    }
+
+
+def cmd_ablate(args) -> None:
+    strategies = parse_strategies(args.strategies)
+    base = _config_for(args.config, args.set, args.precision, ABLATION_CONFIG)
+    seeds, minutes, n = args.seeds, args.minutes_per_run, args.n
+    if args.quick:
+        seeds, minutes, n = 1, QUICK_MINUTES, 2
+    with _writer(args.out):
+        result = run_ablation(
+            base,
+            args.out,
+            strategies,
+            seeds,
+            minutes,
+            n,
+            max_steps=args.max_steps,
+            device=args.device,
+            scales=args.cfg,
+            gate_shift=args.gate_shift,
+        )
+    print((args.out / "table.md").read_text())
+    plots = ", ".join(
+        name for name in ("bars.png", "scales.png", "claims.png") if (args.out / name).is_file()
+    )
+    print(
+        f"wrote {args.out}/table.md, results.json, {plots}; claims agree: "
+        f"{sum(c['agrees'] for c in result['claims'])}/{len(result['claims'])}"
+    )
+
+
+def cmd_precompute(args) -> None:
+    config = _config_for(args.config, args.set)
+    with _writer(args.out):
+        meta = precompute(
+            config,
+            args.out,
+            shard_size=args.shard_size,
+            dtype=args.dtype,
+            batch_size=args.batch_size,
+            device=args.device,
+        )
+    if meta is not None:
+        print(
+            f"cached {meta['rows']} rows in {len(meta['shards'])} shards ({len(meta['skipped'])} images "
+            f"skipped) in {args.out}; train on it with dataset: {{cache: {args.out}}}"
+        )
+
+
+def cmd_sample_bench(args) -> None:
+    prompts = read_prompts(args.bench, args.prompts)[: args.limit]
+    pipeline = _sampling_pipeline(args)
+    with _writer(args.out):
+        report = sample_bench(
+            pipeline,
+            args.bench,
+            prompts,
+            args.out,
+            args.n,
+            args.steps,
+            args.cfg,
+            args.shift,
+            args.seed,
+            args.batch_size,
+        )
+    if report is not None:
+        print(
+            f"{report['written']} images written, {report['already_there']} already there, "
+            f"{report['prompts']} prompts x {report['images_per_prompt']} in {args.out}"
+        )
+
+
+def _process_device(spec: str):
+    """--device, except that under `accelerate launch` `auto` means this process's own device."""
+    state = process_state(spec)
+    return state.device if spec == "auto" and state.num_processes > 1 else spec
+
+
+def cmd_export(args) -> None:
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+        raise ValueError(f"{args.out} exists and is not empty (or not a directory); choose a new directory")
+    with _writer(args.out):
+        export_pipeline(load_pipeline(args.checkpoint, device="cpu"), args.out)
+    print(
+        f"wrote a diffusers pipeline to {args.out}; load it with "
+        f"SemanticRoutingPipeline.from_pretrained({str(args.out)!r})"
+    )
+
+
+def cmd_demo(args) -> int:
+    config = _config_for(args.config, args.set, args.precision, DEMO_CONFIG)
+    with _writer(args.out):
+        metrics, verdict = run_demo(
+            config, args.out, max_steps=args.max_steps, minutes=args.minutes, device=args.device
+        )
+    print(
+        json.dumps(
+            {
+                k: round(metrics[k], 4)
+                for k in ("count_accuracy", "colour_accuracy", "shape_accuracy", "exact_accuracy")
+            }
+        )
+    )
+    print(verdict.text())
+    print(f"wrote {args.out / 'samples.png'}, {args.out / 'routing.png'}, {args.out / 'metrics.json'}")
+    return 0 if verdict.learned else NOT_LEARNED_EXIT
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "sample": cmd_sample,
+    "routing": cmd_routing,
+    "eval": cmd_eval,
+    "ablate": cmd_ablate,
+    "precompute": cmd_precompute,
+    "sample-bench": cmd_sample_bench,
+    "export": cmd_export,
+    "demo": cmd_demo,
+    "trajectory": cmd_trajectory,
+}
+
+
+def configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="semroute: %(message)s")
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars on every model load
