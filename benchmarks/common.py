@@ -26,8 +26,8 @@ from semroute.features import dit_text_args, prompt_table
 from semroute.flow import RectifiedFlow
 from semroute.pipeline import SemanticRoutingPipeline
 from semroute.runtime import Precision, cpu_capability
+from semroute.step import StepParts, build_optimizer, train_step, warmup_schedule
 from semroute.text_encoder import TextEncoder
-from semroute.train import build_optimizer, train_step, warmup_schedule
 
 
 class DemoSetup:
@@ -70,22 +70,23 @@ class DemoSetup:
         source = ShapesSource(config, self.encoder, self.features, progress=False, dtype=precision.dtype)
         generator = torch.Generator().manual_seed(0)
 
+        parts = StepParts(
+            accelerator,
+            model,
+            optimizer,
+            scheduler,
+            ema,
+            flow,
+            source,
+            generator,
+            1.0,
+            config.train.noise_level_weight,
+        )
+
         def step(i: int) -> None:
             # prepare() wrapped this model's forward in its own autocast, so trainers of several precisions
             # can alternate.
-            train_step(
-                accelerator,
-                model,
-                optimizer,
-                scheduler,
-                ema,
-                flow,
-                source,
-                self.batches[i % len(self.batches)],
-                generator,
-                1.0,
-                config.train.noise_level_weight,
-            )
+            train_step(parts, self.batches[i % len(self.batches)])
 
         return accelerator.unwrap_model(model), step
 

@@ -88,9 +88,15 @@ class Package:
 
     def __init__(self, name: str, size: str, encoder, precision: str):
         self.name = name
-        m = lambda sub: importlib.import_module(f"{name}.{sub}")  # noqa: E731
+
+        def m(sub: str):
+            return importlib.import_module(f"{name}.{sub}")
+
         self.m = m
-        self.config = m("config").load_config(m("cli").packaged_config(CONFIGS[size]))
+        # Where the step lives: semroute.step in this checkout, semroute.train in the baseline.
+        self.step_module = "step" if importlib.util.find_spec(f"{name}.step") is not None else "train"
+        configs = m("base") if importlib.util.find_spec(f"{name}.base") is not None else m("cli")
+        self.config = m("config").load_config(configs.packaged_config(CONFIGS[size]))
         self.encoder = encoder
         data = m("data.shapes")
         self.dataset = data.ShapesDataset(data.ShapesTask(self.config.data), seed=0)
@@ -106,9 +112,7 @@ class Package:
             )
             for k in range(4)
         ]
-        if (
-            importlib.util.find_spec(f"{name}.speed") is not None
-        ):  # versions that measure their attention form
+        if importlib.util.find_spec(f"{name}.speed") is not None:  # versions that measure their attention
             m("speed").configure(torch.device("cpu"))
 
     def trainer(self, strategy: str, compiled: bool = False):
@@ -120,9 +124,10 @@ class Package:
         )
         AcceleratorState._reset_state()
         accelerator = Accelerator(cpu=True, mixed_precision=self.precision.accelerate)
-        optimizer = m("train").build_optimizer(model, config)
+        home = m(self.step_module)
+        optimizer = home.build_optimizer(model, config)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, m("train").warmup_schedule(config.train.warmup_steps)
+            optimizer, home.warmup_schedule(config.train.warmup_steps)
         )
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
         ema = EMAModel(
@@ -138,20 +143,18 @@ class Package:
             for block in raw.blocks:
                 block.forward = torch.compile(block.forward)
 
-        def step(i: int) -> None:
-            m("train").train_step(
-                accelerator,
-                model,
-                optimizer,
-                scheduler,
-                ema,
-                flow,
-                source,
-                self.batches[i % len(self.batches)],
-                generator,
-                1.0,
-                config.train.noise_level_weight,
-            )
+        args = (accelerator, model, optimizer, scheduler, ema, flow, source)
+        rest = (generator, 1.0, config.train.noise_level_weight)
+        if hasattr(home, "StepParts"):  # this checkout: train_step(StepParts, batch)
+            parts = home.StepParts(*args, *rest)
+
+            def step(i: int) -> None:
+                home.train_step(parts, self.batches[i % len(self.batches)])
+
+        else:  # the baseline: train_step took each part as an argument
+
+            def step(i: int) -> None:
+                home.train_step(*args, self.batches[i % len(self.batches)], *rest)
 
         return raw, step
 

@@ -51,11 +51,12 @@ def test_table_and_claims_from_fixed_results():
     assert checked[0]["bootstrap"]["mean"] == pytest.approx(0.75)
     table = table_markdown(found, checked)
     rows = [line for line in table.splitlines() if line.startswith("| ") and "±" in line]
+    # Paper order
     assert [r.split(" | ")[0][2:] for r in rows] == [
         PAPER_NAMES["b1"],
         PAPER_NAMES["s1"],
         PAPER_NAMES["s2"],
-    ]  # paper order
+    ]
     assert (
         "| S2 depth-wise | 3 | 100.0 ± 0.0 | 100.0 ± 0.0 | 50.0 ± 0.0 | 25.0 ± 0.0 | 71.0 ± 1.0 | 95.0 ± 0.0 "
         "|" in table
@@ -156,7 +157,7 @@ def test_ablation_end_to_end_and_resume(tiny_llama_dir, tiny_encoder, tmp_path, 
     assert set(saved["summary"]) == {"b1", "s1", "s2", "s3"}
     # Re-running trains nothing: every run is finished.
     monkeypatch.setattr(
-        "semroute.train.train", lambda *a, **k: pytest.fail("a finished run was trained again")
+        "semroute.bench.ablation.train", lambda *a, **k: pytest.fail("a finished run was trained again")
     )
     again = run_ablation(
         base, out, ["b1", "s1", "s2", "s3"], 1, None, 1, max_steps=4, encoder=tiny_encoder, progress=False
@@ -261,7 +262,7 @@ def test_gate_variants_at_several_guidance_scales(tiny_llama_dir, tiny_encoder, 
     assert (out / "scales.png").stat().st_size > 1000 and (out / "claims.png").stat().st_size > 1000
     # A new scale later is scored from the saved checkpoints: nothing is trained again.
     monkeypatch.setattr(
-        "semroute.train.train", lambda *a, **k: pytest.fail("a finished run was trained again")
+        "semroute.bench.ablation.train", lambda *a, **k: pytest.fail("a finished run was trained again")
     )
     again = run_ablation(
         base,

@@ -388,9 +388,8 @@ def test_foreign_safetensors(run, tmp_path, capsys):
     shutil.copytree(run / "run" / "checkpoints" / "step_000002", copy)
     save_file({"encoder.layer.0.weight": torch.zeros(4, 4)}, copy / "diffusion_pytorch_model.safetensors")
     code, err = run_cli(capsys, ["routing", "--checkpoint", str(copy), "--out", str(tmp_path / "r.png")])
-    assert_answered(
-        code, err, "diffusion_pytorch_model.safetensors is truncated or damaged"
-    )  # checkpoint.json's sizes
+    # Checkpoint.json's sizes
+    assert_answered(code, err, "diffusion_pytorch_model.safetensors is truncated or damaged")
     (
         copy / "checkpoint.json"
     ).unlink()  # as written before checkpoint.json: the weights themselves are checked

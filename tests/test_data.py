@@ -108,9 +108,8 @@ def test_custom_keys_and_hf_dataset_on_disk(tmp_path, manifest):
         DatasetConfig(manifest=str(renamed), image_key="file", text_key="caption", resolution=8)
     )
     images = [Image.open(tmp_path / r["image"]).convert("RGB") for r in rows]
-    captions = [
-        r["text"] if isinstance(r["text"], list) else [r["text"]] for r in rows
-    ]  # arrow: one type a column
+    # Arrow: one type a column
+    captions = [r["text"] if isinstance(r["text"], list) else [r["text"]] for r in rows]
     hf = datasets.Dataset.from_dict({"picture": images, "caption": captions})
     hf = hf.cast_column("picture", datasets.Image())
     hf.save_to_disk(str(tmp_path / "hf"))
@@ -297,9 +296,8 @@ def test_training_on_images_through_the_vae_counts_skipped_images(
     assert result.skipped_images == summary["skipped_images"] == 1 and "gone.png" in next(
         iter(summary["skipped"])
     )
-    assert (
-        summary["epochs_started"] == 8
-    )  # 4 steps x 2 micro-batches; 6 images give one full batch of 4 an epoch
+    # 4 steps x 2 micro-batches; 6 images give one full batch of 4 an epoch
+    assert summary["epochs_started"] == 8
     state = json.loads((result.checkpoint / "training_state" / "state.json").read_text())
     assert state["step"] == 4 and state["ema_optimization_step"] == 4  # one EMA update per optimizer step
     pipe = SemanticRoutingPipeline.from_checkpoint(result.checkpoint)

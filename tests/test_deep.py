@@ -9,8 +9,9 @@ import json
 import pytest
 import torch
 
+from semroute.blocks import SelfAttention, apply_rope, rope_2d
 from semroute.config import load_config
-from semroute.dit import DIT_PRESETS, SemanticRoutingDiT, apply_rope, rope_2d
+from semroute.dit import DIT_PRESETS, SemanticRoutingDiT, check_deep_layout
 from semroute.features import dit_text_args, encode_prompts
 from semroute.fusion import pack_keys_values, unpack_keys_values
 from semroute.pipeline import SemanticRoutingPipeline
@@ -189,8 +190,6 @@ def test_a_head_layout_that_cannot_match_the_llms_names_both(tiny_encoder, tiny_
 def test_the_embedded_llms_layout_fits_the_cpu_presets():
     """SmolLM2-135M: 9 query heads over 3 key/value heads of size 64 (its config, read without loading
     weights)."""
-    from semroute.dit import check_deep_layout
-
     kv_heads, head_dim = 3, 64
     for preset in ("cpu-small", "cpu-small-tfree"):
         p = DIT_PRESETS[preset]
@@ -244,18 +243,16 @@ def test_keys_values_once_per_prompt_give_the_images_of_recomputing_them_every_s
         pipe.encoder.model, "forward", lambda *a, **k: calls.append(1) or llm_forward(*a, **k)
     )
     once = pipe.generate(PROMPTS, num_inference_steps=4, guidance_scale=3.0, seed=[3, 4])
-    assert (
-        len(calls) == 1
-    )  # the prompts and the null prompt in one batch, once for every step and both branches
+    # The prompts and the null prompt in one batch, once for every step and both branches
+    assert len(calls) == 1
 
     model, encoder, steps = pipe.transformer, pipe.encoder, 0
 
     def velocity(x, t):
         nonlocal steps
         steps += 1
-        text, mask = encoder.features(
-            PROMPTS + PROMPTS if x.shape[0] == 4 else PROMPTS
-        )  # recomputed every step
+        # Recomputed every step
+        text, mask = encoder.features(PROMPTS + PROMPTS if x.shape[0] == 4 else PROMPTS)
         null, null_mask = encoder.features([""])
         length = max(text.shape[2], null.shape[2])
 
@@ -303,8 +300,6 @@ def test_deep_checkpoint_and_export_round_trip(deep_run, tmp_path):
 
 
 def test_deep_attention_with_an_empty_prompt_equals_plain_self_attention():
-    from semroute.dit import SelfAttention
-
     torch.manual_seed(0)
     attn, rope = SelfAttention(32, 4), rope_2d(4, 4, 8)
     x = torch.randn(2, 16, 32)
@@ -319,8 +314,6 @@ def test_deep_attention_with_an_empty_prompt_equals_plain_self_attention():
 
 def test_deep_attention_groups_query_heads_over_the_llms_key_value_heads():
     """Against an explicit softmax over [text; image] keys, each LLM head serving two query heads."""
-    from semroute.dit import SelfAttention
-
     torch.manual_seed(0)
     attn, rope = SelfAttention(32, 4), rope_2d(4, 4, 8)
     x = torch.randn(1, 16, 32)

@@ -115,9 +115,8 @@ def test_sample_bench_shared_by_two_processes_writes_what_one_writes(tmp_path, t
     launch(2, *args, "--out", str(tmp_path / "two"))
     launch(1, *args, "--out", str(tmp_path / "one"))
     one, two = files_of(tmp_path / "one"), files_of(tmp_path / "two")
-    assert (
-        len(one) == 5 * 2 + 2 and one.keys() == two.keys()
-    )  # the images, prompts.json and the settings record
+    # The images, prompts.json and the settings record
+    assert len(one) == 5 * 2 + 2 and one.keys() == two.keys()
     for name in one:
         assert one[name] == two[name], f"{name} differs between 2 processes and 1"
     # An interrupted shared run resumes: the missing images come back identical.

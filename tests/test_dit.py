@@ -2,7 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from semroute.dit import DIT_PRESETS, SemanticRoutingDiT, _RMSNormFunction, apply_rope, rope_2d
+from semroute.blocks import _RMSNormFunction, apply_rope, rope_2d
+from semroute.dit import DIT_PRESETS, SemanticRoutingDiT
 from semroute.fusion import STRATEGIES
 
 L, C = 5, 24
@@ -132,7 +133,7 @@ def test_rmsnorm_function_matches_torch_and_its_gradient_is_exact():
 
 
 def test_invalid_sizes_are_errors():
-    with pytest.raises(ValueError, match="not divisible by patch_size"):
+    with pytest.raises(ValueError, match="not divisible by model.patch_size"):
         SemanticRoutingDiT(sample_size=9, patch_size=2)
     with pytest.raises(ValueError, match="timestep_conditioning"):
         SemanticRoutingDiT(**{**DIT_PRESETS["tiny"], "timestep_conditioning": "film"})

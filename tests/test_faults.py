@@ -378,17 +378,15 @@ def test_precompute_again_remakes_a_shard_whose_bytes_changed(tiny_llama_dir, ti
     precompute(config, cache, shard_size=4, dtype="fp32", progress=False, encoder=tiny_encoder)
     assert "sha256 mismatch" in caplog.text and shard.name in caplog.text
     assert shard.read_bytes() == original  # made again, identical
-    assert (cache / (shard.name + ".damaged")).read_bytes() == flip_one_byte(
-        original
-    )  # kept aside, not deleted
+    # Kept aside, not deleted
+    assert (cache / (shard.name + ".damaged")).read_bytes() == flip_one_byte(original)
 
 
 def test_a_damaged_exported_pipeline_is_one_line_naming_the_file(two_checkpoints, tmp_path, capsys):
     run, _ = two_checkpoints
     assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "pipe")]) == 0
-    assert [p.name for p in tmp_path.glob(".pipe*")] == [
-        ".pipe.lock"
-    ]  # written aside, then renamed: nothing left over
+    # Written aside, then renamed: nothing left over
+    assert [p.name for p in tmp_path.glob(".pipe*")] == [".pipe.lock"]
     cases = 0
     for _label, copy, file in damaged_files(tmp_path / "pipe", tmp_path):
         code, err = run_cli(

@@ -180,6 +180,7 @@ def test_the_strategy_table_is_the_one_source_of_names():
     from semroute.fusion import PAPER_IDS, PAPER_NAMES, STRATEGY_TABLE, Strategy
 
     assert tuple(STRATEGY_TABLE) == get_args(Strategy)
+    # The order of the paper's Table 1
     assert list(PAPER_IDS) == [
         "b1",
         "b2",
@@ -188,7 +189,7 @@ def test_the_strategy_table_is_the_one_source_of_names():
         "s1",
         "s2",
         "s3",
-    ]  # the order of the paper's Table 1
+    ]
     assert PAPER_NAMES["s2"] == "S2 depth-wise" and PAPER_NAMES["fusedit"] == "FuseDiT deep"
     for name, spec in STRATEGY_TABLE.items():
         fusion = LayerFusion(3 if name == "deep" else 5, 3, name)

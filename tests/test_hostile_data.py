@@ -90,9 +90,8 @@ def test_extremely_thin_images_resize_with_bounded_memory(size):
 
 def test_the_box_path_matches_two_step_resizing_closely():
     rng = np.random.default_rng(0)
-    image = Image.fromarray(
-        rng.integers(0, 256, (20, 700, 3), dtype=np.uint8).repeat(4, 0).repeat(4, 1)
-    )  # 80 x 2800
+    # 80 x 2800
+    image = Image.fromarray(rng.integers(0, 256, (20, 700, 3), dtype=np.uint8).repeat(4, 0).repeat(4, 1))
     direct = to_training_tensor(image, 16).numpy()
     resized = image.resize((560, 16), Image.BICUBIC)
     left = (560 - 16) // 2
@@ -125,9 +124,8 @@ def test_broken_files_are_skipped_and_counted(tmp_path):
     (tmp_path / "img" / "big.png").write_bytes(png_claiming(3000, 3000))
     good = (tmp_path / "img" / "good.png").read_bytes()
     (tmp_path / "img" / "cut.png").write_bytes(good[: len(good) // 2])
-    (tmp_path / "img" / "loop.png").symlink_to(
-        tmp_path / "img" / "loop2.png"
-    )  # a symlink loop: no file at all
+    # A symlink loop: no file at all
+    (tmp_path / "img" / "loop.png").symlink_to(tmp_path / "img" / "loop2.png")
     (tmp_path / "img" / "loop2.png").symlink_to(tmp_path / "img" / "loop.png")
     names = ["good", "empty", "text", "bomb", "big", "cut", "loop"]
     data = dataset_of(
@@ -160,10 +158,11 @@ def test_captions_lone_surrogates_are_replaced_and_empty_ones_skipped(tmp_path):
     for i in range(3):
         Image.fromarray(np.zeros((R, R, 3), np.uint8)).save(tmp_path / "img" / f"{i}.png")
     rows = [
+        # Json.dumps writes the lone surrogate as \ud800
         {
             "image": "img/0.png",
             "text": "a red \ud800 square",
-        },  # json.dumps writes the lone surrogate as \ud800
+        },
         {"image": "img/1.png", "text": ["", "   "]},
         {"image": "img/2.png", "text": ["", "one blue circle"]},
     ]

@@ -154,9 +154,8 @@ def test_a_data_row_with_non_finite_features_is_skipped_and_counted(tmp_path, ti
     # 8 rows in batches of 2: 4 steps an epoch, row 3 in one of them; 8 steps are 2 epochs.
     assert summary["nonfinite_steps"] == 2 and result.steps == 8
     state = json.loads((result.checkpoint / "training_state" / "state.json").read_text())
-    assert (
-        state["ema_optimization_step"] == 6 and state["nonfinite_steps"] == 2
-    )  # no EMA step on skipped steps
+    # No EMA step on skipped steps
+    assert state["ema_optimization_step"] == 6 and state["nonfinite_steps"] == 2
     assert all(torch.isfinite(v).all() for v in state_tensors(result.checkpoint).values())
     assert (
         max(

@@ -12,8 +12,8 @@ import torch
 from semroute import attention as attn
 from semroute import runtime, speed
 from semroute.attention import AttentionChoice, cross_mask, joint_mask
+from semroute.blocks import RMSNorm, _RMSNormFunction
 from semroute.config import load_config
-from semroute.dit import RMSNorm, _RMSNormFunction
 from semroute.features import PromptFeatures, drop_captions
 from semroute.train import train
 

@@ -149,6 +149,11 @@ def save_checkpoint(
     return directory
 
 
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    """Where a run keeps its checkpoint of `step`."""
+    return run_dir / "checkpoints" / f"step_{step:06d}"
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """The checkpoints of a run, oldest first (a `step_*` directory exists only once written whole)."""
     root = run_dir / "checkpoints"

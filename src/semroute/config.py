@@ -66,7 +66,8 @@ class ModelConfig:
             raise ValueError(f"unknown model.preset {self.preset!r}; valid: {', '.join(DIT_PRESETS)}")
         if self.strategy is not None:
             self.strategy = check_strategy(self.strategy)
-        check_dit_args(**{k: v for k, v in self.overrides().items() if k != "preset"})
+        # The preset and the overrides together (heads must divide the width)
+        check_dit_args(**self.settings())
 
     def overrides(self) -> dict:
         """The keys this config sets explicitly (what a run config file holds under `model:`)."""
@@ -208,7 +209,6 @@ class RunConfig:
 
     def __post_init__(self):
         model = self.model.settings()
-        check_dit_args(**model)  # the preset and the overrides together (heads must divide the width)
         self.text_encoder = text_encoder_for(self.text_encoder, model["strategy"], model["depth"])
         if self.dataset.active:
             pixel_space = self.dataset.vae is None and self.dataset.cache is None
@@ -222,11 +222,6 @@ class RunConfig:
             raise ValueError(
                 f"model.sample_size {model['sample_size']} differs from data.image_size "
                 f"{self.data.image_size}; make them equal"
-            )
-        if model["sample_size"] % model["patch_size"]:
-            raise ValueError(
-                f"model.sample_size {model['sample_size']} is not divisible by model.patch_size "
-                f"{model['patch_size']}; pick a resolution that is a multiple of the patch size"
             )
 
     def to_dict(self) -> dict:

@@ -21,7 +21,8 @@ from .bench.scoring import accuracy
 from .config import RunConfig
 from .data.shapes import ShapesTask, caption
 from .fileio import write_json
-from .pipeline import SemanticRoutingPipeline, load_transformer
+from .loading import load_transformer
+from .pipeline import SemanticRoutingPipeline
 from .plots import plot_routing, save_sample_grid
 from .progress import format_duration
 from .text_encoder import TextEncoder

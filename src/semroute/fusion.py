@@ -197,9 +197,8 @@ class LayerFusion(nn.Module):
             return self.logits
         if t is None:
             raise ValueError(f"strategy {self.strategy!r} depends on t: pass the diffusion time t")
-        phi = sinusoidal_embedding(t, self.gate_embed_dim).to(
-            self.gate_w1.dtype
-        )  # (B, E), in the gates' dtype
+        # (B, E), in the gates' dtype
+        phi = sinusoidal_embedding(t, self.gate_embed_dim).to(self.gate_w1.dtype)
         h = F.silu(torch.einsum("be,geh->bgh", phi, self.gate_w1) + self.gate_b1)
         return torch.einsum("bgh,ghl->bgl", h, self.gate_w2) + self.gate_b2  # (B, G, L)
 

@@ -89,9 +89,8 @@ def plot_routing(
             times = torch.tensor([0.0, 0.5, 1.0])
             ts = torch.linspace(0, 1, 51)
             weights_t = fusion.layer_weights(times.to(fusion._anchor.device)).cpu().numpy()  # (3, D, L)
-            curves = (
-                fusion.layer_weights(ts.to(fusion._anchor.device)).mean(1).cpu().numpy()
-            )  # (T, L), mean over blocks
+            # (T, L), mean over blocks
+            curves = fusion.layer_weights(ts.to(fusion._anchor.device)).mean(1).cpu().numpy()
             fig, axes = plt.subplots(1, 4, figsize=(18, 0.35 * fusion.num_blocks + 2.2))
             vmax = weights_t.max()
             for ax, t, w in zip(axes[:3], times.tolist(), weights_t, strict=True):

@@ -20,9 +20,8 @@ def write_sample_grid(
     """`sample.images_per_prompt` images of every preview prompt, from its stored features (no LLM call)."""
     k = sample.images_per_prompt
     n = len(preview.captions)
-    ids = torch.cat(
-        [torch.arange(n).repeat_interleave(k), torch.tensor([n])]
-    )  # each caption k times, then the null prompt
+    # Each caption k times, then the null prompt
+    ids = torch.cat([torch.arange(n).repeat_interleave(k), torch.tensor([n])])
     features = PromptFeatures(preview.features.hidden[ids].float(), preview.features.mask[ids])
     prompts = [c for c in preview.captions for _ in range(k)]
     ema.store(model.parameters())

@@ -41,9 +41,8 @@ class MetricsWindow:
         if accelerator.is_main_process:
             with log_path.open("a") as f:
                 f.write(json.dumps(finite(record), allow_nan=False) + "\n")
-        accelerator.log(
-            {k: v for k, v in record.items() if k != "step"}, step=step
-        )  # trackers: main process only
+        # Trackers: main process only
+        accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
         self.start, self.loss, self.images, self.steps = now, 0.0, 0, 0
         return record
 

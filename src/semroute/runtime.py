@@ -143,7 +143,7 @@ def _synchronize(device: torch.device) -> None:
 def time_block(device: torch.device, dtype: torch.dtype | None, repeats: int = 4) -> list[float]:
     """Seconds of one forward + backward of a demo-sized DiT block (8 images of 8x8 tokens), autocast to
     `dtype`."""
-    from .dit import DiTBlock, rope_2d
+    from .blocks import DiTBlock, rope_2d
 
     generator = torch.Generator().manual_seed(0)
     hidden, heads, batch, grid, text = 192, 3, 8, 8, 12

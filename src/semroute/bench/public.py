@@ -27,9 +27,8 @@ from .sampling import batches, sample_batches
 
 BENCHES = ("geneval", "genaibench", "drawbench")
 SETTINGS_FILE = ".semroute-sampling.json"  # hidden: the scorers walk the folders, not the files beside them
-SAFE_ID = re.compile(
-    r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}"
-)  # a prompt id is a file name: nothing that climbs out
+# A prompt id is a file name: nothing that climbs out
+SAFE_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 
 
 @dataclass

@@ -23,7 +23,8 @@ from ..config import load_config
 from ..data.cache import precompute
 from ..demo import run_demo
 from ..fileio import OutputLock, read_json, write_json
-from ..pipeline import export_pipeline, load_pipeline, load_transformer
+from ..loading import export_pipeline, load_transformer
+from ..pipeline import load_pipeline
 from ..plots import plot_routing, save_sample_grid
 from ..runtime import process_state
 from ..train import train

@@ -36,9 +36,8 @@ class BatchSource(Protocol):
     """
 
     encoder: EncoderInfo  # the LLM as the DiT must know it (a cache describes it without loading it)
-    null: tuple[
-        torch.Tensor, torch.Tensor
-    ]  # the null prompt's LN'd layers (L, S, C) and mask (S,): dropout's target
+    # The null prompt's LN'd layers (L, S, C) and mask (S,): dropout's target
+    null: tuple[torch.Tensor, torch.Tensor]
     vae_path: str | None  # recorded with checkpoints, so that sampling decodes as training encoded
 
     def loader(self, batch_size: int, num_workers: int = 0) -> torch.utils.data.DataLoader: ...
