@@ -30,7 +30,7 @@ class AttentionChoice:
     # Pass no mask at all where no text token is padded.
     skip_unpadded: bool = True
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.backend not in ATTENTION_BACKENDS or self.mask not in MASK_FORMS:
             raise ValueError(
                 f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)} and mask one of "

@@ -3,6 +3,8 @@ MLP, the block, the final layer and the noise-level head."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -41,7 +43,7 @@ class _RMSNormFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, eps):
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
         norm = torch.linalg.vector_norm(
             x, dim=-1, keepdim=True, dtype=torch.promote_types(x.dtype, torch.float32)
         )
@@ -51,7 +53,7 @@ class _RMSNormFunction(torch.autograd.Function):
         return x_hat if weight is None else x_hat * weight
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x_hat, rstd, weight = ctx.saved_tensors
         grad_weight = None
         if weight is not None:
@@ -92,7 +94,7 @@ class TimestepEmbedder(nn.Module):
         )
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(sinusoidal_embedding(t, self.freq_dim).to(self.mlp[0].weight.dtype))
+        return self.mlp(sinusoidal_embedding(t, self.freq_dim).to(next(self.mlp.parameters()).dtype))
 
 
 class ContextEmbedder(nn.Module):
@@ -240,7 +242,14 @@ class DiTBlock(nn.Module):
         self.mlp = GatedMLP(hidden_size, mlp_ratio, grid_size, mlp_conv)
         self.adaln = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size)) if adaln else None
 
-    def forward(self, x, c, rope, kv, mask):
+    def forward(
+        self,
+        x: torch.Tensor,
+        c: torch.Tensor | None,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        kv: Any,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
         """x: (B, N, H); c: (B, H) timestep embedding or None; kv/mask: this block's text context (its
         cross-attention keys/values, or with deep fusion its LLM layer's keys/values) and the text mask, (B,
         S) bool or as an attention mask (`attention.cross_mask` / `joint_mask`)."""
@@ -253,7 +262,7 @@ class DiTBlock(nn.Module):
             x = torch.addcmul(
                 x, gate1[:, None], self.attn(modulate(self.norm1(x), shift1, scale1), rope, *text)
             )
-        if not deep:
+        if self.cross_attn is not None and self.norm2 is not None:  # None with deep fusion (text is in attn)
             x = x + self.cross_attn(self.norm2(x), kv, mask)
         if self.adaln is None:
             return x + self.mlp(self.norm3(x))

@@ -23,6 +23,7 @@ import shutil
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -30,6 +31,15 @@ from safetensors.torch import load_file, save_file
 
 from .base import OutputError, TrainingDiverged, one_line
 from .fileio import read_json, record_files, recorded_problem
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
+
+    from diffusers.training_utils import EMAModel
+
+    from .config import RunConfig
+    from .dit import SemanticRoutingDiT
+    from .features import EncoderInfo
 
 logger = logging.getLogger(__name__)
 
@@ -75,20 +85,20 @@ def _fsync_tree(root: Path) -> None:
     _fsync(root)
 
 
-def all_finite(tensors) -> bool:
+def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
 
 
 def save_checkpoint(
     directory: Path,
-    model,
-    ema,
-    optimizer,
+    model: SemanticRoutingDiT,
+    ema: EMAModel,
+    optimizer: torch.optim.Optimizer,
     state: dict,
-    config,
-    encoder,
+    config: RunConfig,
+    encoder: EncoderInfo,
     vae_path: str | None = None,
-    scheduler=None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     rng: dict | None = None,
 ) -> Path:
     """Write a checkpoint atomically; `state` holds at least {"step": N} and is stored as
@@ -172,7 +182,7 @@ def checkpoint_problem(
     files opened.
     """
     manifest = checkpoint / MANIFEST_FILE
-    record = {}
+    record: dict = {}
     if manifest.is_file():
         record, problem = recorded_problem(checkpoint, manifest, files)
         if problem:
@@ -260,7 +270,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     )
 
 
-def load_torch_file(path: Path):
+def load_torch_file(path: Path) -> Any:
     """A .pt file of a checkpoint, unpickled with torch's weights-only loader: tensors, containers and numbers
     only, plus numpy's array rebuilding for the saved numpy RNG state. A file made to run code when loaded is
     refused.
@@ -269,7 +279,12 @@ def load_torch_file(path: Path):
     """
     import numpy as np
 
-    numpy_rng = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    numpy_rng = [
+        np._core.multiarray._reconstruct,  # type: ignore[attr-defined]
+        np.ndarray,
+        np.dtype,
+        type(np.dtype(np.uint32)),
+    ]
     with torch.serialization.safe_globals(numpy_rng):
         return torch.load(path, weights_only=True, map_location="cpu")
 
@@ -317,7 +332,7 @@ RESUME_MUST_MATCH_TRAIN = (
 )
 
 
-def resume_differences(saved, current) -> list[str]:
+def resume_differences(saved: RunConfig, current: RunConfig) -> list[str]:
     """What differs, between a checkpoint's run config and this run's, that a resume must not change."""
     diffs = []
 
@@ -340,11 +355,18 @@ def resume_differences(saved, current) -> list[str]:
     return diffs
 
 
-def load_training_state(checkpoint: Path, model, ema, optimizer, scheduler, generator) -> dict:
+def load_training_state(
+    checkpoint: Path,
+    model: torch.nn.Module,
+    ema: EMAModel,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    generator: torch.Generator,
+) -> dict:
     """Restore weights, EMA, optimizer, schedule and RNGs from a checkpoint; returns its state.json."""
     state_dir = checkpoint / TRAINING_STATE_DIR
 
-    def load(name: str, read):
+    def load(name: str, read: Callable[[Path], Any]) -> Any:
         try:
             return read(state_dir / name)
         except Exception as err:  # one line naming the file, whatever the library raised
@@ -369,7 +391,7 @@ def load_training_state(checkpoint: Path, model, ema, optimizer, scheduler, gene
     return state
 
 
-def newest_loadable(run_dir: Path, config) -> tuple[Path, object] | None:
+def newest_loadable(run_dir: Path, config: RunConfig) -> tuple[Path, RunConfig] | None:
     """The newest checkpoint a run can resume from, with its run config; None when the run has none.
 
     A damaged checkpoint (a missing, truncated or unreadable file) falls back to the one before it. A

@@ -11,6 +11,7 @@ import types
 import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -61,7 +62,7 @@ class ModelConfig:
     # (a noise-level head's estimate from x_t, trained jointly; see train.noise_level_weight).
     gate_signal: str | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.preset is not None and self.preset not in DIT_PRESETS:
             raise ValueError(f"unknown model.preset {self.preset!r}; valid: {', '.join(DIT_PRESETS)}")
         if self.strategy is not None:
@@ -77,7 +78,7 @@ class ModelConfig:
         """SemanticRoutingDiT arguments: the preset, overridden by explicit keys."""
         explicit = self.overrides()
         explicit.pop("preset", None)
-        return {**DIT_PRESETS.get(self.preset, {}), **explicit}
+        return {**(DIT_PRESETS[self.preset] if self.preset else {}), **explicit}
 
     def settings(self) -> dict:
         """Every SemanticRoutingDiT argument this config gives (defaults filled in)."""
@@ -154,7 +155,7 @@ class TrainConfig:
     # Weight of the noise-level head's loss, MSE(estimate, t), for model.gate_signal: estimated.
     noise_level_weight: float = 1.0
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         positive = {
             "batch_size": self.batch_size,
             "max_steps": self.max_steps,
@@ -207,7 +208,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         model = self.model.settings()
         self.text_encoder = text_encoder_for(self.text_encoder, model["strategy"], model["depth"])
         if self.dataset.active:
@@ -233,7 +234,7 @@ class RunConfig:
         write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
-def _check_type(value, annotation, where: str):
+def _check_type(value: Any, annotation: Any, where: str) -> Any:
     """Coerce ints to floats where a float is expected; reject anything else of the wrong type."""
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
@@ -278,13 +279,13 @@ def _check_type(value, annotation, where: str):
     return value
 
 
-def _shown(key) -> str:
+def _shown(key: object) -> str:
     """A key as an error message shows it: plain names as they are, anything else quoted (one line,
     visible)."""
     return key if isinstance(key, str) and key.isidentifier() else repr(key)
 
 
-def _build(cls, data, where: str):
+def _build(cls: Any, data: Any, where: str) -> Any:
     if not isinstance(data, dict):
         raise ValueError(
             f"{where or 'the config'} must be a mapping of keys to values, got {_SHORT.repr(data)}"
@@ -306,7 +307,7 @@ def _build(cls, data, where: str):
     return cls(**kwargs)
 
 
-def load_yaml(text: str, what: str):
+def load_yaml(text: str, what: str) -> Any:
     """YAML (safe types only) whose aliases expand to at most MAX_YAML_NODES nodes; errors are one line naming
     `what`."""
     loader = yaml.SafeLoader(text)
@@ -329,7 +330,7 @@ def load_yaml(text: str, what: str):
         loader.dispose()
 
 
-def _expanded_size(node, sizes: dict, open_nodes: set) -> int:
+def _expanded_size(node: yaml.Node, sizes: dict, open_nodes: set) -> int:
     """Nodes of the document once every alias is expanded, counted with each shared node measured once."""
     key = id(node)
     if key in sizes:
@@ -377,7 +378,7 @@ def load_config(source: Path | str | dict, overrides: list[str] | tuple[str, ...
     return _build(RunConfig, data, "")
 
 
-def _override(data, override: str) -> dict:
+def _override(data: dict, override: str) -> dict:
     """A copy of `data` with one `dotted.key=value` applied."""
     key, sep, text = override.partition("=")
     if not sep or not key.strip():

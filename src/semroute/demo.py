@@ -148,7 +148,7 @@ def run_demo(
     train_s = time.perf_counter() - start
     pipeline = SemanticRoutingPipeline.from_parts(
         load_transformer(result.checkpoint), encoder, sample=s, precision=config.train.mixed_precision
-    ).to(result.model.device)
+    ).to(next(result.model.parameters()).device if result.model is not None else "cpu")
     images = sample_all(
         pipeline,
         [caption(sc) for sc in scenes],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -13,6 +14,7 @@ from torch import nn
 from .attention import cross_mask, current_attention, joint_mask
 from .blocks import (
     ContextEmbedder,
+    CrossAttention,
     DiTBlock,
     FinalLayer,
     NoiseLevelHead,
@@ -78,7 +80,7 @@ def check_deep_layout(hidden_size: int, num_heads: int, text_dim: int, text_kv_h
 MAX_PARAMETERS = 100e9
 
 
-def check_dit_args(**args) -> None:
+def check_dit_args(**args: Any) -> None:
     """One-line errors for DiT sizes that parse but make no sense; `args` are SemanticRoutingDiT arguments
     (any subset)."""
     for key in (
@@ -139,7 +141,13 @@ def check_dit_args(**args) -> None:
             )
 
 
-class SemanticRoutingDiT(ModelMixin, ConfigMixin):
+def _zero(layer: nn.Module) -> None:
+    """Zero a Linear's (or a conv's) weight and bias."""
+    nn.init.zeros_(cast(nn.Linear, layer).weight)
+    nn.init.zeros_(cast(nn.Linear, layer).bias)
+
+
+class SemanticRoutingDiT(ModelMixin, ConfigMixin):  # type: ignore[misc]  # diffusers' own models mix the same two
     """DiT conditioned on LLM layers fused per block by `LayerFusion` (strategy in the config)."""
 
     _supports_gradient_checkpointing = True
@@ -215,20 +223,20 @@ class SemanticRoutingDiT(ModelMixin, ConfigMixin):
                 nn.init.zeros_(module.bias)
         w = self.patch_embed.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.patch_embed.bias)
+        nn.init.zeros_(cast(torch.Tensor, self.patch_embed.bias))
         # adaLN-zero: every block starts as the identity; the output starts at zero velocity.
-        for block in self.blocks:
-            if block.adaln is not None:
-                nn.init.zeros_(block.adaln[-1].weight)
-                nn.init.zeros_(block.adaln[-1].bias)
-        if self.final_layer.adaln is not None:
-            nn.init.zeros_(self.final_layer.adaln[-1].weight)
-            nn.init.zeros_(self.final_layer.adaln[-1].bias)
-        nn.init.zeros_(self.final_layer.proj.weight)
-        nn.init.zeros_(self.final_layer.proj.bias)
+        for adaln in [block.adaln for block in self.dit_blocks] + [self.final_layer.adaln]:
+            if adaln is not None:
+                _zero(adaln[-1])
+        _zero(self.final_layer.proj)
         if self.t_embedder is not None:
-            for layer in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
-                nn.init.normal_(layer.weight, std=0.02)
+            for linear in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
+                nn.init.normal_(cast(nn.Linear, linear).weight, std=0.02)
+
+    @property
+    def dit_blocks(self) -> list[DiTBlock]:
+        """`blocks` as their class (a ModuleList yields plain Modules to a type checker)."""
+        return cast("list[DiTBlock]", list(self.blocks))
 
     def route_text(
         self,
@@ -246,14 +254,14 @@ class SemanticRoutingDiT(ModelMixin, ConfigMixin):
         """
         fused = self.fusion(text_hidden_states, t, normalized=normalized)  # (G, B, S, C)
         if self.context_embedder is None:
-            return RoutedContext(unpack_keys_values(fused, self.config.text_kv_heads), text_mask.bool())
+            return RoutedContext(unpack_keys_values(fused, self.config["text_kv_heads"]), text_mask.bool())
         # (the meta device, used to count FLOPs, has no autocast)
         if fused.device.type == "meta" or not torch.is_autocast_enabled(fused.device.type):
             fused = fused.to(self.context_embedder.proj.weight.dtype)  # e.g. bf16 cached features, fp32 model
         context = self.context_embedder(fused)  # (G, B, S, H)
         kv = [
-            block.cross_attn.keys_values(context[min(d, len(context) - 1)])
-            for d, block in enumerate(self.blocks)
+            cast(CrossAttention, block.cross_attn).keys_values(context[min(d, len(context) - 1)])
+            for d, block in enumerate(self.dit_blocks)
         ]
         return RoutedContext(kv, text_mask.bool())
 
@@ -291,7 +299,7 @@ class SemanticRoutingDiT(ModelMixin, ConfigMixin):
                 f"strategy {self.fusion.strategy!r} depends on t: its context cannot be reused across steps"
             )
         B, _, H, W = x.shape
-        p = self.config.patch_size
+        p = self.config["patch_size"]
         h = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, hidden)
         c = self.t_embedder(t) if self.t_embedder is not None else None
         rope = (self.rope_cos, self.rope_sin)
@@ -299,13 +307,13 @@ class SemanticRoutingDiT(ModelMixin, ConfigMixin):
         mask = context.attention_mask(h.shape[1], deep=self.context_embedder is None)
         for block, kv in zip(self.blocks, context.keys_values, strict=True):
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                h = self._gradient_checkpointing_func(block, h, c, rope, kv, mask)
+                h = self._gradient_checkpointing_func(block, h, c, rope, kv, mask)  # type: ignore[misc]
             else:
                 h = block(h, c, rope, kv, mask)
         h = self.final_layer(h, c)  # (B, N, p * p * C)
         h = h.view(B, H // p, W // p, p, p, -1).permute(0, 5, 1, 3, 2, 4)
         velocity = h.reshape(B, -1, H, W)
-        return (velocity, level) if return_noise_level else velocity
+        return (velocity, level) if return_noise_level and level is not None else velocity
 
 
 # Named presets; the CLI and configs use the keys as `model.preset` choices.

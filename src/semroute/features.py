@@ -9,11 +9,17 @@ sampling and caches alike.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    from .text_encoder import TextEncoder
+
+if TYPE_CHECKING:
+    from .text_encoder import TextEncoderConfig
 
 NULL_PROMPT = ""  # the unconditional prompt of classifier-free guidance (caption dropout target)
 
@@ -22,13 +28,25 @@ class EncoderInfo(Protocol):
     """What the DiT and a checkpoint need to know about the LLM: a loaded `TextEncoder` or a cache's
     description."""
 
-    config: object  # TextEncoderConfig
-    layers: list[int]
-    num_layers: int
-    hidden_size: int
-    feature_kind: str  # hidden_states | keys_values
-    feature_dim: int  # width of each text feature entry
-    kv_heads: int  # the LLM's key/value heads (deep fusion groups the DiT's heads over them)
+    @property
+    def config(self) -> TextEncoderConfig: ...
+    @property
+    def layers(self) -> list[int]: ...
+    @property
+    def num_layers(self) -> int: ...
+    @property
+    def hidden_size(self) -> int: ...
+    @property
+    def feature_kind(self) -> str:
+        """hidden_states | keys_values"""
+
+    @property
+    def feature_dim(self) -> int:
+        """The width of each text feature entry."""
+
+    @property
+    def kv_heads(self) -> int | None:
+        """The LLM's key/value heads (deep fusion groups the DiT's heads over them)."""
 
 
 def dit_text_args(info: EncoderInfo) -> dict:
@@ -47,7 +65,7 @@ class PromptFeatures:
     hidden: torch.Tensor  # (N, L, S, C), stored layer-major (see __post_init__)
     mask: torch.Tensor  # (N, S) bool
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         # Layer-major storage, (L, N, S, C) in memory: `select` then gathers whole (S, C) rows straight into
         # the (L, B, S, C) batch the fusion reads, instead of copying the whole table first.
         if not self.hidden.transpose(0, 1).is_contiguous():
@@ -64,7 +82,11 @@ class PromptFeatures:
 
 
 def encode_prompts(
-    encoder, prompts: list[str], batch_size: int = 32, dtype=torch.float32, progress: bool = False
+    encoder: TextEncoder,
+    prompts: list[str],
+    batch_size: int = 32,
+    dtype: torch.dtype | None = torch.float32,
+    progress: bool = False,
 ) -> PromptFeatures:
     """Run the LLM once per prompt and keep what the DiT reads (`TextEncoder.features`): the LayerNorm'd
     layers every fusion strategy mixes, or deep fusion's per-layer keys/values."""
@@ -74,12 +96,15 @@ def encode_prompts(
         hidden.append(h.to(dtype).transpose(0, 1))  # (b, L, S, C)
         masks.append(m)
     length = max(m.shape[1] for m in masks)
-    hidden = torch.cat([F.pad(h, (0, 0, 0, length - h.shape[2])) for h in hidden])
-    mask = torch.cat([F.pad(m, (0, length - m.shape[1])) for m in masks])
-    return PromptFeatures(hidden, mask)
+    return PromptFeatures(
+        torch.cat([F.pad(h, (0, 0, 0, length - h.shape[2])) for h in hidden]),
+        torch.cat([F.pad(m, (0, length - m.shape[1])) for m in masks]),
+    )
 
 
-def prompt_table(encoder, captions: list[str], dtype: torch.dtype, progress: bool) -> PromptFeatures:
+def prompt_table(
+    encoder: TextEncoder, captions: list[str], dtype: torch.dtype, progress: bool
+) -> PromptFeatures:
     """Features of every training caption plus the null prompt (last row), computed once.
 
     Stored in the training precision's dtype: LayerNorm'd features are O(1), so bf16/fp16 lose nothing

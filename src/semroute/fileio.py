@@ -8,8 +8,12 @@ import math
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .base import one_line
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
 
 
 def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
@@ -23,12 +27,12 @@ def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def strict_json(data) -> str:
+def strict_json(data: Any) -> str:
     """JSON text that every reader accepts: NaN and infinities become null (json.dumps would write NaN)."""
     return json.dumps(finite(data), indent=2, allow_nan=False)
 
 
-def finite(value):
+def finite(value: Any) -> Any:
     """`value` with every NaN or infinity (in nested dicts and lists too) replaced by None."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
@@ -39,11 +43,11 @@ def finite(value):
     return value
 
 
-def write_json(path: Path, data) -> None:
+def write_json(path: Path, data: Any) -> None:
     write_atomic(path, lambda tmp: tmp.write_text(strict_json(data)))
 
 
-def read_json(path: Path, what: str, fix: str):
+def read_json(path: Path, what: str, fix: str) -> Any:
     """A JSON file, or one error line naming it, what it is and the fix."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -68,7 +72,7 @@ def record_files(root: Path, skip: tuple[str, ...] = ()) -> dict:
     }
 
 
-def files_problem(root: Path, record: dict, names=None) -> str | None:
+def files_problem(root: Path, record: dict, names: Iterable[str] | None = None) -> str | None:
     """Why the files `names` of `root` (default: all recorded) differ from `record`, or None.
 
     A missing file, another size (truncation) or another sha256 (bit rot, an overwritten byte) is named with
@@ -89,7 +93,9 @@ def files_problem(root: Path, record: dict, names=None) -> str | None:
     return None
 
 
-def recorded_problem(root: Path, manifest: Path, names=None) -> tuple[dict, str | None]:
+def recorded_problem(
+    root: Path, manifest: Path, names: Iterable[str] | None = None
+) -> tuple[dict, str | None]:
     """The record `manifest` holds and why `root`'s files (`names`, default all) differ from it, or None when
     they match.
 
@@ -144,7 +150,7 @@ class OutputLock:
         self._fd = fd
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self._fd is not None:
             os.close(self._fd)  # closing releases the lock
             self._fd = None

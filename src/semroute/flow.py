@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,14 +37,20 @@ class RectifiedFlow:
         self.caption_dropout = caption_dropout
 
     def sample_t(
-        self, batch_size: int, device=None, generator: torch.Generator | None = None
+        self,
+        batch_size: int,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """t = sigmoid(N(mean, std)): logit-normal, concentrating training on mid-range noise. -> (B,)"""
         z = torch.randn(batch_size, generator=generator, device=device)
         return torch.sigmoid(self.t_mean + self.t_std * z)
 
     def drop_mask(
-        self, batch_size: int, generator: torch.Generator | None = None, device=None
+        self,
+        batch_size: int,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
     ) -> torch.Tensor:
         """Which of `batch_size` captions to replace by the null prompt (teaches the unconditional branch). ->
         (B,) bool"""
@@ -75,7 +82,7 @@ class RectifiedFlow:
     def sample(
         velocity: VelocityFn,
         noise: torch.Tensor,
-        scheduler,
+        scheduler: Any,
         num_steps: int,
         guidance_scale: float,
         on_step: Callable[[], None] | None = None,
@@ -145,7 +152,7 @@ class SampleConfig:
     # the paper's manual repair of the gate/trajectory mismatch, no retraining).
     gate_shift: float = 1.0
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not self.gate_shift > 0:
             raise ValueError(f"sample.gate_shift must be > 0 (1 = the nominal t), got {self.gate_shift}")
         if self.images_per_prompt < 1 or self.shift <= 0:
@@ -162,7 +169,7 @@ class SampleConfig:
                 f"valid: {', '.join(flow_schedulers())}"
             )
 
-    def make_scheduler(self):
+    def make_scheduler(self) -> Any:
         import diffusers
 
         return getattr(diffusers, self.scheduler)(num_train_timesteps=1000, shift=self.shift)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -64,7 +64,7 @@ PAPER_NAMES: dict[str, str] = {spec.paper_id: spec.paper_name for spec in STRATE
 LN_EPS = 1e-6
 
 
-def check_strategy(strategy: str) -> str:
+def check_strategy(strategy: str) -> Strategy:
     """Return `strategy` as a canonical name, accepting the paper ids b1..s3 and fusedit."""
     name = PAPER_IDS.get(strategy, strategy)
     if name not in STRATEGIES:
@@ -72,7 +72,7 @@ def check_strategy(strategy: str) -> str:
             f"unknown fusion strategy {strategy!r}; valid: {', '.join(STRATEGIES)} "
             f"(or the paper ids {', '.join(PAPER_IDS)})"
         )
-    return name
+    return cast(Strategy, name)
 
 
 def pack_keys_values(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -137,6 +137,7 @@ class LayerFusion(nn.Module):
             )
         self.gate_embed_dim = gate_embed_dim
         # Tracks the module's device for strategies that have no parameters.
+        self._anchor: torch.Tensor
         self.register_buffer("_anchor", torch.zeros(()), persistent=False)
         # Learned logits: one vector (static) or one per block (depth).
         if self.spec.logits == "vector":

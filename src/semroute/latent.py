@@ -9,12 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 
 
-def load_vae(path: str | Path):
-    """An AutoencoderKL from a local directory (config.json + weights), frozen and in eval mode."""
-    from diffusers import AutoencoderKL
-
+def load_vae(path: str | Path, device: torch.device | str = "cpu") -> AutoencoderKL:
+    """An AutoencoderKL from a local directory (config.json + weights) on `device`, frozen and in eval
+    mode."""
     path = Path(path).expanduser()
     if not (path / "config.json").is_file():
         # A full diffusers pipeline directory keeps the VAE in its vae/ folder.
@@ -24,21 +24,23 @@ def load_vae(path: str | Path):
             raise FileNotFoundError(
                 f"VAE {path} is not a directory with an AutoencoderKL config.json (or a vae/ folder)"
             )
-    return AutoencoderKL.from_pretrained(path).eval().requires_grad_(False)
+    vae = AutoencoderKL.from_pretrained(path)
+    vae.to(device)
+    return vae.eval().requires_grad_(False)
 
 
-def vae_factors(vae) -> tuple[float, float]:
+def vae_factors(vae: AutoencoderKL) -> tuple[float, float]:
     """(shift, scale) from the VAE's config; SD1/SDXL VAEs have no shift (0)."""
-    cfg = vae.config
-    return float(getattr(cfg, "shift_factor", None) or 0.0), float(cfg.scaling_factor)
+    config = vae.config
+    return float(config.get("shift_factor") or 0.0), float(config["scaling_factor"])
 
 
-def vae_downsample(vae) -> int:
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+def vae_downsample(vae: AutoencoderKL) -> int:
+    return 2 ** (len(vae.config["block_out_channels"]) - 1)
 
 
 @torch.no_grad()
-def encode_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
+def encode_latents(vae: AutoencoderKL, pixels: torch.Tensor) -> torch.Tensor:
     """Images (B, 3, H, W) in [-1, 1] -> DiT inputs (B, C, H/f, W/f): the posterior mode, shifted and
     scaled."""
     shift, scale = vae_factors(vae)
@@ -48,16 +50,16 @@ def encode_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
     """DiT outputs (B, C, h, w) -> images (B, 3, h*f, w*f) in [-1, 1]."""
     shift, scale = vae_factors(vae)
     param = next(vae.parameters())
     return vae.decode((latents / scale + shift).to(param.device, param.dtype)).sample.float()
 
 
-def check_vae_matches(vae, in_channels: int, sample_size: int, resolution: int) -> None:
+def check_vae_matches(vae: AutoencoderKL, in_channels: int, sample_size: int, resolution: int) -> None:
     """The DiT must take the VAE's latent channels, at resolution / downsample."""
-    channels, factor = vae.config.latent_channels, vae_downsample(vae)
+    channels, factor = vae.config["latent_channels"], vae_downsample(vae)
     if channels != in_channels:
         raise ValueError(
             f"the VAE has {channels} latent channels but model.in_channels is {in_channels}; set "

@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 
 from .base import one_line
 from .checkpoint import resolve_checkpoint
@@ -20,40 +21,43 @@ from .runtime import Precision, resolve_device, resolve_precision
 from .speed import configure
 from .text_encoder import TextEncoder, TextEncoderConfig, llm_dtype
 
+if TYPE_CHECKING:
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+
 logger = logging.getLogger(__name__)
 
 
 def check_compatible(transformer: SemanticRoutingDiT, encoder: TextEncoder) -> None:
     """The DiT must read the kind of text features it was trained on, from as many LLM layers, of the same
     width."""
-    cfg = transformer.config
+    trained = transformer.config  # what the DiT was trained on
     wanted = transformer.fusion.spec.text_features
     if encoder.feature_kind != wanted:
         raise ValueError(
             f"the checkpoint ({transformer.fusion.strategy}) reads the LLM's {wanted} but the text encoder "
             f"gives {encoder.feature_kind}; set text_encoder.features to {wanted}"
         )
-    if cfg.num_text_layers != encoder.num_layers:
+    if trained["num_text_layers"] != encoder.num_layers:
         raise ValueError(
-            f"the checkpoint routes {cfg.num_text_layers} LLM layers but the text encoder gives "
+            f"the checkpoint routes {trained['num_text_layers']} LLM layers but the text encoder gives "
             f"{encoder.num_layers}; use the text encoder and layers it was trained with"
         )
-    if cfg.text_dim != encoder.feature_dim:
+    if trained["text_dim"] != encoder.feature_dim:
         what = (
             "LLM hidden size" if wanted == "hidden_states" else "key/value width (2 x kv heads x head size)"
         )
         raise ValueError(
-            f"the checkpoint expects {what} {cfg.text_dim} but the text encoder has {encoder.feature_dim}; "
-            f"use the text encoder it was trained with"
+            f"the checkpoint expects {what} {trained['text_dim']} but the text encoder has "
+            f"{encoder.feature_dim}; use the text encoder it was trained with"
         )
-    if wanted == "keys_values" and cfg.text_kv_heads != encoder.kv_heads:
+    if wanted == "keys_values" and trained["text_kv_heads"] != encoder.kv_heads:
         raise ValueError(
-            f"the checkpoint groups its heads over {cfg.text_kv_heads} LLM key/value heads but the text "
-            f"encoder has {encoder.kv_heads}; use the text encoder it was trained with"
+            f"the checkpoint groups its heads over {trained['text_kv_heads']} LLM key/value heads but the "
+            f"text encoder has {encoder.kv_heads}; use the text encoder it was trained with"
         )
 
 
-def check_gate_shift(transformer) -> None:
+def check_gate_shift(transformer: SemanticRoutingDiT) -> None:
     """A gate shift changes only nominal time gates: refuse it where it would silently do nothing."""
     fusion = transformer.fusion
     if not fusion.depends_on_t:
@@ -75,23 +79,23 @@ class SemanticRoutingPipeline(DiffusionPipeline):
     text_layers / max_length / template say how the LLM is read (what the DiT was trained on).
     """
 
-    model_cpu_offload_seq = "text_encoder->transformer->vae"
+    model_cpu_offload_seq = "text_encoder->transformer->vae"  # type: ignore[assignment]
     _optional_components = ["vae"]
 
     def __init__(
         self,
         transformer: SemanticRoutingDiT,
-        scheduler,  # any diffusers flow-matching scheduler
-        text_encoder,
-        tokenizer,
-        vae=None,
+        scheduler: Any,  # any diffusers flow-matching scheduler
+        text_encoder: Any,
+        tokenizer: Any,
+        vae: AutoencoderKL | None = None,
         text_layers: list[int] | None = None,
         max_length: int = 64,
         template: str = "chat",
         steps: int = SampleConfig.steps,
         guidance_scale: float = SampleConfig.guidance_scale,
         gate_shift: float = SampleConfig.gate_shift,
-    ):
+    ) -> None:
         super().__init__()
         self.register_modules(
             transformer=transformer,
@@ -123,9 +127,9 @@ class SemanticRoutingPipeline(DiffusionPipeline):
         if vae is not None:
             check_vae_matches(
                 vae,
-                transformer.config.in_channels,
-                transformer.config.sample_size,
-                transformer.config.sample_size * vae_downsample(vae),
+                transformer.config["in_channels"],
+                transformer.config["sample_size"],
+                transformer.config["sample_size"] * vae_downsample(vae),
             )
         transformer.eval()
         # The DiT's sampling precision: auto | fp32 | bf16 | fp16, resolved for its device when sampling.
@@ -140,7 +144,7 @@ class SemanticRoutingPipeline(DiffusionPipeline):
         cls,
         transformer: SemanticRoutingDiT,
         encoder: TextEncoder,
-        vae=None,
+        vae: AutoencoderKL | None = None,
         sample: SampleConfig | None = None,
         precision: str = "auto",
     ) -> SemanticRoutingPipeline:
@@ -194,9 +198,9 @@ class SemanticRoutingPipeline(DiffusionPipeline):
         current = type(self.scheduler).__name__
         return SampleConfig(
             scheduler=scheduler or current,
-            steps=self.config.steps if steps is None else steps,
-            guidance_scale=self.config.guidance_scale if guidance_scale is None else guidance_scale,
-            shift=self.scheduler.config.shift if shift is None else shift,
+            steps=self.config["steps"] if steps is None else steps,
+            guidance_scale=self.config["guidance_scale"] if guidance_scale is None else guidance_scale,
+            shift=self.scheduler.config["shift"] if shift is None else shift,
             gate_shift=self.config.get("gate_shift", 1.0),
         )
 
@@ -304,7 +308,7 @@ class SemanticRoutingPipeline(DiffusionPipeline):
 
             gate_shift = settings.gate_shift
 
-            def velocity(x, t):
+            def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
                 x, t = x.to(weights), t.to(weights)
                 if context is not None:
                     return model(x, t, context=context)
@@ -329,7 +333,7 @@ class SemanticRoutingPipeline(DiffusionPipeline):
         shift: float | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
-    ):
+    ) -> ImagePipelineOutput | tuple:
         """diffusers-style call: a prompt or prompts -> `ImagePipelineOutput` (PIL images by default).
 
         output_type: "pil", "np" (B, H, W, 3 floats in [0, 1]) or "pt" (B, 3, H, W in [0, 1]).
@@ -340,11 +344,12 @@ class SemanticRoutingPipeline(DiffusionPipeline):
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
         images = self.generate(prompts, num_inference_steps, guidance_scale, shift, seed)
+        output: Any = images
         if output_type != "pt":
-            images = images.permute(0, 2, 3, 1).float().cpu().numpy()
+            output = images.permute(0, 2, 3, 1).float().cpu().numpy()
             if output_type == "pil":
-                images = self.numpy_to_pil(images)
-        return ImagePipelineOutput(images=images) if return_dict else (images,)
+                output = self.numpy_to_pil(output)
+        return ImagePipelineOutput(images=output) if return_dict else (output,)
 
 
 def load_pipeline(

@@ -9,12 +9,17 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
+from typing import TYPE_CHECKING, Any
+
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from .fusion import LayerFusion  # noqa: E402
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 DPI = 120  # every figure semroute writes
 
@@ -57,7 +62,7 @@ def save_sample_grid(
     return save_figure(fig, path, title)
 
 
-def _heatmap(ax, weights: np.ndarray, layer_ids: list[int], title: str):
+def _heatmap(ax: Axes, weights: np.ndarray, layer_ids: list[int], title: str) -> Any:
     im = ax.imshow(weights, aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_xlabel("LLM layer")
     ax.set_ylabel("DiT block")

@@ -4,6 +4,7 @@ checkpoint."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 
@@ -13,9 +14,23 @@ from .flow import SampleConfig
 from .pipeline import SemanticRoutingPipeline
 from .plots import save_sample_grid
 
+if TYPE_CHECKING:
+    from diffusers.training_utils import EMAModel
+
+    from .dit import SemanticRoutingDiT
+    from .features import EncoderInfo
+    from .text_encoder import TextEncoder
+
 
 def write_sample_grid(
-    model, ema, encoder, preview: Preview, sample: SampleConfig, precision: str, path: Path, title: str
+    model: SemanticRoutingDiT,
+    ema: EMAModel,
+    encoder: EncoderInfo,
+    preview: Preview,
+    sample: SampleConfig,
+    precision: str,
+    path: Path,
+    title: str,
 ) -> None:
     """`sample.images_per_prompt` images of every preview prompt, from its stored features (no LLM call)."""
     k = sample.images_per_prompt
@@ -27,7 +42,10 @@ def write_sample_grid(
     ema.store(model.parameters())
     ema.copy_to(model.parameters())
     try:
-        pipe = SemanticRoutingPipeline.from_parts(model, encoder, sample=sample, precision=precision)
+        # The grid samples from the preview's stored features: the encoder is only described, never run.
+        pipe = SemanticRoutingPipeline.from_parts(
+            model, cast("TextEncoder", encoder), sample=sample, precision=precision
+        )
         images = pipe.generate(prompts, seed=0, features=features)
     finally:
         ema.restore(model.parameters())

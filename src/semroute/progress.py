@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 logger = logging.getLogger("semroute.train")
 
@@ -14,7 +18,13 @@ class Pace:
 
     WARMUP, MEASURED = 2, 10
 
-    def __init__(self, first_step: int, max_steps: int, minutes: float | None, report):
+    def __init__(
+        self,
+        first_step: int,
+        max_steps: int,
+        minutes: float | None,
+        report: Callable[[float, float], None] | None,
+    ) -> None:
         self.first_step, self.max_steps, self.minutes, self.report = first_step, max_steps, minutes, report
         self.measure_from = (
             first_step  # the step the pace is measured from (`restart` moves it, not first_step)

@@ -7,8 +7,12 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .fileio import finite
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 
 @dataclass
@@ -25,7 +29,7 @@ class MetricsWindow:
     def add(self, loss: float, images: int) -> None:
         self.loss, self.images, self.steps = self.loss + loss, self.images + images, self.steps + 1
 
-    def flush(self, accelerator, log_path: Path, step: int, extra: dict, started: float) -> dict:
+    def flush(self, accelerator: Accelerator, log_path: Path, step: int, extra: dict, started: float) -> dict:
         """One record: the window's mean loss and img/s, `extra` (lr, entropy, ...) and the time since
         `started`."""
         now = time.perf_counter()

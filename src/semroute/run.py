@@ -202,7 +202,8 @@ def build_run(
             return flag
         return bool(accelerator.reduce(torch.tensor(int(flag), device=accelerator.device), reduction="min"))
 
-    compiler = StepCompiler(accelerator.unwrap_model(model), train.compile, accelerator.device, agree)
+    mode = str(train.compile)  # TrainConfig has read YAML booleans as on/off
+    compiler = StepCompiler(accelerator.unwrap_model(model), mode, accelerator.device, agree)
     return Run(
         accelerator=accelerator,
         model=model,

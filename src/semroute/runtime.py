@@ -13,11 +13,16 @@ import os
 import platform
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .base import PRECISIONS, check_choice
 from .fileio import write_json
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +186,7 @@ def measure_bf16_ratio(device: torch.device, repeats: int = 4) -> float:
     return min(bf16) / min(fp32)
 
 
-def _probe_path():
+def _probe_path() -> Path:
     from .text_encoder import cache_root
 
     return cache_root() / PROBE_FILE
@@ -197,7 +202,7 @@ def _read_probes() -> dict:
     return cached if isinstance(cached, dict) else {}
 
 
-def stored_measurement(device: torch.device, name: str, valid):
+def stored_measurement(device: torch.device, name: str, valid: Callable[[Any], bool]) -> Any:
     """This machine's cached `name` (see `cached_measurement`), or None where there is none that `valid`
     accepts."""
     entry = _read_probes().get(machine_key(device))
@@ -209,12 +214,12 @@ def stored_measurement(device: torch.device, name: str, valid):
         return None
 
 
-def store_measurement(device: torch.device, name: str, value) -> None:
+def store_measurement(device: torch.device, name: str, value: Any) -> None:
     """Cache `value` as this machine's `name`; a cache that cannot be written only means measuring again next
     time."""
     path, key = _probe_path(), machine_key(device)
     cached = _read_probes()
-    entry = cached.get(key) if isinstance(cached.get(key), dict) else {}
+    entry = cached[key] if isinstance(cached.get(key), dict) else {}
     cached[key] = {**entry, name: value, "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -223,7 +228,9 @@ def store_measurement(device: torch.device, name: str, value) -> None:
         logger.warning("could not cache the %s probe in %s (%s)", name, path, err)
 
 
-def cached_measurement(device: torch.device, name: str, measure, valid):
+def cached_measurement(
+    device: torch.device, name: str, measure: Callable[[], Any], valid: Callable[[Any], bool]
+) -> Any:
     """`measure()` once per machine and `name`, cached in $SEMROUTE_CACHE/precision-probe.json under
     `machine_key`.
 
@@ -243,7 +250,7 @@ def cached_measurement(device: torch.device, name: str, measure, valid):
     return value
 
 
-def _positive_finite(value) -> bool:
+def _positive_finite(value: object) -> bool:
     return (
         isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
     )
@@ -262,7 +269,9 @@ def _speed_words(ratio: float) -> str:
     return f"{ratio:.1f}x slower"
 
 
-def resolve_precision(requested: str, device: torch.device | str = "cpu", ratio=None) -> Precision:
+def resolve_precision(
+    requested: str, device: torch.device | str = "cpu", ratio: Callable[[torch.device], float] | None = None
+) -> Precision:
     """Turn auto | fp32 | bf16 | fp16 into the precision to run in on `device`, with its reason.
 
     ratio: a function device -> bf16/fp32 time ratio (default: the cached probe; tests pass their own).
@@ -310,7 +319,7 @@ def resolve_precision(requested: str, device: torch.device | str = "cpu", ratio=
     return Precision("fp32", requested, f"bf16 measured {_speed_words(r)} on {where}")
 
 
-def process_state(device: str):
+def process_state(device: str) -> Any:
     """accelerate's state of this process. A CPU-only machine is named as such: accelerate 1.15 asked for
     `auto` there joins no process group under `accelerate launch --multi_gpu`, and every process thinks it is
     the main one."""

@@ -22,6 +22,7 @@ import os
 import shutil
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -76,7 +77,7 @@ def measure_attention(device: torch.device, rounds: int = 5) -> dict:
     generator = torch.Generator().manual_seed(0)
     B, heads, N, S, d = 16, 3, 64, 12, 64  # 8x8 image tokens, heads of 64, a short prompt: the demo's shapes
 
-    def randn(*shape):
+    def randn(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=generator).to(device).requires_grad_(True)
 
     keep = torch.ones(B, S, dtype=torch.bool)
@@ -98,7 +99,7 @@ def measure_attention(device: torch.device, rounds: int = 5) -> dict:
             times[f"{c.backend}/{c.mask}"].append(_time_attention(c, tensors, padded=True))
     best = {name: min(ts) for name, ts in times.items()}
     default = best["default/bool"]
-    name = min(best, key=best.get)
+    name = min(best, key=lambda k: best[k])
     if best[name] > ATTENTION_MARGIN * default:
         name = "default/bool"
     backend, mask = name.split("/")
@@ -118,7 +119,7 @@ def measure_attention(device: torch.device, rounds: int = 5) -> dict:
     }
 
 
-def _valid_attention(entry) -> bool:
+def _valid_attention(entry: object) -> bool:
     return (
         isinstance(entry, dict)
         and entry.get("backend") in ATTENTION_BACKENDS
@@ -130,9 +131,9 @@ def _valid_attention(entry) -> bool:
 
 @dataclass
 class Choice:
-    """One speed choice, with why, as printed once and recorded in a run's summary."""
+    """The attention choice, with why, as printed once and recorded in a run's summary."""
 
-    value: object
+    value: AttentionChoice
     reason: str
 
 
@@ -186,7 +187,7 @@ def cpp_compiler() -> str | None:
     return None
 
 
-def _valid_cost(value) -> bool:
+def _valid_cost(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1e5
 
 
@@ -203,7 +204,7 @@ class StepCompiler:
     model: torch.nn.Module
     mode: str
     device: torch.device
-    agree: object = None
+    agree: Callable[[bool], bool] | None = None
     # What is being run (in messages) and the cache key of its compile cost on this machine.
     work: str = "training"
     cost_key: str = "compile_seconds"
@@ -214,12 +215,12 @@ class StepCompiler:
     used: bool = False
     reason: str = ""
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         check_choice(self.mode, COMPILE_CHOICES, "compile")
         if self.mode == "off":
             self.phase, self.reason = "done", "compile is off"
         self._seen = 0
-        self._compiled: list = []
+        self._compiled: list[Callable] = []
 
     @property
     def compiling(self) -> bool:
@@ -289,16 +290,16 @@ class StepCompiler:
 
     def _compile(self, on: bool) -> None:
         if on and not self._compiled:
-            self._compiled = [torch.compile(block.forward) for block in self.model.blocks]
+            self._compiled = [torch.compile(block.forward) for block in self.model.blocks]  # type: ignore[union-attr]
         if not on:
             self._compiled = []
         self._install(on)
         self.used = on
 
     def _install(self, on: bool) -> None:
-        for block, compiled in zip(
-            self.model.blocks, self._compiled or [None] * len(self.model.blocks), strict=True
-        ):
+        blocks: list[torch.nn.Module] = list(self.model.blocks)  # type: ignore[arg-type]
+        compiled_forwards: list[Callable | None] = list(self._compiled) or [None] * len(blocks)
+        for block, compiled in zip(blocks, compiled_forwards, strict=True):
             if on and compiled is not None:
                 block.forward = compiled
             elif "forward" in vars(block):

@@ -11,11 +11,16 @@ import string
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .fusion import LayerFusion, pack_keys_values
+
+if TYPE_CHECKING:
+    from .features import EncoderInfo
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +52,7 @@ class TextEncoderConfig:
         """What is read, with null resolved: hidden states unless keys_values is asked for."""
         return self.features or "hidden_states"
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.features is not None and self.features not in TEXT_FEATURES:
             raise ValueError(
                 f"text_encoder.features must be one of {', '.join(TEXT_FEATURES)} or null, got "
@@ -138,8 +143,6 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
 
     Written to a temporary directory and renamed, so an interrupted conversion leaves nothing behind.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     logger.info("converting %s to %s (once; later runs load the cache)", gguf_file, out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
@@ -148,8 +151,8 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
     )
     # The dequantized weights are plain float tensors; drop the GGUF marker so they serialize.
     del model.config.quantization_config
-    model.hf_quantizer = None
-    model.is_quantized = False
+    model.hf_quantizer = None  # type: ignore[assignment]
+    model.is_quantized = False  # type: ignore[assignment]
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
     try:
         model.save_pretrained(tmp)
@@ -212,9 +215,9 @@ class TextEncoder(nn.Module):
         self,
         config: TextEncoderConfig | None = None,
         model: nn.Module | None = None,
-        tokenizer=None,
+        tokenizer: Any = None,
         device: torch.device | str | None = None,
-    ):
+    ) -> None:
         """Load `config.model`, or wrap an already loaded causal LM and its tokenizer (the diffusers
         pipeline).
 
@@ -222,8 +225,6 @@ class TextEncoder(nn.Module):
         elsewhere): its outputs are LayerNorm'd in fp32 afterwards either way.
         """
         super().__init__()
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         self.config = config or TextEncoderConfig()
         if (model is None) != (tokenizer is None):
             raise ValueError("pass both model and tokenizer, or neither")
@@ -231,12 +232,14 @@ class TextEncoder(nn.Module):
             model_dir = resolve_model_dir(self.config.model)
             tokenizer = AutoTokenizer.from_pretrained(model_dir)
             device = torch.device(device or "cpu")
-            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=llm_dtype(device)).to(device)
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=llm_dtype(device))
+            model.to(device)  # type: ignore[arg-type]  # transformers types .to() through a decorator
         self.tokenizer = tokenizer
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "right"
-        self.model = model.eval().requires_grad_(False)
+        model.eval().requires_grad_(False)
+        self.model = cast(PreTrainedModel, model)
         text_config = self.model.config.get_text_config()
         self.num_model_layers = text_config.num_hidden_layers
         self.hidden_size = text_config.hidden_size
@@ -331,7 +334,7 @@ class TextEncoder(nn.Module):
         values = torch.stack([cache.layers[i].values for i in layers]).float()
         return keys, values, batch["attention_mask"].bool()
 
-    def _tokenize(self, prompts: list[str]):
+    def _tokenize(self, prompts: list[str]) -> Any:
         """The wrapped prompts as a right-padded batch on the LLM's device, cut at max_length (with a
         warning)."""
         texts = [self.wrap(p) for p in prompts]
@@ -355,7 +358,7 @@ class TextEncoder(nn.Module):
         ).to(self.model.device)
 
 
-def check_reads(encoder, config: TextEncoderConfig, who: str = "this config") -> None:
+def check_reads(encoder: EncoderInfo, config: TextEncoderConfig, who: str = "this config") -> None:
     """A text encoder handed in must read what `config` asks for (hidden states or deep fusion's
     keys/values)."""
     wanted = config.feature_kind

@@ -23,6 +23,7 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ..checkpoint import newest_loadable, resume_differences, routed_layers
 from ..config import RunConfig
@@ -30,7 +31,7 @@ from ..data.shapes import ShapesDataset, ShapesTask
 from ..dit import SemanticRoutingDiT
 from ..features import prompt_table
 from ..fileio import write_json, write_text
-from ..fusion import PAPER_IDS, STRATEGY_TABLE
+from ..fusion import STRATEGY_TABLE, check_strategy
 from ..pipeline import SemanticRoutingPipeline
 from ..plots import plot_routing
 from ..runtime import resolve_precision
@@ -40,11 +41,14 @@ from .claims import COLUMNS, claims, mean_std, plot_bars, plot_claims, plot_scal
 from .rows import ROW_NAMES, VARIANTS
 from .shapesbench import BENCH_VERSION, bench_prompts, run_bench
 
+if TYPE_CHECKING:
+    from .shapesbench import BenchPrompt
+
 logger = logging.getLogger(__name__)
 RESULTS_FILE = "shapesbench.json"
 
 
-def results_file(scale: float, base_scale: float) -> str:
+def results_file(scale: float, base_scale: float | None) -> str:
     """A run's results file at one guidance scale: shapesbench.json at the config's own, else
     shapesbench-cfg<g>.json."""
     return RESULTS_FILE if scale == base_scale else f"shapesbench-cfg{scale:g}.json"
@@ -58,7 +62,7 @@ def run_ablation(
     minutes: float | None,
     images_per_prompt: int,
     max_steps: int | None = None,
-    encoder=None,
+    encoder: TextEncoder | None = None,
     progress: bool = True,
     device: str = "auto",
     scales: list[float] | None = None,
@@ -72,7 +76,7 @@ def run_ablation(
     is scored again from its checkpoint (not retrained).
     """
     base_scale = base.sample.guidance_scale
-    scales = scales or [base_scale]
+    scales = scales or [base_scale]  # None: the config's own scale
     if "s1s" in strategies and gate_shift is None:
         raise ValueError(
             "the s1s row samples S1's checkpoints with a gate shift: pass --gate-shift (e.g. the one "
@@ -157,10 +161,10 @@ def _variant_config(base: RunConfig, vid: str, seed: int) -> RunConfig:
     config = copy.deepcopy(base)
     config.model = dataclasses.replace(
         config.model,
-        strategy=PAPER_IDS[variant.paper_id],
+        strategy=check_strategy(variant.paper_id),
         gate_signal=None if variant.gate_signal == "nominal" else variant.gate_signal,
     )
-    kind = STRATEGY_TABLE[config.model.strategy].text_features
+    kind = STRATEGY_TABLE[config.model.settings()["strategy"]].text_features
     if kind != config.text_encoder.features:  # deep fusion reads keys/values of its default pairing
         config.text_encoder = dataclasses.replace(config.text_encoder, features=None, layers=[])
     config.train.seed = seed
@@ -210,13 +214,13 @@ def _read_results_file(path: Path) -> dict | None:
 def _evaluate(
     checkpoint: Path,
     config: RunConfig,
-    prompts,
+    prompts: list[BenchPrompt],
     images_per_prompt: int,
     steps: int,
     vid: str,
     seed: int,
     path: Path,
-    device,
+    device: str,
     progress: bool,
     scale: float,
     gate_shift: float | None,
@@ -258,7 +262,7 @@ def summarize_ablation(
     out: Path,
     strategies: list[str],
     seeds: int,
-    scales: list[float] | None = None,
+    scales: list[float] | list[float | None] | None = None,
     base_scale: float | None = None,
 ) -> dict:
     """Write results.json, table.md, bars.png (and scales.png) and the routing plots from the finished runs.
@@ -266,8 +270,8 @@ def summarize_ablation(
     With several guidance scales, table.md holds one table and its claims per scale; the returned summary
     and claims are those of the first scale, and "scales" holds each scale's.
     """
-    scales = scales or [base_scale]
-    per_scale = {}
+    scales = scales or [base_scale]  # None: the config's own scale
+    per_scale: dict[Any, dict[str, Any]] = {}
     for scale in scales:
         found = collect(out, strategies, seeds, scale, base_scale)
         if not found:

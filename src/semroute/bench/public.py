@@ -15,15 +15,22 @@ interrupted run never leaves a half-written image behind.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..data.images import parse_json, parse_jsonl, read_user_text
 from ..fileio import read_json, write_atomic, write_json
 from .sampling import batches, sample_batches
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..pipeline import SemanticRoutingPipeline
 
 BENCHES = ("geneval", "genaibench", "drawbench")
 SETTINGS_FILE = ".semroute-sampling.json"  # hidden: the scorers walk the folders, not the files beside them
@@ -107,13 +114,17 @@ def image_path(bench: str, out: Path, prompt: PublicPrompt, k: int) -> Path:
     return out / "images" / f"{prompt.index:03d}_{k}.png"
 
 
+def _write_line(line: str, path: Path) -> None:
+    path.write_text(line + "\n")
+
+
 def write_metadata(bench: str, out: Path, prompts: list[PublicPrompt], n: int) -> None:
     """The per-prompt files the layout needs besides the images."""
     if bench == "geneval":
         for p in prompts:
             write_atomic(
                 out / f"{p.index:05d}" / "metadata.jsonl",
-                lambda tmp, p=p: tmp.write_text(json.dumps(p.metadata) + "\n"),
+                functools.partial(_write_line, json.dumps(p.metadata)),
             )
     elif bench == "drawbench":
 
@@ -135,7 +146,7 @@ def write_metadata(bench: str, out: Path, prompts: list[PublicPrompt], n: int) -
 
 
 def sample_bench(
-    pipeline,
+    pipeline: SemanticRoutingPipeline,
     bench: str,
     prompts: list[PublicPrompt],
     out: Path,
@@ -213,7 +224,7 @@ def sample_bench(
     }
 
 
-def _save_image(image, path: Path) -> None:
+def _save_image(image: torch.Tensor, path: Path) -> None:
     """(3, H, W) in [0, 1] -> an 8-bit PNG or JPEG (quality 95), written atomically."""
     from PIL import Image
 

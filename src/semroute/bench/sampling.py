@@ -6,13 +6,18 @@ other prompts in its batch, the number of processes, or what a resumed run alrea
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
 
 from ..speed import StepCompiler
+
+if TYPE_CHECKING:
+    from ..pipeline import SemanticRoutingPipeline
 
 Job = tuple[int, int]  # (prompt index i, image index k)
 
@@ -28,7 +33,7 @@ def batches(num_prompts: int, images_per_prompt: int, batch_size: int) -> list[l
 
 
 def sample_batches(
-    pipeline,
+    pipeline: SemanticRoutingPipeline,
     prompts: list[str],
     images_per_prompt: int,
     steps: int | None = None,
@@ -57,7 +62,7 @@ def sample_batches(
     model = getattr(pipeline, "transformer", None)
     compilable = model is not None and hasattr(model, "blocks")  # any pipeline with `generate` may come here
     compiler = StepCompiler(
-        model,
+        model if model is not None and compilable else torch.nn.Module(),
         getattr(pipeline, "compile", "auto") if compilable else "off",
         getattr(model, "device", torch.device("cpu")),
         work="sampling",
@@ -89,13 +94,15 @@ def sample_batches(
                     guidance_scale,
                     shift,
                     seed=[image_seed(seed, i, k) for i, k in jobs],
-                    on_step=lambda timed=timed: step_done(timed),
+                    on_step=functools.partial(step_done, timed),
                 )
                 yield jobs, images
         finally:
             compiler.pause()  # the pipeline is handed back eager
 
 
-def sample_all(pipeline, prompts: list[str], images_per_prompt: int, **kwargs) -> torch.Tensor:
+def sample_all(
+    pipeline: SemanticRoutingPipeline, prompts: list[str], images_per_prompt: int, **kwargs: Any
+) -> torch.Tensor:
     """`sample_batches` gathered: images grouped by prompt, (len(prompts) * images_per_prompt, C, H, W)."""
     return torch.cat([images for _, images in sample_batches(pipeline, prompts, images_per_prompt, **kwargs)])

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..data.shapes import Scene, ShapesConfig, caption, held_out_scenes
 from .sampling import sample_batches
 from .scoring import fidelity_counts, score
+
+if TYPE_CHECKING:
+    from ..pipeline import SemanticRoutingPipeline
 
 # 2: an image with any malformed object (a blob of >= 3 px that is not a clean shape) fails every check.
 BENCH_VERSION = "shapesbench-2"
@@ -52,7 +56,7 @@ def summarize(per_prompt: list[dict], clean: int, blobs: int) -> dict:
 
 
 def run_bench(
-    pipeline,
+    pipeline: SemanticRoutingPipeline,
     prompts: list[BenchPrompt],
     images_per_prompt: int = 4,
     num_steps: int | None = None,

@@ -15,14 +15,19 @@ A DiT with an estimated gate also reports its noise head's estimate on the same 
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..flow import shift_time
 from ..plots import plt, save_figure
 from .sampling import image_seed
+
+if TYPE_CHECKING:
+    from ..pipeline import SemanticRoutingPipeline
 
 ESTIMATORS = {
     "endpoint": "fit x_t = a x_final + b noise; sigma = b / (a + b)",
@@ -38,8 +43,12 @@ def effective_level(x_t: torch.Tensor, clean: torch.Tensor, noise: torch.Tensor)
     return (coef[:, 1] / coef.sum(-1)).float()
 
 
+def _keep_state(states: list[tuple[float, torch.Tensor]], t: torch.Tensor, x: torch.Tensor) -> None:
+    states.append((float(t[0]), x.detach().float().cpu()))
+
+
 def trace(
-    pipeline,
+    pipeline: SemanticRoutingPipeline,
     prompts: list[str],
     images_per_prompt: int,
     scales: list[float],
@@ -61,7 +70,7 @@ def trace(
     pixel_space = pipeline.vae is None
     seeds = [image_seed(seed, i, k) for i in range(len(prompts)) for k in range(images_per_prompt)]
     batch = [p for p in prompts for _ in range(images_per_prompt)]
-    result = {
+    result: dict[str, Any] = {
         "estimators": {k: v for k, v in ESTIMATORS.items() if pixel_space or k != "endpoint"},
         "scales": {},
     }
@@ -72,15 +81,15 @@ def trace(
             steps,
             scale,
             seed=seeds,
-            on_state=lambda t, x, states=states: states.append((float(t[0]), x.detach().float().cpu())),
+            on_state=functools.partial(_keep_state, states),
         )
         final = images.float().cpu() * 2 - 1 if pixel_space else None
         noise = states[0][1]
         times = [t for t, _ in states] + [0.0]
         xs = [x for _, x in states]
-        levels = {name: [] for name in result["estimators"]}
-        spreads = {name: [] for name in result["estimators"]}
-        head = [] if model.noise_head is not None else None
+        levels: dict[str, list[float]] = {name: [] for name in result["estimators"]}
+        spreads: dict[str, list[float]] = {name: [] for name in result["estimators"]}
+        head: list[float] | None = [] if model.noise_head is not None else None
         for k, (t, x) in enumerate(states):
             # The last step lands on the final sample (pixel space: the image itself; latents: not observed).
             following = xs[k + 1] if k + 1 < len(xs) else final
@@ -97,7 +106,7 @@ def trace(
             if head is not None:
                 with torch.no_grad():
                     head.append(float(model.noise_head(x.to(model.device, model.dtype)).mean()))
-        entry = {"levels": levels, "spread": spreads, "head": head}
+        entry: dict[str, Any] = {"levels": levels, "spread": spreads, "head": head}
         entry["suggested_gate_shift"] = suggest_gate_shift(
             times[:-1], levels["endpoint" if final is not None else "x0-prediction"]
         )

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
 import warnings
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import transformers
 
@@ -19,7 +21,7 @@ from ..bench.rows import parse_strategies
 from ..bench.sampling import sample_all
 from ..bench.trajectory import plot_trajectory, trace
 from ..checkpoint import RUN_CONFIG_FILE, resolve_checkpoint, routed_layers
-from ..config import load_config
+from ..config import RunConfig, load_config
 from ..data.cache import precompute
 from ..demo import run_demo
 from ..fileio import OutputLock, read_json, write_json
@@ -29,6 +31,11 @@ from ..plots import plot_routing, save_sample_grid
 from ..runtime import process_state
 from ..train import train
 
+if TYPE_CHECKING:
+    import torch
+
+    from ..pipeline import SemanticRoutingPipeline
+
 logger = logging.getLogger("semroute")
 
 
@@ -36,22 +43,22 @@ def _config_for(
     path: Path | None,
     sets: list[str],
     precision: str | None = None,
-    default: str | None = None,
+    default: str = "",
     extra: tuple[str, ...] = (),
-):
+) -> RunConfig:
     """The run config of --config (or a packaged default) with --set and the flags that override config
     keys."""
     overrides = [*sets, *extra] + ([f"train.mixed_precision={precision}"] if precision is not None else [])
     return load_config(path or packaged_config(default), overrides)
 
 
-def _writer(out: Path):
+def _writer(out: Path) -> AbstractContextManager:
     """The lock that makes this process the only writer of `out` (the main one of an accelerate launch)."""
     # The launcher's RANK, read without setting up accelerate's state (each command does that its own way).
     return OutputLock(out) if int(os.environ.get("RANK", "0")) == 0 else nullcontext()
 
 
-def _sampling_pipeline(args, checkpoint: Path | None = None):
+def _sampling_pipeline(args: argparse.Namespace, checkpoint: Path | None = None) -> SemanticRoutingPipeline:
     """The pipeline of --checkpoint on --device in --precision, sampling with --scheduler if given."""
     pipeline = load_pipeline(
         checkpoint or args.checkpoint,
@@ -67,7 +74,7 @@ def _sampling_pipeline(args, checkpoint: Path | None = None):
     return pipeline
 
 
-def cmd_train(args) -> None:
+def cmd_train(args: argparse.Namespace) -> None:
     report = (f"train.report_to={args.report_to}",) if args.report_to else ()
     config = _config_for(args.config, args.set, args.precision, extra=report)
     out = args.out or Path("runs") / args.config.stem
@@ -82,7 +89,7 @@ def cmd_train(args) -> None:
 MAX_GRID_IMAGES = 256  # `sample` draws one PNG grid; more images belong in sample-bench's folders
 
 
-def cmd_sample(args) -> None:
+def cmd_sample(args: argparse.Namespace) -> None:
     if args.n > MAX_GRID_IMAGES:
         raise ValueError(
             f"--n {args.n}: sample draws one grid of at most {MAX_GRID_IMAGES} images; for more, write them "
@@ -114,14 +121,14 @@ def cmd_sample(args) -> None:
     print(f"wrote {args.out}")
 
 
-def cmd_routing(args) -> None:
+def cmd_routing(args: argparse.Namespace) -> None:
     checkpoint = resolve_checkpoint(args.checkpoint)
     model = load_transformer(checkpoint)
     plot_routing(model.fusion, args.out, routed_layers(checkpoint), title=str(checkpoint))
     print(f"wrote {args.out}")
 
 
-def cmd_eval(args) -> None:
+def cmd_eval(args: argparse.Namespace) -> None:
     checkpoint = resolve_checkpoint(args.checkpoint)
     out = args.out or checkpoint / "shapesbench.json"
     if out.suffix.lower() != ".json":
@@ -180,7 +187,7 @@ def _refuse_other_results(out: Path, results: dict) -> None:
         )
 
 
-def cmd_trajectory(args) -> None:
+def cmd_trajectory(args: argparse.Namespace) -> None:
     checkpoint = resolve_checkpoint(args.checkpoint)
     prompts = (
         args.prompt
@@ -222,7 +229,7 @@ def cmd_trajectory(args) -> None:
     print(f"wrote {args.out}/trajectory.png and trajectory.json")
 
 
-def _settings_by_scale(scales) -> dict | None:
+def _settings_by_scale(scales: list[float] | None) -> dict | None:
     if not isinstance(scales, dict):
         return None
     return {
@@ -231,7 +238,7 @@ def _settings_by_scale(scales) -> dict | None:
     }
 
 
-def cmd_ablate(args) -> None:
+def cmd_ablate(args: argparse.Namespace) -> None:
     strategies = parse_strategies(args.strategies)
     base = _config_for(args.config, args.set, args.precision, ABLATION_CONFIG)
     seeds, minutes, n = args.seeds, args.minutes_per_run, args.n
@@ -260,7 +267,7 @@ def cmd_ablate(args) -> None:
     )
 
 
-def cmd_precompute(args) -> None:
+def cmd_precompute(args: argparse.Namespace) -> None:
     config = _config_for(args.config, args.set)
     with _writer(args.out):
         meta = precompute(
@@ -278,7 +285,7 @@ def cmd_precompute(args) -> None:
         )
 
 
-def cmd_sample_bench(args) -> None:
+def cmd_sample_bench(args: argparse.Namespace) -> None:
     prompts = read_prompts(args.bench, args.prompts)[: args.limit]
     pipeline = _sampling_pipeline(args)
     with _writer(args.out):
@@ -301,13 +308,13 @@ def cmd_sample_bench(args) -> None:
         )
 
 
-def _process_device(spec: str):
+def _process_device(spec: str) -> str | torch.device:
     """--device, except that under `accelerate launch` `auto` means this process's own device."""
     state = process_state(spec)
     return state.device if spec == "auto" and state.num_processes > 1 else spec
 
 
-def cmd_export(args) -> None:
+def cmd_export(args: argparse.Namespace) -> None:
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
         raise ValueError(f"{args.out} exists and is not empty (or not a directory); choose a new directory")
     with _writer(args.out):
@@ -318,7 +325,7 @@ def cmd_export(args) -> None:
     )
 
 
-def cmd_demo(args) -> int:
+def cmd_demo(args: argparse.Namespace) -> int:
     config = _config_for(args.config, args.set, args.precision, DEMO_CONFIG)
     with _writer(args.out):
         metrics, verdict = run_demo(

@@ -61,13 +61,13 @@ def guidance(text: str) -> float:
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows defaults, except where there is none to show."""
 
-    def _get_help_string(self, action):
+    def _get_help_string(self, action: argparse.Action) -> str | None:
         return action.help if action.default is None else super()._get_help_string(action)
 
 
 def runtime_arguments(
     parser: argparse.ArgumentParser, precision_default: str | None = "auto", train: bool = False
-):
+) -> argparse._ArgumentGroup:
     group = parser.add_argument_group("device and precision")
     group.add_argument(
         "--device",
@@ -101,7 +101,7 @@ def sampling_arguments(
     seed_help: str,
     several_scales: bool = False,
     batched: bool = True,
-):
+) -> argparse._ArgumentGroup:
     """batched: the command samples through the batched sampler, which can compile the DiT (--compile)."""
     group = parser.add_argument_group(
         "sampling (defaults: the checkpoint's own sample: settings, saved when it was trained)"

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,18 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..base import one_line
-from ..fileio import file_digest, write_json
+from ..features import NULL_PROMPT
+from ..fileio import file_digest, read_json, write_json
+from ..latent import encode_latents, load_vae, vae_factors
+from ..runtime import configure_device, process_state, resolve_device, resolve_precision
+from ..text_encoder import TextEncoder, TextEncoderConfig, check_reads
+from .images import ImageCaptionDataset, to_training_tensor
+
+if TYPE_CHECKING:
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+
+    from ..config import RunConfig
+    from .images import DatasetConfig
 
 logger = logging.getLogger(__name__)
 
@@ -31,16 +43,16 @@ CACHE_VERSION = 2  # 2: the recipe names the source by content and the shard siz
 CACHE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def source_identity(dataset_config) -> dict:
+def source_identity(dataset_config: DatasetConfig) -> dict:
     """Which data a cache was made from, by content: the manifest's or the saved dataset's files hashed."""
     d = dataset_config
     if d.manifest is not None:
         files = [Path(d.manifest).expanduser()]
         kind, path = "manifest", d.manifest
     else:
-        root = Path(d.hf_dataset).expanduser()
-        files = sorted(root.glob("*.json"))  # state.json carries the dataset's fingerprint
-        kind, path = "hf_dataset", d.hf_dataset
+        path = str(d.hf_dataset)
+        files = sorted(Path(path).expanduser().glob("*.json"))  # state.json carries the dataset's fingerprint
+        kind = "hf_dataset"
     digest = hashlib.sha256()
     for file in files:
         digest.update(file.read_bytes())
@@ -54,9 +66,14 @@ def source_identity(dataset_config) -> dict:
     }
 
 
-def cache_recipe(encoder, dataset_config, vae, dtype: str, shard_size: int | None = None) -> dict:
+def cache_recipe(
+    encoder: TextEncoder,
+    dataset_config: DatasetConfig,
+    vae: AutoencoderKL | None,
+    dtype: str,
+    shard_size: int | None = None,
+) -> dict:
     """Everything that decides what a cached row holds, and which rows are in which shard."""
-    from ..latent import vae_factors
 
     recipe = {
         "source": source_identity(dataset_config),
@@ -83,7 +100,7 @@ def cache_recipe(encoder, dataset_config, vae, dtype: str, shard_size: int | Non
         shift, scale = vae_factors(vae)
         recipe["vae"] = {
             "path": str(dataset_config.vae),
-            "latent_channels": vae.config.latent_channels,
+            "latent_channels": vae.config["latent_channels"],
             "shift_factor": shift,
             "scaling_factor": scale,
         }
@@ -106,13 +123,13 @@ def _pad(hidden: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.T
 
 
 def precompute(
-    config,
+    config: RunConfig,
     out: Path,
     shard_size: int = 1024,
     dtype: str = "auto",
     batch_size: int = 16,
     progress: bool = True,
-    encoder=None,
+    encoder: TextEncoder | None = None,
     device: str = "auto",
 ) -> dict | None:
     """Encode every (image, caption) pair of `config.dataset` once; returns the cache's metadata.
@@ -123,11 +140,6 @@ def precompute(
     shard's own metadata, so a resumed or shared precompute reports all of them.
     dtype: storage precision; auto is the dtype `train.mixed_precision` resolves to on this machine.
     """
-    from ..features import NULL_PROMPT
-    from ..latent import encode_latents, load_vae
-    from ..runtime import configure_device, process_state, resolve_device, resolve_precision
-    from ..text_encoder import TextEncoder, check_reads
-    from .images import ImageCaptionDataset, to_training_tensor
 
     if dtype not in ("auto", *CACHE_DTYPES):
         raise ValueError(f"cache dtype must be auto or one of {', '.join(CACHE_DTYPES)}, got {dtype!r}")
@@ -135,14 +147,14 @@ def precompute(
     if d.manifest is None and d.hf_dataset is None:
         raise ValueError("precompute needs dataset.manifest or dataset.hf_dataset in the config")
     state = process_state(device)
-    device = state.device if device == "auto" and state.num_processes > 1 else resolve_device(device)
-    configure_device(device)
+    run_on = state.device if device == "auto" and state.num_processes > 1 else resolve_device(device)
+    configure_device(run_on)
     if dtype == "auto":
         with state.main_process_first():
-            dtype = resolve_precision(config.train.mixed_precision, device).name
-    encoder = encoder or TextEncoder(config.text_encoder, device=device)
+            dtype = resolve_precision(config.train.mixed_precision, run_on).name
+    encoder = encoder or TextEncoder(config.text_encoder, device=run_on)
     check_reads(encoder, config.text_encoder)
-    vae = load_vae(d.vae).to(device) if d.vae else None
+    vae = load_vae(d.vae, run_on) if d.vae else None
     recipe = cache_recipe(encoder, d, vae, dtype, shard_size)
     meta_path = out / CACHE_META
     found = _read_meta(meta_path)
@@ -200,8 +212,9 @@ def precompute(
         for b in range(0, len(chunk), batch_size):
             batch = chunk[b : b + batch_size]
             bar.update(len(batch))
-            images = {i: dataset.load_image(i) for i, _ in batch}
-            batch = [(i, c) for i, c in batch if images[i] is not None]
+            loaded = {i: dataset.load_image(i) for i, _ in batch}
+            images = {i: image for i, image in loaded.items() if image is not None}
+            batch = [(i, c) for i, c in batch if i in images]
             if not batch:
                 continue
             pixels = torch.stack([to_training_tensor(images[i], d.resolution) for i, _ in batch])
@@ -279,7 +292,6 @@ def _read_meta(path: Path) -> dict | None:
 
 
 def read_cache_meta(path: Path) -> dict:
-    from ..fileio import read_json
 
     meta_path = path / CACHE_META
     if not meta_path.is_file():
@@ -327,7 +339,7 @@ def cache_problems(path: Path, meta: dict, digests: bool = False) -> list[tuple[
     return problems
 
 
-def _file_problem(file: Path, size, digest, rows) -> str | None:
+def _file_problem(file: Path, size: object, digest: object, rows: object) -> str | None:
     if not file.is_file():
         return f"{file} is missing"
     if size is not None and file.stat().st_size != size:
@@ -359,22 +371,22 @@ class CachedDataset(torch.utils.data.Dataset):
         self.index = [(s["file"], j) for s in self.meta["shards"] for j in range(s["rows"])]
         if not self.index:
             raise ValueError(f"the cache in {self.path} has no rows")
-        self._handles = {}
+        self._handles: dict[str, Any] = {}  # safetensors handles, opened on first use
 
     def __len__(self) -> int:
         return len(self.index)
 
-    def _open(self, name: str):
+    def _open(self, name: str) -> Any:
         if name not in self._handles:
             self._handles[name] = safe_open(self.path / name, "pt")
         return self._handles[name]
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         name, j = self.index[i]
         f = self._open(name)
         return tuple(f.get_slice(key)[j : j + 1][0] for key in ("latents", "text", "mask"))
 
-    def __getstate__(self):  # DataLoader workers open their own handles
+    def __getstate__(self) -> dict:  # DataLoader workers open their own handles
         return {**self.__dict__, "_handles": {}}
 
     def null_features(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -385,8 +397,15 @@ class CachedDataset(torch.utils.data.Dataset):
 class CachedEncoderInfo:
     """What training needs to know about the LLM of a cache, without loading it (an `EncoderInfo`)."""
 
+    config: TextEncoderConfig
+    layers: list[int]
+    num_layers: int
+    hidden_size: int
+    feature_kind: str
+    feature_dim: int
+    kv_heads: int | None
+
     def __init__(self, recipe: dict):
-        from ..text_encoder import TextEncoderConfig
 
         self.feature_kind = recipe.get("text_features", "hidden_states")
         self.config = TextEncoderConfig(

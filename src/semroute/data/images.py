@@ -16,6 +16,7 @@ import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -49,7 +50,7 @@ class DatasetConfig:
     def active(self) -> bool:
         return any(v is not None for v in (self.manifest, self.hf_dataset, self.cache))
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         sources = [k for k in ("manifest", "hf_dataset", "cache") if getattr(self, k) is not None]
         if len(sources) > 1:
             raise ValueError(
@@ -96,7 +97,9 @@ def to_training_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
     size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
     left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
     if size[0] * size[1] <= 16 * resolution * resolution:
-        image = image.resize(size, Image.BICUBIC).crop((left, top, left + resolution, top + resolution))
+        image = image.resize(size, Image.Resampling.BICUBIC).crop(
+            (left, top, left + resolution, top + resolution)
+        )
     else:
         box = (
             left * w / size[0],
@@ -104,7 +107,7 @@ def to_training_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
             (left + resolution) * w / size[0],
             (top + resolution) * h / size[1],
         )
-        image = image.resize((resolution, resolution), Image.BICUBIC, box=box)
+        image = image.resize((resolution, resolution), Image.Resampling.BICUBIC, box=box)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
@@ -164,7 +167,7 @@ def parse_jsonl(text: str, path: Path, hint: str = "") -> list:
     return rows
 
 
-def parse_json(text: str, what: str, expected: type, hint: str):
+def parse_json(text: str, what: str, expected: type, hint: str) -> Any:
     """One JSON document of the `expected` type; otherwise an error naming `what` (the file) and `hint` (the
     fix)."""
     try:
@@ -176,7 +179,7 @@ def parse_json(text: str, what: str, expected: type, hint: str):
     return value
 
 
-def _inside(root: Path, name, where: str, allow_outside: bool) -> Path:
+def _inside(root: Path, name: object, where: str, allow_outside: bool) -> Path:
     """The image path of a manifest row; one that leaves `root` (../, an absolute path) is an error unless
     allowed."""
     if not isinstance(name, str) or not name or "\x00" in name:
@@ -209,7 +212,7 @@ def read_manifest(path: Path) -> list[dict]:
     return rows
 
 
-def _captions(value, where: str) -> list[str]:
+def _captions(value: object, where: str) -> list[str]:
     """The usable captions of a row: strings, lone surrogates replaced (they cannot be tokenized), empty ones
     dropped.
 
@@ -261,7 +264,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         if config.manifest is not None:
             manifest = Path(config.manifest).expanduser()
             root = Path(config.image_root).expanduser() if config.image_root else manifest.parent
-            self.items: list[tuple[object, list[str]]] = []
+            self.items: list[tuple[Any, list[str] | None]] = []  # (path or row, captions)
             for number, row in enumerate(read_manifest(manifest), 1):
                 where = f"manifest {manifest} row {number}"
                 if not isinstance(row, dict) or config.image_key not in row or config.text_key not in row:
@@ -297,9 +300,8 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         """The row's usable captions (empty for a row of a saved dataset whose captions are all empty)."""
         source, captions = self.items[index]
         if captions is None:
-            captions = _captions(
-                self._hf[source][self.config.text_key], f"{self.config.hf_dataset} row {source}"
-            )
+            rows = cast(Any, self._hf)  # a saved HF dataset: only its rows have no captions yet
+            captions = _captions(rows[source][self.config.text_key], f"{self.config.hf_dataset} row {source}")
         return captions
 
     def load_image(self, index: int) -> Image.Image | None:
@@ -330,7 +332,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             self.skips.add(str(source), str(err), self.config.strict)
             return None
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str] | None:
         captions = self.captions_of(index)
         if not captions:
             self.skips.add(
@@ -354,12 +356,12 @@ def collate_skipping(batch: list) -> tuple[torch.Tensor, list[str]] | None:
     return torch.stack([image for image, _ in batch]), [text for _, text in batch]
 
 
-def load_hf_dataset(config: DatasetConfig):
+def load_hf_dataset(config: DatasetConfig) -> Any:
     try:
         import datasets
     except ImportError:
         raise ValueError("dataset.hf_dataset needs the `datasets` package: pip install datasets") from None
-    path = Path(config.hf_dataset).expanduser()
+    path = Path(str(config.hf_dataset)).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(f"dataset.hf_dataset {path} is not a directory written by save_to_disk")
     data = datasets.load_from_disk(str(path))

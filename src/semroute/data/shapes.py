@@ -52,7 +52,7 @@ class Scene:
     groups: tuple[Group, ...]
     relation: str | None = None  # "left of" etc.: groups[0] <relation> groups[1]
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.relation is not None:
             if self.relation not in RELATIONS:
                 raise ValueError(f"unknown relation {self.relation!r}; valid: {', '.join(RELATIONS)}")
@@ -121,7 +121,7 @@ class ShapesConfig:
     # Never train on the ShapesBench prompts, so that the benchmark measures held-out compositions.
     exclude_bench_prompts: bool = False
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for name, values, valid in (("colours", self.colours, COLOURS), ("shapes", self.shapes, SHAPES)):
             unknown = [v for v in values if v not in valid]
             if unknown or not values:
@@ -234,7 +234,7 @@ class ShapesTask:
         raise ValueError(f"could not fit {caption(scene)!r} on a {size}x{size} canvas")
 
     @staticmethod
-    def _separated(relation: str, placed) -> bool:
+    def _separated(relation: str, placed: list) -> bool:
         (ay, ax, am, _), (by, bx, bm, _) = placed
         if relation in ("left of", "right of"):
             left, right = ((ax, am), (bx, bm)) if relation == "left of" else ((bx, bm), (ax, am))

@@ -7,7 +7,7 @@ caption dropout itself (`features.drop_captions`) with the null prompt's feature
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -17,6 +17,12 @@ from ..text_encoder import check_reads
 from .cache import CachedDataset, CachedEncoderInfo, recipe_differences
 from .images import ImageCaptionDataset, collate_skipping
 from .shapes import ShapesDataset, ShapesTask, caption
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+    from ..config import RunConfig
+    from ..text_encoder import TextEncoder
 
 
 @dataclass
@@ -35,17 +41,24 @@ class BatchSource(Protocol):
     clean inputs x0 (B, C, H, W), LN'd LLM layers (L, B, S, C) in the training dtype and a mask (B, S).
     """
 
-    encoder: EncoderInfo  # the LLM as the DiT must know it (a cache describes it without loading it)
-    # The null prompt's LN'd layers (L, S, C) and mask (S,): dropout's target
-    null: tuple[torch.Tensor, torch.Tensor]
-    vae_path: str | None  # recorded with checkpoints, so that sampling decodes as training encoded
+    @property
+    def encoder(self) -> EncoderInfo:
+        """The LLM as the DiT must know it (a cache describes it without loading it)."""
+
+    @property
+    def null(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The null prompt's LN'd layers (L, S, C) and mask (S,): caption dropout's target."""
+
+    @property
+    def vae_path(self) -> str | None:
+        """Recorded with checkpoints, so that sampling decodes as training encoded."""
 
     def loader(self, batch_size: int, num_workers: int = 0) -> torch.utils.data.DataLoader: ...
 
     def set_epoch(self, epoch: int) -> None:
         """Order the data for `epoch` (a function of the seed and the epoch, for exact resume)."""
 
-    def condition(self, batch, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def condition(self, batch: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(x0, text, mask) on `device`; new tensors the trainer may write to (caption dropout does, in
         place)."""
 
@@ -70,13 +83,13 @@ class EpochShuffle(torch.utils.data.Sampler):
     """A permutation per epoch from (seed, epoch): the data order is a function of the step, for exact
     resume."""
 
-    def __init__(self, n: int, seed: int):
+    def __init__(self, n: int, seed: int) -> None:
         self.n, self.seed, self.epoch = n, seed, 0
 
     def __len__(self) -> int:
         return self.n
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         return iter(torch.randperm(self.n, generator=generator).tolist())
 
@@ -88,12 +101,12 @@ class ShapesSource:
 
     def __init__(
         self,
-        config,
-        encoder,
+        config: RunConfig,
+        encoder: TextEncoder,
         features: PromptFeatures | None,
         progress: bool,
         dtype: torch.dtype = torch.float32,
-    ):
+    ) -> None:
         self.dataset = ShapesDataset(ShapesTask(config.data), seed=config.train.seed)
         if features is None:
             features = prompt_table(encoder, self.dataset.captions, dtype, progress)
@@ -128,7 +141,7 @@ class ShapesSource:
     def set_epoch(self, epoch: int) -> None:
         pass
 
-    def condition(self, batch, device):
+    def condition(self, batch: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x0, ids = batch
         text, mask = self.features.select(ids.cpu())
         return x0, text.to(device), mask.to(device)
@@ -148,12 +161,16 @@ class ImageSource:
     """Images + captions through the VAE (or pixels) and the LLM, every step."""
 
     def __init__(
-        self, config, encoder, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
-    ):
+        self,
+        config: RunConfig,
+        encoder: TextEncoder,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
         d = config.dataset
         self.dataset = ImageCaptionDataset(d, seed=config.train.seed)
         self.encoder = encoder
-        self.vae = load_vae(d.vae).to(device) if d.vae else None
+        self.vae = load_vae(d.vae, device) if d.vae else None
         self.vae_path = d.vae
         model = config.model.settings()
         if self.vae is not None:
@@ -179,7 +196,7 @@ class ImageSource:
             generator=own_generator(self.sampler.seed),
         )
 
-    def condition(self, batch, device):
+    def condition(self, batch: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         pixels, captions = batch
         x0 = encode_latents(self.vae, pixels) if self.vae is not None else pixels
         hidden, mask = self.encoder.features(list(captions))
@@ -195,7 +212,7 @@ class ImageSource:
 class CacheSource:
     """Rows of a `semroute precompute` cache: a step never runs the VAE or the LLM."""
 
-    def __init__(self, config, dataset: CachedDataset, dtype: torch.dtype = torch.float32):
+    def __init__(self, config: RunConfig, dataset: CachedDataset, dtype: torch.dtype = torch.float32) -> None:
         d = config.dataset
         self.dataset = dataset
         recipe = dataset.meta["recipe"]
@@ -232,7 +249,7 @@ class CacheSource:
             generator=own_generator(self.sampler.seed),
         )
 
-    def condition(self, batch, device):
+    def condition(self, batch: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         latents, text, mask = batch  # (B, C, h, w), (B, L, S, C), (B, S)
         return latents.float().to(device), text.transpose(0, 1).to(device, self.dtype), mask.to(device)
 
@@ -267,8 +284,8 @@ def _check_size(n: int, batch_size: int) -> None:
 
 
 def build_source(
-    config,
-    encoder_factory,
+    config: RunConfig,
+    encoder_factory: Callable[[], TextEncoder],
     features: PromptFeatures | None = None,
     progress: bool = True,
     dtype: torch.dtype = torch.float32,
@@ -291,7 +308,7 @@ def build_source(
     return ShapesSource(config, encoder, features, progress, dtype)
 
 
-def _recipe_from_config(config, cached: dict) -> dict:
+def _recipe_from_config(config: RunConfig, cached: dict) -> dict:
     """The recipe this run would make, from the config alone (no LLM or VAE is loaded).
 
     The VAE's factors and the LLM's depth are read from the cache; everything the config names is compared.
