@@ -25,7 +25,7 @@ def test_sampler_integrates_straight_paths_exactly():
     for shift in (1.0, 3.0):
         scheduler = SampleConfig(shift=shift).make_scheduler()
         out = flow.sample(
-            lambda x, t: (x - target) / t.view(-1, 1, 1, 1), noise, scheduler, num_steps=7, guidance_scale=1.0
+            lambda x, t: (x - target) / t.view(-1, 1, 1, 1), noise, scheduler, steps=7, guidance_scale=1.0
         )
         torch.testing.assert_close(out, target.expand_as(out), atol=1e-5, rtol=0)
 
@@ -40,7 +40,7 @@ def test_guidance_extrapolates_from_unconditional_to_conditional():
         return torch.cat([(x_c - cond) / tt, (x_u - uncond) / tt])
 
     out = RectifiedFlow().sample(
-        velocity, torch.randn(4, 1, 2, 2), SampleConfig().make_scheduler(), num_steps=10, guidance_scale=w
+        velocity, torch.randn(4, 1, 2, 2), SampleConfig().make_scheduler(), steps=10, guidance_scale=w
     )
     torch.testing.assert_close(out, (uncond + w * (cond - uncond)).expand_as(out), atol=1e-4, rtol=0)
 
@@ -84,7 +84,7 @@ def test_every_flow_matching_scheduler_integrates_straight_paths():
 
         scheduler = SampleConfig(scheduler=name).make_scheduler()
         assert type(scheduler) is getattr(diffusers, name)
-        out = RectifiedFlow.sample(velocity, noise, scheduler, num_steps=6, guidance_scale=1.0)
+        out = RectifiedFlow.sample(velocity, noise, scheduler, steps=6, guidance_scale=1.0)
         torch.testing.assert_close(out, target.expand_as(out), atol=1e-4, rtol=0)
         calls[name] = len(seen)
     assert calls == {"FlowMatchEulerDiscreteScheduler": 6, "FlowMatchHeunDiscreteScheduler": 11}
@@ -96,11 +96,11 @@ def test_every_flow_matching_scheduler_integrates_straight_paths():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="caption_dropout"):
         RectifiedFlow(caption_dropout=1.5)
-    with pytest.raises(ValueError, match="num_steps"):
+    with pytest.raises(ValueError, match="steps must be >= 1"):
         RectifiedFlow().sample(
             lambda x, t: x,
             torch.zeros(1, 1, 2, 2),
             SampleConfig().make_scheduler(),
-            num_steps=0,
+            steps=0,
             guidance_scale=1.0,
         )

@@ -177,3 +177,16 @@ def test_help_never_imports_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_one_version_number(capsys):
+    """pyproject.toml reads the version from semroute.__version__; metadata and --version agree."""
+    import importlib.metadata
+
+    import semroute
+    from semroute.cli import main
+
+    assert importlib.metadata.version("semroute") == semroute.__version__
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"semroute {semroute.__version__}"

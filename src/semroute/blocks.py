@@ -194,8 +194,9 @@ class GatedMLP(nn.Module):
     """Gated-GELU MLP; optionally a 3x3 depthwise conv on the token grid first lets tokens see their
     neighbours.
 
-    On tiny images the conv is what makes whole objects learnable in minutes (CALIBRATION.md); it runs
-    on the block width rather than the 2 x 4 x wider inner width, where its backward pass costs 10x more.
+    On tiny images the conv is what makes whole objects learnable in minutes (docs/demo.md, calibration); it
+    runs on the block width rather than the 2 x 4 x wider inner width, where its backward pass costs 10x
+    more.
     """
 
     def __init__(self, hidden_size: int, mlp_ratio: float, grid_size: int, conv: bool):

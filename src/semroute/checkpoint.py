@@ -139,7 +139,7 @@ def save_checkpoint(
         config.save(tmp / RUN_CONFIG_FILE)
         if vae_path is not None:
             (tmp / VAE_FILE).write_text(json.dumps({"path": str(vae_path)}))
-        (tmp / MANIFEST_FILE).write_text(json.dumps({"format": 2, **record_files(tmp)}, indent=1))
+        (tmp / MANIFEST_FILE).write_text(json.dumps(record_files(tmp), indent=1))
         dir_mode, file_mode = default_modes()  # mkdtemp made it 0700
         for path in [tmp, *tmp.rglob("*")]:
             path.chmod(dir_mode if path.is_dir() else file_mode)

@@ -63,10 +63,16 @@ def file_digest(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+# Version of the file records of checkpoints (checkpoint.json) and exports (semroute_export.json);
+# CHANGELOG.md lists what each version holds.
+MANIFEST_FORMAT = 2
+
+
 def record_files(root: Path, skip: tuple[str, ...] = ()) -> dict:
     """What a directory of outputs holds, for `files_problem` to check later: each file's size and sha256."""
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.relative_to(root).as_posix() not in skip)
     return {
+        "format": MANIFEST_FORMAT,
         "files": {p.relative_to(root).as_posix(): p.stat().st_size for p in files},
         "sha256": {p.relative_to(root).as_posix(): file_digest(p) for p in files},
     }

@@ -83,7 +83,7 @@ class RectifiedFlow:
         velocity: VelocityFn,
         noise: torch.Tensor,
         scheduler: Any,
-        num_steps: int,
+        steps: int,
         guidance_scale: float,
         on_step: Callable[[], None] | None = None,
         on_state: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
@@ -97,10 +97,10 @@ class RectifiedFlow:
         on_step: called after every scheduler step (progress bars).
         on_state: called as on_state(t (B,), x_t) before every model evaluation of the trajectory (tracing).
         """
-        if num_steps < 1:
-            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
         scheduler = copy.deepcopy(scheduler)
-        scheduler.set_timesteps(num_steps, device=noise.device)
+        scheduler.set_timesteps(steps, device=noise.device)
         guided = guidance_scale != 1.0
         x = noise
         for timestep in scheduler.timesteps:

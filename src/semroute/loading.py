@@ -96,7 +96,7 @@ def export_pipeline(pipeline: SemanticRoutingPipeline, out: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         pipeline.save_pretrained(tmp)
-        (tmp / EXPORT_MANIFEST).write_text(json.dumps({"format": 2, **record_files(tmp)}, indent=1))
+        (tmp / EXPORT_MANIFEST).write_text(json.dumps(record_files(tmp), indent=1))
         dir_mode, file_mode = default_modes()
         for p in [tmp, *tmp.rglob("*")]:
             p.chmod(dir_mode if p.is_dir() else file_mode)

@@ -284,8 +284,7 @@ class SemanticRoutingPipeline(DiffusionPipeline):
         autocast = self.sampling_precision().autocast_dtype if weights == torch.float32 else None
         text, mask = features.select(ids)
         text, mask = text.to(device, weights), mask.to(device)
-        cfg = model.config
-        shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+        shape = (model.config["in_channels"], model.config["sample_size"], model.config["sample_size"])
         if isinstance(seed, int):
             noise = torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed))
         else:

@@ -115,8 +115,8 @@ class BatchStream:
 
 def accelerator_for(config: RunConfig, out_dir: Path, device: str, precision: Precision) -> Accelerator:
     """This process's accelerator: its device, precision, gradient accumulation and trackers."""
-    train = config.train
-    check_tracker(train.report_to)
+    training = config.train
+    check_tracker(training.report_to)
     # accelerate keeps one precision per process; a later run in the same process may want another.
     AcceleratorState._reset_state()
     accelerator = Accelerator(
@@ -124,15 +124,15 @@ def accelerator_for(config: RunConfig, out_dir: Path, device: str, precision: Pr
         mixed_precision=precision.accelerate,
         # Our loop runs across epochs: an optimizer step is every k micro-batches, not at each epoch end.
         gradient_accumulation_plugin=GradientAccumulationPlugin(
-            num_steps=train.gradient_accumulation_steps, sync_with_dataloader=False
+            num_steps=training.gradient_accumulation_steps, sync_with_dataloader=False
         ),
         dataloader_config=DataLoaderConfiguration(split_batches=True),
-        log_with=None if train.report_to == "none" else train.report_to,
+        log_with=None if training.report_to == "none" else training.report_to,
         project_dir=out_dir,
     )
-    if train.batch_size % accelerator.num_processes:
+    if training.batch_size % accelerator.num_processes:
         raise ValueError(
-            f"train.batch_size {train.batch_size} must divide by the {accelerator.num_processes} processes"
+            f"train.batch_size {training.batch_size} must divide by the {accelerator.num_processes} processes"
         )
     return accelerator
 
@@ -171,7 +171,7 @@ def build_run(
     speed: dict,
 ) -> Run:
     """Data source, DiT, optimizer, schedule, EMA and compile controller of a run, prepared by accelerate."""
-    train = config.train
+    training = config.train
     source = build_source(
         config,
         lambda: encoder or TextEncoder(config.text_encoder, device=accelerator.device),
@@ -182,7 +182,7 @@ def build_run(
     )
     info = source.encoder
     model = SemanticRoutingDiT(**config.model.dit_kwargs(), **dit_text_args(info))
-    if train.gradient_checkpointing:
+    if training.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     n_params = sum(p.numel() for p in model.parameters())
     logger.info(
@@ -192,17 +192,17 @@ def build_run(
         accelerator.num_processes,
     )
     optimizer = build_optimizer(model, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_schedule(train.warmup_steps))
-    loader = source.loader(train.batch_size, config.dataset.num_workers)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_schedule(training.warmup_steps))
+    loader = source.loader(training.batch_size, config.dataset.num_workers)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-    ema = EMAModel(accelerator.unwrap_model(model).parameters(), decay=train.ema_decay, foreach=True)
+    ema = EMAModel(accelerator.unwrap_model(model).parameters(), decay=training.ema_decay, foreach=True)
 
     def agree(flag: bool) -> bool:  # every process compiles, or none
         if accelerator.num_processes == 1:
             return flag
         return bool(accelerator.reduce(torch.tensor(int(flag), device=accelerator.device), reduction="min"))
 
-    mode = str(train.compile)  # TrainConfig has read YAML booleans as on/off
+    mode = str(training.compile)  # TrainConfig has read YAML booleans as on/off
     compiler = StepCompiler(accelerator.unwrap_model(model), mode, accelerator.device, agree)
     return Run(
         accelerator=accelerator,
@@ -210,11 +210,11 @@ def build_run(
         optimizer=optimizer,
         scheduler=scheduler,
         ema=ema,
-        flow=RectifiedFlow(caption_dropout=train.caption_dropout),
+        flow=RectifiedFlow(caption_dropout=training.caption_dropout),
         source=source,
-        generator=torch.Generator(device=accelerator.device).manual_seed(train.seed + 1),
-        grad_clip=train.grad_clip,
-        noise_level_weight=train.noise_level_weight,
+        generator=torch.Generator(device=accelerator.device).manual_seed(training.seed + 1),
+        grad_clip=training.grad_clip,
+        noise_level_weight=training.noise_level_weight,
         config=config,
         out_dir=out_dir,
         precision=precision,

@@ -36,12 +36,12 @@ class StepParts:
 def build_optimizer(model: SemanticRoutingDiT, config: RunConfig) -> torch.optim.AdamW:
     """AdamW with the fusion gates in their own groups, scaled so that logits move at about `fusion_lr` per
     step."""
-    train = config.train
+    training = config.train
     fusion_ids = {id(p) for p in model.fusion.parameters()}
     rest = [p for p in model.parameters() if id(p) not in fusion_ids]
-    groups = [{"params": rest, "lr": train.lr}, *model.fusion.optimizer_groups(train.fusion_lr)]
-    beta1, beta2 = train.betas
-    return torch.optim.AdamW(groups, betas=(beta1, beta2), weight_decay=train.weight_decay)
+    groups = [{"params": rest, "lr": training.lr}, *model.fusion.optimizer_groups(training.fusion_lr)]
+    beta1, beta2 = training.betas
+    return torch.optim.AdamW(groups, betas=(beta1, beta2), weight_decay=training.weight_decay)
 
 
 def warmup_schedule(warmup_steps: int) -> Callable[[int], float]:

@@ -191,14 +191,14 @@ def _loop(
 ) -> None:
     """Optimizer steps until the budget is spent; log, checkpoint and preview on their cadence; stop cleanly
     on a signal."""
-    train, accelerator = run.config.train, run.accelerator
+    training, accelerator = run.config.train, run.accelerator
     while state.step < budget.max_steps:
         if budget.time_is_up():
             logger.info("stopping at step %d: the %.1f-minute budget is spent", state.step, budget.minutes)
             break
         losses, images = [], 0
         step_started = time.perf_counter()
-        for _ in range(train.gradient_accumulation_steps):
+        for _ in range(training.gradient_accumulation_steps):
             batch = next(batches)
             loss, finite = _micro_step(run, batch)
             losses.append(loss)
@@ -215,7 +215,7 @@ def _loop(
             meters.pace.restart(state.step)
         meters.pace.update(state.step)
         _count_step(run, state, losses, finite, images, meters.window)
-        if state.step % train.log_every == 0 or state.step == budget.max_steps:
+        if state.step % training.log_every == 0 or state.step == budget.max_steps:
             record = _log(run, state, meters.window, budget.started)
             meters.bar.set_postfix(
                 loss=f"{record['loss']:.4f}",
@@ -223,7 +223,7 @@ def _loop(
                 H=f"{record['fusion_entropy']:.3f}",
             )
         meters.bar.update(1)
-        if state.step % train.checkpoint_every == 0 and accelerator.is_main_process:
+        if state.step % training.checkpoint_every == 0 and accelerator.is_main_process:
             _save(run, state)
             _preview(run, state)
         signum = stop_signal(run, received)
@@ -262,14 +262,14 @@ def train(
     on_pace(seconds_per_step, seconds_left): called once the step time is measured (default: log the time
     left).
     """
-    train = config.train
-    max_steps = max_steps or train.max_steps
-    minutes = minutes if minutes is not None else train.minutes
-    if train.threads:
-        torch.set_num_threads(train.threads)
-    precision = training_precision(train.mixed_precision, device)
+    training = config.train
+    max_steps = max_steps or training.max_steps
+    minutes = minutes if minutes is not None else training.minutes
+    if training.threads:
+        torch.set_num_threads(training.threads)
+    precision = training_precision(training.mixed_precision, device)
     accelerator = accelerator_for(config, out_dir, device, precision)
-    set_seed(train.seed)
+    set_seed(training.seed)
     resume_from = resume_point(config, out_dir, precision) if resume else None
     speed = configure(accelerator.device)
     if accelerator.is_main_process:
@@ -286,7 +286,7 @@ def train(
         state = TrainState(saved["step"], saved["epoch"], saved["position"], saved["nonfinite_steps"])
         run.last_checkpoint = resume_from
         logger.info("resuming from %s (step %d)", resume_from, state.step)
-    if run.source.preview() is None and train.sample_grids:
+    if run.source.preview() is None and training.sample_grids:
         logger.info(
             "this data source has no preview prompts: no sample grids at checkpoints; sample the run with "
             "`semroute sample`"

@@ -76,13 +76,14 @@ def run_ablation(
     is scored again from its checkpoint (not retrained).
     """
     base_scale = base.sample.guidance_scale
-    scales = scales or [base_scale]  # None: the config's own scale
+    scales = scales or [base_scale]
     if "s1s" in strategies and gate_shift is None:
         raise ValueError(
             "the s1s row samples S1's checkpoints with a gate shift: pass --gate-shift (e.g. the one "
             "`semroute trajectory` suggests)"
         )
     prompts = bench_prompts(base.data)
+    scoring = Scoring(prompts, images_per_prompt, device, progress)
     # Every run shares the data config, so the captions are encoded once per kind of text features (hidden
     # states; deep fusion's keys/values), by one LLM.
     encoders, tables = {}, {}
@@ -137,18 +138,15 @@ def run_ablation(
                 logger.info("%s seed %d: scoring at guidance scale %g", vid, seed, scale)
                 shift = gate_shift if VARIANTS[vid].samples else None
                 _evaluate(
+                    scoring,
                     done[0],
                     base,
-                    prompts,
-                    images_per_prompt,
-                    done[1],
-                    vid,
-                    seed,
-                    path,
-                    device,
-                    progress,
-                    scale,
-                    shift,
+                    steps=done[1],
+                    row=vid,
+                    seed=seed,
+                    scale=scale,
+                    gate_shift=shift,
+                    path=path,
                 )
     return summarize_ablation(out, strategies, seeds, scales, base_scale)
 
@@ -211,29 +209,46 @@ def _read_results_file(path: Path) -> dict | None:
         raise ValueError(f"{path} is not valid JSON; delete it to score that run again") from None
 
 
+@dataclasses.dataclass(frozen=True)
+class Scoring:
+    """How every run of an ablation is scored: the prompts, images per prompt, the device, a progress bar."""
+
+    prompts: list[BenchPrompt]
+    images_per_prompt: int
+    device: str
+    progress: bool
+
+
 def _evaluate(
+    scoring: Scoring,
     checkpoint: Path,
     config: RunConfig,
-    prompts: list[BenchPrompt],
-    images_per_prompt: int,
+    *,
     steps: int,
-    vid: str,
+    row: str,
     seed: int,
-    path: Path,
-    device: str,
-    progress: bool,
     scale: float,
     gate_shift: float | None,
+    path: Path,
 ) -> None:
-    """ShapesBench on a run's checkpoint at one guidance scale (the config's other sampling settings)."""
+    """ShapesBench on a row's checkpoint (trained `steps`) at one guidance scale and the config's other
+    sampling settings, written to `path`."""
     pipeline = SemanticRoutingPipeline.from_checkpoint(
-        checkpoint, device=device, precision=config.train.mixed_precision
+        checkpoint, device=scoring.device, precision=config.train.mixed_precision
     )
     if gate_shift is not None:
         pipeline.use_gate_shift(gate_shift)
-    s = config.sample
-    bench = run_bench(pipeline, prompts, images_per_prompt, s.steps, scale, s.shift, progress=progress)
-    bench.update(strategy=vid, seed=seed, steps=steps, checkpoint=str(checkpoint))
+    sample = config.sample
+    bench = run_bench(
+        pipeline,
+        scoring.prompts,
+        scoring.images_per_prompt,
+        sample.steps,
+        scale,
+        sample.shift,
+        progress=scoring.progress,
+    )
+    bench.update(strategy=row, seed=seed, steps=steps, checkpoint=str(checkpoint))
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, bench)
 

@@ -59,7 +59,7 @@ def run_bench(
     pipeline: SemanticRoutingPipeline,
     prompts: list[BenchPrompt],
     images_per_prompt: int = 4,
-    num_steps: int | None = None,
+    steps: int | None = None,
     guidance_scale: float | None = None,
     shift: float | None = None,
     seed: int = 0,
@@ -68,7 +68,7 @@ def run_bench(
 ) -> dict:
     """Sample every prompt `images_per_prompt` times (image k of prompt i from seed + 1000 i + k) and score.
 
-    num_steps / guidance_scale / shift: None takes the pipeline's own (its run's sample settings).
+    steps / guidance_scale / shift: None takes the pipeline's own (its run's sample settings).
     """
     correct: list[list[bool]] = [[] for _ in prompts]
     clean = blobs = 0
@@ -79,7 +79,7 @@ def run_bench(
         pipeline,
         texts,
         images_per_prompt,
-        num_steps,
+        steps,
         guidance_scale,
         shift,
         seed,
@@ -101,7 +101,7 @@ def run_bench(
         {"category": p.category, "prompt": p.text, "correct": ok}
         for p, ok in zip(prompts, correct, strict=True)
     ]
-    settings = pipeline.sampling(num_steps, guidance_scale, shift)
+    settings = pipeline.sampling(steps, guidance_scale, shift)
     return {
         "version": BENCH_VERSION,
         **summarize(per_prompt, clean, blobs),

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .. import __version__
 from ..base import ABLATION_CONFIG, DEMO_CONFIG, NOT_LEARNED_EXIT, QUICK_MINUTES
 from .options import (
     HelpFormatter,
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         "of LLM layers.",
         formatter_class=fmt,
     )
+    parser.add_argument("--version", action="version", version=f"semroute {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser(

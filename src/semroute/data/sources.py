@@ -13,7 +13,7 @@ import torch
 
 from ..features import NULL_PROMPT, EncoderInfo, PromptFeatures, prompt_table
 from ..latent import check_vae_matches, encode_latents, load_vae
-from ..text_encoder import check_reads
+from ..text_encoder import check_reads, resolve_layers
 from .cache import CachedDataset, CachedEncoderInfo, recipe_differences
 from .images import ImageCaptionDataset, collate_skipping
 from .shapes import ShapesDataset, ShapesTask, caption
@@ -313,18 +313,16 @@ def _recipe_from_config(config: RunConfig, cached: dict) -> dict:
 
     The VAE's factors and the LLM's depth are read from the cache; everything the config names is compared.
     """
-    from ..text_encoder import resolve_layers
-
-    t = config.text_encoder
+    text = config.text_encoder
     wanted = {
         **cached,
-        "text_model": t.model,
-        "text_layers": resolve_layers(t.layers, cached["text_model_layers"]),
-        "max_length": t.max_length,
-        "template": t.template,
+        "text_model": text.model,
+        "text_layers": resolve_layers(text.layers, cached["text_model_layers"]),
+        "max_length": text.max_length,
+        "template": text.template,
         "resolution": config.dataset.resolution,
     }
-    kind = t.feature_kind
+    kind = text.feature_kind
     if kind == "hidden_states":  # what a cache without these keys holds
         for key in ("text_features", "text_feature_dim", "text_kv_heads"):
             wanted.pop(key, None)
