@@ -11,7 +11,7 @@ import yaml
 from PIL import Image
 
 from semroute.config import load_config
-from semroute.data.cache import CachedDataset, precompute
+from semroute.data.cache import CachedDataset
 from semroute.data.images import (
     BadImageError,
     DatasetConfig,
@@ -19,6 +19,7 @@ from semroute.data.images import (
     collate_skipping,
     to_training_tensor,
 )
+from semroute.data.precompute import precompute
 from semroute.fusion import LayerFusion
 from semroute.latent import check_vae_matches, decode_latents, encode_latents, load_vae
 

@@ -339,8 +339,9 @@ def test_deep_features_are_cached_with_their_recipe_and_not_mixed(
     tmp_path, tiny_llama_dir, tiny_encoder, manifest
 ):
     """precompute stores each row's packed keys/values; a hidden-state cache is refused for deep training."""
-    from semroute.data.cache import CachedDataset, precompute
+    from semroute.data.cache import CachedDataset
     from semroute.data.images import ImageCaptionDataset
+    from semroute.data.precompute import precompute
     from semroute.train import train
 
     from .test_data import image_run_config

@@ -8,10 +8,10 @@ import json
 import pytest
 import yaml
 
-from semroute.base import packaged_config
+from semroute.base import NOT_LEARNED_EXIT, packaged_config
 from semroute.cli import main
 from semroute.config import load_config
-from semroute.demo import NOT_LEARNED_EXIT, judge
+from semroute.demo import judge
 
 from .conftest import tiny_run_config
 

@@ -9,8 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from semroute.checkpoint import TrainingDiverged, list_checkpoints, newest_loadable
+from semroute.base import TrainingDiverged
+from semroute.checkpoint import list_checkpoints
 from semroute.config import load_config
+from semroute.resume import newest_loadable
 from semroute.train import train
 
 from .conftest import tiny_run_config, write_image_folder
@@ -121,7 +123,7 @@ def test_a_data_row_with_non_finite_features_is_skipped_and_counted(tmp_path, ti
     counted."""
     from safetensors.torch import save_file
 
-    from semroute.data.cache import precompute
+    from semroute.data.precompute import precompute
 
     from .test_data import image_run_config
 

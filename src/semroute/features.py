@@ -9,44 +9,14 @@ sampling and caches alike.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-if TYPE_CHECKING:
-    from .text_encoder import TextEncoder
-
-if TYPE_CHECKING:
-    from .text_encoder import TextEncoderConfig
+from .text_encoder import EncoderInfo, TextEncoder
 
 NULL_PROMPT = ""  # the unconditional prompt of classifier-free guidance (caption dropout target)
-
-
-class EncoderInfo(Protocol):
-    """What the DiT and a checkpoint need to know about the LLM: a loaded `TextEncoder` or a cache's
-    description."""
-
-    @property
-    def config(self) -> TextEncoderConfig: ...
-    @property
-    def layers(self) -> list[int]: ...
-    @property
-    def num_layers(self) -> int: ...
-    @property
-    def hidden_size(self) -> int: ...
-    @property
-    def feature_kind(self) -> str:
-        """hidden_states | keys_values"""
-
-    @property
-    def feature_dim(self) -> int:
-        """The width of each text feature entry."""
-
-    @property
-    def kv_heads(self) -> int | None:
-        """The LLM's key/value heads (deep fusion groups the DiT's heads over them)."""
 
 
 def dit_text_args(info: EncoderInfo) -> dict:

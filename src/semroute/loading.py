@@ -8,9 +8,9 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from safetensors.torch import load_file
 
 from .base import OutputError, one_line
@@ -21,9 +21,6 @@ from .fileio import read_json, record_files, recorded_problem
 from .flow import SampleConfig
 from .latent import load_vae
 from .text_encoder import TextEncoderConfig
-
-if TYPE_CHECKING:
-    from .pipeline import SemanticRoutingPipeline
 
 
 def checkpoint_parts(
@@ -89,7 +86,7 @@ def load_transformer(path: Path) -> SemanticRoutingDiT:
 EXPORT_MANIFEST = "semroute_export.json"
 
 
-def export_pipeline(pipeline: SemanticRoutingPipeline, out: Path) -> None:
+def export_pipeline(pipeline: DiffusionPipeline, out: Path) -> None:
     """save_pretrained into a hidden sibling, record every file's size, then rename into place: a killed
     export leaves no half-written pipeline, and a truncated file is found before loading."""
     out.parent.mkdir(parents=True, exist_ok=True)

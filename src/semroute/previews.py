@@ -18,8 +18,7 @@ if TYPE_CHECKING:
     from diffusers.training_utils import EMAModel
 
     from .dit import SemanticRoutingDiT
-    from .features import EncoderInfo
-    from .text_encoder import TextEncoder
+    from .text_encoder import EncoderInfo, TextEncoder
 
 
 def write_sample_grid(

@@ -11,16 +11,13 @@ import string
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, Protocol, cast
 
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .fusion import LayerFusion, pack_keys_values
-
-if TYPE_CHECKING:
-    from .features import EncoderInfo
 
 logger = logging.getLogger(__name__)
 
@@ -206,6 +203,31 @@ def llm_dtype(device: torch.device) -> torch.dtype:
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
+
+
+class EncoderInfo(Protocol):
+    """What the DiT and a checkpoint need to know about the LLM: a loaded `TextEncoder` or a cache's
+    description."""
+
+    @property
+    def config(self) -> TextEncoderConfig: ...
+    @property
+    def layers(self) -> list[int]: ...
+    @property
+    def num_layers(self) -> int: ...
+    @property
+    def hidden_size(self) -> int: ...
+    @property
+    def feature_kind(self) -> str:
+        """hidden_states | keys_values"""
+
+    @property
+    def feature_dim(self) -> int:
+        """The width of each text feature entry."""
+
+    @property
+    def kv_heads(self) -> int | None:
+        """The LLM's key/value heads (deep fusion groups the DiT's heads over them)."""
 
 
 class TextEncoder(nn.Module):

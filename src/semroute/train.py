@@ -18,20 +18,14 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from .base import TrainingDiverged, TrainingStopped
-from .checkpoint import (
-    RUN_CONFIG_FILE,
-    load_training_state,
-    prune_checkpoints,
-    remove_leftovers,
-    rng_state,
-    save_checkpoint,
-)
+from .checkpoint import RUN_CONFIG_FILE, prune_checkpoints, remove_leftovers, save_checkpoint
 from .config import RunConfig
 from .features import PromptFeatures
 from .fileio import read_json, write_json
 from .previews import write_sample_grid
 from .progress import Pace, log_pace
 from .reporting import MetricsWindow, flat_config
+from .resume import load_training_state, rng_state
 from .run import (
     BatchStream,
     Run,

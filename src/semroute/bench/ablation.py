@@ -25,7 +25,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..checkpoint import newest_loadable, resume_differences, routed_layers
+from ..checkpoint import routed_layers
 from ..config import RunConfig
 from ..data.shapes import ShapesDataset, ShapesTask
 from ..dit import SemanticRoutingDiT
@@ -34,6 +34,7 @@ from ..fileio import write_json, write_text
 from ..fusion import STRATEGY_TABLE, check_strategy
 from ..pipeline import SemanticRoutingPipeline
 from ..plots import plot_routing
+from ..resume import newest_loadable, resume_differences
 from ..runtime import resolve_precision
 from ..text_encoder import TextEncoder
 from ..train import train

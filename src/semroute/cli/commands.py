@@ -22,7 +22,7 @@ from ..bench.sampling import sample_all
 from ..bench.trajectory import plot_trajectory, trace
 from ..checkpoint import RUN_CONFIG_FILE, resolve_checkpoint, routed_layers
 from ..config import RunConfig, load_config
-from ..data.cache import precompute
+from ..data.precompute import precompute
 from ..demo import run_demo
 from ..fileio import OutputLock, read_json, write_json
 from ..loading import export_pipeline, load_transformer

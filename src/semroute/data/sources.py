@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from ..features import NULL_PROMPT, EncoderInfo, PromptFeatures, prompt_table
+from ..features import NULL_PROMPT, PromptFeatures, prompt_table
 from ..latent import check_vae_matches, encode_latents, load_vae
-from ..text_encoder import check_reads, resolve_layers
+from ..text_encoder import EncoderInfo, check_reads, resolve_layers
 from .cache import CachedDataset, CachedEncoderInfo, recipe_differences
 from .images import ImageCaptionDataset, collate_skipping
 from .shapes import ShapesDataset, ShapesTask, caption
