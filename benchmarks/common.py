@@ -20,12 +20,12 @@ from diffusers.training_utils import EMAModel
 from semroute.base import DEMO_CONFIG, packaged_config
 from semroute.config import load_config
 from semroute.data.shapes import ShapesDataset, ShapesTask
-from semroute.data.sources import ShapesSource
 from semroute.dit import SemanticRoutingDiT
 from semroute.features import dit_text_args, prompt_table
 from semroute.flow import RectifiedFlow
 from semroute.pipeline import SemanticRoutingPipeline
 from semroute.runtime import Precision, cpu_capability
+from semroute.sources import ShapesSource
 from semroute.step import StepParts, build_optimizer, train_step, warmup_schedule
 from semroute.text_encoder import TextEncoder
 

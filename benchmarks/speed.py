@@ -134,7 +134,8 @@ class Package:
             accelerator.unwrap_model(model).parameters(), decay=config.train.ema_decay, foreach=True
         )
         flow = m("flow").RectifiedFlow(caption_dropout=config.train.caption_dropout)
-        source = m("data.sources").ShapesSource(
+        sources = "sources" if importlib.util.find_spec(f"{self.name}.sources") else "data.sources"
+        source = m(sources).ShapesSource(
             config, self.encoder, self.features, progress=False, dtype=self.precision.dtype
         )
         generator = torch.Generator().manual_seed(0)

@@ -19,9 +19,9 @@ from semroute.data.images import (
     collate_skipping,
     to_training_tensor,
 )
-from semroute.data.precompute import precompute
 from semroute.fusion import LayerFusion
 from semroute.latent import check_vae_matches, decode_latents, encode_latents, load_vae
+from semroute.precompute import precompute
 
 from .conftest import tiny_run_config, write_image_folder
 

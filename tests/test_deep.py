@@ -341,7 +341,7 @@ def test_deep_features_are_cached_with_their_recipe_and_not_mixed(
     """precompute stores each row's packed keys/values; a hidden-state cache is refused for deep training."""
     from semroute.data.cache import CachedDataset
     from semroute.data.images import ImageCaptionDataset
-    from semroute.data.precompute import precompute
+    from semroute.precompute import precompute
     from semroute.train import train
 
     from .test_data import image_run_config

@@ -332,7 +332,7 @@ def test_a_second_writer_is_refused_naming_the_holder(two_checkpoints, tmp_path,
 def test_training_from_a_damaged_cache_is_one_line_naming_the_file(
     tiny_llama_dir, tiny_encoder, tmp_path, capsys
 ):
-    from semroute.data.precompute import precompute
+    from semroute.precompute import precompute
 
     from .conftest import write_image_folder
     from .test_data import image_run_config
@@ -360,7 +360,7 @@ def test_training_from_a_damaged_cache_is_one_line_naming_the_file(
 
 
 def test_precompute_again_remakes_a_shard_whose_bytes_changed(tiny_llama_dir, tiny_encoder, tmp_path, caplog):
-    from semroute.data.precompute import precompute
+    from semroute.precompute import precompute
 
     from .conftest import write_image_folder
     from .test_data import image_run_config

@@ -123,7 +123,7 @@ def test_a_data_row_with_non_finite_features_is_skipped_and_counted(tmp_path, ti
     counted."""
     from safetensors.torch import save_file
 
-    from semroute.data.precompute import precompute
+    from semroute.precompute import precompute
 
     from .test_data import image_run_config
 

@@ -49,8 +49,11 @@ TEXT_ENCODER_FILE = "text_encoder.json"
 VAE_FILE = "vae.json"
 STEP_PREFIX = "step_"
 MANIFEST_FILE = "checkpoint.json"
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"  # diffusers' name for the EMA weights
+CHECKPOINTS_DIR = "checkpoints"  # under a run directory
+SUMMARY_FILE = "summary.json"  # a run's summary, beside its checkpoints
 # What sampling reads, and what a resume reads besides.
-INFERENCE_FILES = ("config.json", "diffusion_pytorch_model.safetensors", TEXT_ENCODER_FILE, RUN_CONFIG_FILE)
+INFERENCE_FILES = ("config.json", WEIGHTS_FILE, TEXT_ENCODER_FILE, RUN_CONFIG_FILE)
 TRAINING_FILES = tuple(
     f"{TRAINING_STATE_DIR}/{name}"
     for name in (
@@ -161,12 +164,12 @@ def save_checkpoint(
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
     """Where a run keeps its checkpoint of `step`."""
-    return run_dir / "checkpoints" / f"step_{step:06d}"
+    return run_dir / CHECKPOINTS_DIR / f"{STEP_PREFIX}{step:06d}"
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """The checkpoints of a run, oldest first (a `step_*` directory exists only once written whole)."""
-    root = run_dir / "checkpoints"
+    root = run_dir / CHECKPOINTS_DIR
     if not root.is_dir():
         return []
     return sorted((p for p in root.glob(f"{STEP_PREFIX}*") if p.is_dir()), key=lambda p: p.name)
@@ -223,7 +226,7 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
 
 def remove_leftovers(run_dir: Path) -> None:
     """Hidden temporary directories of checkpoint writes that were killed: never complete, safe to delete."""
-    root = run_dir / "checkpoints"
+    root = run_dir / CHECKPOINTS_DIR
     for tmp in root.glob(f".{STEP_PREFIX}*") if root.is_dir() else []:
         logger.info("removing %s, left by an interrupted checkpoint write", tmp)
         shutil.rmtree(tmp, ignore_errors=True)

@@ -19,6 +19,7 @@ from .base import COMPILE_CHOICES, INT_LIMIT, MAX_SEED, check_choice, one_line
 from .data.images import DatasetConfig
 from .data.shapes import ShapesConfig
 from .dit import DIT_PRESETS, SemanticRoutingDiT, check_dit_args
+from .fileio import write_text
 from .flow import SampleConfig
 from .fusion import STRATEGY_TABLE, Strategy, check_strategy
 from .runtime import check_precision
@@ -229,8 +230,6 @@ class RunConfig:
         return {**asdict(self), "model": self.model.overrides()}
 
     def save(self, path: Path) -> None:
-        from .fileio import write_text
-
         write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 

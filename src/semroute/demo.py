@@ -18,6 +18,7 @@ import torch
 
 from .bench.sampling import sample_all
 from .bench.scoring import accuracy
+from .checkpoint import SUMMARY_FILE
 from .config import RunConfig
 from .data.shapes import ShapesTask, caption
 from .fileio import write_json
@@ -181,7 +182,7 @@ def run_demo(
         pipeline.encoder.layers,
         title=f"learned routing after {result.steps} steps",
     )
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / SUMMARY_FILE).read_text())
     metrics.update(
         verdict=verdict.level,
         verdict_text=verdict.lines,

@@ -138,7 +138,7 @@ class OutputLock:
         self._fd: int | None = None
 
     def __enter__(self) -> OutputLock:
-        import fcntl
+        import fcntl  # POSIX only: imported where the lock is taken, so the rest loads anywhere
 
         self.lock_file.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)

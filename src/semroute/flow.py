@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import diffusers
 import torch
 import torch.nn.functional as F
 
@@ -126,8 +127,6 @@ def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
 
 def flow_schedulers() -> list[str]:
     """The diffusers flow-matching scheduler classes a `SampleConfig` may name."""
-    import diffusers
-
     return sorted(
         name for name in dir(diffusers) if name.startswith("FlowMatch") and name.endswith("Scheduler")
     )
@@ -170,8 +169,6 @@ class SampleConfig:
             )
 
     def make_scheduler(self) -> Any:
-        import diffusers
-
         return getattr(diffusers, self.scheduler)(num_train_timesteps=1000, shift=self.shift)
 
     def scheduler_calls(self) -> int:

@@ -14,7 +14,7 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from safetensors.torch import load_file
 
 from .base import OutputError, one_line
-from .checkpoint import RUN_CONFIG_FILE, TEXT_ENCODER_FILE, VAE_FILE, default_modes
+from .checkpoint import RUN_CONFIG_FILE, TEXT_ENCODER_FILE, VAE_FILE, WEIGHTS_FILE, default_modes
 from .config import load_config
 from .dit import SemanticRoutingDiT
 from .fileio import read_json, record_files, recorded_problem
@@ -52,7 +52,7 @@ def checkpoint_parts(
 def load_transformer(path: Path) -> SemanticRoutingDiT:
     """The DiT of a checkpoint, strictly: a damaged file or another model's weights is an error, never a
     random init."""
-    weights_file = path / "diffusion_pytorch_model.safetensors"
+    weights_file = path / WEIGHTS_FILE
     try:
         config = SemanticRoutingDiT.load_config(path)
         model = SemanticRoutingDiT.from_config(config)

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import diffusers
 import torch
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 
@@ -173,8 +174,6 @@ class SemanticRoutingPipeline(DiffusionPipeline):
     def use_scheduler(self, name: str) -> None:
         """Sample with another diffusers flow-matching scheduler class, keeping this one's settings
         (shift)."""
-        import diffusers
-
         SampleConfig(scheduler=name)  # checks the name
         self.register_modules(scheduler=getattr(diffusers, name).from_config(self.scheduler.config))
 

@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING, cast
 
 import torch
 
-from .data.sources import Preview
 from .features import PromptFeatures
 from .flow import SampleConfig
 from .pipeline import SemanticRoutingPipeline
 from .plots import save_sample_grid
+from .sources import Preview
 
 if TYPE_CHECKING:
     from diffusers.training_utils import EMAModel

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from accelerate.utils import is_tensorboard_available, is_wandb_available
+
 from .fileio import finite
 
 if TYPE_CHECKING:
@@ -53,8 +55,6 @@ class MetricsWindow:
 
 def check_tracker(name: str) -> None:
     """train.report_to names a tracker whose package is installed (or none)."""
-    from accelerate.utils import is_tensorboard_available, is_wandb_available
-
     available = {"none": True, "tensorboard": is_tensorboard_available(), "wandb": is_wandb_available()}
     if not available[name]:
         package = "tensorboardX (pip install 'semroute[tensorboard]')" if name == "tensorboard" else "wandb"

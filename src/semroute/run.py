@@ -19,13 +19,13 @@ from diffusers.training_utils import EMAModel
 
 from .checkpoint import checkpoint_dir
 from .config import RunConfig
-from .data.sources import build_source
 from .dit import SemanticRoutingDiT
 from .features import PromptFeatures, dit_text_args
 from .flow import RectifiedFlow
 from .reporting import check_tracker
 from .resume import newest_loadable, resume_differences, saved_precision
 from .runtime import Precision, resolve_device
+from .sources import build_source
 from .speed import StepCompiler
 from .step import StepParts, build_optimizer, warmup_schedule
 from .text_encoder import TextEncoder

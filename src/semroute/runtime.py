@@ -7,6 +7,7 @@ forward + backward of one DiT block in each precision, cached per machine, so it
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -17,9 +18,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from accelerate import PartialState
 
 from .base import PRECISIONS, check_choice
+from .blocks import DiTBlock, rope_2d
 from .fileio import write_json
+from .text_encoder import cache_root
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -148,8 +152,6 @@ def _synchronize(device: torch.device) -> None:
 def time_block(device: torch.device, dtype: torch.dtype | None, repeats: int = 4) -> list[float]:
     """Seconds of one forward + backward of a demo-sized DiT block (8 images of 8x8 tokens), autocast to
     `dtype`."""
-    from .blocks import DiTBlock, rope_2d
-
     generator = torch.Generator().manual_seed(0)
     hidden, heads, batch, grid, text = 192, 3, 8, 8, 12
     block = DiTBlock(hidden, heads, 2.0, grid, mlp_conv=True, adaln=True).to(device)
@@ -187,14 +189,10 @@ def measure_bf16_ratio(device: torch.device, repeats: int = 4) -> float:
 
 
 def _probe_path() -> Path:
-    from .text_encoder import cache_root
-
     return cache_root() / PROBE_FILE
 
 
 def _read_probes() -> dict:
-    import json
-
     try:
         cached = json.loads(_probe_path().read_text())
     except (OSError, ValueError):
@@ -323,8 +321,6 @@ def process_state(device: str) -> Any:
     """accelerate's state of this process. A CPU-only machine is named as such: accelerate 1.15 asked for
     `auto` there joins no process group under `accelerate launch --multi_gpu`, and every process thinks it is
     the main one."""
-    from accelerate import PartialState
-
     return PartialState(cpu=resolve_device(device).type == "cpu")
 
 

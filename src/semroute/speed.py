@@ -27,7 +27,15 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .attention import ATTENTION_BACKENDS, MASK_FORMS, AttentionChoice, current_attention, use_attention
+from .attention import (
+    ATTENTION_BACKENDS,
+    MASK_FORMS,
+    AttentionChoice,
+    attention,
+    cross_mask,
+    current_attention,
+    use_attention,
+)
 from .base import COMPILE_CHOICES, check_choice, one_line
 from .runtime import (
     cached_measurement,
@@ -55,8 +63,6 @@ COMPILE_KEEP = 0.95
 def _time_attention(choice: AttentionChoice, tensors: dict, padded: bool) -> float:
     """Seconds of a forward + backward of demo-sized self-attention and cross-attention, in `choice`'s
     form."""
-    from .attention import attention, cross_mask
-
     previous = current_attention()
     use_attention(choice)
     try:

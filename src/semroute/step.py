@@ -11,10 +11,10 @@ from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
 
 from .config import RunConfig
-from .data.sources import BatchSource
 from .dit import SemanticRoutingDiT
 from .features import drop_captions
 from .flow import RectifiedFlow
+from .sources import BatchSource
 
 
 @dataclass

@@ -18,7 +18,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from .base import TrainingDiverged, TrainingStopped
-from .checkpoint import RUN_CONFIG_FILE, prune_checkpoints, remove_leftovers, save_checkpoint
+from .checkpoint import RUN_CONFIG_FILE, SUMMARY_FILE, prune_checkpoints, remove_leftovers, save_checkpoint
 from .config import RunConfig
 from .features import PromptFeatures
 from .fileio import read_json, write_json
@@ -314,21 +314,21 @@ def train(
         _save(run, state)
     run.last_checkpoint = final
     summary = _summary(run, state, window)
-    finished_before = state.step == pace.first_step and (out_dir / "summary.json").is_file()
+    finished_before = state.step == pace.first_step and (out_dir / SUMMARY_FILE).is_file()
     if finished_before:  # nothing was trained now: the summary of the session that did stays
         logger.info("%s had already trained %d steps; its summary.json is kept", out_dir, state.step)
-        summary = read_json(out_dir / "summary.json", "run summary", "delete it to have it written again")
+        summary = read_json(out_dir / SUMMARY_FILE, "run summary", "delete it to have it written again")
         window.last_loss, window.images_per_s = (
             summary.get("final_loss") or math.nan,
             summary.get("images_per_s") or 0.0,
         )
     elif accelerator.is_main_process:
-        write_json(out_dir / "summary.json", summary)
+        write_json(out_dir / SUMMARY_FILE, summary)
         if summary["skipped_images"]:
             logger.warning(
                 "%d images were skipped (missing or unreadable); listed in %s",
                 summary["skipped_images"],
-                out_dir / "summary.json",
+                out_dir / SUMMARY_FILE,
             )
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -23,6 +23,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from accelerate import PartialState
+from PIL import Image
+
 from ..data.images import parse_json, parse_jsonl, read_user_text
 from ..fileio import read_json, write_atomic, write_json
 from .sampling import batches, sample_batches
@@ -167,8 +170,6 @@ def sample_bench(
     process returns the report; the others return None. steps / guidance_scale / shift: None takes
     the pipeline's own.
     """
-    from accelerate import PartialState
-
     state = PartialState()
     sampling = asdict(pipeline.sampling(steps, guidance_scale, shift))
     sampling.pop("images_per_prompt")  # n below
@@ -226,8 +227,6 @@ def sample_bench(
 
 def _save_image(image: torch.Tensor, path: Path) -> None:
     """(3, H, W) in [0, 1] -> an 8-bit PNG or JPEG (quality 95), written atomically."""
-    from PIL import Image
-
     array = (image.permute(1, 2, 0).float().cpu().numpy() * 255).round().astype("uint8")
     fmt = "JPEG" if path.suffix == ".jpeg" else "PNG"
     write_atomic(

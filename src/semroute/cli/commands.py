@@ -22,12 +22,12 @@ from ..bench.sampling import sample_all
 from ..bench.trajectory import plot_trajectory, trace
 from ..checkpoint import RUN_CONFIG_FILE, resolve_checkpoint, routed_layers
 from ..config import RunConfig, load_config
-from ..data.precompute import precompute
 from ..demo import run_demo
 from ..fileio import OutputLock, read_json, write_json
 from ..loading import export_pipeline, load_transformer
 from ..pipeline import load_pipeline
 from ..plots import plot_routing, save_sample_grid
+from ..precompute import precompute
 from ..runtime import process_state
 from ..train import train
 

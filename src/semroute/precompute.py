@@ -18,13 +18,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..config import RunConfig
-from ..features import NULL_PROMPT
-from ..fileio import file_digest, write_json
-from ..latent import encode_latents, load_vae
-from ..runtime import configure_device, process_state, resolve_device, resolve_precision
-from ..text_encoder import TextEncoder, check_reads
-from .cache import (
+from .config import RunConfig
+from .data.cache import (
     CACHE_DTYPES,
     CACHE_META,
     cache_problems,
@@ -33,7 +28,12 @@ from .cache import (
     recipe_differences,
     shard_name,
 )
-from .images import ImageCaptionDataset, to_training_tensor
+from .data.images import ImageCaptionDataset, to_training_tensor
+from .features import NULL_PROMPT
+from .fileio import file_digest, write_json
+from .latent import encode_latents, load_vae
+from .runtime import configure_device, process_state, resolve_device, resolve_precision
+from .text_encoder import TextEncoder, check_reads
 
 logger = logging.getLogger(__name__)
 

@@ -11,18 +11,18 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from ..features import NULL_PROMPT, PromptFeatures, prompt_table
-from ..latent import check_vae_matches, encode_latents, load_vae
-from ..text_encoder import EncoderInfo, check_reads, resolve_layers
-from .cache import CachedDataset, CachedEncoderInfo, recipe_differences
-from .images import ImageCaptionDataset, collate_skipping
-from .shapes import ShapesDataset, ShapesTask, caption
+from .data.cache import CachedDataset, CachedEncoderInfo, recipe_differences
+from .data.images import ImageCaptionDataset, collate_skipping
+from .data.shapes import ShapesDataset, ShapesTask, caption
+from .features import NULL_PROMPT, PromptFeatures, prompt_table
+from .latent import check_vae_matches, encode_latents, load_vae
+from .text_encoder import EncoderInfo, check_reads, resolve_layers
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
-    from ..config import RunConfig
-    from ..text_encoder import TextEncoder
+    from .config import RunConfig
+    from .text_encoder import TextEncoder
 
 
 @dataclass
