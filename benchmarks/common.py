@@ -91,8 +91,8 @@ class DemoSetup:
         return accelerator.unwrap_model(model), step
 
     def sampler(self, model: SemanticRoutingDiT, precision: str, images: int) -> Callable[[], None]:
-        """`sample()`: `images` images of the demo's sampling recipe (Euler steps, CFG) from fixed
-        features."""
+        """`sample()`: `images` images of the demo's sampling
+        recipe (Euler steps, CFG) from fixed features."""
         s = self.config.sample
         pipe = SemanticRoutingPipeline.from_parts(model.eval(), self.encoder, precision=precision)
         prompts = [self.dataset.captions[i % len(self.dataset.captions)] for i in range(images)]

@@ -83,8 +83,8 @@ def flops(fn) -> float:
 
 
 class Package:
-    """One version of semroute (this checkout's or the baseline's) set up on the same data and text
-    encoder."""
+    """One version of semroute (this checkout's or the
+    baseline's) set up on the same data and text encoder."""
 
     def __init__(self, name: str, size: str, encoder, precision: str):
         self.name = name

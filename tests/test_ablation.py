@@ -81,8 +81,8 @@ def test_claims_can_disagree():
 
 
 def test_claim_intervals_are_the_ones_the_claims_are_judged_by():
-    """S1 - B2 fidelity per seed is -0.3, -0.1, -0.2: mean -0.2, SE 0.1/sqrt(3); a loss needs mean + 2 SE <
-    0."""
+    """S1 - B2 fidelity per seed is -0.3, -0.1, -0.2: mean
+    -0.2, SE 0.1/sqrt(3); a loss needs mean + 2 SE < 0."""
     found = {
         "b2": [fake_result("b2", s, [True], 0.5, 0.9) for s in range(3)],
         "s1": [fake_result("s1", s, [True], 0.5, f) for s, f in enumerate((0.6, 0.8, 0.7))],
@@ -211,8 +211,8 @@ def test_cli_ablate_quick_sized_run(tiny_llama_dir, tmp_path):
 
 
 def test_gate_variants_at_several_guidance_scales(tiny_llama_dir, tiny_encoder, tmp_path, monkeypatch):
-    """The trajectory experiment's table: t-free rows, s1s sampled from S1's checkpoints, every run at every
-    scale."""
+    """The trajectory experiment's table: t-free rows, s1s
+    sampled from S1's checkpoints, every run at every scale."""
     raw = tiny_run_config(tiny_llama_dir)
     raw["model"]["timestep_conditioning"] = "none"
     raw["sample"]["guidance_scale"] = 3.0
@@ -308,8 +308,8 @@ def test_eval_scores_several_guidance_scales_from_one_checkpoint(tiny_llama_dir,
 
 
 def test_fusedit_is_a_row_of_the_table_with_its_own_text_features(tiny_llama_dir, tiny_encoder, tmp_path):
-    """FuseDiT deep fusion beside B1 in one ablation: its runs read keys/values, B1's hidden states, one LLM
-    for both."""
+    """FuseDiT deep fusion beside B1 in one ablation: its runs
+    read keys/values, B1's hidden states, one LLM for both."""
     raw = tiny_run_config(tiny_llama_dir)
     raw["model"]["num_heads"] = 4  # 4 heads of 8: grouped over the tiny Llama's 2 key/value heads of 8
     base = load_config(raw)

@@ -98,8 +98,8 @@ def tiny_qwen3_dir(tiny_llama_dir, tmp_path_factory):
 def test_the_keys_values_the_dit_receives_are_the_llms_own(
     family, tiny_llama_dir, tiny_qwen3_dir, monkeypatch
 ):
-    """Text features -> DiT: what every block's attention gets equals the paired layer's recomputed
-    keys/values."""
+    """Text features -> DiT: what every block's attention
+    gets equals the paired layer's recomputed keys/values."""
     directory = tiny_llama_dir if family == "llama" else tiny_qwen3_dir
     encoder = _deep_encoder(directory, layers=[-3, -2])  # 1-based decoder layers, negatives from the end
     n = encoder.num_model_layers
@@ -188,8 +188,8 @@ def test_a_head_layout_that_cannot_match_the_llms_names_both(tiny_encoder, tiny_
 
 
 def test_the_embedded_llms_layout_fits_the_cpu_presets():
-    """SmolLM2-135M: 9 query heads over 3 key/value heads of size 64 (its config, read without loading
-    weights)."""
+    """SmolLM2-135M: 9 query heads over 3 key/value heads of
+    size 64 (its config, read without loading weights)."""
     kv_heads, head_dim = 3, 64
     for preset in ("cpu-small", "cpu-small-tfree"):
         p = DIT_PRESETS[preset]
@@ -231,8 +231,8 @@ def test_training_deep_fusion_lowers_the_loss_and_has_no_cross_attention(deep_ru
 
 
 def test_keys_values_once_per_prompt_give_the_images_of_recomputing_them_every_step(deep_run, monkeypatch):
-    """Against a sampler that runs the LLM for its keys/values at every step and for both guidance
-    branches."""
+    """Against a sampler that runs the LLM for its keys/values
+    at every step and for both guidance branches."""
     from semroute.flow import RectifiedFlow
 
     _, result = deep_run

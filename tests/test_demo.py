@@ -1,5 +1,5 @@
-"""The demo: a step budget (the same result on every machine), an ETA, and a verdict that never passes noise
-off as a result."""
+"""The demo: a step budget (the same result on every machine),
+an ETA, and a verdict that never passes noise off as a result."""
 
 from __future__ import annotations
 

@@ -24,8 +24,8 @@ def free_port() -> int:
 
 
 def launch(processes: int, *script: str) -> None:
-    """`accelerate launch` with `processes` CPU processes (gloo) running `script` (a file or `-m module` and
-    its arguments)."""
+    """`accelerate launch` with `processes` CPU processes (gloo)
+    running `script` (a file or `-m module` and its arguments)."""
     accelerate = Path(sys.executable).with_name("accelerate")
     command = [
         str(accelerate),

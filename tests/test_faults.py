@@ -128,8 +128,8 @@ def two_checkpoints(tiny_llama_dir, tmp_path_factory) -> tuple[Path, Path]:
 
 
 def flip_one_byte(data: bytes) -> bytes:
-    """Bit rot: one byte in the middle inverted, the size unchanged (a valid JSON file may stay valid
-    JSON)."""
+    """Bit rot: one byte in the middle inverted, the size
+    unchanged (a valid JSON file may stay valid JSON)."""
     middle = len(data) // 2
     return data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1 :]
 

@@ -37,8 +37,8 @@ def inputs(batch: int = 3, seed: int = 1):
 
 @pytest.mark.parametrize("strategy", ["time", "joint"])
 def test_estimated_gates_read_the_heads_estimate_exactly(strategy):
-    """An estimated-gate DiT equals a nominal-gate DiT with the same weights that is handed t = the
-    estimate."""
+    """An estimated-gate DiT equals a nominal-gate DiT with
+    the same weights that is handed t = the estimate."""
     estimated = tiny_dit(strategy, "estimated")
     nominal = tiny_dit(strategy, "nominal")
     missing, unexpected = nominal.load_state_dict(estimated.state_dict(), strict=False)
@@ -121,8 +121,8 @@ def test_a_pipeline_samples_with_a_gate_shift_and_refuses_one_that_would_do_noth
 
 
 def test_the_noise_head_learns_the_noise_level_and_survives_save_load(tiny_llama_dir, tmp_path):
-    """Trained jointly for 60 steps on the shapes task, the head's error on held-out x_t falls well below
-    chance."""
+    """Trained jointly for 60 steps on the shapes task, the
+    head's error on held-out x_t falls well below chance."""
     from semroute.data.shapes import ShapesDataset, ShapesTask
     from semroute.train import train
 

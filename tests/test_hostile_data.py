@@ -100,8 +100,8 @@ def test_the_box_path_matches_two_step_resizing_closely():
 
 
 def png_claiming(width: int, height: int) -> bytes:
-    """A valid PNG header that claims width x height pixels (and one tiny data chunk): a decompression bomb's
-    shape."""
+    """A valid PNG header that claims width x height pixels
+    (and one tiny data chunk): a decompression bomb's shape."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
@@ -228,8 +228,8 @@ def test_an_hf_dataset_whose_image_column_holds_paths_is_an_error_at_start(tmp_p
 
 
 def test_an_epoch_with_no_usable_batch_stops_instead_of_looping(tmp_path, tiny_llama_dir, capsys):
-    """The first rows decode, so the start check passes; the files then break (replaced mid-run): an error,
-    not a loop."""
+    """The first rows decode, so the start check passes; the
+    files then break (replaced mid-run): an error, not a loop."""
     from semroute.config import load_config
     from semroute.train import train
 

@@ -1,5 +1,5 @@
-"""SIGKILL a real `semroute train` process at random moments, resume each time, and compare with an
-uninterrupted run."""
+"""SIGKILL a real `semroute train` process at random moments,
+resume each time, and compare with an uninterrupted run."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Device and precision chosen for the machine: each branch with the probe and availability faked, the cache,
-the CLI."""
+"""Device and precision chosen for the machine: each branch
+with the probe and availability faked, the cache, the CLI."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Speed choices: made on the machine, cached, recorded; and every fast path computes what the plain one
-does."""
+"""Speed choices: made on the machine, cached, recorded;
+and every fast path computes what the plain one does."""
 
 from __future__ import annotations
 
@@ -289,8 +289,8 @@ def test_the_batched_sampler_compiles_full_batches_only_and_hands_the_pipeline_b
 
 
 def test_the_eta_is_measured_on_the_steps_after_a_compile(monkeypatch):
-    """A compile's long first step must not enter the time-left estimate (it once read 6 h for a 30 min
-    run)."""
+    """A compile's long first step must not enter the
+    time-left estimate (it once read 6 h for a 30 min run)."""
     from semroute import progress
 
     clock = [0.0]

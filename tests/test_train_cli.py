@@ -356,8 +356,8 @@ def test_sample_and_eval_default_to_the_runs_own_sample_settings(trained_run, tm
 
 
 def test_a_checkpoint_written_before_the_typed_config_still_loads_and_resumes(tiny_llama_dir, tmp_path):
-    """Run configs of earlier releases: model as a plain mapping, no sample.scheduler, mixed_precision
-    'no'."""
+    """Run configs of earlier releases: model as a plain
+    mapping, no sample.scheduler, mixed_precision 'no'."""
     raw = tiny_run_config(tiny_llama_dir, max_steps=2, checkpoint_every=100)
     result = train(load_config(raw), tmp_path / "run", progress=False)
     old = {

@@ -54,8 +54,8 @@ def current_attention() -> AttentionChoice:
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """scaled_dot_product_attention on (B, heads, N, d) queries; mask from `cross_mask` / `joint_mask` (or
-    None)."""
+    """scaled_dot_product_attention on (B, heads, N, d)
+    queries; mask from `cross_mask` / `joint_mask` (or None)."""
     backend = _BACKENDS[_current.backend] if q.device.type == "cpu" else None
     if mask is not None and mask.dtype != torch.bool:
         mask = mask.to(q.dtype)

@@ -72,8 +72,8 @@ class TrainingStopped(Exception):
 
 
 class OutputError(OSError):
-    """Writing an output failed (full disk, file-size limit, permissions); the message names the path and
-    the fix."""
+    """Writing an output failed (full disk, file-size limit,
+    permissions); the message names the path and the fix."""
 
     def __str__(self) -> str:
         return str(self.args[0])

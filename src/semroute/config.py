@@ -41,8 +41,8 @@ _SHORT.maxlevel = 2
 
 @dataclass
 class ModelConfig:
-    """The DiT of a run: a named preset, overridden key by key (None: the preset's value, else the DiT's
-    default)."""
+    """The DiT of a run: a named preset, overridden key by
+    key (None: the preset's value, else the DiT's default)."""
 
     preset: str | None = None
     sample_size: int | None = None
@@ -279,8 +279,8 @@ def _check_type(value: Any, annotation: Any, where: str) -> Any:
 
 
 def _shown(key: object) -> str:
-    """A key as an error message shows it: plain names as they are, anything else quoted (one line,
-    visible)."""
+    """A key as an error message shows it: plain names as
+    they are, anything else quoted (one line, visible)."""
     return key if isinstance(key, str) and key.isidentifier() else repr(key)
 
 
@@ -307,8 +307,8 @@ def _build(cls: Any, data: Any, where: str) -> Any:
 
 
 def load_yaml(text: str, what: str) -> Any:
-    """YAML (safe types only) whose aliases expand to at most MAX_YAML_NODES nodes; errors are one line naming
-    `what`."""
+    """YAML (safe types only) whose aliases expand to at most
+    MAX_YAML_NODES nodes; errors are one line naming `what`."""
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()

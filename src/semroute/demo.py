@@ -60,8 +60,8 @@ def above_chance(accuracy_: float, chance: float, n: int) -> bool:
 
 
 def judge(metrics: dict, counts: list[int], steps: int, recipe_steps: int) -> Verdict:
-    """Counting against the chance level of guessing one of `counts`, overall and per count, with the why and
-    the fix."""
+    """Counting against the chance level of guessing one of
+    `counts`, overall and per count, with the why and the fix."""
     chance = 1 / len(counts)
     counting = metrics["count_accuracy"]
     n = metrics["images"]
@@ -118,8 +118,8 @@ def run_demo(
     device: str = "auto",
     encoder: TextEncoder | None = None,
 ) -> tuple[dict, Verdict]:
-    """Train, sample every single-object caption, score, plot; write samples.png, routing.png,
-    metrics.json."""
+    """Train, sample every single-object caption, score,
+    plot; write samples.png, routing.png, metrics.json."""
     start = time.perf_counter()
     s = config.sample
     task = ShapesTask(config.data)

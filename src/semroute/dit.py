@@ -81,8 +81,8 @@ MAX_PARAMETERS = 100e9
 
 
 def check_dit_args(**args: Any) -> None:
-    """One-line errors for DiT sizes that parse but make no sense; `args` are SemanticRoutingDiT arguments
-    (any subset)."""
+    """One-line errors for DiT sizes that parse but make no sense;
+    `args` are SemanticRoutingDiT arguments (any subset)."""
     for key in (
         "sample_size",
         "in_channels",

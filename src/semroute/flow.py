@@ -53,8 +53,8 @@ class RectifiedFlow:
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
     ) -> torch.Tensor:
-        """Which of `batch_size` captions to replace by the null prompt (teaches the unconditional branch). ->
-        (B,) bool"""
+        """Which of `batch_size` captions to replace by the null
+        prompt (teaches the unconditional branch). -> (B,) bool"""
         return torch.rand(batch_size, generator=generator, device=device) < self.caption_dropout
 
     def loss(
@@ -120,8 +120,8 @@ class RectifiedFlow:
 
 
 def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
-    """The time shift of SD3 / diffusers' flow-matching schedulers: s t / (1 + (s - 1) t); s > 1 reads
-    noisier."""
+    """The time shift of SD3 / diffusers' flow-matching
+    schedulers: s t / (1 + (s - 1) t); s > 1 reads noisier."""
     return shift * t / (1 + (shift - 1) * t)
 
 
@@ -134,8 +134,8 @@ def flow_schedulers() -> list[str]:
 
 @dataclass
 class SampleConfig:
-    """How images are sampled, saved with every checkpoint: the default of `sample`, `eval`, `sample-bench`
-    and the pipeline."""
+    """How images are sampled, saved with every checkpoint: the
+    default of `sample`, `eval`, `sample-bench` and the pipeline."""
 
     # A diffusers flow-matching scheduler class (FlowMatchEulerDiscreteScheduler,
     # FlowMatchHeunDiscreteScheduler, ...).
@@ -172,8 +172,8 @@ class SampleConfig:
         return getattr(diffusers, self.scheduler)(num_train_timesteps=1000, shift=self.shift)
 
     def scheduler_calls(self) -> int:
-        """Model evaluations per image and guidance branch: the scheduler's timesteps for `steps` (Heun: 2
-        steps - 1)."""
+        """Model evaluations per image and guidance branch: the
+        scheduler's timesteps for `steps` (Heun: 2 steps - 1)."""
         scheduler = self.make_scheduler()
         scheduler.set_timesteps(self.steps)
         return len(scheduler.timesteps)

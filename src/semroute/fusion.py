@@ -92,8 +92,8 @@ def pack_keys_values(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_keys_values(features: torch.Tensor, kv_heads: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The inverse of `pack_keys_values`: (D, B, S, 2 kv_heads d) -> D x (keys, values), (B, kv_heads, S, d)
-    each."""
+    """The inverse of `pack_keys_values`: (D, B, S, 2 kv_heads
+    d) -> D x (keys, values), (B, kv_heads, S, d) each."""
     D, B, S, width = features.shape
     kv = features.view(D, B, S, 2, kv_heads, width // (2 * kv_heads)).permute(3, 0, 1, 4, 2, 5)
     return [(kv[0, j], kv[1, j]) for j in range(D)]

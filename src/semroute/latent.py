@@ -13,8 +13,8 @@ from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 
 
 def load_vae(path: str | Path, device: torch.device | str = "cpu") -> AutoencoderKL:
-    """An AutoencoderKL from a local directory (config.json + weights) on `device`, frozen and in eval
-    mode."""
+    """An AutoencoderKL from a local directory (config.json
+    + weights) on `device`, frozen and in eval mode."""
     path = Path(path).expanduser()
     if not (path / "config.json").is_file():
         # A full diffusers pipeline directory keeps the VAE in its vae/ folder.
@@ -41,8 +41,8 @@ def vae_downsample(vae: AutoencoderKL) -> int:
 
 @torch.no_grad()
 def encode_latents(vae: AutoencoderKL, pixels: torch.Tensor) -> torch.Tensor:
-    """Images (B, 3, H, W) in [-1, 1] -> DiT inputs (B, C, H/f, W/f): the posterior mode, shifted and
-    scaled."""
+    """Images (B, 3, H, W) in [-1, 1] -> DiT inputs (B, C,
+    H/f, W/f): the posterior mode, shifted and scaled."""
     shift, scale = vae_factors(vae)
     param = next(vae.parameters())
     latents = vae.encode(pixels.to(param.device, param.dtype)).latent_dist.mode()

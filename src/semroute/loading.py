@@ -50,8 +50,8 @@ def checkpoint_parts(
 
 
 def load_transformer(path: Path) -> SemanticRoutingDiT:
-    """The DiT of a checkpoint, strictly: a damaged file or another model's weights is an error, never a
-    random init."""
+    """The DiT of a checkpoint, strictly: a damaged file or
+    another model's weights is an error, never a random init."""
     weights_file = path / WEIGHTS_FILE
     try:
         config = SemanticRoutingDiT.load_config(path)
@@ -110,8 +110,8 @@ def export_pipeline(pipeline: DiffusionPipeline, out: Path) -> None:
 
 
 def pipeline_problem(path: Path) -> str | None:
-    """A missing, truncated, altered or unparsable file of a pipeline directory `export_pipeline` wrote, or
-    None."""
+    """A missing, truncated, altered or unparsable file of a
+    pipeline directory `export_pipeline` wrote, or None."""
     manifest = path / EXPORT_MANIFEST
     if not manifest.is_file():
         return None  # not written by semroute's export: loading tells
@@ -128,7 +128,7 @@ def pipeline_problem(path: Path) -> str | None:
 
 
 def _saved_sampling(checkpoint: Path) -> SampleConfig:
-    """The `sample:` section of a checkpoint's run config (checkpoints without one sample with the
-    defaults)."""
+    """The `sample:` section of a checkpoint's run config
+    (checkpoints without one sample with the defaults)."""
     path = checkpoint / RUN_CONFIG_FILE
     return load_config(path).sample if path.is_file() else SampleConfig()

@@ -29,8 +29,8 @@ logger = logging.getLogger(__name__)
 
 
 def check_compatible(transformer: SemanticRoutingDiT, encoder: TextEncoder) -> None:
-    """The DiT must read the kind of text features it was trained on, from as many LLM layers, of the same
-    width."""
+    """The DiT must read the kind of text features it was
+    trained on, from as many LLM layers, of the same width."""
     trained = transformer.config  # what the DiT was trained on
     wanted = transformer.fusion.spec.text_features
     if encoder.feature_kind != wanted:
@@ -172,14 +172,14 @@ class SemanticRoutingPipeline(DiffusionPipeline):
         return pipe
 
     def use_scheduler(self, name: str) -> None:
-        """Sample with another diffusers flow-matching scheduler class, keeping this one's settings
-        (shift)."""
+        """Sample with another diffusers flow-matching
+        scheduler class, keeping this one's settings (shift)."""
         SampleConfig(scheduler=name)  # checks the name
         self.register_modules(scheduler=getattr(diffusers, name).from_config(self.scheduler.config))
 
     def use_gate_shift(self, shift: float) -> None:
-        """Time gates read shift_time(t, shift) when sampling (the paper's manual repair); 1 restores the
-        nominal t."""
+        """Time gates read shift_time(t, shift) when sampling
+        (the paper's manual repair); 1 restores the nominal t."""
         SampleConfig(gate_shift=shift)  # checks the value
         if shift != 1.0:
             check_gate_shift(self.transformer)
@@ -192,8 +192,8 @@ class SemanticRoutingPipeline(DiffusionPipeline):
         shift: float | None = None,
         scheduler: str | None = None,
     ) -> SampleConfig:
-        """The settings a `generate` call uses: the given ones, else the pipeline's own (its run's
-        `sample:`)."""
+        """The settings a `generate` call uses: the given
+        ones, else the pipeline's own (its run's `sample:`)."""
         current = type(self.scheduler).__name__
         return SampleConfig(
             scheduler=scheduler or current,
@@ -356,8 +356,8 @@ def load_pipeline(
     device: str | torch.device = "auto",
     precision: str = "auto",
 ) -> SemanticRoutingPipeline:
-    """A diffusers pipeline directory (model_index.json), a semroute checkpoint, or a run directory (newest
-    checkpoint)."""
+    """A diffusers pipeline directory (model_index.json), a
+    semroute checkpoint, or a run directory (newest checkpoint)."""
     path = Path(path)
     if (path / "model_index.json").is_file():
         device = resolve_device(device)

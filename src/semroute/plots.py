@@ -1,5 +1,5 @@
-"""Pictures: sample grids, what the router learned (block x LLM-layer weights, weights vs t), bars and
-intervals."""
+"""Pictures: sample grids, what the router learned (block
+x LLM-layer weights, weights vs t), bars and intervals."""
 
 from __future__ import annotations
 
@@ -41,8 +41,8 @@ GRID_COLUMNS = 8  # images of one prompt wrap onto further rows past this
 def save_sample_grid(
     images: torch.Tensor, prompts: list[str], per_prompt: int, path: Path, title: str = ""
 ) -> Path:
-    """images: (len(prompts) * per_prompt, C, H, W) in [0, 1], grouped by prompt -> rows of at most 8 per
-    prompt."""
+    """images: (len(prompts) * per_prompt, C, H, W) in [0,
+    1], grouped by prompt -> rows of at most 8 per prompt."""
     columns = min(per_prompt, GRID_COLUMNS)
     rows_each = -(-per_prompt // columns)
     rows = len(prompts) * rows_each
@@ -75,8 +75,8 @@ def _heatmap(ax: Axes, weights: np.ndarray, layer_ids: list[int], title: str) ->
 def plot_routing(
     fusion: LayerFusion, path: Path, layer_ids: list[int] | None = None, title: str = ""
 ) -> Path:
-    """Heatmap of block x layer weights; for t-dependent strategies also heatmaps at three times and
-    weight-vs-t curves."""
+    """Heatmap of block x layer weights; for t-dependent strategies
+    also heatmaps at three times and weight-vs-t curves."""
     layer_ids = layer_ids or list(range(1, fusion.num_layers + 1))
     uniform = 1.0 / fusion.num_layers
     with torch.no_grad():

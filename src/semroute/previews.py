@@ -1,5 +1,5 @@
-"""Sample grids of a run in progress: the source's preview prompts, drawn with the EMA weights at a
-checkpoint."""
+"""Sample grids of a run in progress: the source's preview
+prompts, drawn with the EMA weights at a checkpoint."""
 
 from __future__ import annotations
 

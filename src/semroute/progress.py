@@ -13,8 +13,8 @@ logger = logging.getLogger("semroute.train")
 
 
 class Pace:
-    """Times a few steps after warm-up, then calls `report(seconds_per_step, seconds_left)` once: an ETA for
-    the user."""
+    """Times a few steps after warm-up, then calls
+    `report(seconds_per_step, seconds_left)` once: an ETA for the user."""
 
     WARMUP, MEASURED = 2, 10
 
@@ -32,8 +32,8 @@ class Pace:
         self.started: float | None = None
 
     def restart(self, step: int) -> None:
-        """Measure again from `step` (the pace changed, e.g. the steps began to run compiled); nothing if
-        reported."""
+        """Measure again from `step` (the pace changed, e.g. the
+        steps began to run compiled); nothing if reported."""
         if self.report is not None:
             self.measure_from, self.started = step, None
 

@@ -32,8 +32,8 @@ class MetricsWindow:
         self.loss, self.images, self.steps = self.loss + loss, self.images + images, self.steps + 1
 
     def flush(self, accelerator: Accelerator, log_path: Path, step: int, extra: dict, started: float) -> dict:
-        """One record: the window's mean loss and img/s, `extra` (lr, entropy, ...) and the time since
-        `started`."""
+        """One record: the window's mean loss and img/s, `extra`
+        (lr, entropy, ...) and the time since `started`."""
         now = time.perf_counter()
         self.last_loss = self.loss / self.steps if self.steps else math.nan
         self.images_per_s = self.images / (now - self.start)

@@ -250,8 +250,8 @@ def stop_signals() -> Iterator[list[int]]:
 
 
 def stop_signal(run: Run, received: list[int]) -> int | None:
-    """The signal every process stops for, or None (under several processes they agree through an
-    all-reduce)."""
+    """The signal every process stops for, or None (under
+    several processes they agree through an all-reduce)."""
     signum = received[0] if received else 0
     if run.accelerator.num_processes > 1:
         signum = int(

@@ -130,8 +130,8 @@ def _cpu_model() -> str:
 
 
 def machine_key(device: torch.device) -> str:
-    """What the bf16/fp32 speed ratio depends on: the processor, torch, and the ISA limits set in the
-    environment."""
+    """What the bf16/fp32 speed ratio depends on: the processor,
+    torch, and the ISA limits set in the environment."""
     if device.type == "cpu":
         hardware = f"{_cpu_model()} [{cpu_capability()}]"
     else:
@@ -150,8 +150,8 @@ def _synchronize(device: torch.device) -> None:
 
 
 def time_block(device: torch.device, dtype: torch.dtype | None, repeats: int = 4) -> list[float]:
-    """Seconds of one forward + backward of a demo-sized DiT block (8 images of 8x8 tokens), autocast to
-    `dtype`."""
+    """Seconds of one forward + backward of a demo-sized DiT
+    block (8 images of 8x8 tokens), autocast to `dtype`."""
     generator = torch.Generator().manual_seed(0)
     hidden, heads, batch, grid, text = 192, 3, 8, 8, 12
     block = DiTBlock(hidden, heads, 2.0, grid, mlp_conv=True, adaln=True).to(device)
@@ -201,8 +201,8 @@ def _read_probes() -> dict:
 
 
 def stored_measurement(device: torch.device, name: str, valid: Callable[[Any], bool]) -> Any:
-    """This machine's cached `name` (see `cached_measurement`), or None where there is none that `valid`
-    accepts."""
+    """This machine's cached `name` (see `cached_measurement`),
+    or None where there is none that `valid` accepts."""
     entry = _read_probes().get(machine_key(device))
     if not isinstance(entry, dict) or name not in entry:
         return None
@@ -213,8 +213,8 @@ def stored_measurement(device: torch.device, name: str, valid: Callable[[Any], b
 
 
 def store_measurement(device: torch.device, name: str, value: Any) -> None:
-    """Cache `value` as this machine's `name`; a cache that cannot be written only means measuring again next
-    time."""
+    """Cache `value` as this machine's `name`; a cache that
+    cannot be written only means measuring again next time."""
     path, key = _probe_path(), machine_key(device)
     cached = _read_probes()
     entry = cached[key] if isinstance(cached.get(key), dict) else {}
@@ -325,8 +325,8 @@ def process_state(device: str) -> Any:
 
 
 def training_precision(requested: str, device: str) -> Precision:
-    """The precision a training run uses; with several processes the main one measures first and the rest
-    reuse its cache."""
+    """The precision a training run uses; with several processes
+    the main one measures first and the rest reuse its cache."""
     if device not in ("auto", "cpu", "cuda", "mps"):
         raise ValueError(
             f"training takes --device auto, cpu, cuda or mps, got {device!r}; to pick one GPU of several "

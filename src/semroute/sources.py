@@ -27,8 +27,8 @@ if TYPE_CHECKING:
 
 @dataclass
 class Preview:
-    """Prompts to draw sample grids of a run in progress, with their features (no LLM call at a
-    checkpoint)."""
+    """Prompts to draw sample grids of a run in progress,
+    with their features (no LLM call at a checkpoint)."""
 
     captions: list[str]
     features: PromptFeatures  # the captions' rows, then the null prompt's
@@ -59,8 +59,8 @@ class BatchSource(Protocol):
         """Order the data for `epoch` (a function of the seed and the epoch, for exact resume)."""
 
     def condition(self, batch: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(x0, text, mask) on `device`; new tensors the trainer may write to (caption dropout does, in
-        place)."""
+        """(x0, text, mask) on `device`; new tensors the trainer
+        may write to (caption dropout does, in place)."""
 
     def skipped(self) -> dict[str, str]:
         """Images that could not be used, with why."""
@@ -80,8 +80,8 @@ def own_generator(seed: int) -> torch.Generator:
 
 
 class EpochShuffle(torch.utils.data.Sampler):
-    """A permutation per epoch from (seed, epoch): the data order is a function of the step, for exact
-    resume."""
+    """A permutation per epoch from (seed, epoch): the data
+    order is a function of the step, for exact resume."""
 
     def __init__(self, n: int, seed: int) -> None:
         self.n, self.seed, self.epoch = n, seed, 0
@@ -264,8 +264,8 @@ PROBE_ITEMS = 32
 
 
 def _check_usable(dataset: ImageCaptionDataset) -> None:
-    """At least one of the first rows decodes and has a caption: a source of nothing is an error now, not a
-    loop later."""
+    """At least one of the first rows decodes and has a caption:
+    a source of nothing is an error now, not a loop later."""
     n = min(len(dataset), PROBE_ITEMS)
     if not any(dataset.captions_of(i) and dataset.load_image(i) is not None for i in range(n)):
         reasons = sorted(set(dataset.skips.skipped.values()))[:3]

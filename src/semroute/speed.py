@@ -61,8 +61,8 @@ COMPILE_KEEP = 0.95
 
 
 def _time_attention(choice: AttentionChoice, tensors: dict, padded: bool) -> float:
-    """Seconds of a forward + backward of demo-sized self-attention and cross-attention, in `choice`'s
-    form."""
+    """Seconds of a forward + backward of demo-sized
+    self-attention and cross-attention, in `choice`'s form."""
     previous = current_attention()
     use_attention(choice)
     try:
@@ -78,8 +78,8 @@ def _time_attention(choice: AttentionChoice, tensors: dict, padded: bool) -> flo
 
 
 def measure_attention(device: torch.device, rounds: int = 5) -> dict:
-    """Time every kernel x mask form on `device` and return the choice as a dict (cached by
-    `attention_choice`)."""
+    """Time every kernel x mask form on `device` and return
+    the choice as a dict (cached by `attention_choice`)."""
     generator = torch.Generator().manual_seed(0)
     B, heads, N, S, d = 16, 3, 64, 12, 64  # 8x8 image tokens, heads of 64, a short prompt: the demo's shapes
 
@@ -144,8 +144,8 @@ class Choice:
 
 
 def attention_choice(device: torch.device) -> Choice:
-    """The attention kernel and mask form for `device`: measured once per machine on a CPU, PyTorch's own
-    elsewhere."""
+    """The attention kernel and mask form for `device`: measured
+    once per machine on a CPU, PyTorch's own elsewhere."""
     if device.type != "cpu":
         return Choice(AttentionChoice(), f"PyTorch's own kernel selection on {device.type}")
     entry = cached_measurement(device, "attention", lambda: measure_attention(device), _valid_attention)

@@ -34,8 +34,8 @@ class StepParts:
 
 
 def build_optimizer(model: SemanticRoutingDiT, config: RunConfig) -> torch.optim.AdamW:
-    """AdamW with the fusion gates in their own groups, scaled so that logits move at about `fusion_lr` per
-    step."""
+    """AdamW with the fusion gates in their own groups, scaled
+    so that logits move at about `fusion_lr` per step."""
     training = config.train
     fusion_ids = {id(p) for p in model.fusion.parameters()}
     rest = [p for p in model.parameters() if id(p) not in fusion_ids]

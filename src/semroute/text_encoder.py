@@ -83,8 +83,8 @@ def default_deep_layers(num_blocks: int) -> list[int]:
 
 
 def check_template(template: str) -> None:
-    """'chat', or a format string whose only field is {prompt}, not at its very start; one-line errors
-    otherwise."""
+    """'chat', or a format string whose only field is {prompt},
+    not at its very start; one-line errors otherwise."""
     if template == "chat":
         return
     try:
@@ -182,8 +182,8 @@ def resolve_model_dir(model: str) -> Path:
 
 
 def resolve_layers(layers: list[int], num_model_layers: int) -> list[int]:
-    """Configured layers (1-based, negatives from the end, empty = all) -> 1-based indices into
-    `hidden_states`."""
+    """Configured layers (1-based, negatives from the end,
+    empty = all) -> 1-based indices into `hidden_states`."""
     n = num_model_layers
     if not layers:
         return list(range(1, n + 1))
@@ -206,8 +206,8 @@ def llm_dtype(device: torch.device) -> torch.dtype:
 
 
 class EncoderInfo(Protocol):
-    """What the DiT and a checkpoint need to know about the LLM: a loaded `TextEncoder` or a cache's
-    description."""
+    """What the DiT and a checkpoint need to know about the
+    LLM: a loaded `TextEncoder` or a cache's description."""
 
     @property
     def config(self) -> TextEncoderConfig: ...
@@ -274,8 +274,8 @@ class TextEncoder(nn.Module):
 
     @property
     def feature_dim(self) -> int:
-        """Width of each text feature entry the DiT reads: the hidden size, or 2 x kv_heads x head_dim (keys,
-        values)."""
+        """Width of each text feature entry the DiT reads: the
+        hidden size, or 2 x kv_heads x head_dim (keys, values)."""
         return self.hidden_size if self.feature_kind == "hidden_states" else 2 * self.kv_heads * self.head_dim
 
     @property
@@ -357,8 +357,8 @@ class TextEncoder(nn.Module):
         return keys, values, batch["attention_mask"].bool()
 
     def _tokenize(self, prompts: list[str]) -> Any:
-        """The wrapped prompts as a right-padded batch on the LLM's device, cut at max_length (with a
-        warning)."""
+        """The wrapped prompts as a right-padded batch on the
+        LLM's device, cut at max_length (with a warning)."""
         texts = [self.wrap(p) for p in prompts]
         limit = self.config.max_length
         lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
@@ -381,8 +381,8 @@ class TextEncoder(nn.Module):
 
 
 def check_reads(encoder: EncoderInfo, config: TextEncoderConfig, who: str = "this config") -> None:
-    """A text encoder handed in must read what `config` asks for (hidden states or deep fusion's
-    keys/values)."""
+    """A text encoder handed in must read what `config` asks
+    for (hidden states or deep fusion's keys/values)."""
     wanted = config.feature_kind
     if encoder.feature_kind != wanted:
         raise ValueError(

@@ -112,8 +112,8 @@ def _preview(run: Run, state: TrainState) -> None:
 def _count_step(
     run: Run, state: TrainState, losses: list[float], finite: bool | None, images: int, window: MetricsWindow
 ) -> None:
-    """Account for one optimizer step: a finite one enters the metrics; too many non-finite ones in a row stop
-    the run."""
+    """Account for one optimizer step: a finite one enters the
+    metrics; too many non-finite ones in a row stop the run."""
     if finite:
         state.bad_streak = 0
         window.add(sum(losses) / len(losses), images)
@@ -164,8 +164,8 @@ def _summary(run: Run, state: TrainState, window: MetricsWindow) -> dict:
 
 
 def _micro_step(run: Run, batch: tuple) -> tuple[float, bool | None]:
-    """`train_step` on `batch`; should the first compiled step fail (no working compiler), the run goes on
-    eager."""
+    """`train_step` on `batch`; should the first compiled
+    step fail (no working compiler), the run goes on eager."""
 
     def step() -> tuple[float, bool | None]:
         return train_step(run, batch)
@@ -183,8 +183,8 @@ def _micro_step(run: Run, batch: tuple) -> tuple[float, bool | None]:
 def _loop(
     run: Run, state: TrainState, budget: Budget, meters: Meters, batches: BatchStream, received: list[int]
 ) -> None:
-    """Optimizer steps until the budget is spent; log, checkpoint and preview on their cadence; stop cleanly
-    on a signal."""
+    """Optimizer steps until the budget is spent; log, checkpoint
+    and preview on their cadence; stop cleanly on a signal."""
     training, accelerator = run.config.train, run.accelerator
     while state.step < budget.max_steps:
         if budget.time_is_up():

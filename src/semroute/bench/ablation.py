@@ -50,8 +50,8 @@ RESULTS_FILE = "shapesbench.json"
 
 
 def results_file(scale: float, base_scale: float | None) -> str:
-    """A run's results file at one guidance scale: shapesbench.json at the config's own, else
-    shapesbench-cfg<g>.json."""
+    """A run's results file at one guidance scale: shapesbench.json
+    at the config's own, else shapesbench-cfg<g>.json."""
     return RESULTS_FILE if scale == base_scale else f"shapesbench-cfg{scale:g}.json"
 
 

@@ -59,8 +59,8 @@ LOSS_SE = 2
 
 
 def _seed_differences(a: list[dict], b: list[dict], column: str) -> dict:
-    """a - b of one column, paired by seed: mean, its standard error over seeds, and whether it is below 0 by
-    LOSS_SE SE."""
+    """a - b of one column, paired by seed: mean, its standard
+    error over seeds, and whether it is below 0 by LOSS_SE SE."""
     by_seed = {r["seed"]: score(r, column) for r in b}
     diffs = [score(r, column) - by_seed[r["seed"]] for r in a if r["seed"] in by_seed]
     if not diffs:
@@ -78,8 +78,8 @@ def _bootstrap_text(difference: str, boot: dict) -> str:
 
 
 def claims(found: dict[str, list[dict]]) -> list[dict]:
-    """The paper's claims and the gate variants' targets, checked against our numbers (one needing a missing
-    row is skipped)."""
+    """The paper's claims and the gate variants' targets, checked
+    against our numbers (one needing a missing row is skipped)."""
     out = []
     means = {sid: {c: mean_std([score(r, c) for r in rs])[0] for c in COLUMNS} for sid, rs in found.items()}
     paper_rows = {sid: m for sid, m in means.items() if sid in PAPER_IDS}
@@ -145,8 +145,8 @@ def claims(found: dict[str, list[dict]]) -> list[dict]:
 
 
 def table_markdown(found: dict[str, list[dict]], checked: list[dict]) -> str:
-    """Rows in the paper's order (gate variants after their strategy), mean +- std over seeds in percent; then
-    the claims."""
+    """Rows in the paper's order (gate variants after their
+    strategy), mean +- std over seeds in percent; then the claims."""
     header = "| strategy | seeds | " + " | ".join(COLUMNS) + " |"
     lines = [header, "|" + "---|" * (len(COLUMNS) + 2)]
     for sid in VARIANTS:
@@ -214,8 +214,8 @@ def claim_interval(claim: dict) -> tuple[float, float, float] | None:
 
 
 def plot_claims(per_scale: dict[float, list[dict]], path: Path) -> None:
-    """One panel per claim that is a difference: its value and interval against the guidance scale, with 0
-    marked."""
+    """One panel per claim that is a difference: its value
+    and interval against the guidance scale, with 0 marked."""
     panels: dict[str, list[tuple[float, float, float, float]]] = {}
     for scale in sorted(per_scale):
         for claim in per_scale[scale]:

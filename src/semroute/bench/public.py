@@ -89,8 +89,8 @@ def read_prompts(bench: str, path: Path) -> list[PublicPrompt]:
 
 
 def check_settings(path: Path, settings: dict) -> None:
-    """An output made with other sampling settings (or prompts) is refused: its images would answer another
-    question."""
+    """An output made with other sampling settings (or prompts)
+    is refused: its images would answer another question."""
     if not path.parent.exists():
         return
     if not path.is_file():

@@ -12,8 +12,8 @@ COLUMNS = (*CATEGORIES, "overall", "fidelity")
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """One row: a paper strategy, what its time gates read, and whether it is trained or only sampled
-    differently."""
+    """One row: a paper strategy, what its time gates read,
+    and whether it is trained or only sampled differently."""
 
     name: str
     paper_id: str  # the strategy (b1..s3, fusedit)

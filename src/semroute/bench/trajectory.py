@@ -116,8 +116,8 @@ def trace(
 
 
 def suggest_gate_shift(nominal: list[float], effective: list[float]) -> float:
-    """The gate shift s whose shift_time(t, s) is closest to the effective levels (least squares over a log
-    grid)."""
+    """The gate shift s whose shift_time(t, s) is closest to
+    the effective levels (least squares over a log grid)."""
     t = torch.tensor(nominal, dtype=torch.float64)
     target = torch.tensor(effective, dtype=torch.float64)
     known = torch.isfinite(target)
@@ -128,8 +128,8 @@ def suggest_gate_shift(nominal: list[float], effective: list[float]) -> float:
 
 
 def plot_trajectory(result: dict, path: Path, title: str) -> None:
-    """Effective noise level against the nominal t, one line per guidance scale, the estimators stated on the
-    figure."""
+    """Effective noise level against the nominal t, one line
+    per guidance scale, the estimators stated on the figure."""
     fig, ax = plt.subplots(figsize=(6.4, 5.4))
     t = result["t"]
     ax.plot([0, 1], [0, 1], ":", color="grey", label="effective = nominal")

@@ -46,8 +46,8 @@ def _config_for(
     default: str = "",
     extra: tuple[str, ...] = (),
 ) -> RunConfig:
-    """The run config of --config (or a packaged default) with --set and the flags that override config
-    keys."""
+    """The run config of --config (or a packaged default)
+    with --set and the flags that override config keys."""
     overrides = [*sets, *extra] + ([f"train.mixed_precision={precision}"] if precision is not None else [])
     return load_config(path or packaged_config(default), overrides)
 

@@ -27,8 +27,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class DatasetConfig:
-    """Real image-caption data. With none of manifest / hf_dataset / cache set, training uses the shapes
-    task."""
+    """Real image-caption data. With none of manifest /
+    hf_dataset / cache set, training uses the shapes task."""
 
     manifest: str | None = None  # a .json file holding a list of rows, or a .jsonl file with one row a line
     image_root: str | None = None  # where relative image paths start (default: the manifest's folder)
@@ -74,8 +74,8 @@ class BadImageError(ValueError):
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB from any mode: 16-bit and 32-bit integer images scaled from 0..65535, float images from
-    0..1."""
+    """8-bit RGB from any mode: 16-bit and 32-bit integer
+    images scaled from 0..65535, float images from 0..1."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         array = np.asarray(image, dtype=np.float64)
         scale = 1.0 if image.mode == "F" else 65535.0
@@ -168,8 +168,8 @@ def parse_jsonl(text: str, path: Path, hint: str = "") -> list:
 
 
 def parse_json(text: str, what: str, expected: type, hint: str) -> Any:
-    """One JSON document of the `expected` type; otherwise an error naming `what` (the file) and `hint` (the
-    fix)."""
+    """One JSON document of the `expected` type; otherwise an
+    error naming `what` (the file) and `hint` (the fix)."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
@@ -180,8 +180,8 @@ def parse_json(text: str, what: str, expected: type, hint: str) -> Any:
 
 
 def _inside(root: Path, name: object, where: str, allow_outside: bool) -> Path:
-    """The image path of a manifest row; one that leaves `root` (../, an absolute path) is an error unless
-    allowed."""
+    """The image path of a manifest row; one that leaves `root`
+    (../, an absolute path) is an error unless allowed."""
     if not isinstance(name, str) or not name or "\x00" in name:
         raise ValueError(f"{where}: the image must be a non-empty path string, got {name!r:.120}")
     path = root / name
