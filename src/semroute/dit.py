@@ -147,7 +147,8 @@ def _zero(layer: nn.Module) -> None:
     nn.init.zeros_(cast(nn.Linear, layer).bias)
 
 
-class SemanticRoutingDiT(ModelMixin, ConfigMixin):  # type: ignore[misc]  # diffusers' own models mix the same two
+# ModelMixin and ConfigMixin type config_name differently; diffusers' own models mix the same two.
+class SemanticRoutingDiT(ModelMixin, ConfigMixin):  # type: ignore[misc]
     """DiT conditioned on LLM layers fused per block by `LayerFusion` (strategy in the config)."""
 
     _supports_gradient_checkpointing = True

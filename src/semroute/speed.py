@@ -294,16 +294,19 @@ class StepCompiler:
         self._compile(True)
         self.phase, self.reason = "first-call", why
 
+    def _blocks(self) -> list[torch.nn.Module]:
+        return list(self.model.blocks)  # type: ignore[arg-type]  # a ModuleList, typed as a plain Module
+
     def _compile(self, on: bool) -> None:
         if on and not self._compiled:
-            self._compiled = [torch.compile(block.forward) for block in self.model.blocks]  # type: ignore[union-attr]
+            self._compiled = [torch.compile(block.forward) for block in self._blocks()]
         if not on:
             self._compiled = []
         self._install(on)
         self.used = on
 
     def _install(self, on: bool) -> None:
-        blocks: list[torch.nn.Module] = list(self.model.blocks)  # type: ignore[arg-type]
+        blocks = self._blocks()
         compiled_forwards: list[Callable | None] = list(self._compiled) or [None] * len(blocks)
         for block, compiled in zip(blocks, compiled_forwards, strict=True):
             if on and compiled is not None:
