@@ -278,7 +278,7 @@ def load_torch_file(path: Path) -> Any:
     """
 
     numpy_rng = [
-        np._core.multiarray._reconstruct,  # type: ignore[attr-defined]
+        np._core.multiarray._reconstruct,  # type: ignore[attr-defined]  # private in numpy's stubs
         np.ndarray,
         np.dtype,
         type(np.dtype(np.uint32)),

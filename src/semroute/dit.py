@@ -308,6 +308,7 @@ class SemanticRoutingDiT(ModelMixin, ConfigMixin):  # type: ignore[misc]
         mask = context.attention_mask(h.shape[1], deep=self.context_embedder is None)
         for block, kv in zip(self.blocks, context.keys_values, strict=True):
             if self.gradient_checkpointing and torch.is_grad_enabled():
+                # Set by diffusers' enable_gradient_checkpointing (typed None until then).
                 h = self._gradient_checkpointing_func(block, h, c, rope, kv, mask)  # type: ignore[misc]
             else:
                 h = block(h, c, rope, kv, mask)

@@ -80,6 +80,7 @@ class SemanticRoutingPipeline(DiffusionPipeline):
     text_layers / max_length / template say how the LLM is read (what the DiT was trained on).
     """
 
+    # diffusers declares this None in DiffusionPipeline and sets it per pipeline, as here.
     model_cpu_offload_seq = "text_encoder->transformer->vae"  # type: ignore[assignment]
     _optional_components = ["vae"]
 
