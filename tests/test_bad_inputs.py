@@ -70,7 +70,7 @@ FLAG_CASES = {
     "train --config missing.yaml": (["train", "--config", "{tmp}/missing.yaml"], "does not exist"),
     "sample --cfg 0.5": (
         ["sample", "--checkpoint", "{run}", "--prompt", "x", "--cfg", "0.5"],
-        "must be >= 1",
+        "argument --cfg: the scale must be >= 1 (1 disables guidance), got 0.5",
     ),
     "sample --steps 0": (
         ["sample", "--checkpoint", "{run}", "--prompt", "x", "--steps", "0"],
@@ -208,6 +208,10 @@ CONFIG_CASES = {
         "unknown fusion strategy 'random'; valid:",
     ),
     "unknown preset": ({"model": {"preset": "huge"}}, "unknown model.preset 'huge'; valid:"),
+    "background not a colour": (
+        {"dataset": {"background": "see-through"}},
+        "dataset.background must be a colour name or #rrggbb, got 'see-through'",
+    ),
     "derived model key": ({"model": {"preset": "tiny", "text_dim": 9}}, "set from the text encoder"),
     "layer out of range": ({"text_encoder": {"layers": [99]}}, "layer 99 is out of range"),
     "template without {prompt}": (

@@ -17,6 +17,7 @@ from semroute.data.images import (
     DatasetConfig,
     ImageCaptionDataset,
     collate_skipping,
+    to_rgb,
     to_training_tensor,
 )
 from semroute.fusion import LayerFusion
@@ -34,6 +35,59 @@ def image_run_config(tiny_llama_dir, dataset: dict, **train) -> dict:
     )
     config["dataset"] = {"resolution": 16, **dataset}
     return config
+
+
+def _over(colour, alpha, background):
+    """Straight-alpha 'over' in 8 bits, computed by hand: the reference for compositing."""
+    return [round((c * alpha + b * (255 - alpha)) / 255) for c, b in zip(colour, background, strict=True)]
+
+
+def test_transparent_pixels_are_composited_onto_the_background_in_every_alpha_mode():
+    # Transparent pixels store pure red: dropping alpha (what convert("RGB") does) would train on red.
+    rgba = np.zeros((4, 4, 4), dtype=np.uint8)
+    rgba[..., 0] = 255  # red everywhere
+    rgba[:2, :, 3] = 0  # top half fully transparent
+    rgba[2:, :2, 3] = 255  # bottom-left opaque
+    rgba[2:, 2:, 3] = 128  # bottom-right half transparent
+    image = Image.fromarray(rgba, "RGBA")
+    for background in [(255, 255, 255), (0, 0, 0), (10, 200, 30)]:
+        out = np.asarray(to_rgb(image, background)).astype(int)
+        assert out[0, 0].tolist() == list(background)
+        assert out[3, 0].tolist() == [255, 0, 0]
+        assert np.abs(out[3, 3] - _over((255, 0, 0), 128, background)).max() <= 1
+    # The same through the training transform: [-1, 1] values of the composited pixels.
+    x = to_training_tensor(image, 4, (0, 0, 0))
+    assert torch.equal(x[:, 0, 0], torch.tensor([-1.0, -1.0, -1.0]))
+    # LA and a palette image with a transparent index behave the same; images without alpha are untouched.
+    la = Image.fromarray(
+        np.stack([np.full((2, 2), 90, np.uint8), np.array([[0, 255], [255, 0]], np.uint8)], -1), "LA"
+    )
+    assert np.asarray(to_rgb(la, (255, 255, 255)))[:, :, 0].tolist() == [[255, 90], [90, 255]]
+    palette = Image.new("P", (2, 1))
+    palette.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    palette.putpixel((0, 0), 0)
+    palette.putpixel((1, 0), 1)
+    palette.info["transparency"] = 0
+    assert np.asarray(to_rgb(palette, (0, 255, 0))).tolist() == [[[0, 255, 0], [0, 0, 255]]]
+    plain = Image.fromarray(rgba[..., :3], "RGB")
+    assert np.array_equal(np.asarray(to_rgb(plain, (0, 0, 0))), rgba[..., :3])
+
+
+def test_a_manifest_of_rgba_pngs_trains_on_composited_pixels(tmp_path):
+    """The dataset (and so training and precompute) reads RGBA files composited onto dataset.background."""
+    rgba = np.zeros((8, 8, 4), dtype=np.uint8)
+    rgba[..., 1] = 255  # green, invisible where alpha is 0
+    rgba[4:, :, 3] = 255
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "emoji.png")
+    (tmp_path / "data.jsonl").write_text(json.dumps({"image": "emoji.png", "text": "a green bar"}))
+    for background, top in (("white", 1.0), ("#000000", -1.0)):
+        config = DatasetConfig(manifest=str(tmp_path / "data.jsonl"), resolution=8, background=background)
+        x, caption = ImageCaptionDataset(config)[0]
+        assert caption == "a green bar"
+        assert torch.allclose(x[:, :3, :], torch.full((3, 3, 8), top))  # the transparent rows
+        assert torch.allclose(x[:, 5:, :], torch.tensor([-1.0, 1.0, -1.0]).view(3, 1, 1).expand(3, 3, 8))
+    with pytest.raises(ValueError, match="dataset.background must be a colour name or #rrggbb, got 'nope'"):
+        DatasetConfig(manifest=str(tmp_path / "data.jsonl"), background="nope")
 
 
 def test_resize_and_center_crop_against_pil():

@@ -139,7 +139,9 @@ def precompute(
             batch = [(i, c) for i, c in batch if i in images]
             if not batch:
                 continue
-            pixels = torch.stack([to_training_tensor(images[i], d.resolution) for i, _ in batch])
+            pixels = torch.stack(
+                [to_training_tensor(images[i], d.resolution, d.background_rgb) for i, _ in batch]
+            )
             latents.append((encode_latents(vae, pixels) if vae is not None else pixels).to("cpu", store))
             h, m = encoder.features([c for _, c in batch])
             h, m = _pad(h.transpose(0, 1), m, length)

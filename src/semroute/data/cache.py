@@ -31,7 +31,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 CACHE_META = "cache.json"
-CACHE_VERSION = 2  # 2: the recipe names the source by content and the shard size
+# 2: the recipe names the source by content and the shard size; 3: transparent pixels are composited
+# onto dataset.background, recorded in the recipe
+CACHE_VERSION = 3
 CACHE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -79,6 +81,7 @@ def cache_recipe(
         "max_length": encoder.config.max_length,
         "template": encoder.config.template,
         "resolution": dataset_config.resolution,
+        "background": dataset_config.background_rgb,
         "vae": None,
         "dtype": dtype,
     }

@@ -20,7 +20,7 @@ from typing import Any, cast
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageColor
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,13 @@ class DatasetConfig:
     # Manifest image paths must stay inside image_root (no ../ or absolute paths elsewhere) unless this is
     # true.
     allow_paths_outside_root: bool = False
+    # What transparent pixels show: a colour name or #rrggbb that images with alpha are composited onto.
+    background: str = "white"
+
+    @property
+    def background_rgb(self) -> tuple[int, int, int]:
+        red, green, blue = ImageColor.getrgb(self.background)[:3]
+        return red, green, blue
 
     @property
     def active(self) -> bool:
@@ -65,6 +72,12 @@ class DatasetConfig:
                 f"dataset.resolution {self.resolution} is beyond 8192 or dataset.max_image_pixels; "
                 f"train at a smaller resolution"
             )
+        try:
+            ImageColor.getrgb(self.background)
+        except ValueError:
+            raise ValueError(
+                f"dataset.background must be a colour name or #rrggbb, got {self.background!r}"
+            ) from None
         if self.max_image_pixels < 1:
             raise ValueError(f"dataset.max_image_pixels must be >= 1, got {self.max_image_pixels}")
 
@@ -73,9 +86,21 @@ class BadImageError(ValueError):
     """A missing or unreadable image in strict mode."""
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB from any mode: 16-bit and 32-bit integer
-    images scaled from 0..65535, float images from 0..1."""
+WHITE = (255, 255, 255)
+
+
+def has_alpha(image: Image.Image) -> bool:
+    """Whether some pixels of `image` may be (partly) transparent: an alpha band or a transparency key."""
+    return image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in image.info
+
+
+def to_rgb(image: Image.Image, background: tuple[int, int, int] = WHITE) -> Image.Image:
+    """8-bit RGB from any mode: 16-bit and 32-bit integer images scaled from 0..65535, float images from
+    0..1, and transparent pixels composited onto `background` (dropping alpha would keep whatever colour
+    the transparent pixels happen to hold)."""
+    if has_alpha(image):
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (*background, 255)), rgba).convert("RGB")
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         array = np.asarray(image, dtype=np.float64)
         scale = 1.0 if image.mode == "F" else 65535.0
@@ -84,14 +109,17 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def to_training_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
-    """Resize the shorter side to `resolution` (bicubic), center-crop a square, scale to [-1, 1]: (3, R, R).
+def to_training_tensor(
+    image: Image.Image, resolution: int, background: tuple[int, int, int] = WHITE
+) -> torch.Tensor:
+    """Composite any transparency onto `background`, resize the shorter side to `resolution` (bicubic),
+    center-crop a square, scale to [-1, 1]: (3, R, R).
 
     An image whose resized long side would be huge (a 1 x 100000 strip) is resampled from the crop's box
     of the original instead, so memory stays bounded (the result differs from two-step resizing by a few
     levels).
     """
-    image = to_rgb(image)
+    image = to_rgb(image, background)
     w, h = image.size
     scale = resolution / min(w, h)
     size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
@@ -345,7 +373,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         if image is None:
             return None
         caption = captions[random.Random(hash((self.seed, index, self.epoch))).randrange(len(captions))]
-        return to_training_tensor(image, self.config.resolution), caption
+        return to_training_tensor(image, self.config.resolution, self.config.background_rgb), caption
 
 
 def collate_skipping(batch: list) -> tuple[torch.Tensor, list[str]] | None:
