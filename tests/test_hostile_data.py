@@ -248,7 +248,7 @@ def test_an_epoch_with_no_usable_batch_stops_instead_of_looping(tmp_path, tiny_l
             checkpoint_every=100,
         )
     )
-    from semroute.data import sources
+    from semroute import sources
 
     real = sources._check_usable
 
