@@ -22,6 +22,7 @@ from ..bench.sampling import sample_all
 from ..bench.trajectory import plot_trajectory, trace
 from ..checkpoint import RUN_CONFIG_FILE, resolve_checkpoint, routed_layers
 from ..config import RunConfig, load_config
+from ..data.emoji import build_emoji_set
 from ..demo import run_demo
 from ..fileio import OutputLock, read_json, write_json
 from ..loading import export_pipeline, load_transformer
@@ -267,6 +268,16 @@ def cmd_ablate(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_data(args: argparse.Namespace) -> None:
+    with _writer(args.out):
+        summary = build_emoji_set(args.out, args.tarball)
+    print(
+        f"wrote {summary['images']} captioned images to {args.out}: {summary['train']} for training "
+        f"({args.out / 'train.jsonl'}), {summary['held_out']} held out ({args.out / 'heldout.jsonl'}); "
+        f"train on it with dataset: {{manifest: {args.out / 'train.jsonl'}}}"
+    )
+
+
 def cmd_precompute(args: argparse.Namespace) -> None:
     config = _config_for(args.config, args.set)
     with _writer(args.out):
@@ -350,6 +361,7 @@ COMMANDS = {
     "routing": cmd_routing,
     "eval": cmd_eval,
     "ablate": cmd_ablate,
+    "data": cmd_data,
     "precompute": cmd_precompute,
     "sample-bench": cmd_sample_bench,
     "export": cmd_export,

@@ -179,6 +179,26 @@ def build_parser() -> argparse.ArgumentParser:
     runtime_arguments(p, precision_default=None, train=True)
 
     p = sub.add_parser(
+        "data",
+        help="build a real image-caption set from a registry package (set-up time, not training time)",
+        formatter_class=fmt,
+        description="emoji: Microsoft's Fluent 3D emoji (npm @lobehub/fluent-emoji-3d, MIT), 256x256 RGBA, "
+        "captioned with their Unicode names and split so that whole (person, skin tone) and family "
+        "combinations are held out while each part is seen in training. Writes DIR/images, "
+        "DIR/train.jsonl, DIR/heldout.jsonl (manifests for dataset.manifest) and DIR/split.json.",
+    )
+    p.add_argument("name", choices=("emoji",), help="which set")
+    p.add_argument("--out", type=Path, required=True, help="directory to write the set into")
+    p.add_argument(
+        "--from",
+        dest="tarball",
+        type=Path,
+        default=None,
+        help="the package tarball already on disk (npm pack @lobehub/fluent-emoji-3d@1.1.0); default: "
+        "fetch it with npm",
+    )
+
+    p = sub.add_parser(
         "precompute",
         help="encode a dataset once: VAE latents + LLM features into safetensors shards",
         formatter_class=fmt,
