@@ -81,7 +81,7 @@ def cache_recipe(
         "max_length": encoder.config.max_length,
         "template": encoder.config.template,
         "resolution": dataset_config.resolution,
-        "background": dataset_config.background_rgb,
+        "background": list(dataset_config.background_rgb),  # as JSON reads it back
         "vae": None,
         "dtype": dtype,
     }
