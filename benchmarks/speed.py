@@ -195,7 +195,7 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled training variant")
     args = parser.parse_args()
 
-    from semroute.cli import packaged_config
+    from semroute.base import packaged_config
     from semroute.config import load_config
     from semroute.runtime import resolve_precision
     from semroute.text_encoder import TextEncoder
