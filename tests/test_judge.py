@@ -10,7 +10,13 @@ import torch
 import torch.nn.functional as F
 from skimage import data
 
-from semroute.bench.image_metrics import attribute_hits, frechet_distance, retrieval, split_half_fd
+from semroute.bench.image_metrics import (
+    attribute_hits,
+    frechet_distance,
+    retrieval,
+    sibling_groups,
+    split_half_fd,
+)
 from semroute.bench.judge import FEATURE_DIM, ImageJudge
 
 # ImageNet-1k indices of what the sample photos show (class names from the ImageNet synset list).
@@ -118,7 +124,8 @@ def test_real_images_score_the_ceiling(real):
     """Generated images identical to the real ones: every retrieval hits and FD is zero."""
     assert retrieval(real, real, k=1).all() and retrieval(real, real, k=5).all()
     assert frechet_distance(real, real) == pytest.approx(0.0, abs=1e-6)
-    hits, chance = attribute_hits(real, real, [[0, 1, 2], [3, 4], [5, 6, 7, 8]])
+    groups = [[0, 1, 2]] * 3 + [[3, 4]] * 2 + [[5, 6, 7, 8]] * 4
+    hits, chance = attribute_hits(real[:9], real, groups, list(range(9)))
     assert hits.all() and chance == pytest.approx((3 * (1 / 3) + 2 * (1 / 2) + 4 * (1 / 4)) / 9)
 
 
@@ -132,8 +139,9 @@ def test_noise_and_grey_images_score_chance_and_far_from_real(judge, real):
         # Chance of top-1 is 1/N: with ties counted against a hit, identical features hit exactly once.
         assert retrieval(fake, real, k=1).float().mean() <= 2 / n
         assert retrieval(fake, real, k=5).float().mean() <= 10 / n
-        hits, chance = attribute_hits(fake, real, [list(range(0, 8)), list(range(8, 16))])
-        assert hits.float().mean() <= 2 * chance
+        groups = [list(range(0, 8))] * 8 + [list(range(8, 16))] * 8
+        hits, chance = attribute_hits(fake[:16], real, groups, list(range(16)))
+        assert chance == pytest.approx(1 / 8) and hits.float().mean() <= 2 * chance
         # Far from the real images: several times the real-vs-real floor.
         assert frechet_distance(fake, real) > 3 * floor
     assert retrieval(grey, real, k=1).sum() == 1  # one real image is the nearest of the one grey feature
@@ -147,5 +155,23 @@ def test_retrieval_counts_ranks_and_ties():
     assert retrieval(generated, real, k=2).tolist() == [True, True, True, True]
     with pytest.raises(ValueError, match="must pair up"):
         retrieval(generated[:3], real)
-    with pytest.raises(ValueError, match="at least 2 members"):
-        attribute_hits(generated, real, [[0]])
+    with pytest.raises(ValueError, match="at least 2 real images, its target 0 among them"):
+        attribute_hits(generated[:1], real, [[0]], [0])
+    with pytest.raises(ValueError, match="its target 3 among them"):
+        attribute_hits(generated[:1], real, [[0, 1]], [3])
+    with pytest.raises(ValueError, match="needs candidates and a target"):
+        attribute_hits(generated, real, [[0, 1]], [0])
+
+
+def test_attribute_hits_pick_the_own_image_among_siblings_only():
+    """A generated image that matches another emoji best, but its own tone best among its siblings, hits."""
+    bank = torch.tensor(
+        [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.7, 0.7], [0.0, 0.0, 1.0]], dtype=torch.float64
+    )
+    generated = torch.tensor([[0.9, 0.3, 0.1], [0.0, 0.2, 1.0]], dtype=torch.float64)
+    # Image 0: nearest overall is bank 0, but among its siblings {1, 2} it is nearest to 1, its own.
+    # Image 1: its siblings are {1, 2} and its own is 1, but it is nearer to 2: a miss.
+    hits, chance = attribute_hits(generated, bank, [[1, 2], [1, 2]], [1, 1])
+    assert hits.tolist() == [True, False] and chance == pytest.approx(0.5)
+    rows = [{"base": "ninja"}, {"base": "ninja"}, {"base": "flag: France"}, {"base": "ninja"}]
+    assert sibling_groups(rows) == [[0, 1, 3], [0, 1, 3], [2], [0, 1, 3]]

@@ -78,18 +78,40 @@ def retrieval(generated: torch.Tensor, real: torch.Tensor, k: int = 1) -> torch.
 
 
 def attribute_hits(
-    generated: torch.Tensor, real: torch.Tensor, groups: Sequence[Sequence[int]]
+    generated: torch.Tensor, bank: torch.Tensor, candidates: Sequence[Sequence[int]], targets: Sequence[int]
 ) -> tuple[torch.Tensor, float]:
-    """Within each group of sibling captions, is generated image i closest to real image i among the
-    group's real images? Returns one bool per member of every group, and the chance level (the mean of
-    1 / group size over those members)."""
+    """Is each generated image closest (cosine) to its own real image among its siblings?
+
+    generated: (N, D) features; bank: (M, D) real features; candidates[i]: indices into `bank` of the real
+    images of generated image i's sibling captions (those that differ in one attribute), including
+    `targets[i]`, its own. Returns one bool per generated image and the chance level, the mean of
+    1 / len(candidates[i]).
+    """
+    if not len(generated) == len(candidates) == len(targets):
+        raise ValueError(
+            f"every generated image needs candidates and a target, got {len(generated)}, "
+            f"{len(candidates)} and {len(targets)}"
+        )
     hits, chance = [], []
-    for group in groups:
-        if len(group) < 2:
-            raise ValueError(f"an attribute group needs at least 2 members, got {list(group)}")
-        index = torch.tensor(list(group))
-        hits.append(_rank_of_own(_cosine(generated[index], real[index])) == 0)
-        chance += [1 / len(group)] * len(group)
+    for feature, group, target in zip(generated, candidates, targets, strict=True):
+        group = list(group)
+        if len(group) < 2 or target not in group:
+            raise ValueError(
+                f"a sibling group needs at least 2 real images, its target {target} among them, got {group}"
+            )
+        similarity = _cosine(feature[None], bank[torch.tensor(group)])[0]
+        own = similarity[group.index(target)]
+        hits.append(bool((similarity > own).sum() + (similarity == own).sum() - 1 == 0))
+        chance.append(1 / len(group))
     if not hits:
         return torch.zeros(0, dtype=torch.bool), float("nan")
-    return torch.cat(hits), float(np.mean(chance))
+    return torch.tensor(hits), float(np.mean(chance))
+
+
+def sibling_groups(rows: Sequence[dict], key: str = "base") -> list[list[int]]:
+    """For each row, the indices of the rows sharing its `key` (e.g. the same emoji in other skin tones);
+    rows without a sibling get a group of their own and are left out of attribute accuracy by the caller."""
+    by_key: dict[str, list[int]] = {}
+    for i, row in enumerate(rows):
+        by_key.setdefault(row[key], []).append(i)
+    return [by_key[row[key]] for row in rows]
