@@ -29,6 +29,7 @@ from typing import Any
 
 import emoji as emoji_names
 
+from ..base import one_line
 from ..fileio import write_json, write_text
 
 FLUENT_PACKAGE = "@lobehub/fluent-emoji-3d@1.1.0"
@@ -61,7 +62,7 @@ def fetch_package(spec: str, into: Path) -> Path:
         timeout=900,
     )
     if done.returncode != 0:
-        raise ValueError(f"npm pack {spec} failed: {' '.join(done.stderr.split())[:300]}")
+        raise ValueError(f"npm pack {spec} failed: {one_line(done.stderr, 300)}")
     return into / done.stdout.strip().splitlines()[-1]
 
 
