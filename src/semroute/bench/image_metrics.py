@@ -61,10 +61,10 @@ def _cosine(generated: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     return F.normalize(generated.double(), dim=1) @ F.normalize(real.double(), dim=1).T
 
 
-def _rank_of_own(similarity: torch.Tensor) -> torch.Tensor:
-    """(N, N) similarities -> (N,) how many candidates are at least as close as the own one (ties count
-    against it, so identical features cannot all score a hit)."""
-    own = similarity.diagonal().unsqueeze(1)
+def _rank_of_own(similarity: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+    """(N, M) similarities and (N,) the own candidate's -> (N,) how many other candidates are at least as
+    close (ties count against it, so identical features cannot all score a hit)."""
+    own = own.unsqueeze(1)
     return (similarity > own).sum(1) + (similarity == own).sum(1) - 1
 
 
@@ -74,7 +74,8 @@ def retrieval(generated: torch.Tensor, real: torch.Tensor, k: int = 1) -> torch.
         raise ValueError(
             f"generated and real features must pair up, got {tuple(generated.shape)} and {tuple(real.shape)}"
         )
-    return _rank_of_own(_cosine(generated, real)) < k
+    similarity = _cosine(generated, real)
+    return _rank_of_own(similarity, similarity.diagonal()) < k
 
 
 def attribute_hits(
@@ -99,9 +100,8 @@ def attribute_hits(
             raise ValueError(
                 f"a sibling group needs at least 2 real images, its target {target} among them, got {group}"
             )
-        similarity = _cosine(feature[None], bank[torch.tensor(group)])[0]
-        own = similarity[group.index(target)]
-        hits.append(bool((similarity > own).sum() + (similarity == own).sum() - 1 == 0))
+        similarity = _cosine(feature[None], bank[torch.tensor(group)])
+        hits.append(bool(_rank_of_own(similarity, similarity[:, group.index(target)])[0] == 0))
         chance.append(1 / len(group))
     if not hits:
         return torch.zeros(0, dtype=torch.bool), float("nan")
