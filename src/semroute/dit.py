@@ -318,6 +318,18 @@ class SemanticRoutingDiT(ModelMixin, ConfigMixin):  # type: ignore[misc]
         return (velocity, level) if return_noise_level and level is not None else velocity
 
 
+# The CPU shapes demo's DiT, and the base of its t-free variant.
+_CPU_SMALL = dict(
+    sample_size=16,
+    in_channels=3,
+    patch_size=2,
+    hidden_size=192,
+    depth=6,
+    num_heads=3,
+    mlp_ratio=2.0,
+    mlp_conv=True,
+    timestep_conditioning="adaln-zero",
+)
 # Named presets; the CLI and configs use the keys as `model.preset` choices.
 DIT_PRESETS: dict[str, dict] = {
     # The paper's DiT: 24 blocks x 2048 on SD3-VAE latents (256 px -> 32x32x16), no timestep embedding.
@@ -334,30 +346,10 @@ DIT_PRESETS: dict[str, dict] = {
     ),
     # The CPU shapes demo: 16x16 pixels, patch 2, 6 x 192, gated MLP 2x with a conv, adaLN-zero.
     # Measured on 2 cores in bf16: 2.2x the training throughput of 6 x 256 with a 4x MLP.
-    "cpu-small": dict(
-        sample_size=16,
-        in_channels=3,
-        patch_size=2,
-        hidden_size=192,
-        depth=6,
-        num_heads=3,
-        mlp_ratio=2.0,
-        mlp_conv=True,
-        timestep_conditioning="adaln-zero",
-    ),
+    "cpu-small": _CPU_SMALL,
     # The paper's setting at CPU scale: cpu-small without any timestep input. The DiT must infer the noise
     # level from x_t, and in S1/S3 the fusion gate is the only place t enters (the trajectory experiment).
-    "cpu-small-tfree": dict(
-        sample_size=16,
-        in_channels=3,
-        patch_size=2,
-        hidden_size=192,
-        depth=6,
-        num_heads=3,
-        mlp_ratio=2.0,
-        mlp_conv=True,
-        timestep_conditioning="none",
-    ),
+    "cpu-small-tfree": {**_CPU_SMALL, "timestep_conditioning": "none"},
     # Unit tests.
     "tiny": dict(
         sample_size=8,
