@@ -13,10 +13,13 @@ from typing import TYPE_CHECKING
 
 import transformers
 
+from ..autoencoder import settings_of, train_autoencoder
 from ..base import ABLATION_CONFIG, DEMO_CONFIG, NOT_LEARNED_EXIT, QUICK_MINUTES, packaged_config
 from ..bench import bench_prompts, run_bench
 from ..bench.ablation import run_ablation
 from ..bench.public import read_prompts, sample_bench
+from ..bench.realbench import VERSION as REALBENCH_VERSION
+from ..bench.realbench import run_realbench, sampling_record
 from ..bench.rows import parse_strategies
 from ..bench.sampling import sample_all
 from ..bench.trajectory import plot_trajectory, trace
@@ -87,6 +90,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     )
 
 
+GRID_PROMPTS = 24  # eval --data draws the first prompts' images
 MAX_GRID_IMAGES = 256  # `sample` draws one PNG grid; more images belong in sample-bench's folders
 
 
@@ -131,6 +135,12 @@ def cmd_routing(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     checkpoint = resolve_checkpoint(args.checkpoint)
+    if args.data is not None:
+        return _eval_real(args, checkpoint)
+    if args.limit is not None:
+        raise ValueError(
+            "--limit applies to --data (a real-image set); ShapesBench always scores every prompt"
+        )
     out = args.out or checkpoint / "shapesbench.json"
     if out.suffix.lower() != ".json":
         raise ValueError(f"--out must be a .json file, got {out}")
@@ -169,13 +179,62 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
-def _refuse_other_results(out: Path, results: dict) -> None:
+def _eval_real(args: argparse.Namespace, checkpoint: Path) -> None:
+    out = args.out or checkpoint / "realbench.json"
+    if out.suffix.lower() != ".json":
+        raise ValueError(f"--out must be a .json file, got {out}")
+    if args.cfg is not None and len(args.cfg) > 1:
+        raise ValueError("--data scores one guidance scale at a time; give --cfg one value")
+    pipeline = _sampling_pipeline(args, checkpoint)
+    guidance_scale = args.cfg[0] if args.cfg else None
+    planned = {
+        "version": REALBENCH_VERSION,
+        "images_per_prompt": args.n or 1,
+        "sampling": sampling_record(pipeline, args.steps, guidance_scale, args.shift),
+        "checkpoint": str(checkpoint),
+        "data": str(args.data),
+        "seed": args.seed,
+        "limit": args.limit,
+    }
+    _refuse_other_results(out, planned, tuple(planned))  # before sampling, not after
+    results = run_realbench(
+        pipeline,
+        args.data,
+        images_per_prompt=planned["images_per_prompt"],
+        steps=args.steps,
+        guidance_scale=guidance_scale,
+        shift=args.shift,
+        seed=args.seed,
+        limit=args.limit,
+    )
+    generated = results.pop("generated")
+    results.update(checkpoint=str(checkpoint), limit=args.limit)
+    write_json(out, results)
+    shown = min(len(results["prompts"]), GRID_PROMPTS)
+    n = results["images_per_prompt"]
+    grid = save_sample_grid(
+        generated[: shown * n], results["prompts"][:shown], n, out.with_suffix(".png"), title=str(checkpoint)
+    )
+    chance, ceiling = results["chance"], results["ceiling"]
+    attribute = "n/a" if results["attribute"] is None else f"{results['attribute']:.3f}"
+    print(
+        f"FD {results['fd']:.1f} (real split-half {results['real_split_half_fd']:.1f}, autoencoder ceiling "
+        f"{ceiling['fd']:.1f}); top-1 {results['top1']:.3f} (chance {chance['top1']:.3f}, ceiling "
+        f"{ceiling['top1']:.3f}); top-5 {results['top5']:.3f} (chance {chance['top5']:.3f}); attribute "
+        f"{attribute} (chance {chance['attribute']:.3f}, over {results['attribute_prompts']} captions)"
+    )
+    print(f"wrote {out} and {grid}")
+
+
+RESULT_KEYS = ("version", "images_per_prompt", "sampling", "checkpoint", "scales")
+
+
+def _refuse_other_results(out: Path, results: dict, keys: tuple[str, ...] = RESULT_KEYS) -> None:
     """An existing results file of other settings is never overwritten (the same settings re-score it)."""
     if not out.exists():
         return
 
     found = read_json(out, "results file", "move it away or pass another --out")
-    keys = ("version", "images_per_prompt", "sampling", "checkpoint", "scales")
     if "scales" in results:  # several scales: the settings of each
         found = (
             {**found, "scales": _settings_by_scale(found.get("scales"))} if isinstance(found, dict) else found
@@ -278,6 +337,24 @@ def cmd_data(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_autoencoder(args: argparse.Namespace) -> None:
+    settings = settings_of(args)
+    with _writer(args.out):
+        report = train_autoencoder(args.train, args.heldout, args.out, settings)
+    line = (
+        f"saved the autoencoder ({report['parameters'] / 1e6:.2f} M parameters, latents "
+        f"{report['latent_shape']})"
+    )
+    held = report.get("heldout")
+    if held:
+        line += (
+            f"; held-out PSNR {held['psnr_db']:.2f} dB (resized to the latent grid: "
+            f"{held['reference_resized_psnr_db']:.2f}), FD {held['fd']:.1f} (resized: "
+            f"{held['reference_resized_fd']:.1f}, real split-half: {held['real_split_half_fd']:.1f})"
+        )
+    print(f"{line}; use it with dataset: {{vae: {args.out}}}")
+
+
 def cmd_precompute(args: argparse.Namespace) -> None:
     config = _config_for(args.config, args.set)
     with _writer(args.out):
@@ -362,6 +439,7 @@ COMMANDS = {
     "eval": cmd_eval,
     "ablate": cmd_ablate,
     "data": cmd_data,
+    "autoencoder": cmd_autoencoder,
     "precompute": cmd_precompute,
     "sample-bench": cmd_sample_bench,
     "export": cmd_export,

@@ -79,12 +79,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "eval",
-        help="score a checkpoint on ShapesBench (counting, colour, two objects, position)",
+        help="score a checkpoint on ShapesBench, or with --data on a real-image set's held-out captions",
         formatter_class=fmt,
+        description="Without --data: ShapesBench (counting, colour, two objects, position). With --data DIR "
+        "(a set written by `semroute data`): samples every held-out caption and judges the images with "
+        "EfficientNet-Lite0's ImageNet features: FD against the real held-out images (and their split-half "
+        "floor), retrieval top-1/top-5 and attribute accuracy, each with its chance level, plus the "
+        "ceiling of real images passed through the checkpoint's autoencoder; writes the JSON and a PNG "
+        "grid of the first prompts beside it.",
     )
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint directory or run directory")
     p.add_argument(
-        "--out", type=Path, default=None, help="results JSON (default: <checkpoint>/shapesbench.json)"
+        "--out",
+        type=Path,
+        default=None,
+        help="results JSON (default: <checkpoint>/shapesbench.json, or realbench.json with --data)",
+    )
+    p.add_argument("--data", type=Path, default=None, help="real-image set directory (semroute data --out)")
+    p.add_argument(
+        "--limit",
+        type=positive_int,
+        default=None,
+        help="with --data: score only the first N held-out captions",
     )
     sampling_arguments(
         p,
@@ -197,6 +213,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="the package tarball already on disk (npm pack @lobehub/fluent-emoji-3d@1.1.0); default: "
         "fetch it with npm",
     )
+
+    p = sub.add_parser(
+        "autoencoder",
+        help="train a small AutoencoderKL on a manifest's images (for dataset.vae when no VAE is at hand)",
+        formatter_class=fmt,
+        description="Trains a diffusers AutoencoderKL (L1 reconstruction + a small KL term) on the images of "
+        "--train and saves it with save_pretrained into --out, with shift and scale measured on the training "
+        "latents: point dataset.vae at --out as at any SD/SD3/FLUX VAE folder. With --heldout, "
+        "OUT/report.json gives PSNR and the judge network's Frechet distance of the held-out "
+        "reconstructions. Each epoch is saved: re-running the same command resumes.",
+    )
+    p.add_argument("--train", type=Path, required=True, help="manifest (.json/.jsonl) of the training images")
+    p.add_argument("--heldout", type=Path, default=None, help="manifest of images to score it on")
+    p.add_argument("--out", type=Path, required=True, help="directory for the autoencoder")
+    p.add_argument("--resolution", type=positive_int, default=64, help="image side in pixels")
+    p.add_argument(
+        "--downsample", type=positive_int, default=4, help="image side / latent side (a power of two)"
+    )
+    p.add_argument("--latent-channels", type=positive_int, default=4, help="channels of the latent")
+    p.add_argument(
+        "--width",
+        type=positive_int,
+        default=16,
+        help="channels at full resolution (x2 per level, at most x4)",
+    )
+    p.add_argument("--epochs", type=positive_int, default=12, help="passes over the training images")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images per step")
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="AdamW learning rate")
+    p.add_argument("--kl-weight", type=float, default=1e-6, help="weight of the KL term against the L1 loss")
+    p.add_argument("--seed", type=int, default=0, help="initialisation and shuffling seed")
+    p.add_argument("--background", default="white", help="colour that transparent pixels are composited onto")
 
     p = sub.add_parser(
         "precompute",
