@@ -40,7 +40,11 @@ def _recomputed_keys_values(encoder: TextEncoder, prompts: list[str], layer: int
     with torch.no_grad():
         out = llm(**batch, output_hidden_states=True)
         positions = torch.arange(batch["input_ids"].shape[1])[None]
-        cos, sin = llm.model.rotary_emb(out.hidden_states[0], positions)
+        layer_types = getattr(llm.config, "layer_types", None)
+        if layer_types and "sliding_attention" in layer_types:  # Gemma 3: a rotary base per layer type
+            cos, sin = llm.model.rotary_emb(out.hidden_states[0], positions, layer_types[layer])
+        else:
+            cos, sin = llm.model.rotary_emb(out.hidden_states[0], positions)
         block = llm.model.layers[layer]
         h = block.input_layernorm(out.hidden_states[layer])  # hidden_states[i] enters decoder layer i
         B, S, _ = h.shape
@@ -94,13 +98,53 @@ def tiny_qwen3_dir(tiny_llama_dir, tmp_path_factory):
     return directory
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def make_tiny_gemma3(tiny_llama_dir, directory, sliding_window: int = 64):
+    """A random Gemma 3 text model shaped like Gemma 3 270M in miniature: one key/value head, q/k norms,
+    sliding-window and full-attention layers with their own rotary bases."""
+    from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    torch.manual_seed(2)
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=8,
+        sliding_window=sliding_window,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+        max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = Gemma3ForCausalLM(config)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.k_norm.weight.uniform_(-0.5, 1.0)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma3_dir(tiny_llama_dir, tmp_path_factory):
+    return make_tiny_gemma3(tiny_llama_dir, tmp_path_factory.mktemp("tiny_gemma3"))
+
+
+def test_a_sliding_window_layer_that_lost_the_prompts_start_is_refused(tiny_llama_dir, tmp_path):
+    encoder = _deep_encoder(make_tiny_gemma3(tiny_llama_dir, tmp_path / "g", sliding_window=3), layers=[1, 2])
+    with pytest.raises(ValueError, match=r"decoder layers \[0\] keep only the last 2 of these .*window 3"):
+        encoder.features(PROMPTS)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
 def test_the_keys_values_the_dit_receives_are_the_llms_own(
-    family, tiny_llama_dir, tiny_qwen3_dir, monkeypatch
+    family, tiny_llama_dir, tiny_qwen3_dir, tiny_gemma3_dir, monkeypatch
 ):
     """Text features -> DiT: what every block's attention
     gets equals the paired layer's recomputed keys/values."""
-    directory = tiny_llama_dir if family == "llama" else tiny_qwen3_dir
+    directory = {"llama": tiny_llama_dir, "qwen3": tiny_qwen3_dir, "gemma3": tiny_gemma3_dir}[family]
     encoder = _deep_encoder(directory, layers=[-3, -2])  # 1-based decoder layers, negatives from the end
     n = encoder.num_model_layers
     assert encoder.layers == [n - 2, n - 1]

