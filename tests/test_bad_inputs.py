@@ -168,6 +168,44 @@ FLAG_CASES = {
         ["ablate", "--out", "{tmp}/abl", "--strategies", "s1,s1s"],
         "pass --gate-shift",
     ),
+    "eval --data not a set": (
+        ["eval", "--checkpoint", "{run}", "--data", "{tmp}"],
+        "must be a directory written by `semroute data emoji --out DIR`",
+    ),
+    "eval --limit without --data": (
+        ["eval", "--checkpoint", "{run}", "--limit", "5"],
+        "--limit applies to --data",
+    ),
+    "eval --data with several scales": (
+        ["eval", "--checkpoint", "{run}", "--data", "{tmp}", "--cfg", "2,3"],
+        "give --cfg one value",
+    ),
+    "autoencoder --downsample 6": (
+        ["autoencoder", "--train", "{tmp}/t.jsonl", "--out", "{tmp}/ae", "--downsample", "6"],
+        "--downsample must be a power of two",
+    ),
+    "autoencoder --resolution 60 --downsample 8": (
+        [
+            "autoencoder",
+            "--train",
+            "{tmp}/t.jsonl",
+            "--out",
+            "{tmp}/ae",
+            "--resolution",
+            "60",
+            "--downsample",
+            "8",
+        ],
+        "divisible by --downsample 8",
+    ),
+    "autoencoder --kl-weight -1": (
+        ["autoencoder", "--train", "{tmp}/t.jsonl", "--out", "{tmp}/ae", "--kl-weight=-1"],
+        "--kl-weight >= 0",
+    ),
+    "autoencoder --train missing": (
+        ["autoencoder", "--train", "{tmp}/missing.jsonl", "--out", "{tmp}/ae"],
+        "missing.jsonl",
+    ),
 }
 
 

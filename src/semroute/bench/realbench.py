@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..data.images import open_image, read_manifest, to_training_tensor
+from ..latent import decode_latents, encode_latents, vae_downsample
 from .image_metrics import attribute_hits, frechet_distance, retrieval, split_half_fd
 from .judge import ImageJudge
 from .sampling import sample_all
@@ -159,9 +160,8 @@ def run_realbench(
         )
     train = read_manifest(data / TRAIN_FILE)
     bank_rows, candidates = _bank(held, train)
-    resolution = pipeline.transformer.config["sample_size"] * (
-        2 ** (len(pipeline.vae.config["block_out_channels"]) - 1) if pipeline.vae is not None else 1
-    )
+    factor = vae_downsample(pipeline.vae) if pipeline.vae is not None else 1
+    resolution = pipeline.transformer.config["sample_size"] * factor
     judge = judge or ImageJudge()
     bank_images = real_images(bank_rows, data, resolution)
     real_images_held = bank_images[: len(held)]
@@ -212,8 +212,6 @@ def _through_decoder(pipeline: SemanticRoutingPipeline, images: torch.Tensor) ->
     pixel space)."""
     if pipeline.vae is None:
         return images
-    from ..latent import decode_latents, encode_latents
-
     out = [
         decode_latents(pipeline.vae, encode_latents(pipeline.vae, images[i : i + 64] * 2 - 1))
         for i in range(0, len(images), 64)
