@@ -62,6 +62,29 @@ def save_sample_grid(
     return save_figure(fig, path, title)
 
 
+def captioned_grid(
+    columns: dict[str, torch.Tensor], captions: list[str], path: Path, title: str = "", wrap: int = 26
+) -> Path:
+    """One row per caption (the caption wrapped on the left), one column per named image set: e.g. the
+    real image beside what each model drew for it. Each tensor: (len(captions), 3, H, W) in [0, 1]."""
+    import textwrap
+
+    names = list(columns)
+    fig, axes = plt.subplots(
+        len(captions), len(names), figsize=(1.2 * len(names) + 2.0, 1.2 * len(captions) + 0.5), squeeze=False
+    )
+    for j, name in enumerate(names):
+        axes[0][j].set_title(name, fontsize=8)
+        for i, caption in enumerate(captions):
+            ax = axes[i][j]
+            ax.imshow(columns[name][i].permute(1, 2, 0).clamp(0, 1).float().cpu().numpy())
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j == 0:
+                ax.set_ylabel(textwrap.fill(caption, wrap), rotation=0, ha="right", va="center", fontsize=7)
+    return save_figure(fig, path, title)
+
+
 def _heatmap(ax: Axes, weights: np.ndarray, layer_ids: list[int], title: str) -> Any:
     im = ax.imshow(weights, aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_xlabel("LLM layer")

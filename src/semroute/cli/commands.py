@@ -30,7 +30,7 @@ from ..demo import run_demo
 from ..fileio import OutputLock, read_json, write_json
 from ..loading import export_pipeline, load_transformer
 from ..pipeline import load_pipeline
-from ..plots import plot_routing, save_sample_grid
+from ..plots import captioned_grid, plot_routing, save_sample_grid
 from ..precompute import precompute
 from ..runtime import process_state
 from ..train import train
@@ -90,7 +90,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     )
 
 
-GRID_PROMPTS = 24  # eval --data draws the first prompts' images
+GRID_PROMPTS = 12  # eval --data draws the first prompts' images (at most 4 each)
 MAX_GRID_IMAGES = 256  # `sample` draws one PNG grid; more images belong in sample-bench's folders
 
 
@@ -212,8 +212,12 @@ def _eval_real(args: argparse.Namespace, checkpoint: Path) -> None:
     write_json(out, results)
     shown = min(len(results["prompts"]), GRID_PROMPTS)
     n = results["images_per_prompt"]
-    grid = save_sample_grid(
-        generated[: shown * n], results["prompts"][:shown], n, out.with_suffix(".png"), title=str(checkpoint)
+    by_prompt = generated[: shown * n].view(shown, n, *generated.shape[1:])
+    grid = captioned_grid(
+        {f"image {k + 1}": by_prompt[:, k] for k in range(min(n, 4))},
+        results["prompts"][:shown],
+        out.with_suffix(".png"),
+        title=str(checkpoint),
     )
     chance, ceiling = results["chance"], results["ceiling"]
     attribute = "n/a" if results["attribute"] is None else f"{results['attribute']:.3f}"

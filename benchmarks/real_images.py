@@ -1,0 +1,272 @@
+"""The paper's strategies on real images: train each row x seed on the emoji set's latents under one step
+budget, score every run with `semroute eval --data`, then write the table, the claims with intervals, a
+samples grid and the routing heatmaps.
+
+    python benchmarks/real_images.py --data data/emoji --vae data/emoji-ae --work runs/emoji \\
+        --out results/emoji [--rows b1,b2,s1,s2] [--seeds 3] [--steps 500] [--extra-row gemma-s2]
+
+Every step is a `semroute` command run as a subprocess (printed before it runs, so any one can be repeated
+by hand). Re-running skips what is done: a run directory that holds its finished results is not touched;
+an interrupted training resumes from its newest checkpoint (semroute train does that); a cache already
+written is reused. Nothing else is needed: the set from `semroute data emoji`, the autoencoder from
+`semroute autoencoder`.
+
+Layout of --work (runs and caches, large) and --out (results, small enough to commit):
+    WORK/runs/<row>-seed<k>/   training run and realbench.json / realbench.png (its held-out scores)
+    WORK/cache[-<row>]/        the precomputed latents and text features each kind of row trains on
+    results.json, table.md     per-row means and standard deviations, chance, the autoencoder's ceiling,
+                               paired-bootstrap claims (pairs: (seed, held-out caption))
+    samples.png                the same held-out captions and noise seeds for every row
+    routing-<row>.png          learned block x layer weights of seed 0
+    commands.txt               every command this script ran, in order
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from semroute.bench.claims import paired_bootstrap
+from semroute.bench.sampling import sample_all
+from semroute.data.cache import CACHE_META
+from semroute.fileio import write_json, write_text
+from semroute.pipeline import SemanticRoutingPipeline
+from semroute.plots import captioned_grid
+
+CONFIG = Path(__file__).resolve().parent.parent / "configs" / "emoji.yaml"
+# Extra rows: a name -> the strategy and the --set overrides that make it.
+EXTRA_ROWS = {
+    "gemma-s2": (
+        "s2",
+        ["text_encoder.model=gemma3-270m", 'text_encoder.template="An image of {prompt}"'],
+    ),
+}
+METRICS = ("fd", "top1", "top5", "attribute")
+BETTER = {"fd": "lower", "top1": "higher", "top5": "higher", "attribute": "higher"}
+GRID_PROMPTS = 10
+
+
+def run(command: list[str], log: Path) -> None:
+    line = shlex.join(command)
+    print(f"$ {line}", flush=True)
+    with log.open("a") as f:
+        f.write(line + "\n")
+    subprocess.run(command, check=True)
+
+
+def row_spec(row: str) -> tuple[str, list[str], str]:
+    """(strategy, extra --set overrides, cache name) of a row."""
+    if row in EXTRA_ROWS:
+        strategy, sets = EXTRA_ROWS[row]
+        return strategy, sets, f"cache-{row}"
+    return row, [], "cache"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data", type=Path, required=True, help="set directory (semroute data emoji --out)")
+    parser.add_argument(
+        "--vae", type=Path, required=True, help="autoencoder directory (semroute autoencoder)"
+    )
+    parser.add_argument("--work", type=Path, required=True, help="directory for runs and caches")
+    parser.add_argument("--out", type=Path, required=True, help="directory for the results")
+    parser.add_argument("--rows", default="b1,b2,s1,s2", help="strategy ids, comma-separated")
+    parser.add_argument("--extra-row", action="append", default=[], choices=sorted(EXTRA_ROWS))
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument(
+        "--extra-row-seeds", type=int, default=None, help="seeds of the --extra-row rows (default: --seeds)"
+    )
+    parser.add_argument("--steps", type=int, default=500, help="the one training budget of every run")
+    parser.add_argument("--eval-steps", type=int, default=25, help="sampling steps when scoring")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = args.out / "commands.txt"
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()] + args.extra_row
+    semroute = [sys.executable, "-m", "semroute"]
+    common = [
+        "--set",
+        f"dataset.manifest={args.data / 'train.jsonl'}",
+        "--set",
+        f"dataset.vae={args.vae}",
+    ]
+    started = time.perf_counter()
+    extra_seeds = args.seeds if args.extra_row_seeds is None else args.extra_row_seeds
+    for seed in range(args.seeds):
+        for row in rows:
+            if row in EXTRA_ROWS and seed >= extra_seeds:
+                continue
+            strategy, sets, cache_name = row_spec(row)
+            overrides = [*common, "--set", f"model.strategy={strategy}"]
+            for item in sets:
+                overrides += ["--set", item]
+            cache = args.work / cache_name
+            if not (cache / CACHE_META).is_file():
+                run([*semroute, "precompute", "--config", str(CONFIG), *overrides, "--out", str(cache)], log)
+            run_dir = args.work / "runs" / f"{row}-seed{seed}"
+            results = run_dir / "realbench.json"
+            if results.is_file():
+                continue
+            train_sets = [
+                *overrides,
+                "--set",
+                "dataset.manifest=null",
+                "--set",
+                f"dataset.cache={cache}",
+                "--set",
+                f"train.seed={seed}",
+            ]
+            train = [*semroute, "train", "--config", str(CONFIG), *train_sets, "--max-steps", str(args.steps)]
+            run([*train, "--out", str(run_dir)], log)
+            run(
+                [
+                    *semroute,
+                    "eval",
+                    "--checkpoint",
+                    str(run_dir),
+                    "--data",
+                    str(args.data),
+                    "--steps",
+                    str(args.eval_steps),
+                    "--out",
+                    str(results),
+                ],
+                log,
+            )
+            if seed == 0:
+                routing = args.out / f"routing-{row}.png"
+                run([*semroute, "routing", "--checkpoint", str(run_dir), "--out", str(routing)], log)
+    summary = summarize(args.work, rows, args.seeds, extra_seeds, args.steps)
+    summary["wall_seconds_this_session"] = round(time.perf_counter() - started)
+    write_json(args.out / "results.json", summary)
+    write_text(args.out / "table.md", table(summary))
+    samples_grid(args.work, args.out, rows, args.data)
+    print(table(summary))
+
+
+def summarize(work: Path, rows: list[str], seeds: int, extra_seeds: int, steps: int) -> dict:
+    runs = work / "runs"
+    found = {
+        row: [
+            json.loads((runs / f"{row}-seed{s}" / "realbench.json").read_text())
+            for s in range(extra_seeds if row in EXTRA_ROWS else seeds)
+        ]
+        for row in rows
+    }
+    first = next(iter(found.values()))[0]
+    summary: dict = {
+        "steps": steps,
+        "seeds": seeds,
+        "held_out_captions": len(first["prompts"]),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "chance": first["chance"],
+        "ceiling": {m: first["ceiling"][m] for m in METRICS},
+        "real_split_half_fd": first["real_split_half_fd"],
+        "rows": {},
+        "claims": [],
+    }
+    for row, results in found.items():
+        summary["rows"][row] = {}
+        for metric in METRICS:
+            values = [r[metric] for r in results]
+            summary["rows"][row][metric] = {
+                "mean": statistics.fmean(values),
+                "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+                "seeds": values,
+            }
+
+    def per_prompt(row: str, metric: str) -> dict[tuple, float]:
+        return {
+            (seed, i): value
+            for seed, r in enumerate(found[row])
+            for i, value in enumerate(r["per_prompt"][metric])
+            if value is not None
+        }
+
+    for a, b in (("s2", "b1"), ("s1", "b1"), ("b2", "b1"), ("s2", "b2"), ("gemma-s2", "s2")):
+        if a not in found or b not in found:
+            continue
+        for metric in ("top1", "top5", "attribute"):
+            boot = paired_bootstrap(per_prompt(a, metric), per_prompt(b, metric))
+            low, high = boot["ci95"]
+            verdict = "helps" if low > 0 else "hurts" if high < 0 else "no difference shown"
+            summary["claims"].append({"a": a, "b": b, "metric": metric, **boot, "verdict": verdict})
+        diffs = [x["fd"] - y["fd"] for x, y in zip(found[a], found[b], strict=False)]
+        mean = statistics.fmean(diffs)
+        se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
+        summary["claims"].append({"a": a, "b": b, "metric": "fd", "mean": mean, "se_over_seeds": se})
+    return summary
+
+
+def table(summary: dict) -> str:
+    chance, ceiling = summary["chance"], summary["ceiling"]
+    lines = [
+        f"Real images (Fluent 3D emoji, {summary['held_out_captions']} held-out captions), "
+        f"{summary['steps']} steps x batch 32 per run, {summary['seeds']} seeds, mean ± sd over seeds "
+        f"(CPU: {summary['cpu_capability']}).",
+        "",
+        "| row | FD (lower is better) | retrieval top-1 | retrieval top-5 | attribute accuracy |",
+        "|---|---|---|---|---|",
+    ]
+    for row, scores in summary["rows"].items():
+        cells = [f"{scores[m]['mean']:.3f} ± {scores[m]['sd']:.3f}" for m in METRICS]
+        cells[0] = f"{scores['fd']['mean']:.1f} ± {scores['fd']['sd']:.1f}"
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    lines.append(
+        f"| chance | real split-half {summary['real_split_half_fd']:.1f} | {chance['top1']:.3f} | "
+        f"{chance['top5']:.3f} | {chance['attribute']:.3f} |"
+    )
+    lines.append(
+        f"| ceiling (real images through the autoencoder) | {ceiling['fd']:.1f} | {ceiling['top1']:.3f} | "
+        f"{ceiling['top5']:.3f} | {ceiling['attribute']:.3f} |"
+    )
+    lines += [
+        "",
+        "Claims (paired bootstrap over (seed, caption) pairs, 95% intervals; FD: seeds' mean ± se):",
+        "",
+    ]
+    for c in summary["claims"]:
+        if c["metric"] == "fd":
+            lines.append(f"- {c['a']} - {c['b']}, FD: {c['mean']:+.1f} ± {c['se_over_seeds']:.1f}")
+        else:
+            lines.append(
+                f"- {c['a']} - {c['b']}, {c['metric']}: {100 * c['mean']:+.1f} points, 95% CI "
+                f"[{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}] over {c['pairs']} pairs: "
+                f"{c['verdict']}"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def samples_grid(work: Path, out: Path, rows: list[str], data: Path) -> None:
+    """The first held-out captions, one image each per row (seed 0 runs, the same noise seeds), beside the
+    real image."""
+    from semroute.bench.realbench import real_images
+    from semroute.data.images import read_manifest
+
+    held = read_manifest(data / "heldout.jsonl")
+    step = max(1, len(held) // GRID_PROMPTS)
+    chosen = held[::step][:GRID_PROMPTS]
+    prompts = [str(r["text"]) for r in chosen]
+    columns = {"real": real_images(chosen, data, 64)}
+    for row in rows:
+        pipeline = SemanticRoutingPipeline.from_checkpoint(work / "runs" / f"{row}-seed0", device="cpu")
+        columns[row] = sample_all(pipeline, prompts, 1, seed=0, desc=f"grid {row}")
+    captioned_grid(
+        columns,
+        prompts,
+        out / "samples.png",
+        "held-out captions: the real image, then each row (seed 0 runs)",
+    )
+
+
+if __name__ == "__main__":
+    main()
