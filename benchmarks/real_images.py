@@ -175,7 +175,13 @@ def summarize(work: Path, rows: list[str], seeds: int, extra_seeds: int, steps: 
         "claims": [],
     }
     for row, results in found.items():
-        summary["rows"][row] = {}
+        trained = [
+            json.loads((runs / f"{row}-seed{s}" / "summary.json").read_text()) for s in range(len(results))
+        ]
+        summary["rows"][row] = {
+            "train_images_per_s": statistics.fmean(t["images_per_s"] for t in trained),
+            "cpu_capability": sorted({t.get("cpu_capability") for t in trained}),
+        }
         for metric in METRICS:
             values = [r[metric] for r in results]
             summary["rows"][row][metric] = {
@@ -214,20 +220,22 @@ def table(summary: dict) -> str:
         f"{summary['steps']} steps x batch 32 per run, {summary['seeds']} seeds, mean ± sd over seeds "
         f"(CPU: {summary['cpu_capability']}).",
         "",
-        "| row | FD (lower is better) | retrieval top-1 | retrieval top-5 | attribute accuracy |",
-        "|---|---|---|---|---|",
+        "| row | seeds | FD (lower is better) | retrieval top-1 | retrieval top-5 | attribute accuracy "
+        "| train img/s |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row, scores in summary["rows"].items():
         cells = [f"{scores[m]['mean']:.3f} ± {scores[m]['sd']:.3f}" for m in METRICS]
         cells[0] = f"{scores['fd']['mean']:.1f} ± {scores['fd']['sd']:.1f}"
-        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+        seeds = len(scores["fd"]["seeds"])
+        lines.append(f"| {row} | {seeds} | " + " | ".join(cells) + f" | {scores['train_images_per_s']:.0f} |")
     lines.append(
-        f"| chance | real split-half {summary['real_split_half_fd']:.1f} | {chance['top1']:.3f} | "
-        f"{chance['top5']:.3f} | {chance['attribute']:.3f} |"
+        f"| chance | | real split-half {summary['real_split_half_fd']:.1f} | {chance['top1']:.3f} | "
+        f"{chance['top5']:.3f} | {chance['attribute']:.3f} | |"
     )
     lines.append(
-        f"| ceiling (real images through the autoencoder) | {ceiling['fd']:.1f} | {ceiling['top1']:.3f} | "
-        f"{ceiling['top5']:.3f} | {ceiling['attribute']:.3f} |"
+        f"| ceiling (real images through the autoencoder) | | {ceiling['fd']:.1f} | {ceiling['top1']:.3f} | "
+        f"{ceiling['top5']:.3f} | {ceiling['attribute']:.3f} | |"
     )
     lines += [
         "",

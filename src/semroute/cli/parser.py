@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sampling_arguments(
         p,
-        n_help="images per prompt (default: the checkpoint's sample.images_per_prompt)",
+        n_help="images per prompt (default: the checkpoint's sample.images_per_prompt; 1 with --data)",
         n_default=None,
         seed_help="base noise seed (image k of prompt i uses seed + 1000 i + k)",
         several_scales=True,
