@@ -220,9 +220,16 @@ def test_packaged_configs_load():
 
     root = Path(__file__).parents[1] / "configs"
     names = sorted(p.name for p in root.glob("*.yaml"))
-    assert names == ["ablation.yaml", "demo.yaml", "paper.yaml", "trajectory.yaml"]
+    assert names == ["ablation.yaml", "demo.yaml", "emoji.yaml", "paper.yaml", "trajectory.yaml"]
     for name in names:
         load_config(root / name)
+    # The real-image config fits what `semroute autoencoder` makes by default.
+    from semroute.autoencoder import AutoencoderSettings
+
+    emoji, made = load_config(root / "emoji.yaml"), AutoencoderSettings()
+    model = emoji.model.settings()
+    assert model["sample_size"] * made.downsample == emoji.dataset.resolution == made.resolution
+    assert model["in_channels"] == made.latent_channels and emoji.dataset.background == made.background
     # The paper's six strategies are one config and one override each (by name or paper id).
     strategies = {
         sid: load_config(root / "paper.yaml", [f"model.strategy={sid}"]).model.dit_kwargs()["strategy"]
