@@ -63,25 +63,31 @@ def save_sample_grid(
 
 
 def captioned_grid(
-    columns: dict[str, torch.Tensor], captions: list[str], path: Path, title: str = "", wrap: int = 26
+    columns: dict[str, torch.Tensor], captions: list[str], path: Path, title: str = "", wrap: int = 28
 ) -> Path:
-    """One row per caption (the caption wrapped on the left), one column per named image set: e.g. the
-    real image beside what each model drew for it. Each tensor: (len(captions), 3, H, W) in [0, 1]."""
+    """One row per caption (the caption wrapped in a column of its own on the left), one column per named
+    image set: e.g. the real image beside what each model drew for it. Each tensor: (len(captions), 3, H, W)
+    in [0, 1]."""
     import textwrap
 
     names = list(columns)
     fig, axes = plt.subplots(
-        len(captions), len(names), figsize=(1.2 * len(names) + 2.0, 1.2 * len(captions) + 0.5), squeeze=False
+        len(captions),
+        len(names) + 1,
+        figsize=(1.2 * len(names) + 2.2, 1.2 * len(captions) + 0.5),
+        squeeze=False,
+        gridspec_kw={"width_ratios": [1.8] + [1.0] * len(names)},
     )
-    for j, name in enumerate(names):
+    for i, caption in enumerate(captions):
+        axes[i][0].axis("off")
+        axes[i][0].text(1.0, 0.5, textwrap.fill(caption, wrap), ha="right", va="center", fontsize=7)
+    for j, name in enumerate(names, start=1):
         axes[0][j].set_title(name, fontsize=8)
-        for i, caption in enumerate(captions):
+        for i in range(len(captions)):
             ax = axes[i][j]
             ax.imshow(columns[name][i].permute(1, 2, 0).clamp(0, 1).float().cpu().numpy())
             ax.set_xticks([])
             ax.set_yticks([])
-            if j == 0:
-                ax.set_ylabel(textwrap.fill(caption, wrap), rotation=0, ha="right", va="center", fontsize=7)
     return save_figure(fig, path, title)
 
 
