@@ -198,6 +198,21 @@ def summarize(work: Path, rows: list[str], seeds: int, extra_seeds: int, steps: 
             if value is not None
         }
 
+    for row in found:  # is each row above chance at all? (the same bootstrap against a constant)
+        for metric in ("top1", "top5", "attribute"):
+            scores = per_prompt(row, metric)
+            chance = summary["chance"][metric]
+            boot = paired_bootstrap(scores, dict.fromkeys(scores, chance))
+            low = boot["ci95"][0]
+            summary["claims"].append(
+                {
+                    "a": row,
+                    "b": "chance",
+                    "metric": metric,
+                    **boot,
+                    "verdict": "above chance" if low > 0 else "not shown above chance",
+                }
+            )
     for a, b in (("s2", "b1"), ("s1", "b1"), ("b2", "b1"), ("s2", "b2"), ("gemma-s2", "s2")):
         if a not in found or b not in found:
             continue
