@@ -36,6 +36,7 @@ import torch
 
 from semroute.bench.claims import paired_bootstrap
 from semroute.bench.sampling import sample_all
+from semroute.checkpoint import resolve_checkpoint
 from semroute.data.cache import CACHE_META
 from semroute.fileio import write_json, write_text
 from semroute.pipeline import SemanticRoutingPipeline
@@ -281,7 +282,8 @@ def samples_grid(work: Path, out: Path, rows: list[str], data: Path) -> None:
     prompts = [str(r["text"]) for r in chosen]
     columns = {"real": real_images(chosen, data, 64)}
     for row in rows:
-        pipeline = SemanticRoutingPipeline.from_checkpoint(work / "runs" / f"{row}-seed0", device="cpu")
+        checkpoint = resolve_checkpoint(work / "runs" / f"{row}-seed0")
+        pipeline = SemanticRoutingPipeline.from_checkpoint(checkpoint, device="cpu")
         columns[row] = sample_all(pipeline, prompts, 1, seed=0, desc=f"grid {row}")
     captioned_grid(
         columns,
