@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..data.images import open_image, read_manifest, to_training_tensor
+from ..data.images import DatasetConfig, open_image, read_manifest, to_training_tensor
 from ..latent import decode_latents, encode_latents, vae_downsample
 from .image_metrics import attribute_hits, frechet_distance, retrieval, split_half_fd
 from .judge import ImageJudge
@@ -65,9 +65,7 @@ def one_attribute_siblings(rows: Sequence[dict], text_key: str = "text") -> list
 def real_images(rows: Sequence[dict], root: Path, resolution: int, background: str = "white") -> torch.Tensor:
     """The rows' images as the DiT was trained to make them (composited, resized, cropped): (N, 3, R, R)
     in [0, 1]."""
-    from PIL import ImageColor
-
-    rgb = ImageColor.getrgb(background)[:3]
+    rgb = DatasetConfig(background=background).background_rgb  # the colour as training composites onto
     out = []
     for row in rows:
         path = root / row["image"]
@@ -75,7 +73,7 @@ def real_images(rows: Sequence[dict], root: Path, resolution: int, background: s
             image = open_image(path, resolution, MAX_IMAGE_PIXELS)
         except ValueError as err:
             raise ValueError(f"real image {path}: {err}; rebuild the set with `semroute data`") from None
-        out.append((to_training_tensor(image, resolution, (rgb[0], rgb[1], rgb[2])) + 1) / 2)
+        out.append((to_training_tensor(image, resolution, rgb) + 1) / 2)
     return torch.stack(out)
 
 
