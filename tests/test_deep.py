@@ -400,12 +400,11 @@ def test_deep_features_are_cached_with_their_recipe_and_not_mixed(
         precompute(config, tmp_path / "wrong", progress=False, encoder=tiny_encoder, dtype="fp32")
     meta = precompute(config, tmp_path / "cache", shard_size=4, dtype="fp32", progress=False, encoder=deep)
     assert meta["recipe"]["text_features"] == "keys_values" and meta["recipe"]["text_kv_heads"] == 2
-    _, text, mask = CachedDataset(tmp_path / "cache")[1]
+    _, text = CachedDataset(tmp_path / "cache")[1]
     caption = ImageCaptionDataset(config.dataset).captions_of(1)[0]
     direct, m = deep.features([caption])
-    n = m.shape[1]
-    torch.testing.assert_close(text[:, :n], direct[:, 0])
-    assert not text[:, n:].any() and mask[:n].all()
+    assert m.all() and text.shape[1] == m.shape[1]  # the caption's own tokens, no padding
+    torch.testing.assert_close(text, direct[:, 0])
     # A hidden-state cache of the same data is refused for deep training, and the other way round.
     plain = copy.deepcopy(raw)
     plain["model"]["strategy"] = "depth"
@@ -434,6 +433,10 @@ def test_deep_features_are_cached_with_their_recipe_and_not_mixed(
 def test_encode_prompts_reads_what_the_encoder_is_configured_for(tiny_llama_dir):
     encoder = _deep_encoder(tiny_llama_dir)
     table = encode_prompts(encoder, PROMPTS)
-    keys, values, _ = encoder.layer_keys_values(PROMPTS, [1, 2])
+    keys, values, mask = encoder.layer_keys_values(PROMPTS, [1, 2])
     n = keys.shape[3]
-    torch.testing.assert_close(table.hidden[:, :, :n].transpose(0, 1), pack_keys_values(keys, values))
+    assert not mask.all()  # the prompts differ in length
+    # Real tokens hold the LLM's keys/values; padding holds zeros (the table stores no pad token's keys).
+    packed = pack_keys_values(keys, values) * mask[None, :, :, None]
+    assert torch.equal(table.mask, mask)
+    torch.testing.assert_close(table.hidden[:, :, :n].transpose(0, 1), packed)

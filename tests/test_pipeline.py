@@ -87,7 +87,10 @@ def test_prompt_features_are_padded_and_layernormed(tiny_encoder):
     real = feats.hidden[0][:, feats.mask[0]]
     torch.testing.assert_close(real.mean(-1), torch.zeros(real.shape[:-1]), atol=1e-4, rtol=0)
     text, mask = feats.select(torch.tensor([2, 0]))
-    assert text.shape[:2] == (4, 2) and torch.equal(mask[1], feats.mask[0])
+    # A batch is as long as its longest prompt, not the table's longest.
+    n = int(feats.mask[[2, 0]].sum(1).max())
+    assert n < feats.hidden.shape[2] and text.shape[:3] == (4, 2, n)
+    assert torch.equal(mask[1], feats.mask[0, :n]) and torch.equal(text[:, 1], feats.hidden[0, :, :n])
 
 
 def test_mismatched_encoder_names_both_numbers(tiny_encoder, tiny_llama_dir):

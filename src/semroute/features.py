@@ -8,6 +8,7 @@ sampling and caches alike.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -44,11 +45,60 @@ class PromptFeatures:
     def select(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Features of prompts `ids` (B,) as the DiT takes them: (L, B, S, C), contiguous, and (B, S).
 
-        Gathered straight into the layer-major layout, so the fusion never copies them again."""
-        return self.hidden.transpose(0, 1).index_select(1, ids), self.mask[ids]
+        S is the longest selected prompt's length, not the table's: a batch of short prompts costs what short
+        prompts cost. Gathered straight into the layer-major layout, so the fusion never copies them again."""
+        mask = self.mask[ids]
+        used = mask.any(0).nonzero()
+        length = int(used[-1]) + 1 if len(used) else 0
+        return self.hidden[:, :, :length].transpose(0, 1).index_select(1, ids), mask[:, :length]
 
     def to(self, dtype: torch.dtype) -> PromptFeatures:
         return PromptFeatures(self.hidden.to(dtype), self.mask)
+
+
+def encode_ragged(
+    encoder: TextEncoder,
+    prompts: list[str],
+    batch_size: int = 32,
+    dtype: torch.dtype | None = torch.float32,
+    progress: bool = False,
+    on_chunk: Callable[[int], object] | None = None,
+) -> list[torch.Tensor]:
+    """What the DiT reads for each prompt (`TextEncoder.features`), its real tokens only: (L, n_i, C) per
+    prompt, in the prompts' order.
+
+    The LLM runs on chunks of prompts sorted by token count, so a chunk is padded to about its own length
+    rather than to the longest prompt of the whole list. Right padding under causal attention leaves a
+    prompt's tokens as they are alone, so the order changes the cost and nothing else.
+    on_chunk: called with the number of prompts of each chunk once it is encoded (progress bars).
+    """
+    counts = encoder.token_counts(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: counts[i])
+    rows: list[torch.Tensor | None] = [None] * len(prompts)
+    for start in tqdm(range(0, len(prompts), batch_size), desc="encoding prompts", disable=not progress):
+        chunk = order[start : start + batch_size]
+        hidden, mask = encoder.features([prompts[i] for i in chunk])  # (L, b, S, C), (b, S)
+        hidden = hidden.to(dtype)
+        for b, i in enumerate(chunk):
+            rows[i] = hidden[:, b, mask[b]]
+        if on_chunk is not None:
+            on_chunk(len(chunk))
+    return [row for row in rows if row is not None]
+
+
+def pad_rows(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ragged rows (L, n_i, C) -> (N, L, S, C) zero-padded to the longest, and the mask (N, S).
+
+    The padded tensor is stored layer-major ((L, N, S, C) in memory, what `PromptFeatures` keeps and the DiT
+    reads): `.transpose(0, 1)` of it is contiguous."""
+    length = max(row.shape[1] for row in rows)
+    first = rows[0]
+    hidden = first.new_zeros(first.shape[0], len(rows), length, first.shape[2])
+    mask = torch.zeros(len(rows), length, dtype=torch.bool)
+    for i, row in enumerate(rows):
+        hidden[:, i, : row.shape[1]] = row
+        mask[i, : row.shape[1]] = True
+    return hidden.transpose(0, 1), mask
 
 
 def encode_prompts(
@@ -59,17 +109,8 @@ def encode_prompts(
     progress: bool = False,
 ) -> PromptFeatures:
     """Run the LLM once per prompt and keep what the DiT reads (`TextEncoder.features`): the LayerNorm'd
-    layers every fusion strategy mixes, or deep fusion's per-layer keys/values."""
-    hidden, masks = [], []
-    for i in tqdm(range(0, len(prompts), batch_size), desc="encoding prompts", disable=not progress):
-        h, m = encoder.features(prompts[i : i + batch_size])
-        hidden.append(h.to(dtype).transpose(0, 1))  # (b, L, S, C)
-        masks.append(m)
-    length = max(m.shape[1] for m in masks)
-    return PromptFeatures(
-        torch.cat([F.pad(h, (0, 0, 0, length - h.shape[2])) for h in hidden]),
-        torch.cat([F.pad(m, (0, length - m.shape[1])) for m in masks]),
-    )
+    layers every fusion strategy mixes, or deep fusion's per-layer keys/values (`encode_ragged`)."""
+    return PromptFeatures(*pad_rows(encode_ragged(encoder, prompts, batch_size, dtype, progress)))
 
 
 def prompt_table(

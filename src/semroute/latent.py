@@ -12,19 +12,31 @@ import torch
 from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 
 
+def vae_dir(path: str | Path) -> Path:
+    """The directory of the AutoencoderKL's config.json: `path`, or a diffusers pipeline's vae/ folder."""
+    path = Path(path).expanduser()
+    if (path / "config.json").is_file():
+        return path
+    if (path / "vae" / "config.json").is_file():
+        return path / "vae"
+    raise FileNotFoundError(
+        f"VAE {path} is not a directory with an AutoencoderKL config.json (or a vae/ folder)"
+    )
+
+
+def latent_shape(path: str | Path | None, resolution: int) -> tuple[int, int, int]:
+    """(C, h, w) of what a cache stores per image, from the VAE's config alone (pixels without a VAE)."""
+    if path is None:
+        return (3, resolution, resolution)
+    config = AutoencoderKL.load_config(vae_dir(path))
+    side = resolution // 2 ** (len(config["block_out_channels"]) - 1)
+    return (config["latent_channels"], side, side)
+
+
 def load_vae(path: str | Path, device: torch.device | str = "cpu") -> AutoencoderKL:
     """An AutoencoderKL from a local directory (config.json
     + weights) on `device`, frozen and in eval mode."""
-    path = Path(path).expanduser()
-    if not (path / "config.json").is_file():
-        # A full diffusers pipeline directory keeps the VAE in its vae/ folder.
-        if (path / "vae" / "config.json").is_file():
-            path = path / "vae"
-        else:
-            raise FileNotFoundError(
-                f"VAE {path} is not a directory with an AutoencoderKL config.json (or a vae/ folder)"
-            )
-    vae = AutoencoderKL.from_pretrained(path)
+    vae = AutoencoderKL.from_pretrained(vae_dir(path))
     vae.to(device)
     return vae.eval().requires_grad_(False)
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
@@ -22,26 +23,55 @@ from .config import RunConfig
 from .data.cache import (
     CACHE_DTYPES,
     CACHE_META,
+    CACHE_VERSION,
+    PADDED_VERSION,
     cache_problems,
     cache_recipe,
     existing_meta,
+    padded_version_hint,
     recipe_differences,
+    shard_file,
     shard_name,
+    shard_rows,
 )
 from .data.images import ImageCaptionDataset, to_training_tensor
-from .features import NULL_PROMPT
+from .features import NULL_PROMPT, encode_ragged
 from .fileio import file_digest, write_json
-from .latent import encode_latents, load_vae
+from .latent import encode_latents, latent_shape, load_vae
 from .runtime import configure_device, process_state, resolve_device, resolve_precision
-from .text_encoder import TextEncoder, check_reads
+from .text_encoder import TextEncoder, TokenCounter, check_reads
+
+if TYPE_CHECKING:
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 
 logger = logging.getLogger(__name__)
 
 
-def _pad(hidden: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, L, S, C), (B, S) -> padded to S = length."""
-    pad = length - hidden.shape[2]
-    return F.pad(hidden, (0, 0, 0, pad)), F.pad(mask, (0, pad))
+def _encode_images(
+    dataset: ImageCaptionDataset,
+    chunk: list[tuple[int, str]],
+    vae: AutoencoderKL | None,
+    store: torch.dtype,
+    batch_size: int,
+    bar: tqdm,
+) -> tuple[list[tuple[int, str]], list[torch.Tensor]]:
+    """The (image, caption) pairs of `chunk` whose image loads, and their latents (or pixels) in batches."""
+    d = dataset.config
+    kept, latents = [], []
+    for b in range(0, len(chunk), batch_size):
+        batch = chunk[b : b + batch_size]
+        bar.update(len(batch))
+        loaded = {i: dataset.load_image(i) for i, _ in batch}
+        images = {i: image for i, image in loaded.items() if image is not None}
+        batch = [(i, c) for i, c in batch if i in images]
+        if not batch:
+            continue
+        pixels = torch.stack(
+            [to_training_tensor(images[i], d.resolution, d.background_rgb) for i, _ in batch]
+        )
+        latents.append((encode_latents(vae, pixels) if vae is not None else pixels).to("cpu", store))
+        kept += batch
+    return kept, latents
 
 
 def precompute(
@@ -82,6 +112,8 @@ def precompute(
     found = existing_meta(meta_path)
     if found is not None:
         differences = recipe_differences(found["recipe"], recipe)
+        if differences == [f"version: cache has {PADDED_VERSION}, this run has {CACHE_VERSION}"]:
+            raise ValueError(f"{padded_version_hint(out)}, then run precompute again to finish or check it")
         if differences:
             raise ValueError(
                 f"{out} holds a cache made another way ({'; '.join(differences)}); "
@@ -110,7 +142,6 @@ def precompute(
         if not captions:
             dataset.skips.add(f"row {i}", "every caption is empty", d.strict)
         pairs += [(i, c) for c in captions]
-    length = encoder.config.max_length
     store = CACHE_DTYPES[dtype]
     starts = list(range(0, len(pairs), shard_size))
     mine = [
@@ -118,40 +149,34 @@ def precompute(
         for number, start in enumerate(starts)
         if number % state.num_processes == state.process_index
     ]
-    bar = tqdm(
-        total=sum(len(pairs[s : s + shard_size]) for _, s in mine),
-        desc="precompute",
+    bar = tqdm(  # two passes per row: its image through the VAE, its caption through the LLM
+        total=2 * sum(len(pairs[s : s + shard_size]) for _, s in mine),
+        desc="precompute (images, then captions)",
         disable=not progress or not state.is_main_process,
     )
     for number, start in mine:
-        path = out / shard_name(number)
+        path = shard_file(out, number)
         chunk = pairs[start : start + shard_size]
         if path.is_file():
-            bar.update(len(chunk))
+            bar.update(2 * len(chunk))
             continue
-        latents, hidden, masks = [], [], []
         before = dict(dataset.skips.skipped)
-        for b in range(0, len(chunk), batch_size):
-            batch = chunk[b : b + batch_size]
-            bar.update(len(batch))
-            loaded = {i: dataset.load_image(i) for i, _ in batch}
-            images = {i: image for i, image in loaded.items() if image is not None}
-            batch = [(i, c) for i, c in batch if i in images]
-            if not batch:
-                continue
-            pixels = torch.stack(
-                [to_training_tensor(images[i], d.resolution, d.background_rgb) for i, _ in batch]
-            )
-            latents.append((encode_latents(vae, pixels) if vae is not None else pixels).to("cpu", store))
-            h, m = encoder.features([c for _, c in batch])
-            h, m = _pad(h.transpose(0, 1), m, length)
-            hidden.append(h.to("cpu", store))
-            masks.append(m.cpu())
+        kept, latents = _encode_images(dataset, chunk, vae, store, batch_size, bar)
         skipped = {k: v for k, v in dataset.skips.skipped.items() if k not in before}
+        bar.update(len(chunk) - len(kept))  # captions of unreadable images are not encoded
         # A shard whose images were all unreadable is still written (with no rows), so it is not redone.
-        tensors = {"mask": torch.cat(masks) if masks else torch.zeros(0, length, dtype=torch.bool)}
-        if latents:
-            tensors.update(latents=torch.cat(latents), text=torch.cat(hidden))
+        tensors = {"lengths": torch.zeros(0, dtype=torch.int32)}
+        if kept:
+            texts = encode_ragged(
+                encoder, [c for _, c in kept], batch_size, store, on_chunk=bar.update, progress=False
+            )
+            tokens = torch.cat(texts, dim=1).transpose(0, 1)  # (T, L, C): every row's real tokens end to end
+            tensors = {
+                "latents": torch.cat(latents),
+                "text": tokens.to("cpu"),
+                "lengths": torch.tensor([text.shape[1] for text in texts], dtype=torch.int32),
+            }
+        path = out / shard_name(number)
         tmp = out / f".{path.name}.tmp"
         save_file(
             {k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"skipped": json.dumps(skipped)}
@@ -161,11 +186,12 @@ def precompute(
     state.wait_for_everyone()
     if not state.is_main_process:
         return None
-    shards, skipped = [], dict(dataset.skips.skipped)
+    shards: list[dict] = []
+    skipped = dict(dataset.skips.skipped)
     for number in range(len(starts)):
-        name = shard_name(number)
+        name = shard_file(out, number).name
         with safe_open(out / name, "pt") as f:
-            rows = f.get_slice("mask").get_shape()[0]
+            rows = shard_rows(f)
             skipped.update(json.loads((f.metadata() or {}).get("skipped", "{}")))
         if rows:
             shards.append(
@@ -176,12 +202,8 @@ def precompute(
                     "sha256": file_digest(out / name),
                 }
             )
-    h, m = encoder.features([NULL_PROMPT])
-    h, m = _pad(h.transpose(0, 1), m, length)
-    save_file(
-        {"text": h[0].to("cpu", store).contiguous(), "mask": m[0].cpu().contiguous()},
-        out / "null.safetensors",
-    )
+    (null,) = encode_ragged(encoder, [NULL_PROMPT], dtype=store)
+    save_file({"text": null.transpose(0, 1).to("cpu").contiguous()}, out / "null.safetensors")
     rows = sum(shard["rows"] for shard in shards)
     meta = {
         "recipe": recipe,
@@ -195,3 +217,46 @@ def precompute(
     write_json(meta_path, meta)
     logger.info("cached %d rows in %d shards (%d images skipped) in %s", rows, len(shards), len(skipped), out)
     return meta
+
+
+def plan_cache(config: RunConfig, dtype: str = "auto", device: str = "auto") -> dict:
+    """What `precompute` would write, without loading the LLM's weights, the VAE's or any image: rows, token
+    counts and bytes, ragged (what is written) beside padded to max_length (what caches of version 3 took).
+
+    Token counts come from the tokenizer alone; latent sizes from the VAE's config. Images that turn out to
+    be unreadable make the real cache smaller, never larger.
+    """
+    d = config.dataset
+    if d.manifest is None and d.hf_dataset is None:
+        raise ValueError("precompute needs dataset.manifest or dataset.hf_dataset in the config")
+    if dtype == "auto":
+        dtype = resolve_precision(config.train.mixed_precision, resolve_device(device)).name
+    store = CACHE_DTYPES[dtype]
+    counter = TokenCounter(config.text_encoder)
+    dataset = ImageCaptionDataset(d)
+    captions = [c for i in range(len(dataset)) for c in dataset.captions_of(i)]
+    if not captions:
+        raise ValueError("the dataset has no captioned rows: nothing to precompute")
+    tokens = torch.tensor(counter.token_counts(captions), dtype=torch.float64)
+    null_tokens = counter.token_counts([NULL_PROMPT])[0]
+    item = store.itemsize
+    per_token = len(counter.layers) * counter.feature_dim * item
+    latents = math.prod(latent_shape(d.vae, d.resolution)) * item
+    rows, length = len(captions), config.text_encoder.max_length
+    ragged = rows * latents + (int(tokens.sum()) + null_tokens) * per_token + 4 * rows
+    padded = rows * latents + (rows + 1) * length * per_token + (rows + 1) * length
+    return {
+        "rows": rows,
+        "dtype": dtype,
+        "max_length": length,
+        "tokens": {
+            "mean": float(tokens.mean()),
+            "p90": float(tokens.quantile(0.9)),
+            "max": int(tokens.max()),
+            "at_max_length": int((tokens >= length).sum()),
+        },
+        "bytes_per_token": per_token,
+        "latent_bytes_per_row": latents,
+        "bytes": ragged,
+        "padded_bytes": padded,
+    }

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from .data.cache import CachedDataset, CachedEncoderInfo, recipe_differences
+from .data.cache import CachedDataset, CachedEncoderInfo, collate_rows, recipe_differences
 from .data.images import ImageCaptionDataset, collate_skipping
 from .data.shapes import ShapesDataset, ShapesTask, caption
 from .features import NULL_PROMPT, PromptFeatures, prompt_table
@@ -246,12 +246,13 @@ class CacheSource:
             sampler=self.sampler,
             drop_last=True,
             num_workers=num_workers,
+            collate_fn=collate_rows,  # each batch as long as its longest prompt
             generator=own_generator(self.sampler.seed),
         )
 
     def condition(self, batch: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        latents, text, mask = batch  # (B, C, h, w), (B, L, S, C), (B, S)
-        return latents.float().to(device), text.transpose(0, 1).to(device, self.dtype), mask.to(device)
+        latents, text, mask = batch  # (B, C, h, w), (L, B, S, C), (B, S)
+        return latents.float().to(device), text.to(device, self.dtype), mask.to(device)
 
     def skipped(self) -> dict[str, str]:
         return {}

@@ -16,7 +16,7 @@ from typing import Any, Protocol, cast
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .fusion import LayerFusion, pack_keys_values
 
@@ -232,6 +232,45 @@ def llm_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+@dataclass(frozen=True)
+class ModelShape:
+    """What an LLM's config says about the features it gives."""
+
+    num_layers: int
+    hidden_size: int
+    kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, text_config: Any) -> ModelShape:
+        heads = text_config.num_attention_heads
+        hidden = text_config.hidden_size
+        return cls(
+            num_layers=text_config.num_hidden_layers,
+            hidden_size=hidden,
+            kv_heads=getattr(text_config, "num_key_value_heads", None) or heads,
+            head_dim=getattr(text_config, "head_dim", None) or hidden // heads,
+        )
+
+    def feature_dim(self, kind: str) -> int:
+        """Width of each text feature entry the DiT reads: the
+        hidden size, or 2 x kv_heads x head_dim (keys, values)."""
+        return self.hidden_size if kind == "hidden_states" else 2 * self.kv_heads * self.head_dim
+
+
+def wrap_prompt(tokenizer: Any, template: str, prompt: str) -> str:
+    """The exact text fed to the LLM for a prompt."""
+    if template == "chat":
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False)
+    return template.format(prompt=prompt)
+
+
+def count_tokens(tokenizer: Any, template: str, prompts: list[str]) -> list[int]:
+    """How many tokens each wrapped prompt has, before any cut at max_length (no LLM call)."""
+    texts = [wrap_prompt(tokenizer, template, p) for p in prompts]
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
 class EncoderInfo(Protocol):
     """What the DiT and a checkpoint need to know about the
     LLM: a loaded `TextEncoder` or a cache's description."""
@@ -289,21 +328,21 @@ class TextEncoder(nn.Module):
         self.tokenizer.padding_side = "right"
         model.eval().requires_grad_(False)
         self.model = cast(PreTrainedModel, model)
-        text_config = self.model.config.get_text_config()
-        self.num_model_layers = text_config.num_hidden_layers
-        self.hidden_size = text_config.hidden_size
+        self._read_shape(self.model.config.get_text_config())
+        self._check_template()
+
+    def _read_shape(self, text_config: Any) -> None:
+        self.shape = ModelShape.of(text_config)
+        self.num_model_layers = self.shape.num_layers
+        self.hidden_size = self.shape.hidden_size
+        self.kv_heads, self.head_dim = self.shape.kv_heads, self.shape.head_dim
         self.layers = resolve_layers(self.config.layers, self.num_model_layers)
         self.feature_kind = self.config.feature_kind
-        heads = text_config.num_attention_heads
-        self.kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
-        self.head_dim = getattr(text_config, "head_dim", None) or self.hidden_size // heads
-        self._check_template()
 
     @property
     def feature_dim(self) -> int:
-        """Width of each text feature entry the DiT reads: the
-        hidden size, or 2 x kv_heads x head_dim (keys, values)."""
-        return self.hidden_size if self.feature_kind == "hidden_states" else 2 * self.kv_heads * self.head_dim
+        """Width of each text feature entry the DiT reads (`ModelShape.feature_dim`)."""
+        return self.shape.feature_dim(self.feature_kind)
 
     @property
     def num_layers(self) -> int:
@@ -324,9 +363,7 @@ class TextEncoder(nn.Module):
 
     def wrap(self, prompt: str) -> str:
         """The exact text fed to the LLM for a prompt."""
-        if self.config.template == "chat":
-            return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False)
-        return self.config.template.format(prompt=prompt)
+        return wrap_prompt(self.tokenizer, self.config.template, prompt)
 
     @torch.no_grad()
     def forward(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -396,12 +433,16 @@ class TextEncoder(nn.Module):
         values = torch.stack([cache.layers[i].values for i in layers]).float()
         return keys, values, batch["attention_mask"].bool()
 
+    def token_counts(self, prompts: list[str]) -> list[int]:
+        """How many tokens each wrapped prompt has, before the cut at max_length (no LLM call)."""
+        return count_tokens(self.tokenizer, self.config.template, prompts)
+
     def _tokenize(self, prompts: list[str]) -> Any:
         """The wrapped prompts as a right-padded batch on the
         LLM's device, cut at max_length (with a warning)."""
         texts = [self.wrap(p) for p in prompts]
         limit = self.config.max_length
-        lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        lengths = self.token_counts(prompts)
         for prompt, n in zip(prompts, lengths, strict=True):
             if n > limit:
                 logger.warning(
@@ -418,6 +459,29 @@ class TextEncoder(nn.Module):
             add_special_tokens=False,
             return_tensors="pt",
         ).to(self.model.device)
+
+
+class TokenCounter:
+    """The LLM's tokenizer and feature shape without its weights: token counts and sizes, to plan a cache
+    (`semroute precompute --dry-run`) in seconds where loading the model could take minutes."""
+
+    def __init__(self, config: TextEncoderConfig) -> None:
+        self.config = config
+        model_dir = resolve_model_dir(config.model)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        shape = ModelShape.of(AutoConfig.from_pretrained(model_dir).get_text_config())
+        self.layers = resolve_layers(config.layers, shape.num_layers)
+        self.feature_dim = shape.feature_dim(config.feature_kind)
+        check_template(config.template)
+        if config.template == "chat" and self.tokenizer.chat_template is None:
+            raise ValueError(
+                "this tokenizer has no chat template; set text_encoder.template to a format with {prompt}"
+            )
+
+    def token_counts(self, prompts: list[str]) -> list[int]:
+        """Tokens of each wrapped prompt, cut at max_length as encoding cuts them."""
+        limit = self.config.max_length
+        return [min(n, limit) for n in count_tokens(self.tokenizer, self.config.template, prompts)]
 
 
 def check_reads(encoder: EncoderInfo, config: TextEncoderConfig, who: str = "this config") -> None:

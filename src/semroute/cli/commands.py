@@ -25,13 +25,14 @@ from ..bench.sampling import sample_all
 from ..bench.trajectory import plot_trajectory, trace
 from ..checkpoint import RUN_CONFIG_FILE, resolve_checkpoint, routed_layers
 from ..config import RunConfig, load_config
+from ..data.cache import convert_cache
 from ..data.emoji import build_emoji_set
 from ..demo import run_demo
 from ..fileio import OutputLock, read_json, write_json
 from ..loading import export_pipeline, load_transformer
 from ..pipeline import load_pipeline
 from ..plots import captioned_grid, plot_routing, save_sample_grid
-from ..precompute import precompute
+from ..precompute import plan_cache, precompute
 from ..runtime import process_state
 from ..train import train
 
@@ -359,8 +360,28 @@ def cmd_autoencoder(args: argparse.Namespace) -> None:
     print(f"{line}; use it with dataset: {{vae: {args.out}}}")
 
 
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
 def cmd_precompute(args: argparse.Namespace) -> None:
     config = _config_for(args.config, args.set)
+    if args.dry_run:
+        plan = plan_cache(config, args.dtype, args.device)
+        tokens = plan["tokens"]
+        print(
+            f"{plan['rows']} rows (image, caption) in {plan['dtype']}: "
+            f"{_size(plan['bytes'])} ({_size(plan['latent_bytes_per_row'])} of latents per row, "
+            f"{_size(plan['bytes_per_token'])} per text token; prompts of {tokens['mean']:.1f} tokens on "
+            f"average, {tokens['p90']:.0f} at p90, {tokens['max']} at most, {tokens['at_max_length']} cut at "
+            f"max_length {plan['max_length']}). Padded to max_length it would take "
+            f"{_size(plan['padded_bytes'])} ({plan['bytes'] / plan['padded_bytes']:.2f}x). Nothing written."
+        )
+        return
     with _writer(args.out):
         meta = precompute(
             config,
@@ -436,6 +457,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if verdict.learned else NOT_LEARNED_EXIT
 
 
+def cmd_convert_cache(args: argparse.Namespace) -> None:
+    with _writer(args.cache):
+        before = sum(p.stat().st_size for p in args.cache.glob("*.safetensors"))
+        meta = convert_cache(args.cache)
+    after = sum(p.stat().st_size for p in args.cache.glob("*.safetensors"))
+    print(f"{args.cache}: {meta['rows']} rows stored ragged, {_size(before)} -> {_size(after)}")
+
+
 COMMANDS = {
     "train": cmd_train,
     "sample": cmd_sample,
@@ -445,6 +474,7 @@ COMMANDS = {
     "data": cmd_data,
     "autoencoder": cmd_autoencoder,
     "precompute": cmd_precompute,
+    "convert-cache": cmd_convert_cache,
     "sample-bench": cmd_sample_bench,
     "export": cmd_export,
     "demo": cmd_demo,

@@ -271,6 +271,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps"
     )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the rows, prompt lengths and bytes the cache will take (from the tokenizer and the VAE's "
+        "config, loading no weights and no image), then stop without writing",
+    )
+
+    p = sub.add_parser(
+        "convert-cache",
+        help="rewrite a padded cache (cache version 3) in place as ragged rows",
+        formatter_class=fmt,
+        description="Caches of version 3 stored every caption padded to text_encoder.max_length. This keeps "
+        "every row's latents and real tokens bit for bit and drops the padding, one shard at a time: an "
+        "interrupted conversion leaves a cache that loads, and running the command again finishes it. "
+        "Training on the converted cache equals training on the padded one (resume across it works).",
+    )
+    p.add_argument("cache", type=Path, help="cache directory (the one with cache.json)")
 
     p = sub.add_parser(
         "sample-bench",
