@@ -9,6 +9,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from semroute.checkpoint import WEIGHTS_FILE as WEIGHTS
+
 from .conftest import tiny_run_config
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
@@ -76,6 +78,50 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, tiny_llama
         moved += int(w.abs().sum() > 0)
     assert moved > len(single) // 2
     assert (tmp_path / "ddp" / "checkpoints" / "step_000004").is_dir()
+
+
+def test_fsdp_on_two_processes_matches_one_and_resumes_both_ways(tmp_path, tiny_llama_dir):
+    """train.fsdp shards the DiT over two gloo processes: it ends with one process's weights (same global
+    batch), and its checkpoints are the single-process ones: each resumes the other's run."""
+    import json
+    import shutil
+
+    raw = tiny_run_config(tiny_llama_dir, max_steps=4, batch_size=8, checkpoint_every=2, threads=1)
+    raw["train"].update(fsdp=True, sample_grids=True)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    launch(2, str(WORKER), str(config), str(tmp_path / "fsdp"))
+    launch(1, str(WORKER), str(config), str(tmp_path / "single"))
+
+    def weights(run, rank=0):
+        return load_file(tmp_path / run / f"rank{rank}.safetensors")
+
+    single = weights("single")
+
+    def close_to_single(found, what):
+        assert found.keys() == single.keys()
+        for name, w in single.items():
+            torch.testing.assert_close(found[name], w, rtol=1e-4, atol=1e-5, msg=f"{name}: {what}")
+
+    summaries = {run: json.loads((tmp_path / run / "summary.json").read_text()) for run in ("fsdp", "single")}
+    assert summaries["fsdp"]["fsdp"] and summaries["fsdp"]["processes"] == 2  # sharded, not DDP
+    assert not summaries["single"]["fsdp"] and summaries["single"]["processes"] == 1
+    assert all(torch.equal(weights("fsdp", 0)[k], weights("fsdp", 1)[k]) for k in single)
+    close_to_single(weights("fsdp"), "FSDP on 2 processes vs 1 process")
+    # The checkpoints hold the same full state, in the same layout.
+    for name in ("training_state/model.safetensors", "training_state/ema.safetensors", WEIGHTS):
+        a = load_file(tmp_path / "fsdp" / "checkpoints" / "step_000004" / name)
+        b = load_file(tmp_path / "single" / "checkpoints" / "step_000004" / name)
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=f"{name}: {key}")
+    assert (tmp_path / "fsdp" / "samples" / "step_000002.png").is_file()  # previews from the gathered EMA
+    # Resume across: FSDP's step-2 checkpoint under one process, one process's under FSDP.
+    for source, processes, target in (("fsdp", 1, "fsdp-then-single"), ("single", 2, "single-then-fsdp")):
+        shutil.copytree(tmp_path / source / "checkpoints", tmp_path / target / "checkpoints")
+        shutil.rmtree(tmp_path / target / "checkpoints" / "step_000004")
+        launch(processes, str(WORKER), str(config), str(tmp_path / target))
+        close_to_single(weights(target), f"resumed from {source}'s step 2 on {processes} process(es)")
 
 
 def test_sample_bench_shared_by_two_processes_writes_what_one_writes(tmp_path, tiny_llama_dir):

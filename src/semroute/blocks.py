@@ -160,6 +160,10 @@ class SelfAttention(nn.Module):
 class CrossAttention(nn.Module):
     """Image tokens attend to the block's routed text context; keys/values can be precomputed."""
 
+    # The submodules `keys_values` runs: the DiT calls it for every block at once, outside the blocks' forward
+    # (`SemanticRoutingDiT.route_text`), so FSDP keeps them with the text side, not in the block's shard unit.
+    TEXT_SIDE = ("kv", "k_norm")
+
     def __init__(self, hidden_size: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads

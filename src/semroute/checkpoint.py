@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -92,49 +93,74 @@ def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
 
 
+@dataclass
+class TrainingSnapshot:
+    """A run's full state on the CPU, unsharded: what a checkpoint holds (gathered under FSDP)."""
+
+    weights: dict[str, torch.Tensor]  # the model's state dict
+    ema: list[torch.Tensor]  # the EMA shadow of each parameter, in `model.parameters()` order
+    optimizer: dict  # the optimizer's state dict, keyed by parameter index
+
+    def ema_weights(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The EMA weights as `model`'s state dict (buffers are not averaged): what sampling loads."""
+        names = [name for name, _ in model.named_parameters()]
+        if len(names) != len(self.ema):
+            raise ValueError(f"{len(self.ema)} EMA tensors for {len(names)} parameters")
+        return {**self.weights, **dict(zip(names, self.ema, strict=True))}
+
+
+def snapshot_of(model: torch.nn.Module, ema: EMAModel, optimizer: torch.optim.Optimizer) -> TrainingSnapshot:
+    """The state of a run whose model is not sharded."""
+    return TrainingSnapshot(
+        {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+        [p.detach().cpu().contiguous() for p in ema.shadow_params],
+        optimizer.state_dict(),
+    )
+
+
 def save_checkpoint(
     directory: Path,
     model: SemanticRoutingDiT,
-    ema: EMAModel,
-    optimizer: torch.optim.Optimizer,
+    ema: EMAModel | None,
+    optimizer: torch.optim.Optimizer | None,
     state: dict,
     config: RunConfig,
     encoder: EncoderInfo,
     vae_path: str | None = None,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     rng: dict | None = None,
+    snapshot: TrainingSnapshot | None = None,
 ) -> Path:
     """Write a checkpoint atomically; `state` holds at least {"step": N} and is stored as
-    training_state/state.json."""
-    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    if not all_finite(weights.values()) or not all_finite(ema.shadow_params):
+    training_state/state.json.
+
+    snapshot: the run's full state, gathered beforehand (a sharded run); by default read from `model`, `ema`
+    and `optimizer`. `model` then only gives its config."""
+    if snapshot is None:
+        if ema is None or optimizer is None:
+            raise ValueError("pass ema and optimizer, or a snapshot")
+        snapshot = snapshot_of(model, ema, optimizer)
+    weights, ema_weights = snapshot.weights, snapshot.ema_weights(model)
+    if not all_finite(weights.values()) or not all_finite(snapshot.ema):
         raise TrainingDiverged(
             f"the weights at step {state['step']} are not all finite; no checkpoint was written"
         )
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        ema.store(model.parameters())
-        ema.copy_to(model.parameters())
-        try:
-            model.save_pretrained(tmp)
-        finally:
-            ema.restore(model.parameters())
+        model.save_config(tmp)  # diffusers' layout: config.json + the weights file, as save_pretrained writes
+        save_file(ema_weights, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         state_dir = tmp / TRAINING_STATE_DIR
         state_dir.mkdir()
         save_file(weights, state_dir / "model.safetensors")
-        save_file(
-            {str(i): p.detach().cpu().contiguous() for i, p in enumerate(ema.shadow_params)},
-            state_dir / "ema.safetensors",
-        )
-        torch.save(optimizer.state_dict(), state_dir / "optimizer.pt")
+        save_file({str(i): p for i, p in enumerate(snapshot.ema)}, state_dir / "ema.safetensors")
+        torch.save(snapshot.optimizer, state_dir / "optimizer.pt")
         if scheduler is not None:
             torch.save(scheduler.state_dict(), state_dir / "scheduler.pt")
         if rng is not None:
             torch.save(rng, state_dir / "rng.pt")
-        (state_dir / "state.json").write_text(
-            json.dumps({**state, "ema_optimization_step": ema.optimization_step})
-        )
+        ema_step = state.get("ema_optimization_step", ema.optimization_step if ema is not None else 0)
+        (state_dir / "state.json").write_text(json.dumps({**state, "ema_optimization_step": ema_step}))
         # The layers as configured (empty = all) and as resolved for this model.
         (tmp / TEXT_ENCODER_FILE).write_text(
             json.dumps({**encoder.config.to_dict(), "resolved_layers": encoder.layers}, indent=2)

@@ -146,6 +146,10 @@ class TrainConfig:
     keep_checkpoints: int = 3
     # A step with a non-finite loss or gradient is skipped and counted; this many in a row stop the run.
     max_nonfinite_steps: int = 10
+    # Under `accelerate launch` on several processes: shard the DiT's weights, gradients, optimizer state and
+    # EMA over them (torch's fully_shard, FSDP2) instead of copying them to each (DDP). Same results, 1/N of
+    # the memory per process; checkpoints are the same either way (see semroute.sharding).
+    fsdp: bool = False
     # CPU threads for torch; null uses every core.
     threads: int | None = None
     # torch.compile the DiT blocks: auto (where this run's own timed steps show it pays back its compile

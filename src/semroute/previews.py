@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 def write_sample_grid(
     model: SemanticRoutingDiT,
-    ema: EMAModel,
+    ema: EMAModel | None,
     encoder: EncoderInfo,
     preview: Preview,
     sample: SampleConfig,
@@ -31,15 +31,18 @@ def write_sample_grid(
     path: Path,
     title: str,
 ) -> None:
-    """`sample.images_per_prompt` images of every preview prompt, from its stored features (no LLM call)."""
+    """`sample.images_per_prompt` images of every preview prompt, from its stored features (no LLM call).
+
+    ema: sample with its weights (restored afterwards), or None to sample `model`'s own."""
     k = sample.images_per_prompt
     n = len(preview.captions)
     # Each caption k times, then the null prompt
     ids = torch.cat([torch.arange(n).repeat_interleave(k), torch.tensor([n])])
     features = PromptFeatures(preview.features.hidden[ids].float(), preview.features.mask[ids])
     prompts = [c for c in preview.captions for _ in range(k)]
-    ema.store(model.parameters())
-    ema.copy_to(model.parameters())
+    if ema is not None:
+        ema.store(model.parameters())
+        ema.copy_to(model.parameters())
     try:
         # The grid samples from the preview's stored features: the encoder is only described, never run.
         pipe = SemanticRoutingPipeline.from_parts(
@@ -47,6 +50,7 @@ def write_sample_grid(
         )
         images = pipe.generate(prompts, seed=0, features=features)
     finally:
-        ema.restore(model.parameters())
+        if ema is not None:
+            ema.restore(model.parameters())
         model.train()
     save_sample_grid(images, preview.captions, k, path, title=title)

@@ -23,6 +23,7 @@ from .checkpoint import (
     load_torch_file,
 )
 from .config import RunConfig, load_config
+from .sharding import load_ema, load_optimizer_state, load_weights
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -106,7 +107,9 @@ def load_training_state(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     generator: torch.Generator,
 ) -> dict:
-    """Restore weights, EMA, optimizer, schedule and RNGs from a checkpoint; returns its state.json."""
+    """Restore weights, EMA, optimizer, schedule and RNGs from a checkpoint; returns its state.json.
+
+    The checkpoint holds the full state whatever wrote it; a sharded model (`train.fsdp`) keeps its shard."""
     state_dir = checkpoint / TRAINING_STATE_DIR
 
     def load(name: str, read: Callable[[Path], Any]) -> Any:
@@ -118,15 +121,14 @@ def load_training_state(
                 f"older checkpoint by moving this one aside"
             ) from None
 
-    model.load_state_dict(load("model.safetensors", load_file))
+    load_weights(model, load("model.safetensors", load_file))
     shadow = load("ema.safetensors", load_file)
     if len(shadow) != len(ema.shadow_params):
         raise ValueError(
             f"{checkpoint} holds {len(shadow)} EMA tensors, the model has {len(ema.shadow_params)}"
         )
-    for i, p in enumerate(ema.shadow_params):
-        p.data.copy_(shadow[str(i)])
-    optimizer.load_state_dict(load("optimizer.pt", load_torch_file))
+    load_ema(ema, [shadow[str(i)] for i in range(len(shadow))])
+    load_optimizer_state(model, optimizer, load("optimizer.pt", load_torch_file))
     scheduler.load_state_dict(load("scheduler.pt", load_torch_file))
     set_rng_state(load("rng.pt", load_torch_file), generator)
     state = load("state.json", lambda path: json.loads(path.read_text()))

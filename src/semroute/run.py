@@ -14,7 +14,12 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DistributedType,
+    GradientAccumulationPlugin,
+    convert_outputs_to_fp32,
+)
 from diffusers.training_utils import EMAModel
 
 from .checkpoint import checkpoint_dir
@@ -25,6 +30,7 @@ from .flow import RectifiedFlow
 from .reporting import check_tracker
 from .resume import newest_loadable, resume_differences, saved_precision
 from .runtime import Precision, resolve_device
+from .sharding import is_sharded, shard_model
 from .sources import build_source
 from .speed import StepCompiler
 from .step import StepParts, build_optimizer, warmup_schedule
@@ -192,10 +198,20 @@ def build_run(
         model.fusion.strategy,
         accelerator.num_processes,
     )
+    loader = source.loader(training.batch_size, config.dataset.num_workers)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        raise ValueError(
+            "semroute shards the DiT itself: set train.fsdp: true and launch without accelerate's --use_fsdp "
+            "(its FSDP plugin would wrap the model, and checkpoints would not gather it)"
+        )
+    if training.fsdp and accelerator.num_processes > 1:
+        shard(model, accelerator)  # before the optimizer is built: it must hold the sharded parameters
     optimizer = build_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_schedule(training.warmup_steps))
-    loader = source.loader(training.batch_size, config.dataset.num_workers)
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    if is_sharded(model):  # accelerate runs the processes and splits the batches; the model is ours
+        optimizer, loader, scheduler = accelerator.prepare(optimizer, loader, scheduler)
+    else:
+        model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     ema = EMAModel(accelerator.unwrap_model(model).parameters(), decay=training.ema_decay, foreach=True)
 
     def agree(flag: bool) -> bool:  # every process compiles, or none
@@ -223,6 +239,15 @@ def build_run(
         compiler=compiler,
         speed=speed,
     )
+
+
+def shard(model: SemanticRoutingDiT, accelerator: Accelerator) -> None:
+    """`train.fsdp`: shard the DiT over the processes (`sharding.shard_model`), with the precision accelerate
+    would give a model it prepared (autocast, fp32 outputs)."""
+    model.to(accelerator.device)
+    shard_model(model)
+    if accelerator.native_amp:
+        model.forward = convert_outputs_to_fp32(accelerator.autocast()(model.forward))  # type: ignore[method-assign]
 
 
 @contextmanager

@@ -18,7 +18,14 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from .base import TrainingDiverged, TrainingStopped
-from .checkpoint import RUN_CONFIG_FILE, SUMMARY_FILE, prune_checkpoints, remove_leftovers, save_checkpoint
+from .checkpoint import (
+    RUN_CONFIG_FILE,
+    SUMMARY_FILE,
+    TrainingSnapshot,
+    prune_checkpoints,
+    remove_leftovers,
+    save_checkpoint,
+)
 from .config import RunConfig
 from .features import PromptFeatures
 from .fileio import read_json, write_json
@@ -38,6 +45,7 @@ from .run import (
     stop_signals,
 )
 from .runtime import cpu_capability, training_precision
+from .sharding import is_sharded, plain_copy, snapshot, unsharded
 from .speed import configure
 from .step import train_step
 from .text_encoder import TextEncoder
@@ -74,32 +82,46 @@ class Meters:
     window: MetricsWindow
 
 
-def _save(run: Run, state: TrainState) -> Path:
-    """Save a checkpoint, then keep the newest `keep_checkpoints` (the one just written is the newest)."""
-    saved = {**state.saved(), "precision": run.precision.to_dict(), "device": str(run.accelerator.device)}
-    path = save_checkpoint(
-        run.checkpoint_path(state.step),
-        run.raw_model,
-        run.ema,
-        run.optimizer,
-        saved,
-        run.config,
-        run.source.encoder,
-        vae_path=run.source.vae_path,
-        scheduler=run.scheduler,
-        rng=rng_state(run.generator),
-    )
-    prune_checkpoints(run.out_dir, run.config.train.keep_checkpoints)
+def _save(run: Run, state: TrainState, preview: bool = False) -> None:
+    """Save a checkpoint (every process calls: a sharded run gathers its state; the main process writes),
+    keep the newest `keep_checkpoints`, and draw the preview grid if asked."""
+    main = run.accelerator.is_main_process
+    gathered = snapshot(run.raw_model, run.ema, run.optimizer, main)
+    path = run.checkpoint_path(state.step)
+    if gathered is not None:
+        saved = {
+            **state.saved(),
+            "precision": run.precision.to_dict(),
+            "device": str(run.accelerator.device),
+            "ema_optimization_step": run.ema.optimization_step,
+        }
+        save_checkpoint(
+            path,
+            run.raw_model,
+            None,
+            None,
+            saved,
+            run.config,
+            run.source.encoder,
+            vae_path=run.source.vae_path,
+            scheduler=run.scheduler,
+            rng=rng_state(run.generator),
+            snapshot=gathered,
+        )
+        prune_checkpoints(run.out_dir, run.config.train.keep_checkpoints)
+        if preview:
+            _preview(run, state, gathered)
     run.last_checkpoint = path
-    return path
 
 
-def _preview(run: Run, state: TrainState) -> None:
+def _preview(run: Run, state: TrainState, gathered: TrainingSnapshot) -> None:
     preview = run.source.preview()
     if preview is not None and run.config.train.sample_grids:
+        sharded = is_sharded(run.raw_model)
+        model = plain_copy(run.raw_model, gathered.ema_weights(run.raw_model)) if sharded else run.raw_model
         write_sample_grid(
-            run.raw_model,
-            run.ema,
+            model.to(run.accelerator.device),
+            None if sharded else run.ema,
             run.source.encoder,
             preview,
             run.config.sample,
@@ -156,6 +178,7 @@ def _summary(run: Run, state: TrainState, window: MetricsWindow) -> dict:
         "device": str(run.accelerator.device),
         "cpu_capability": cpu_capability(),
         "processes": run.accelerator.num_processes,
+        "fsdp": is_sharded(run.raw_model),  # sharded over the processes (train.fsdp), or copied to each
         "speed": {**run.speed, "compile": run.compiler.record()},
         "skipped_images": len(skipped),
         "skipped": skipped,
@@ -217,12 +240,11 @@ def _loop(
                 H=f"{record['fusion_entropy']:.3f}",
             )
         meters.bar.update(1)
-        if state.step % training.checkpoint_every == 0 and accelerator.is_main_process:
-            _save(run, state)
-            _preview(run, state)
+        if state.step % training.checkpoint_every == 0:
+            _save(run, state, preview=True)
         signum = stop_signal(run, received)
         if signum is not None:
-            if accelerator.is_main_process and run.last_checkpoint != run.checkpoint_path(state.step):
+            if run.last_checkpoint != run.checkpoint_path(state.step):
                 _save(run, state)
             accelerator.wait_for_everyone()
             raise TrainingStopped(signum, state.step, run.last_checkpoint)
@@ -310,7 +332,7 @@ def train(
     if window.steps:
         _log(run, state, window, budget.started)
     final = run.checkpoint_path(state.step)
-    if accelerator.is_main_process and run.last_checkpoint != final:
+    if run.last_checkpoint != final:
         _save(run, state)
     run.last_checkpoint = final
     summary = _summary(run, state, window)
@@ -330,8 +352,9 @@ def train(
                 summary["skipped_images"],
                 out_dir / SUMMARY_FILE,
             )
+    model = unsharded(run.raw_model)  # (collective: before the process group ends)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainResult(
-        final, state.step, window.last_loss, window.images_per_s, summary["skipped_images"], run.raw_model
+        final, state.step, window.last_loss, window.images_per_s, summary["skipped_images"], model
     )
