@@ -248,3 +248,42 @@ def test_precompute_into_a_padded_cache_asks_for_the_conversion(ragged_cache, tm
     padded = write_padded_copy(cache, tmp_path / "padded", 16)
     with pytest.raises(ValueError, match=f"semroute convert-cache {padded}"):
         precompute(load_config(raw), padded, shard_size=5, dtype="fp32", progress=False, encoder=tiny_encoder)
+
+
+def test_length_grouped_batches_visit_the_epochs_rows_and_pad_less():
+    from semroute.sources import EpochShuffle, LengthGroupedShuffle
+
+    lengths = torch.randint(3, 60, (103,), generator=torch.Generator().manual_seed(0))
+    B, n = 8, 103
+    plain, grouped = EpochShuffle(n, seed=5), LengthGroupedShuffle(lengths, seed=5, batch_size=B, window=4)
+    padded = {}
+    for sampler in (plain, grouped):
+        sampler.epoch = 2
+        order = list(sampler)
+        assert sorted(order) == list(range(n)) and order == list(
+            sampler
+        )  # a permutation, fixed by (seed, epoch)
+        batches = [order[i : i + B] for i in range(0, n - n % B, B)]
+        padded[sampler] = sum(B * int(lengths[b].max()) for b in batches)
+        if sampler is grouped:  # the same rows in full batches as the plain order, the same remainder dropped
+            plain_order = list(plain)
+            assert set(order[: n - n % B]) == set(plain_order[: n - n % B])
+            assert order[n - n % B :] == plain_order[n - n % B :]
+    assert padded[grouped] < 0.8 * padded[plain]  # batches of similar lengths pad far less
+    grouped.epoch = 3
+    assert list(grouped) != order  # another epoch, another order
+
+
+def test_length_grouping_trains_from_a_cache_and_resumes_exactly(ragged_cache, tmp_path):
+    raw, _, cache = ragged_cache
+    raw = {**raw, "train": {**raw["train"], "length_grouping": 2}}
+    whole = train_on(raw, cache, tmp_path / "whole", 6).model.state_dict()
+    train_on(raw, cache, tmp_path / "resumed", 3)
+    resumed = train_on(raw, cache, tmp_path / "resumed", 6).model.state_dict()
+    for name, weight in whole.items():
+        torch.testing.assert_close(resumed[name], weight, rtol=0, atol=0, msg=name)
+    # Only a cache knows every row's length up front.
+    from semroute.train import train
+
+    with pytest.raises(ValueError, match="train.length_grouping groups the rows of a precomputed cache"):
+        train(load_config(raw), tmp_path / "images", progress=False)

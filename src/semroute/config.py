@@ -146,6 +146,10 @@ class TrainConfig:
     keep_checkpoints: int = 3
     # A step with a non-finite loss or gradient is skipped and counted; this many in a row stop the run.
     max_nonfinite_steps: int = 10
+    # From a cache (dataset.cache): group rows of similar text length into batches, so that a batch pads
+    # little. K > 0 sorts each run of K batches of the epoch's shuffled order by length, cuts it into
+    # batches and shuffles the batches; an epoch still visits the same rows. 0: plain shuffled batches.
+    length_grouping: int = 0
     # Under `accelerate launch` on several processes: shard the DiT's weights, gradients, optimizer state and
     # EMA over them (torch's fully_shard, FSDP2) instead of copying them to each (DDP). Same results, 1/N of
     # the memory per process; checkpoints are the same either way (see semroute.sharding).
@@ -186,6 +190,8 @@ class TrainConfig:
             )
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"train.betas must be two numbers in [0, 1), got {self.betas}")
+        if self.length_grouping < 0:
+            raise ValueError(f"train.length_grouping must be >= 0 (0 = off), got {self.length_grouping}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"train.threads must be >= 1 or null, got {self.threads}")
         if self.minutes is not None and self.minutes <= 0:

@@ -73,6 +73,7 @@ RESUME_MUST_MATCH_TRAIN = (
     "ema_decay",
     "caption_dropout",
     "noise_level_weight",
+    "length_grouping",
 )
 
 

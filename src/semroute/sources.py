@@ -94,6 +94,33 @@ class EpochShuffle(torch.utils.data.Sampler):
         return iter(torch.randperm(self.n, generator=generator).tolist())
 
 
+class LengthGroupedShuffle(EpochShuffle):
+    """EpochShuffle's permutation, regrouped so that a batch's rows have similar text lengths.
+
+    The full batches of the permutation (the rows the plain sampler's batches visit) are cut into windows of
+    `window` batches; each window is sorted by length and cut into batches; the batches are shuffled. The
+    remainder that drop_last drops stays last. A function of (seed, epoch), as EpochShuffle is.
+    """
+
+    def __init__(self, lengths: torch.Tensor, seed: int, batch_size: int, window: int) -> None:
+        super().__init__(len(lengths), seed)
+        self.lengths, self.batch_size, self.window = lengths, batch_size, window
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.n, generator=generator)
+        full = self.n - self.n % self.batch_size
+        body, tail = order[:full], order[full:]
+        span = self.window * self.batch_size
+        batches = []
+        for start in range(0, full, span):
+            window = body[start : start + span]
+            window = window[torch.argsort(self.lengths[window], stable=True)]
+            batches += list(window.split(self.batch_size))
+        shuffled = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+        return iter(torch.cat([*shuffled, tail]).tolist())
+
+
 class ShapesSource:
     """Endless deterministic shapes scenes; captions are ids into a feature table computed once."""
 
@@ -233,7 +260,14 @@ class CacheSource:
         self.dtype = dtype  # the training precision's, whatever the cache stores: no bf16 math in an fp32 run
         null_text, null_mask = dataset.null_features()
         self.null = (null_text.to(dtype), null_mask)
-        self.sampler = EpochShuffle(len(dataset), config.train.seed)
+        training = config.train
+        self.sampler = (
+            LengthGroupedShuffle(
+                dataset.lengths(), training.seed, training.batch_size, training.length_grouping
+            )
+            if training.length_grouping
+            else EpochShuffle(len(dataset), training.seed)
+        )
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.epoch = epoch
@@ -300,6 +334,11 @@ def build_source(
     d = config.dataset
     if d.cache is not None:
         return CacheSource(config, CachedDataset(d.cache), dtype)
+    if config.train.length_grouping:
+        raise ValueError(
+            "train.length_grouping groups the rows of a precomputed cache by their stored lengths; "
+            "precompute one (`semroute precompute`, then dataset.cache) or set train.length_grouping: 0"
+        )
     encoder = encoder_factory()
     check_reads(
         encoder, config.text_encoder, f"this run (model.strategy {config.model.settings()['strategy']})"
