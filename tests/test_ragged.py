@@ -287,3 +287,64 @@ def test_length_grouping_trains_from_a_cache_and_resumes_exactly(ragged_cache, t
 
     with pytest.raises(ValueError, match="train.length_grouping groups the rows of a precomputed cache"):
         train(load_config(raw), tmp_path / "images", progress=False)
+
+
+def test_convert_cache_refuses_what_it_cannot_convert_and_leaves_it_alone(ragged_cache, tmp_path, capsys):
+    from semroute.cli import main
+
+    raw, _, cache = ragged_cache
+    before = {p.name: p.read_bytes() for p in cache.iterdir()}
+    assert main(["convert-cache", str(cache)]) == 0  # already ragged: nothing to do, nothing touched
+    assert {p.name: p.read_bytes() for p in cache.iterdir()} == before
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    assert main(["convert-cache", str(plain)]) != 0
+    assert "not a semroute cache (no cache.json)" in capsys.readouterr().err
+    padded = write_padded_copy(cache, tmp_path / "padded", 16)
+    shard = padded / "shard_00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    files = {p.name: p.read_bytes() for p in padded.iterdir()}
+    assert main(["convert-cache", str(padded)]) != 0
+    said = capsys.readouterr().err
+    assert "truncated or damaged" in said and "nothing was converted" in said
+    assert {p.name: p.read_bytes() for p in padded.iterdir()} == files
+    with pytest.raises(ValueError, match="train.length_grouping must be >= 0"):
+        load_config({**raw, "train": {**raw["train"], "length_grouping": -1}})
+
+
+def test_shapes_batches_and_caption_dropout_stay_as_long_as_their_prompts(tiny_llama_dir, tiny_encoder):
+    from semroute.features import drop_captions
+    from semroute.sources import ShapesSource
+
+    from .conftest import tiny_run_config
+
+    source = ShapesSource(
+        load_config(tiny_run_config(tiny_llama_dir, batch_size=4)), tiny_encoder, None, False
+    )
+    null_text, null_mask = source.null
+    assert null_mask.all() and null_text.shape[1] == tiny_encoder.token_counts([""])[0]
+    table = source.features.mask.sum(1)
+    x0, ids = next(iter(source.loader(4)))
+    text, mask = source.condition((x0, ids), torch.device("cpu"))[1:]
+    assert text.shape[2] == mask.shape[1] == int(table[ids].max()) <= int(table.max())
+    dropped, dropped_mask = drop_captions(
+        text, mask, null_text, null_mask, torch.tensor([True, False, False, False])
+    )
+    assert dropped.shape[2] == max(text.shape[2], null_text.shape[1])
+    assert dropped_mask[0].sum() == null_text.shape[1]
+    torch.testing.assert_close(dropped[:, 0, : null_text.shape[1]], null_text)
+
+
+def test_a_shard_whose_lengths_do_not_add_up_is_refused_by_name(ragged_cache):
+    raw, meta, cache = ragged_cache
+    entry = meta["shards"][1]
+    shard = cache / entry["file"]
+    tensors = load_file(shard)
+    tensors["lengths"][0] += 1  # one more token than the shard stores (written again with matching sizes)
+    save_file(tensors, shard)
+    entry.update(bytes=shard.stat().st_size, sha256=None)
+    (cache / CACHE_META).write_text(json.dumps(meta))
+    with pytest.raises(
+        ValueError, match=r"shard_00001.safetensors is inconsistent: its rows' lengths add up to"
+    ):
+        CachedDataset(cache)

@@ -153,7 +153,10 @@ class ShapesSource:
             )
         self.features = features.to(dtype)
         self.encoder = encoder
-        self.null = (self.features.hidden[-1], self.features.mask[-1])
+        null_mask = self.features.mask[
+            -1
+        ]  # its real tokens only: a batch is padded to its own longest prompt
+        self.null = (self.features.hidden[-1][:, null_mask], null_mask[null_mask])
 
     def loader(self, batch_size: int, num_workers: int = 0) -> torch.utils.data.DataLoader:
         # Items are drawn from rng(seed, index): the order is already fixed, every epoch alike.

@@ -217,10 +217,29 @@ def _file_problem(file: Path, size: object, digest: object, rows: object) -> str
     try:
         with safe_open(file, "pt") as f:
             found = shard_rows(f) if rows is not None else None
+            layout = _layout_problem(f) if rows else None
     except Exception as err:  # safetensors raises its own error type for a damaged file
         return f"{file} cannot be read ({one_line(err, 160)})"
     if rows is not None and found != rows:
         return f"{file} holds {found} rows, the cache description says {rows}"
+    return f"{file} is inconsistent: {layout}" if layout else None
+
+
+def _layout_problem(f: Any) -> str | None:
+    """Tensors of a shard that do not fit together (a ragged shard's lengths must add up to its tokens)."""
+    names = set(f.keys())
+    if "lengths" not in names:
+        return None  # padded (version 3): rows of text and mask are checked by their count
+    lengths = f.get_tensor("lengths")
+    if lengths.dim() != 1 or bool((lengths < 0).any()):
+        return "its lengths are not a list of token counts"
+    shapes = {name: f.get_slice(name).get_shape() for name in ("latents", "text") if name in names}
+    if set(shapes) != {"latents", "text"} or len(shapes["text"]) != 3:
+        return "a shard with rows needs latents and text (T, L, C)"
+    if shapes["latents"][0] != len(lengths):
+        return f"{shapes['latents'][0]} latents for {len(lengths)} rows"
+    if shapes["text"][0] != int(lengths.long().sum()):
+        return f"its rows' lengths add up to {int(lengths.long().sum())} tokens, it holds {shapes['text'][0]}"
     return None
 
 
