@@ -63,6 +63,7 @@ def encode_ragged(
     dtype: torch.dtype | None = torch.float32,
     progress: bool = False,
     on_chunk: Callable[[int], object] | None = None,
+    device: torch.device | str | None = None,
 ) -> list[torch.Tensor]:
     """What the DiT reads for each prompt (`TextEncoder.features`), its real tokens only: (L, n_i, C) per
     prompt, in the prompts' order.
@@ -71,6 +72,7 @@ def encode_ragged(
     rather than to the longest prompt of the whole list. Right padding under causal attention leaves a
     prompt's tokens as they are alone, so the order changes the cost and nothing else.
     on_chunk: called with the number of prompts of each chunk once it is encoded (progress bars).
+    device: where the rows are kept (default: where the LLM ran); a chunk is moved as soon as it is encoded.
     """
     counts = encoder.token_counts(prompts)
     order = sorted(range(len(prompts)), key=lambda i: counts[i])
@@ -78,7 +80,8 @@ def encode_ragged(
     for start in tqdm(range(0, len(prompts), batch_size), desc="encoding prompts", disable=not progress):
         chunk = order[start : start + batch_size]
         hidden, mask = encoder.features([prompts[i] for i in chunk])  # (L, b, S, C), (b, S)
-        hidden = hidden.to(dtype)
+        hidden = hidden.to(device or hidden.device, dtype)
+        mask = mask.to(hidden.device)
         for b, i in enumerate(chunk):
             rows[i] = hidden[:, b, mask[b]]
         if on_chunk is not None:

@@ -168,12 +168,12 @@ def precompute(
         tensors = {"lengths": torch.zeros(0, dtype=torch.int32)}
         if kept:
             texts = encode_ragged(
-                encoder, [c for _, c in kept], batch_size, store, on_chunk=bar.update, progress=False
+                encoder, [c for _, c in kept], batch_size, store, on_chunk=bar.update, device="cpu"
             )
             tokens = torch.cat(texts, dim=1).transpose(0, 1)  # (T, L, C): every row's real tokens end to end
             tensors = {
                 "latents": torch.cat(latents),
-                "text": tokens.to("cpu"),
+                "text": tokens,
                 "lengths": torch.tensor([text.shape[1] for text in texts], dtype=torch.int32),
             }
         path = out / shard_name(number)
@@ -202,8 +202,8 @@ def precompute(
                     "sha256": file_digest(out / name),
                 }
             )
-    (null,) = encode_ragged(encoder, [NULL_PROMPT], dtype=store)
-    save_file({"text": null.transpose(0, 1).to("cpu").contiguous()}, out / "null.safetensors")
+    (null,) = encode_ragged(encoder, [NULL_PROMPT], dtype=store, device="cpu")
+    save_file({"text": null.transpose(0, 1).contiguous()}, out / "null.safetensors")
     rows = sum(shard["rows"] for shard in shards)
     meta = {
         "recipe": recipe,
