@@ -111,9 +111,12 @@ def test_paired_bootstrap_interval():
 def test_parse_strategies():
     assert parse_strategies("s2, b1, fusedit") == ["b1", "fusedit", "s2"]  # the paper's order
     with pytest.raises(
-        ValueError, match="valid: b1, b2, b3, fusedit, s1, s2, s3 .the paper.s., s1s, s1e, s3e"
+        ValueError,
+        match="valid: b1, b2, b3, fusedit, s1, s2, s3 .the paper.s., s1s, s1e, s3e .gate variants., "
+        "flux2, unifusion, hidream, granted .schemes of released models.",
     ):
         parse_strategies("b1,s9")
+    assert parse_strategies("granted,hidream,b1") == ["b1", "hidream", "granted"]
 
 
 def test_ablation_end_to_end_and_resume(tiny_llama_dir, tiny_encoder, tmp_path, monkeypatch):
@@ -325,3 +328,17 @@ def test_fusedit_is_a_row_of_the_table_with_its_own_text_features(tiny_llama_dir
     assert table.index("| B1 penultimate |") < table.index("| FuseDiT deep |")  # the paper's order
     assert "FuseDiT deep scores below B1 overall" in {c["claim"] for c in result["claims"]}
     assert (out / "routing-fusedit.png").stat().st_size > 1000
+
+
+def test_the_granted_row_is_static_weights_frozen_after_a_quarter_of_the_budget(tiny_llama_dir):
+    from semroute.bench.ablation import _variant_config
+    from semroute.config import load_config
+
+    from .conftest import tiny_run_config
+
+    base = load_config(tiny_run_config(tiny_llama_dir, max_steps=40))
+    config = _variant_config(base, "granted", seed=1, max_steps=100)  # the ablation's --max-steps wins
+    assert config.model.strategy == "static" and config.train.freeze_fusion_after == 25
+    assert _variant_config(base, "granted", seed=1).train.freeze_fusion_after == 10
+    assert _variant_config(base, "flux2", seed=1).model.strategy == "concat"
+    assert _variant_config(base, "s2", seed=1).train.freeze_fusion_after == 0

@@ -31,13 +31,17 @@ def test_weights_are_convex_and_learned_ones_start_uniform(strategy):
         features = hidden()[:D]
         assert fusion(features) is features  # keys/values are used as they are: never normalized, never mixed
         return
-    fusion = LayerFusion(L, D, strategy)
+    fusion = LayerFusion(L, D, strategy, text_dim=C)
     t = torch.rand(B)
     w = fusion.layer_weights(t if fusion.depends_on_t else None)
     assert w.shape == ((B, D, L) if fusion.depends_on_t else (D, L))
     torch.testing.assert_close(w.sum(-1), torch.ones(w.shape[:-1]))
     assert (w >= 0).all()
-    if strategy != "single":
+    if strategy == "hard":  # block d reads the layer at its relative depth: 3 blocks over 7 layers
+        assert w.argmax(-1).tolist() == [1, 4, 6] and w.max(-1).values.eq(1).all()
+    elif strategy == "concat":  # what it reads: the taps at 1/4, 1/2, 3/4 of the depth (stacked, not mixed)
+        torch.testing.assert_close(w[:, [1, 3, 4]], torch.full((D, 3), 1 / 3))
+    elif strategy != "single":
         torch.testing.assert_close(w, torch.full_like(w, 1 / L))
         assert fusion.weight_entropy().item() == pytest.approx(math.log(L), abs=1e-5)
 
@@ -180,20 +184,14 @@ def test_the_strategy_table_is_the_one_source_of_names():
     from semroute.fusion import PAPER_IDS, PAPER_NAMES, STRATEGY_TABLE, Strategy
 
     assert tuple(STRATEGY_TABLE) == get_args(Strategy)
-    # The order of the paper's Table 1
-    assert list(PAPER_IDS) == [
-        "b1",
-        "b2",
-        "b3",
-        "fusedit",
-        "s1",
-        "s2",
-        "s3",
-    ]
+    # The order of the paper's Table 1, then the schemes of released models
+    assert list(PAPER_IDS) == ["b1", "b2", "b3", "fusedit", "s1", "s2", "s3", "flux2", "unifusion", "hidream"]
     assert PAPER_NAMES["s2"] == "S2 depth-wise" and PAPER_NAMES["fusedit"] == "FuseDiT deep"
+    learned = ("static", "time", "depth", "joint", "layer_attention")
     for name, spec in STRATEGY_TABLE.items():
-        fusion = LayerFusion(3 if name == "deep" else 5, 3, name)
+        fusion = LayerFusion(3 if name == "deep" else 5, 3, name, text_dim=8)
         assert fusion.depends_on_t == spec.depends_on_t == (name in ("time", "joint"))
-        assert fusion.num_groups == (3 if name in ("depth", "joint", "deep") else 1)
+        assert fusion.num_groups == (3 if name in ("depth", "joint", "deep", "hard") else 1)
         assert spec.text_features == ("keys_values" if name == "deep" else "hidden_states")
-        assert any(True for _ in fusion.parameters()) == (name in ("static", "time", "depth", "joint"))
+        assert any(True for _ in fusion.parameters()) == (name in learned)
+        assert bool(spec.shipped_by) == (name in ("concat", "layer_attention", "hard"))

@@ -62,6 +62,10 @@ class ModelConfig:
     # What the time gates (strategies time, joint) read: nominal (the schedule's t, the paper) or estimated
     # (a noise-level head's estimate from x_t, trained jointly; see train.noise_level_weight).
     gate_signal: str | None = None
+    # Strategies concat and layer_attention: relative depths in (0, 1] of the LLM layers they read, mapped
+    # onto the layers given (null: the strategy's published choice: 0.25, 0.5, 0.75 for concat, as FLUX.2;
+    # every layer for layer_attention, as UniFusion).
+    fusion_taps: list[float] | None = None
 
     def __post_init__(self) -> None:
         if self.preset is not None and self.preset not in DIT_PRESETS:
@@ -146,6 +150,9 @@ class TrainConfig:
     keep_checkpoints: int = 3
     # A step with a non-finite loss or gradient is skipped and counted; this many in a row stop the run.
     max_nonfinite_steps: int = 10
+    # Learned fusion weights frozen after this many optimizer steps (GRAN-TED's schedule: learn the layer
+    # weights early, then train the DiT against fixed ones); 0: never. Strategies with learned fusion only.
+    freeze_fusion_after: int = 0
     # From a cache (dataset.cache): group rows of similar text length into batches, so that a batch pads
     # little. K > 0 sorts each run of K batches of the epoch's shuffled order by length, cuts it into
     # batches and shuffles the batches; an epoch still visits the same rows. 0: plain shuffled batches.
@@ -190,6 +197,10 @@ class TrainConfig:
             )
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"train.betas must be two numbers in [0, 1), got {self.betas}")
+        if self.freeze_fusion_after < 0:
+            raise ValueError(
+                f"train.freeze_fusion_after must be >= 0 (0 = never), got {self.freeze_fusion_after}"
+            )
         if self.length_grouping < 0:
             raise ValueError(f"train.length_grouping must be >= 0 (0 = off), got {self.length_grouping}")
         if self.threads is not None and self.threads < 1:

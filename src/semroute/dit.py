@@ -172,11 +172,13 @@ class SemanticRoutingDiT(ModelMixin, ConfigMixin):  # type: ignore[misc]
         gate_hidden_dim: int = 128,
         gate_signal: str = "nominal",
         text_kv_heads: int | None = None,
+        fusion_taps: list[float] | None = None,
     ):
         """text_dim / num_text_layers: the width and count of the text feature entries: the LLM's hidden size
         and routed layers, or with strategy deep one entry per block of width 2 x text_kv_heads x head size
         (its keys and values). text_kv_heads: the LLM's key/value heads (deep fusion only; the text encoder
-        gives them)."""
+        gives them). fusion_taps: relative depths of the layers strategies concat and layer_attention read
+        (default: the strategy's published choice, mapped onto the layers given)."""
         super().__init__()
         check_dit_args(
             sample_size=sample_size,
@@ -197,12 +199,20 @@ class SemanticRoutingDiT(ModelMixin, ConfigMixin):  # type: ignore[misc]
         self.grid_size = sample_size // patch_size
         adaln = timestep_conditioning == "adaln-zero"
         self.fusion = LayerFusion(
-            num_text_layers, depth, strategy, single_layer, gate_hidden_dim=gate_hidden_dim
+            num_text_layers,
+            depth,
+            strategy,
+            single_layer,
+            gate_hidden_dim=gate_hidden_dim,
+            taps=fusion_taps,
+            text_dim=text_dim,
         )
         deep = self.fusion.spec.text_features == "keys_values"
         if deep:
             check_deep_layout(hidden_size, num_heads, text_dim, text_kv_heads)
-        self.context_embedder = None if deep else ContextEmbedder(text_dim, hidden_size)
+        self.context_embedder = (
+            None if deep else ContextEmbedder(self.fusion.output_dim(text_dim), hidden_size)
+        )
         self.patch_embed = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
         self.t_embedder = TimestepEmbedder(hidden_size) if adaln else None
         self.noise_head = NoiseLevelHead(in_channels, patch_size) if gate_signal == "estimated" else None
@@ -234,6 +244,22 @@ class SemanticRoutingDiT(ModelMixin, ConfigMixin):  # type: ignore[misc]
             for linear in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
                 nn.init.normal_(cast(nn.Linear, linear).weight, std=0.02)
 
+    def routing_weights(self) -> torch.Tensor | None:
+        """What each block takes from each LLM layer, (D, L), for t-independent strategies (None otherwise):
+        the fusion's weights; for layer attention their running mean over training tokens; for concat, the
+        share of the context projection's squared weight that falls on each tap's channels (what it learned
+        to read from each, the taps being stacked rather than mixed)."""
+        fusion = self.fusion
+        if fusion.depends_on_t:
+            return None
+        if fusion.spec.logits != "taps" or self.context_embedder is None:
+            return fusion.layer_weights().detach()
+        w = self.context_embedder.proj.weight.detach().float()  # (H, k C), the taps' channels side by side
+        energy = w.square().view(w.shape[0], len(fusion.taps), -1).sum((0, 2))
+        shares = torch.zeros(fusion.num_layers, device=w.device)
+        shares[fusion.taps] = energy / energy.sum()
+        return shares.expand(fusion.num_blocks, -1)
+
     @property
     def dit_blocks(self) -> list[DiTBlock]:
         """`blocks` as their class (a ModuleList yields plain Modules to a type checker)."""
@@ -253,7 +279,7 @@ class SemanticRoutingDiT(ModelMixin, ConfigMixin):  # type: ignore[misc]
         With deep fusion the text features are the paired layers' packed keys/values (`pack_keys_values`):
         each block gets its own, unchanged (nothing of the DiT acts on the text side).
         """
-        fused = self.fusion(text_hidden_states, t, normalized=normalized)  # (G, B, S, C)
+        fused = self.fusion(text_hidden_states, t, normalized=normalized, mask=text_mask)  # (G, B, S, C)
         if self.context_embedder is None:
             return RoutedContext(unpack_keys_values(fused, self.config["text_kv_heads"]), text_mask.bool())
         # (the meta device, used to count FLOPs, has no autocast)

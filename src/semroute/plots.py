@@ -101,23 +101,34 @@ def _heatmap(ax: Axes, weights: np.ndarray, layer_ids: list[int], title: str) ->
     return im
 
 
+ROUTING_CAPTIONS = {  # what the heatmap of a t-independent strategy shows, by where its logits come from
+    "pairing": "fixed pairing: each block reads one layer",
+    "taps": "share of the context projection's weight on each tap (stacked, not mixed)",
+    "attention": "mean attention over layers (running mean over training tokens)",
+}
+
+
 def plot_routing(
-    fusion: LayerFusion, path: Path, layer_ids: list[int] | None = None, title: str = ""
+    fusion: LayerFusion,
+    path: Path,
+    layer_ids: list[int] | None = None,
+    title: str = "",
+    weights: torch.Tensor | None = None,
 ) -> Path:
     """Heatmap of block x layer weights; for t-dependent strategies
-    also heatmaps at three times and weight-vs-t curves."""
+    also heatmaps at three times and weight-vs-t curves.
+
+    weights: (D, L) to draw instead of the fusion's own (`SemanticRoutingDiT.routing_weights`)."""
     layer_ids = layer_ids or list(range(1, fusion.num_layers + 1))
     uniform = 1.0 / fusion.num_layers
     with torch.no_grad():
         if not fusion.depends_on_t:
-            weights = fusion.layer_weights().cpu().numpy()
+            drawn = (weights if weights is not None else fusion.layer_weights()).cpu().numpy()
             fig, ax = plt.subplots(figsize=(7, 0.35 * fusion.num_blocks + 1.8))
-            what = (
-                "fixed pairing: each block attends over its layer's keys/values"
-                if fusion.spec.logits == "pairing"
-                else f"weights (uniform = {uniform:.3f})"
-            )
-            im = _heatmap(ax, weights, layer_ids, f"{fusion.strategy}: {what}")
+            what = ROUTING_CAPTIONS.get(fusion.spec.logits, f"weights (uniform = {uniform:.3f})")
+            if fusion.spec.features == "keys_values":
+                what = "fixed pairing: each block attends over its layer's keys/values"
+            im = _heatmap(ax, drawn, layer_ids, f"{fusion.strategy}: {what}")
             fig.colorbar(im, ax=ax)
         else:
             times = torch.tensor([0.0, 0.5, 1.0])

@@ -74,6 +74,7 @@ RESUME_MUST_MATCH_TRAIN = (
     "caption_dropout",
     "noise_level_weight",
     "length_grouping",
+    "freeze_fusion_after",
 )
 
 

@@ -27,6 +27,7 @@ from .config import RunConfig
 from .dit import SemanticRoutingDiT
 from .features import PromptFeatures, dit_text_args
 from .flow import RectifiedFlow
+from .fusion import STRATEGY_TABLE
 from .reporting import check_tracker
 from .resume import newest_loadable, resume_differences, saved_precision
 from .runtime import Precision, resolve_device
@@ -189,6 +190,16 @@ def build_run(
     )
     info = source.encoder
     model = SemanticRoutingDiT(**config.model.dit_kwargs(), **dit_text_args(info))
+    if training.freeze_fusion_after and not any(True for _ in model.fusion.parameters()):
+        learned = [
+            name
+            for name, spec in STRATEGY_TABLE.items()
+            if spec.logits in ("vector", "time_mlp", "attention")
+        ]
+        raise ValueError(
+            f"train.freeze_fusion_after freezes learned fusion weights, and strategy "
+            f"{model.fusion.strategy!r} has none; use it with {', '.join(learned)}, or set it to 0"
+        )
     if training.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     n_params = sum(p.numel() for p in model.parameters())

@@ -31,6 +31,9 @@ class StepParts:
     generator: torch.Generator
     grad_clip: float
     noise_level_weight: float = 1.0
+    # The fusion's learned weights stay as they are (train.freeze_fusion_after, GRAN-TED): their gradients are
+    # dropped before the update, so AdamW leaves them (and their moments) alone.
+    fusion_frozen: bool = False
 
 
 def build_optimizer(model: SemanticRoutingDiT, config: RunConfig) -> torch.optim.AdamW:
@@ -84,6 +87,9 @@ def train_step(parts: StepParts, batch: tuple) -> tuple[float, bool | None]:
         loss = flow.loss(velocity, x0, t=t, noise=noise.to(x0.dtype))
         accelerator.backward(loss + parts.noise_level_weight * levels[0] if levels else loss)
         if accelerator.sync_gradients:
+            if parts.fusion_frozen:
+                for p in accelerator.unwrap_model(model).fusion.parameters():
+                    p.grad = None
             # The gradient norm is the same on every process (after the all-reduce), so all skip together.
             norm = accelerator.clip_grad_norm_(model.parameters(), parts.grad_clip)
             finite = bool(torch.isfinite(norm))

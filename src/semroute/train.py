@@ -214,6 +214,7 @@ def _loop(
             logger.info("stopping at step %d: the %.1f-minute budget is spent", state.step, budget.minutes)
             break
         losses, images = [], 0
+        run.fusion_frozen = 0 < training.freeze_fusion_after <= state.step
         step_started = time.perf_counter()
         for _ in range(training.gradient_accumulation_steps):
             batch = next(batches)

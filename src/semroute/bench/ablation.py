@@ -92,7 +92,7 @@ def run_ablation(
     for seed in range(seeds):
         for vid in trained:
             run_dir = out / "runs" / f"{vid}-seed{seed}"
-            config = _variant_config(base, vid, seed)
+            config = _variant_config(base, vid, seed, max_steps)
             if _read_results(run_dir) is not None or _finished_checkpoint(run_dir):
                 continue
             if run_dir.exists():
@@ -155,7 +155,8 @@ def run_ablation(
 DONE_FILE = "finished.json"  # a run's final checkpoint and step count, written when its training ends
 
 
-def _variant_config(base: RunConfig, vid: str, seed: int) -> RunConfig:
+def _variant_config(base: RunConfig, vid: str, seed: int, max_steps: int | None = None) -> RunConfig:
+    """The run config of row `vid` and `seed`; max_steps: the run's step budget, if not the config's."""
     variant = VARIANTS[vid]
     config = copy.deepcopy(base)
     config.model = dataclasses.replace(
@@ -167,6 +168,9 @@ def _variant_config(base: RunConfig, vid: str, seed: int) -> RunConfig:
     if kind != config.text_encoder.features:  # deep fusion reads keys/values of its default pairing
         config.text_encoder = dataclasses.replace(config.text_encoder, features=None, layers=[])
     config.train.seed = seed
+    if variant.freeze_fraction:
+        steps = max_steps or config.train.max_steps
+        config.train.freeze_fusion_after = max(1, round(variant.freeze_fraction * steps))
     RunConfig.__post_init__(config)  # the variant's model settings checked like a file's
     return config
 

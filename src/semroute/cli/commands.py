@@ -130,7 +130,13 @@ def cmd_sample(args: argparse.Namespace) -> None:
 def cmd_routing(args: argparse.Namespace) -> None:
     checkpoint = resolve_checkpoint(args.checkpoint)
     model = load_transformer(checkpoint)
-    plot_routing(model.fusion, args.out, routed_layers(checkpoint), title=str(checkpoint))
+    plot_routing(
+        model.fusion,
+        args.out,
+        routed_layers(checkpoint),
+        title=str(checkpoint),
+        weights=model.routing_weights(),
+    )
     print(f"wrote {args.out}")
 
 
