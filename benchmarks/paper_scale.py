@@ -11,7 +11,9 @@ not counted) for ONE image:
                     steps; "recomputed": the text side runs in every step, as a design that does not
                     cache it would. S1/S3 must recompute (their mix depends on t).
 
-Rows: B1, FuseDiT deep fusion, S2 and S1. FuseDiT's 24 blocks read the keys/values of LLM layers 6..29
+Rows: B1, FuseDiT deep fusion, S2 and S1, then the schemes of released models: tap concat (FLUX.2: layers
+at 1/4, 1/2, 3/4 of the depth stacked along channels), layer attention (UniFusion: every layer) and hard
+per-block routing (HiDream-I1). FuseDiT's 24 blocks read the keys/values of LLM layers 6..29
 (0-based) of 36, the paper's pairing: 8 key/value heads of 128, which the paper DiT's 16 heads of 128
 group over (two query heads per LLM head); it has no cross-attention and no context embedder, and its
 text side is only the LLM's own keys/values (no DiT FLOPs at all).
@@ -72,7 +74,18 @@ def show(key: str, value: str) -> None:
     print(f"{key:<30} {value}")
 
 
-def measure(S: int, steps: int) -> tuple[int, dict[str, dict]]:
+ROWS = {  # id -> strategy: the paper's rows, then the schemes of released models
+    "b1": "single",
+    "fusedit": "deep",
+    "s2": "depth",
+    "s1": "time",
+    "flux2": "concat",
+    "unifusion": "layer_attention",
+    "hidream": "hard",
+}
+
+
+def measure(S: int, steps: int, rows_wanted: tuple[str, ...] = tuple(ROWS)) -> tuple[int, dict[str, dict]]:
     """FLOPs of one image at text length S: the LLM forward, and per strategy the DiT's training step and
     sampling steps (text side cached or recomputed)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
@@ -90,7 +103,8 @@ def measure(S: int, steps: int) -> tuple[int, dict[str, dict]]:
         # One entry per block: its layer's keys and values, 2 x 8 heads x 128.
         "keys_values": dict(text_dim=2 * kv_heads * head_dim, num_text_layers=depth, text_kv_heads=kv_heads),
     }
-    for sid, strategy in (("b1", "single"), ("fusedit", "deep"), ("s2", "depth"), ("s1", "time")):
+    for sid in rows_wanted:
+        strategy = ROWS[sid]
         args_ = text_args[STRATEGY_TABLE[strategy].text_features]
         with torch.device("meta"):
             dit = SemanticRoutingDiT(**DIT_PRESETS["paper"], strategy=strategy, **args_)
@@ -167,12 +181,17 @@ def at_paper_length(args: argparse.Namespace) -> None:
         "sample_ratio_s1_over_s2",
         f"{rows['s1']['recomputed'] / s2['cached']:.4f}  (S1 must recompute; S2 cached)",
     )
+    for sid in ("flux2", "unifusion", "hidream"):
+        r = rows[sid]
+        show(f"train_ratio_{sid}_over_b1", f"{r['train'] / b1['train']:.4f}")
+        show(f"params_ratio_{sid}_over_b1", f"{r['params'] / b1['params']:.4f}")
+        show(f"sample_ratio_{sid}_over_b1", f"{r['cached'] / b1['cached']:.4f}  (both cached)")
 
 
 def cost_curves(steps: int, max_length: int) -> dict[str, np.poly1d]:
     """Each per-image cost as an exact polynomial of degree 2 in S: fitted at 3 lengths, checked at a 4th."""
     fit_at, check_at = (16, 128, max_length), 64
-    counted = {S: measure(S, steps) for S in (*fit_at, check_at)}
+    counted = {S: measure(S, steps, ("b1", "fusedit", "s2")) for S in (*fit_at, check_at)}
 
     def figures(S: int) -> dict[str, float]:
         llm, rows = counted[S]

@@ -9,8 +9,10 @@ noise hits both alike, and the median of the per-round ratios is kept:
     train_images_per_s        training throughput of the demo config (S2), median round
     sample_images_per_s_s2    sampling throughput (25 Euler steps with CFG)
 
---precision picks the precision (default: what auto picks on this machine); --profile also prints
-where the time of one S2 training step goes.
+--strategies adds rows, each timed against B1 in the same rounds (`--strategies
+single,depth,concat,layer_attention,hard` also times the schemes of released models; deep fusion reads
+keys/values the demo's feature table does not hold). --precision picks the precision (default: what auto
+picks on this machine); --profile also prints where the time of one S2 training step goes.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import statistics
 import torch
 
 from common import DemoSetup, machine_line, pair_parser, ratio_line, time_pair
+from semroute.fusion import STRATEGY_TABLE
 from semroute.runtime import resolve_precision
 
 
@@ -28,17 +31,25 @@ def main() -> None:
     parser.add_argument(
         "--profile", action="store_true", help="print the op breakdown of an S2 training step"
     )
+    parser.add_argument(
+        "--strategies", default="single,depth", help="comma-separated strategies (single and depth always)"
+    )
     args = parser.parse_args()
 
     setup = DemoSetup()
     precision = resolve_precision(args.precision, "cpu")
     print(machine_line())
     print(f"precision {precision.name}   ({precision.reason})")
-    trainers = {s: setup.trainer(s, precision) for s in ("single", "depth")}
+    names = list(
+        dict.fromkeys(["single", "depth", *(s.strip() for s in args.strategies.split(",") if s.strip())])
+    )
+    trainers = {s: setup.trainer(s, precision) for s in names}
     train, sample = time_pair(setup, trainers, precision.name, args)
 
-    print(ratio_line("sample_ratio_s2_over_b1", sample["depth"], sample["single"]))
-    print(ratio_line("train_ratio_s2_over_b1", train["depth"], train["single"]))
+    for name in names[1:]:
+        sid = STRATEGY_TABLE[name].paper_id
+        print(ratio_line(f"sample_ratio_{sid}_over_b1", sample[name], sample["single"]))
+        print(ratio_line(f"train_ratio_{sid}_over_b1", train[name], train["single"]))
     batch = setup.config.train.batch_size * args.train_steps
     print(f"train_images_per_s {batch / statistics.median(train['depth']):.1f}")
     print(f"sample_images_per_s_s2 {args.sample_images / statistics.median(sample['depth']):.2f}")
