@@ -5,6 +5,8 @@ samples grid and the routing heatmaps.
     python benchmarks/real_images.py --data data/emoji --vae data/emoji-ae --work runs/emoji \\
         --out results/emoji [--rows b1,b2,s1,s2] [--seeds 3] [--steps 500] [--extra-row gemma-s2]
 
+The schemes of released models are rows too: --rows b1,b2,s2,flux2,unifusion,hidream --extra-row granted.
+
 Every step is a `semroute` command run as a subprocess (printed before it runs, so any one can be repeated
 by hand). Re-running skips what is done: a run directory that holds its finished results is not touched;
 an interrupted training resumes from its newest checkpoint (semroute train does that); a cache already
@@ -49,6 +51,8 @@ EXTRA_ROWS = {
         "s2",
         ["text_encoder.model=gemma3-270m", 'text_encoder.template="An image of {prompt}"'],
     ),
+    # GRAN-TED: B3's learned layer weights frozen after the first quarter of the default 500 steps.
+    "granted": ("b3", ["train.freeze_fusion_after=125"]),
 }
 METRICS = ("fd", "top1", "top5", "attribute")
 BETTER = {"fd": "lower", "top1": "higher", "top5": "higher", "attribute": "higher"}
