@@ -1,9 +1,10 @@
 """Fully sharded data parallel training (torch's `fully_shard`, FSDP2) and its checkpoints.
 
-With `train.fsdp: true` under `accelerate launch` on several processes, every DiT block and then the whole
-DiT are sharded over the processes: each holds 1/N of the weights, gradients, optimizer state and EMA, and
-gathers a block's weights only while it runs. accelerate still runs the processes, splits the batches and
-keeps the precision; it does not wrap the model (its own FSDP plugin needs GPUs, this works on CPUs too).
+With `train.fsdp: true` under `accelerate launch` on several processes, the parts of every DiT block and
+then the rest of the DiT are sharded over the processes (`shard_model`): each holds 1/N of the weights,
+gradients, optimizer state and EMA, and gathers a part's weights only while it runs. accelerate still runs
+the processes, splits the batches and keeps the precision; it does not wrap the model (its own FSDP plugin
+needs GPUs, this works on CPUs too).
 
 Checkpoints hold the full, unsharded state in the single-process layout (weights and EMA by name, the
 optimizer state keyed by parameter index), so a run resumes under one process, under DDP or under FSDP on
