@@ -329,7 +329,7 @@ def summarize_ablation(
         out / "bars.png",
         title=f"ShapesBench at guidance scale {scales[0]:g}: mean ± std over seeds" if scales[0] else None,
     )
-    for sid in ("fusedit", "s1", "s1e", "s2", "s3", "s3e"):
+    for sid in ("fusedit", "s1", "s1e", "s2", "s3", "s3e", "flux2", "unifusion", "granted"):
         if sid in first["runs"]:
             checkpoint = Path(first["runs"][sid][0]["checkpoint"])
             model = SemanticRoutingDiT.from_pretrained(checkpoint)
@@ -338,6 +338,7 @@ def summarize_ablation(
                 out / f"routing-{sid}.png",
                 routed_layers(checkpoint),
                 title=f"{ROW_NAMES[sid]}, seed 0",
+                weights=model.routing_weights(),
             )
     result = {"summary": first["summary"], "claims": first["claims"]}
     if len(scales) > 1:
