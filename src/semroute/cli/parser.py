@@ -157,7 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="b1,b2,b3,s1,s2,s3",
         help="rows, comma-separated: the paper ids b1..s3 and fusedit (FuseDiT deep fusion: each block "
         "attends over its LLM layer's own keys/values), and the gate variants s1e / s3e (time gates read a "
-        "noise level estimated from x_t) and s1s (S1's checkpoints sampled with --gate-shift)",
+        "noise level estimated from x_t) and s1s (S1's checkpoints sampled with --gate-shift), and the "
+        "schemes of released models: flux2 (tap concat), unifusion (layer attention), hidream (hard "
+        "per-block routing), granted (b3 frozen after a quarter of the steps)",
     )
     p.add_argument(
         "--cfg",
