@@ -42,6 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # runnable from a bare checkout
 
+from paper_scale import QWEN3_VL_4B_TEXT  # noqa: E402  (the same Qwen3-VL-4B text tower)
 from semroute.dit import DIT_PRESETS, SemanticRoutingDiT  # noqa: E402
 from semroute.flow import RectifiedFlow, SampleConfig  # noqa: E402
 from semroute.fusion import LayerFusion, pack_keys_values  # noqa: E402
@@ -50,15 +51,7 @@ from semroute.runtime import resolve_precision  # noqa: E402
 # Dense bf16 tensor-core peaks from the data sheets (FLOP/s), by a name torch reports.
 BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12}
 QWEN3 = {
-    "paper": dict(
-        vocab_size=151936,
-        hidden_size=2560,
-        intermediate_size=9728,
-        num_hidden_layers=36,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-    ),
+    "paper": QWEN3_VL_4B_TEXT,
     "tiny": dict(
         vocab_size=512,
         hidden_size=64,
@@ -67,6 +60,7 @@ QWEN3 = {
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=16,
+        max_position_embeddings=4096,
     ),
 }
 SIZES = {
@@ -157,7 +151,7 @@ def check_steps(args: argparse.Namespace, device: torch.device, size: dict, resu
     results.update(precision=precision.name, matmul_peak=measured_peak, sheet_peak=sheet_peak)
     generator = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    llm_config = Qwen3Config(**QWEN3[args.size], max_position_embeddings=4096)
+    llm_config = Qwen3Config(**QWEN3[args.size])
     llm = Qwen3ForCausalLM(llm_config).to(device, dtype=autocast or torch.float32).eval()
     preset = DIT_PRESETS[size["dit"]]
     depth = preset["depth"]

@@ -153,9 +153,8 @@ class ShapesSource:
             )
         self.features = features.to(dtype)
         self.encoder = encoder
-        null_mask = self.features.mask[
-            -1
-        ]  # its real tokens only: a batch is padded to its own longest prompt
+        # The null prompt's real tokens only: a batch is padded to its own longest prompt.
+        null_mask = self.features.mask[-1]
         self.null = (self.features.hidden[-1][:, null_mask], null_mask[null_mask])
 
     def loader(self, batch_size: int, num_workers: int = 0) -> torch.utils.data.DataLoader:

@@ -258,6 +258,15 @@ class ModelShape:
         return self.hidden_size if kind == "hidden_states" else 2 * self.kv_heads * self.head_dim
 
 
+def check_tokenizer_template(tokenizer: Any, template: str) -> None:
+    """`template` is a valid template, and 'chat' only with a tokenizer that has a chat template."""
+    check_template(template)
+    if template == "chat" and tokenizer.chat_template is None:
+        raise ValueError(
+            "this tokenizer has no chat template; set text_encoder.template to a format with {prompt}"
+        )
+
+
 def wrap_prompt(tokenizer: Any, template: str, prompt: str) -> str:
     """The exact text fed to the LLM for a prompt."""
     if template == "chat":
@@ -328,16 +337,13 @@ class TextEncoder(nn.Module):
         self.tokenizer.padding_side = "right"
         model.eval().requires_grad_(False)
         self.model = cast(PreTrainedModel, model)
-        self._read_shape(self.model.config.get_text_config())
-        self._check_template()
-
-    def _read_shape(self, text_config: Any) -> None:
-        self.shape = ModelShape.of(text_config)
+        self.shape = ModelShape.of(self.model.config.get_text_config())
         self.num_model_layers = self.shape.num_layers
         self.hidden_size = self.shape.hidden_size
         self.kv_heads, self.head_dim = self.shape.kv_heads, self.shape.head_dim
         self.layers = resolve_layers(self.config.layers, self.num_model_layers)
         self.feature_kind = self.config.feature_kind
+        self._check_template()
 
     @property
     def feature_dim(self) -> int:
@@ -349,11 +355,7 @@ class TextEncoder(nn.Module):
         return len(self.layers)
 
     def _check_template(self) -> None:
-        check_template(self.config.template)
-        if self.config.template == "chat" and self.tokenizer.chat_template is None:
-            raise ValueError(
-                "this tokenizer has no chat template; set text_encoder.template to a format with {prompt}"
-            )
+        check_tokenizer_template(self.tokenizer, self.config.template)
         positions = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
         if positions is not None and self.config.max_length > positions:
             raise ValueError(
@@ -472,11 +474,7 @@ class TokenCounter:
         shape = ModelShape.of(AutoConfig.from_pretrained(model_dir).get_text_config())
         self.layers = resolve_layers(config.layers, shape.num_layers)
         self.feature_dim = shape.feature_dim(config.feature_kind)
-        check_template(config.template)
-        if config.template == "chat" and self.tokenizer.chat_template is None:
-            raise ValueError(
-                "this tokenizer has no chat template; set text_encoder.template to a format with {prompt}"
-            )
+        check_tokenizer_template(self.tokenizer, config.template)
 
     def token_counts(self, prompts: list[str]) -> list[int]:
         """Tokens of each wrapped prompt, cut at max_length as encoding cuts them."""
