@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test check setup clean
+.PHONY: demo test check setup browser clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +29,21 @@ check: $(STAMP)
 	$(BIN)/ruff check --quiet src tests benchmarks
 	$(BIN)/mypy
 
-test: check
+# The browser test of `semroute serve` drives Debian's chromium (no browser download at run time). Installed
+# here where this user may (root with apt-get, as on CI); elsewhere the test says why it is skipped.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing Debian's chromium and chromium-driver for the browser test"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 \
+		|| { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; } \
+		|| echo "could not install chromium: the browser test will be skipped"; \
+	else \
+		echo "no chromium here: the browser test will be skipped (apt-get install chromium chromium-driver runs it)"; \
+	fi
+
+test: check browser
 	$(BIN)/python -m pytest -q
 
 clean:

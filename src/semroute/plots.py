@@ -15,6 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from .fusion import LayerFusion  # noqa: E402
 
@@ -149,6 +150,52 @@ def plot_routing(
             axes[3].set_xlabel("t (1 = noise)")
             axes[3].set_ylabel("weight (mean over blocks)")
             axes[3].set_title("weight vs t; colour = LLM layer (dark = early)", fontsize=9)
+    return save_figure(fig, path, title)
+
+
+def plot_gate_readings(
+    fusion: LayerFusion,
+    nominal: list[float],
+    readings: list[float],
+    path: Path,
+    layer_ids: list[int] | None = None,
+    title: str = "",
+) -> Path:
+    """What a time-gated fusion read along one sampling trajectory: left, the noise level its gates read at
+    every step against the schedule's t (they differ with an estimated signal or a gate shift); right, the
+    weights on each LLM layer (mean over blocks) at those readings, step by step."""
+    if not fusion.depends_on_t:
+        raise ValueError(
+            f"strategy {fusion.strategy!r} has no time gates: its routing is the same every step"
+        )
+    if len(nominal) != len(readings) or not readings:
+        raise ValueError(
+            f"got {len(nominal)} times and {len(readings)} gate readings; need as many, at least 1"
+        )
+    layer_ids = layer_ids or list(range(1, fusion.num_layers + 1))
+    with torch.no_grad():
+        at = torch.tensor(readings, dtype=torch.float32, device=fusion._anchor.device)
+        weights = fusion.layer_weights(at).mean(1).float().cpu().numpy()  # (steps, L)
+    steps = np.arange(1, len(readings) + 1)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 3.6), width_ratios=[1, 1.6])
+    left.plot(steps, nominal, "o-", color="grey", ms=3, label="schedule's t")
+    left.plot(steps, readings, "o-", color="C1", ms=3, label="what the gates read")
+    left.set_xlabel("sampling step")
+    left.set_ylabel("noise level (1 = noise)")
+    left.set_ylim(-0.05, 1.05)
+    left.legend(fontsize=8)
+    left.xaxis.set_major_locator(MaxNLocator(integer=True))
+    im = right.imshow(weights.T, aspect="auto", cmap="viridis", interpolation="nearest", origin="lower")
+    right.set_xlabel("sampling step")
+    right.set_ylabel("LLM layer")
+    tick = max(1, len(layer_ids) // 8)
+    right.set_yticks(
+        range(0, len(layer_ids), tick), [str(layer_ids[i]) for i in range(0, len(layer_ids), tick)]
+    )
+    columns = range(0, len(steps), max(1, len(steps) // 10))
+    right.set_xticks(columns, [str(steps[i]) for i in columns])
+    right.set_title(f"{fusion.strategy}: weight on each layer at each step (mean over blocks)", fontsize=9)
+    fig.colorbar(im, ax=right)
     return save_figure(fig, path, title)
 
 

@@ -1,4 +1,4 @@
-"""`semroute` command line: train, sample, routing, eval, trajectory, ablate, precompute, sample-bench,
+"""`semroute` command line: train, sample, routing, eval, trajectory, ablate, precompute, sample-bench, serve,
 export, demo. `main` parses first and imports the commands (and with them torch) only to run one."""
 
 from __future__ import annotations

@@ -471,6 +471,12 @@ def cmd_convert_cache(args: argparse.Namespace) -> None:
     print(f"{args.cache}: {meta['rows']} rows stored ragged, {_size(before)} -> {_size(after)}")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from ..web import serve  # gradio is an optional extra: imported only here
+
+    serve(args.checkpoint, args.device, args.precision, args.host, args.port, args.max_images)
+
+
 COMMANDS = {
     "train": cmd_train,
     "sample": cmd_sample,
@@ -485,6 +491,7 @@ COMMANDS = {
     "export": cmd_export,
     "demo": cmd_demo,
     "trajectory": cmd_trajectory,
+    "serve": cmd_serve,
 }
 
 

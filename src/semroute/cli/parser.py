@@ -13,6 +13,7 @@ from ..base import ABLATION_CONFIG, DEMO_CONFIG, NOT_LEARNED_EXIT, QUICK_MINUTES
 from .options import (
     HelpFormatter,
     guidance_list,
+    port_number,
     positive_float,
     positive_int,
     runtime_arguments,
@@ -363,4 +364,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="also stop training after this many minutes (a time box: a slow machine then learns less)",
     )
     runtime_arguments(p, precision_default=None, train=True)
+
+    p = sub.add_parser(
+        "serve",
+        help="a web page to try checkpoints side by side, with their routing (needs semroute[web])",
+        formatter_class=fmt,
+        description="Serves a gradio page on this machine: a prompt, a seed, steps, guidance and a number of "
+        "images; every --checkpoint samples the same prompt from the same seeds, shown side by side with "
+        "the block x layer weights it learned and, for time-gated strategies, what its gates read at every "
+        "step of that request. One request is sampled at a time (the others queue). Binds to 127.0.0.1: "
+        "only this machine can open it unless --host says otherwise. Needs the optional extra: "
+        "pip install 'semroute[web]'.",
+    )
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        action="append",
+        required=True,
+        help="checkpoint, run or exported pipeline directory; repeat to compare several side by side",
+    )
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind; 0.0.0.0 opens the page to the network (anyone who reaches it can sample)",
+    )
+    p.add_argument("--port", type=port_number, default=7860, help="TCP port (0: any free port)")
+    p.add_argument(
+        "--max-images",
+        type=positive_int,
+        default=8,
+        help="the most images per checkpoint one request may ask for (bounds the memory one visitor uses)",
+    )
+    runtime_arguments(p)
     return parser
