@@ -322,7 +322,7 @@ def build_app(models: Sequence[ServedModel], examples: Sequence[str], max_images
                             elem_id=f"images-{i}",
                             columns=4,
                             object_fit="contain",
-                            height="auto",
+                            height=250,
                             interactive=False,
                             elem_classes=["samples"],
                             format="png",
