@@ -191,7 +191,7 @@ def summarize(work: Path, rows: list[str], seeds: int, extra_seeds: int, steps: 
             values = [r[metric] for r in results]
             summary["rows"][row][metric] = {
                 "mean": statistics.fmean(values),
-                "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+                "sd": statistics.stdev(values) if len(values) > 1 else None,  # one seed: no spread known
                 "seeds": values,
             }
 
@@ -228,9 +228,16 @@ def summarize(work: Path, rows: list[str], seeds: int, extra_seeds: int, steps: 
             summary["claims"].append({"a": a, "b": b, "metric": metric, **boot, "verdict": verdict})
         diffs = [x["fd"] - y["fd"] for x, y in zip(found[a], found[b], strict=False)]
         mean = statistics.fmean(diffs)
-        se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
+        se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else None  # one seed: unknown
         summary["claims"].append({"a": a, "b": b, "metric": "fd", "mean": mean, "se_over_seeds": se})
     return summary
+
+
+def _mean_sd(score: dict, spec: str) -> str:
+    """mean ± sd over seeds; with one seed the spread is unknown and the cell says so."""
+    if score["sd"] is None:
+        return f"{score['mean']:{spec}} (1 seed)"
+    return f"{score['mean']:{spec}} ± {score['sd']:{spec}}"
 
 
 def table(summary: dict) -> str:
@@ -245,8 +252,8 @@ def table(summary: dict) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for row, scores in summary["rows"].items():
-        cells = [f"{scores[m]['mean']:.3f} ± {scores[m]['sd']:.3f}" for m in METRICS]
-        cells[0] = f"{scores['fd']['mean']:.1f} ± {scores['fd']['sd']:.1f}"
+        cells = [_mean_sd(scores[m], ".3f") for m in METRICS]
+        cells[0] = _mean_sd(scores["fd"], ".1f")
         seeds = len(scores["fd"]["seeds"])
         lines.append(f"| {row} | {seeds} | " + " | ".join(cells) + f" | {scores['train_images_per_s']:.0f} |")
     lines.append(
@@ -264,7 +271,9 @@ def table(summary: dict) -> str:
     ]
     for c in summary["claims"]:
         if c["metric"] == "fd":
-            lines.append(f"- {c['a']} - {c['b']}, FD: {c['mean']:+.1f} ± {c['se_over_seeds']:.1f}")
+            se = c["se_over_seeds"]
+            spread = f"± {se:.1f}" if se is not None else "(one seed: no standard error, no claim)"
+            lines.append(f"- {c['a']} - {c['b']}, FD: {c['mean']:+.1f} {spread}")
         else:
             lines.append(
                 f"- {c['a']} - {c['b']}, {c['metric']}: {100 * c['mean']:+.1f} points, 95% CI "

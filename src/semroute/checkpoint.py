@@ -29,7 +29,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .base import OutputError, TrainingDiverged, one_line
+from .base import OutputError, TrainingDiverged, io_advice, one_line
 from .config import load_yaml
 from .fileio import read_json, record_files, recorded_problem
 
@@ -162,12 +162,13 @@ def save_checkpoint(
         ema_step = state.get("ema_optimization_step", ema.optimization_step if ema is not None else 0)
         (state_dir / "state.json").write_text(json.dumps({**state, "ema_optimization_step": ema_step}))
         # The layers as configured (empty = all) and as resolved for this model.
-        (tmp / TEXT_ENCODER_FILE).write_text(
-            json.dumps({**encoder.config.to_dict(), "resolved_layers": encoder.layers}, indent=2)
-        )
+        (tmp / TEXT_ENCODER_FILE).write_text(json.dumps(encoder_record(encoder), indent=2))
         config.save(tmp / RUN_CONFIG_FILE)
         if vae_path is not None:
-            (tmp / VAE_FILE).write_text(json.dumps({"path": str(vae_path)}))
+            where = Path(vae_path).expanduser()  # absolute: the record holds from any working directory
+            (tmp / VAE_FILE).write_text(
+                json.dumps({"path": str(where.resolve() if where.exists() else where)})
+            )
         (tmp / MANIFEST_FILE).write_text(json.dumps(record_files(tmp), indent=1))
         dir_mode, file_mode = default_modes()  # mkdtemp made it 0700
         for path in [tmp, *tmp.rglob("*")]:
@@ -178,10 +179,10 @@ def save_checkpoint(
         os.replace(tmp, directory)
         _fsync(directory.parent)
     except Exception as err:  # the libraries raise their own types for a full disk or a file-size limit
+        advice = io_advice(err, "check the disk and its permissions")
         raise OutputError(
-            f"could not write the checkpoint {directory} ({one_line(err)}); the earlier "
-            f"checkpoints are untouched: free disk space (or raise the file-size limit) and run the same "
-            f"command again to resume"
+            f"could not write the checkpoint {directory} ({one_line(err)}): {advice}; the earlier "
+            f"checkpoints are untouched: run the same command again to resume"
         ) from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -261,6 +262,18 @@ def remove_leftovers(run_dir: Path) -> None:
 def load_raw_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     """The non-EMA training weights of a checkpoint."""
     return load_file(checkpoint / TRAINING_STATE_DIR / "model.safetensors")
+
+
+def encoder_record(encoder: EncoderInfo) -> dict:
+    """What a checkpoint records of its text encoder: its config (a local model path made absolute, so the
+    record holds from any working directory), the layers as resolved, and its fingerprint."""
+    config = encoder.config.to_dict()
+    model = Path(str(config["model"])).expanduser()
+    if model.exists():
+        config["model"] = str(model.resolve())
+    record = {**config, "resolved_layers": encoder.layers}
+    fingerprint = encoder.fingerprint()
+    return record if fingerprint is None else {**record, "fingerprint": fingerprint}
 
 
 def routed_layers(checkpoint: Path) -> list[int]:

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from .base import COMPILE_CHOICES, INT_LIMIT, MAX_SEED, check_choice, one_line
+from .base import COMPILE_CHOICES, INT_LIMIT, MAX_SEED, check_choice, check_size, one_line
 from .data.images import DatasetConfig
 from .data.shapes import ShapesConfig
 from .dit import DIT_PRESETS, SemanticRoutingDiT, check_dit_args
@@ -186,6 +186,8 @@ class TrainConfig:
         for key, value in positive.items():
             if value <= 0:
                 raise ValueError(f"train.{key} must be > 0, got {value}")
+        for key in ("batch_size", "gradient_accumulation_steps", "keep_checkpoints", "length_grouping"):
+            check_size(getattr(self, key), f"train.{key}", key)
         if not 0 <= self.caption_dropout < 1:
             raise ValueError(f"train.caption_dropout must be in [0, 1), got {self.caption_dropout}")
         if not 0 <= self.ema_decay < 1:

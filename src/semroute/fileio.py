@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -78,6 +79,20 @@ def record_files(root: Path, skip: tuple[str, ...] = ()) -> dict:
     }
 
 
+def confined_problem(root: Path, name: object) -> str | None:
+    """Why a file name from a record is not a plain path inside `root` (absolute, `..`, a symlink leading
+    out, not a string), or None. Records are checked before any file they name is opened."""
+    if not isinstance(name, str) or not name or "\x00" in name:
+        return f"its record names a file {str(name)[:60]!r} that is not a plain relative path"
+    parts = Path(name).parts
+    if Path(name).is_absolute() or ".." in parts or name.startswith("~"):
+        return f"its record names {name[:120]!r}, outside the directory: the record was altered"
+    real_root = os.path.realpath(root)
+    if os.path.commonpath([real_root, os.path.realpath(root / name)]) != real_root:
+        return f"its record names {name[:120]!r}, which leads outside the directory (a symlink)"
+    return None
+
+
 def files_problem(root: Path, record: dict, names: Iterable[str] | None = None) -> str | None:
     """Why the files `names` of `root` (default: all recorded) differ from `record`, or None.
 
@@ -88,6 +103,9 @@ def files_problem(root: Path, record: dict, names: Iterable[str] | None = None) 
     if not isinstance(sizes, dict) or not isinstance(digests, dict):
         return "its record of files is damaged"
     for name in sizes if names is None else names:
+        outside = confined_problem(root, name)
+        if outside:
+            return outside
         path = root / name
         if not path.is_file():
             return f"{path} is missing"
@@ -124,33 +142,71 @@ def write_text(path: Path, text: str) -> None:
     write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
-class OutputLock:
-    """One writer per output: an exclusive lock on `.<name>.lock` beside `path`, released when the holder
-    exits.
+def stored_path(path: Path, record_dir: Path) -> str:
+    """How a record in `record_dir` stores `path`: relative to the record's own directory, so that moving the
+    whole tree (or running from another working directory) keeps it valid."""
+    return Path(os.path.relpath(os.path.abspath(path), os.path.abspath(record_dir))).as_posix()
 
-    A second process is refused in one line naming the holder's pid. flock locks die with their
-    process, so a killed run never leaves a stale lock behind.
+
+def resolve_stored(value: str, record_dir: Path) -> Path:
+    """A path a record stores: relative to the record's directory (this release), else as written by an older
+    release (absolute, or relative to the working directory it ran in)."""
+    path = Path(value)
+    if path.is_absolute():
+        return path
+    here = record_dir / path
+    return here if here.exists() or not path.exists() else path
+
+
+LOCK_NAME = ".semroute.lock"  # the one-writer lock inside an output directory
+
+
+def entries(directory: Path) -> list[Path]:
+    """What a directory holds, but for semroute's own lock file."""
+    return [p for p in directory.iterdir() if p.name != LOCK_NAME]
+
+
+class OutputLock:
+    """One writer per output directory: an exclusive lock, released when the holder exits.
+
+    The output is identified by its real path (symlinks and `..` resolved), so two spellings of one directory
+    share one lock. The lock file lives inside the output directory (created if need be): a writable output
+    in a read-only parent can be locked, and no file is left beside it. A second process is refused in one
+    line naming the holder's pid. flock locks die with their process, so a killed run never leaves a stale
+    lock behind; the holder removes the file when it is done.
     """
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.lock_file = self.path.parent / f".{self.path.name}.lock"
+        self.directory = Path(os.path.realpath(self.path))
+        self.lock_file = self.directory / LOCK_NAME
         self._fd: int | None = None
 
     def __enter__(self) -> OutputLock:
         import fcntl  # POSIX only: imported where the lock is taken, so the rest loads anywhere
 
-        self.lock_file.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+        self.directory.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise ValueError(
+                    f"another semroute process (pid {holder}) is writing to {self.path}"
+                    + (f" (that is {self.directory})" if str(self.directory) != str(self.path) else "")
+                    + "; wait for it to finish, or choose another output"
+                ) from None
+            # The previous holder may have removed the file between our open and our lock: then the lock
+            # is on a file nobody else will find; take it again on the file that is there now.
+            try:
+                same = os.stat(self.lock_file).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
             os.close(fd)
-            raise ValueError(
-                f"another semroute process (pid {holder}) is writing to {self.path}; wait for it to finish, "
-                f"or choose another output"
-            ) from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._fd = fd
@@ -158,5 +214,7 @@ class OutputLock:
 
     def __exit__(self, *exc: object) -> None:
         if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.lock_file)  # while still held: a waiting process re-checks the inode
             os.close(self._fd)  # closing releases the lock
             self._fd = None

@@ -16,7 +16,7 @@ import diffusers
 import torch
 import torch.nn.functional as F
 
-from .base import check_guidance
+from .base import check_guidance, check_size
 
 # velocity(x_t (B, C, H, W), t (B,)) -> v (B, C, H, W)
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -162,6 +162,8 @@ class SampleConfig:
         check_guidance(self.guidance_scale, "sample.guidance_scale")
         if self.steps < 1:
             raise ValueError(f"sample.steps must be >= 1, got {self.steps}")
+        check_size(self.steps, "sample.steps", "sampling_steps")
+        check_size(self.images_per_prompt, "sample.images_per_prompt", "images_per_prompt")
         if self.scheduler not in flow_schedulers():
             raise ValueError(
                 f"sample.scheduler {self.scheduler!r} is not a diffusers flow-matching scheduler; "

@@ -17,10 +17,10 @@ from .dit import SemanticRoutingDiT
 from .features import NULL_PROMPT, PromptFeatures, encode_prompts
 from .flow import RectifiedFlow, SampleConfig, shift_time
 from .latent import check_vae_matches, decode_latents, vae_downsample
-from .loading import checkpoint_parts, pipeline_problem
+from .loading import checkpoint_parts, pipeline_problem, recorded_fingerprint
 from .runtime import Precision, resolve_device, resolve_precision
 from .speed import configure
-from .text_encoder import TextEncoder, TextEncoderConfig, llm_dtype
+from .text_encoder import TextEncoder, TextEncoderConfig, fingerprint_differences, llm_dtype
 
 if TYPE_CHECKING:
     from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
@@ -230,9 +230,17 @@ class SemanticRoutingPipeline(DiffusionPipeline):
         transformer, encoder_config, vae, sample = checkpoint_parts(Path(path), text_encoder)
         device = resolve_device(device)
         configure(device)
-        pipe = cls.from_parts(
-            transformer, TextEncoder(encoder_config, device=device), vae, sample=sample, precision=precision
-        )
+        encoder = TextEncoder(encoder_config, device=device)
+        pipe = cls.from_parts(transformer, encoder, vae, sample=sample, precision=precision)  # checks shapes
+        recorded = recorded_fingerprint(Path(path))
+        if recorded is not None:
+            differences = fingerprint_differences(recorded, encoder.fingerprint())
+            if differences:
+                raise ValueError(
+                    f"the text encoder {encoder_config.model!r} is not the LLM the checkpoint {path} was "
+                    f"trained with: {'; '.join(differences)}; pass --text-encoder with that model (the same "
+                    "model, moved, is accepted)"
+                )
         return pipe.to(device)
 
     def encode(self, prompts: list[str]) -> PromptFeatures:

@@ -207,6 +207,7 @@ def precompute(
     rows = sum(shard["rows"] for shard in shards)
     meta = {
         "recipe": recipe,
+        "text_fingerprint": encoder.fingerprint(),  # recorded in checkpoints trained on this cache
         "complete": True,
         "rows": rows,
         "shards": shards,
@@ -215,6 +216,13 @@ def precompute(
         "null_sha256": file_digest(out / "null.safetensors"),
     }
     write_json(meta_path, meta)
+    if rows == 0:
+        reasons = "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:3])
+        raise ValueError(
+            f"no row was cached in {out}: every one of the {len(skipped)} images was skipped"
+            + (f" ({reasons}{'; ...' if len(skipped) > 3 else ''})" if reasons else "")
+            + "; there is nothing to train on: fix the images or the manifest, then precompute again"
+        )
     logger.info("cached %d rows in %d shards (%d images skipped) in %s", rows, len(shards), len(skipped), out)
     return meta
 

@@ -37,6 +37,8 @@ DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
 # bf16 must take at most this share of fp32's time to be picked: a tie is not worth the rounding.
 BF16_FASTER = 0.8
 PROBE_FILE = "precision-probe.json"
+# The way the probes are measured and stored; an entry written another way is measured again.
+PROBE_VERSION = 2
 
 
 def check_precision(name: str, key: str = "precision") -> str:
@@ -204,7 +206,7 @@ def stored_measurement(device: torch.device, name: str, valid: Callable[[Any], b
     """This machine's cached `name` (see `cached_measurement`),
     or None where there is none that `valid` accepts."""
     entry = _read_probes().get(machine_key(device))
-    if not isinstance(entry, dict) or name not in entry:
+    if not isinstance(entry, dict) or name not in entry or entry.get("probe_version") != PROBE_VERSION:
         return None
     try:
         return entry[name] if valid(entry[name]) else None
@@ -218,7 +220,14 @@ def store_measurement(device: torch.device, name: str, value: Any) -> None:
     path, key = _probe_path(), machine_key(device)
     cached = _read_probes()
     entry = cached[key] if isinstance(cached.get(key), dict) else {}
-    cached[key] = {**entry, name: value, "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if entry.get("probe_version") != PROBE_VERSION:
+        entry = {}  # measured another way: none of it is kept
+    cached[key] = {
+        **entry,
+        name: value,
+        "probe_version": PROBE_VERSION,
+        "measured": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, cached)
@@ -254,10 +263,33 @@ def _positive_finite(value: object) -> bool:
     )
 
 
+# A bf16/fp32 step-time ratio outside this range is no measurement of a DiT block (the slowest emulated bf16
+# seen is about 15x; no CPU or GPU runs bf16 50x faster).
+PLAUSIBLE_BF16_RATIO = (0.02, 50.0)
+
+
+def plausible_bf16_ratio(value: object, device: torch.device) -> bool:
+    """A cached bf16/fp32 ratio that can be believed on `device`: a finite positive number in a plausible
+    range, and not 'bf16 faster' on a CPU whose oneDNN has no bf16 kernels (where bf16 is emulated)."""
+    if not _positive_finite(value):
+        return False
+    ratio = float(value)  # type: ignore[arg-type]
+    low, high = PLAUSIBLE_BF16_RATIO
+    if not low <= ratio <= high:
+        return False
+    return not (device.type == "cpu" and ratio < 1 and not torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def bf16_ratio(device: torch.device) -> float:
-    """`measure_bf16_ratio`, measured once per machine and cached ($SEMROUTE_CACHE/precision-probe.json)."""
+    """`measure_bf16_ratio`, measured once per machine and cached ($SEMROUTE_CACHE/precision-probe.json);
+    a cached value that cannot be true here is measured again."""
     return float(
-        cached_measurement(device, "bf16_over_fp32", lambda: measure_bf16_ratio(device), _positive_finite)
+        cached_measurement(
+            device,
+            "bf16_over_fp32",
+            lambda: measure_bf16_ratio(device),
+            lambda value: plausible_bf16_ratio(value, device),
+        )
     )
 
 

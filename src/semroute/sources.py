@@ -257,7 +257,7 @@ class CacheSource:
             raise ValueError(
                 f"the cache holds {channels}-channel inputs but model.in_channels is {model['in_channels']}"
             )
-        self.encoder = CachedEncoderInfo(recipe)
+        self.encoder = CachedEncoderInfo(recipe, dataset.meta.get("text_fingerprint"))
         self.vae_path = recipe["vae"]["path"] if recipe["vae"] else None
         self.dtype = dtype  # the training precision's, whatever the cache stores: no bf16 math in an fp32 run
         null_text, null_mask = dataset.null_features()

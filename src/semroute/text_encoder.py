@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from .base import OutputError, os_error_line
 from .fusion import LayerFusion, pack_keys_values
 
 logger = logging.getLogger(__name__)
@@ -165,7 +167,15 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
     Written to a temporary directory and renamed, so an interrupted conversion leaves nothing behind.
     """
     logger.info("converting %s to %s (once; later runs load the cache)", gguf_file, out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out_dir.parent, prefix=".write-test."):
+            pass
+    except OSError as err:
+        raise OutputError(
+            f"the model cache {out_dir.parent} cannot be written ({os_error_line(err)}); set SEMROUTE_CACHE "
+            "to a writable directory (the converted model is kept there)"
+        ) from None
     tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     model = AutoModelForCausalLM.from_pretrained(
         gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32
@@ -206,6 +216,28 @@ def resolve_model_dir(model: str) -> Path:
             f"model directory with a config.json"
         )
     return path
+
+
+EMBEDDING_TOLERANCE = 1e-3  # relative: a bf16 copy of the same weights stays far inside it
+
+
+def fingerprint_differences(recorded: dict, found: dict) -> list[str]:
+    """How two `TextEncoder.fingerprint()`s differ (empty: the same LLM)."""
+    differences = []
+    if recorded.get("vocabulary") != found.get("vocabulary"):
+        differences.append("its tokenizer (vocabulary or chat template) differs")
+    if recorded.get("vocab_rows") != found.get("vocab_rows"):
+        differences.append(
+            f"its vocabulary has {found.get('vocab_rows')} rows, not {recorded.get('vocab_rows')}"
+        )
+    a, b = recorded.get("embedding_l1"), found.get("embedding_l1")
+    if (
+        isinstance(a, (int, float))
+        and isinstance(b, (int, float))
+        and abs(a - b) > EMBEDDING_TOLERANCE * abs(a)
+    ):
+        differences.append(f"its embedding weights differ (sampled L1 norm {b:.6g}, recorded {a:.6g})")
+    return differences
 
 
 def resolve_layers(layers: list[int], num_model_layers: int) -> list[int]:
@@ -296,6 +328,9 @@ class EncoderInfo(Protocol):
     def feature_kind(self) -> str:
         """hidden_states | keys_values"""
 
+    def fingerprint(self) -> dict | None:
+        """What identifies the LLM beyond its shape (None where it is not known)."""
+
     @property
     def feature_dim(self) -> int:
         """The width of each text feature entry."""
@@ -344,6 +379,20 @@ class TextEncoder(nn.Module):
         self.layers = resolve_layers(self.config.layers, self.num_model_layers)
         self.feature_kind = self.config.feature_kind
         self._check_template()
+
+    def fingerprint(self) -> dict:
+        """What identifies this LLM beyond its shape: a digest of its tokenizer's vocabulary and chat
+        template, and the L1 norm of a strided sample of its input embedding rows (robust to a bf16 cast,
+        different for any other weights). Checkpoints record it; loading one with another LLM of the same
+        shape is refused."""
+        vocab = sorted(self.tokenizer.get_vocab().items())
+        digest = hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode())
+        digest.update(str(getattr(self.tokenizer, "chat_template", "") or "").encode())
+        weight = cast(torch.Tensor, self.model.get_input_embeddings().weight)
+        stride = max(1, weight.shape[0] // 256)
+        with torch.no_grad():
+            l1 = float(weight[::stride].detach().double().abs().sum())
+        return {"vocabulary": digest.hexdigest()[:16], "embedding_l1": l1, "vocab_rows": int(weight.shape[0])}
 
     @property
     def feature_dim(self) -> int:

@@ -17,7 +17,7 @@ import torch
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from .base import TrainingDiverged, TrainingStopped
+from .base import TrainingDiverged, TrainingStopped, check_fits_memory, check_threads, gib
 from .checkpoint import (
     RUN_CONFIG_FILE,
     SUMMARY_FILE,
@@ -28,7 +28,7 @@ from .checkpoint import (
 )
 from .config import RunConfig
 from .features import PromptFeatures
-from .fileio import read_json, write_json
+from .fileio import entries, read_json, write_json
 from .previews import write_sample_grid
 from .progress import Pace, log_pace
 from .reporting import MetricsWindow, flat_config
@@ -251,6 +251,57 @@ def _loop(
             raise TrainingStopped(signum, state.step, run.last_checkpoint)
 
 
+RUN_MARKER = ".semroute-run"  # a run directory semroute made (besides its checkpoints and log)
+RUN_SIGNS = (RUN_MARKER, "checkpoints", "log.jsonl")  # any one: a semroute run, safe to resume into
+
+
+# Floats one DiT block keeps per image token for the backward pass, in units of hidden_size: q, k, v, the
+# attention output, two norms, the residuals and the MLP's (mlp_ratio x 2) activations; a lower estimate.
+ACTIVATION_FLOATS_PER_TOKEN = 10
+
+
+def activation_bytes(config: RunConfig, processes: int) -> float:
+    """A lower estimate of one process's training activations for one micro-batch, in bytes (fp32)."""
+    m = config.model.settings()
+    tokens = (m["sample_size"] // m["patch_size"]) ** 2
+    per_token = (ACTIVATION_FLOATS_PER_TOKEN + 2 * m["mlp_ratio"]) * m["hidden_size"] * 4
+    blocks = 1 if config.train.gradient_checkpointing else m["depth"]
+    images = -(-config.train.batch_size // max(1, processes))
+    text = m["num_text_layers"] * config.text_encoder.max_length * m["text_dim"] * 4  # the LLM layers read
+    return images * (blocks * tokens * per_token + text)
+
+
+def check_batch_memory(config: RunConfig, device: torch.device, processes: int) -> None:
+    """Refuse, before the first allocation, a batch whose activations alone would not fit this device."""
+    need = activation_bytes(config, processes)
+    fix = "lower train.batch_size (raise train.gradient_accumulation_steps for the same batch per update)"
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        if need > total:
+            raise ValueError(
+                f"train.batch_size {config.train.batch_size} needs about {gib(need)} of activations, more "
+                f"than this GPU's {gib(total)}; {fix}"
+            )
+    else:
+        check_fits_memory(need, f"train.batch_size {config.train.batch_size} (its activations)", fix)
+
+
+def check_run_directory(out_dir: Path) -> None:
+    """Refuse an --out that holds files but is no semroute run: training would overwrite the user's own
+    run_config.yaml, summary.json or samples."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} is a file, not a directory; choose a directory for the run")
+    held = entries(out_dir)
+    if held and not any((out_dir / sign).exists() for sign in RUN_SIGNS):
+        names = ", ".join(sorted(p.name for p in held)[:5]) + (", ..." if len(held) > 5 else "")
+        raise ValueError(
+            f"--out {out_dir} holds files that are not a semroute run ({names}): training would overwrite "
+            "them; choose a new or empty directory"
+        )
+
+
 def train(
     config: RunConfig,
     out_dir: Path,
@@ -282,10 +333,12 @@ def train(
     training = config.train
     max_steps = max_steps or training.max_steps
     minutes = minutes if minutes is not None else training.minutes
+    check_run_directory(out_dir)
     if training.threads:
-        torch.set_num_threads(training.threads)
+        torch.set_num_threads(check_threads(training.threads, "train.threads"))
     precision = training_precision(training.mixed_precision, device)
     accelerator = accelerator_for(config, out_dir, device, precision)
+    check_batch_memory(config, accelerator.device, accelerator.num_processes)
     set_seed(training.seed)
     resume_from = resume_point(config, out_dir, precision) if resume else None
     speed = configure(accelerator.device)
@@ -293,6 +346,7 @@ def train(
         logger.info("%s on %s", precision.describe(), accelerator.device)
         out_dir.mkdir(parents=True, exist_ok=True)
         remove_leftovers(out_dir)
+        (out_dir / RUN_MARKER).touch()
         config.save(out_dir / RUN_CONFIG_FILE)
     run = build_run(config, out_dir, accelerator, precision, encoder, features, progress, speed)
     state = TrainState()

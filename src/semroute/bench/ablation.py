@@ -20,17 +20,16 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..checkpoint import routed_layers
-from ..config import RunConfig
+from ..checkpoint import RUN_CONFIG_FILE, routed_layers
+from ..config import RunConfig, load_config
 from ..data.shapes import ShapesDataset, ShapesTask
 from ..dit import SemanticRoutingDiT
 from ..features import prompt_table
-from ..fileio import write_json, write_text
+from ..fileio import read_json, resolve_stored, stored_path, write_json, write_text
 from ..fusion import STRATEGY_TABLE, check_strategy
 from ..pipeline import SemanticRoutingPipeline
 from ..plots import plot_routing
@@ -93,7 +92,15 @@ def run_ablation(
         for vid in trained:
             run_dir = out / "runs" / f"{vid}-seed{seed}"
             config = _variant_config(base, vid, seed, max_steps)
+            budget = {"max_steps": max_steps or config.train.max_steps, "minutes": minutes}
             if _read_results(run_dir) is not None or _finished_checkpoint(run_dir):
+                differences = finished_differences(run_dir, config, budget)
+                if differences:
+                    raise ValueError(
+                        f"{run_dir} was trained another way than this ablation asks: "
+                        f"{'; '.join(differences)}; give --out a new directory, or run with the budget and "
+                        "config it was made with"
+                    )
                 continue
             if run_dir.exists():
                 try:
@@ -120,8 +127,13 @@ def run_ablation(
             result = train(
                 config, run_dir, max_steps, minutes, progress, encoders[kind], tables[kind], device=device
             )
-            (run_dir / DONE_FILE).write_text(
-                json.dumps({"checkpoint": str(result.checkpoint), "steps": result.steps})
+            write_json(
+                run_dir / DONE_FILE,
+                {
+                    "checkpoint": stored_path(result.checkpoint, run_dir),
+                    "steps": result.steps,
+                    "budget": budget,
+                },
             )
         for vid in strategies:
             source = out / "runs" / f"{VARIANTS[vid].samples or vid}-seed{seed}"
@@ -175,20 +187,57 @@ def _variant_config(base: RunConfig, vid: str, seed: int, max_steps: int | None 
     return config
 
 
-def _finished_checkpoint(run_dir: Path) -> tuple[Path, int] | None:
+def _finished_record(run_dir: Path) -> dict | None:
     path = run_dir / DONE_FILE
     if not path.is_file():
         return None
-    done = json.loads(path.read_text())
-    return (Path(done["checkpoint"]), done["steps"]) if Path(done["checkpoint"]).is_dir() else None
+    done = read_json(path, "the finished-run record", f"delete it (or {run_dir}) to train that run again")
+    if (
+        not isinstance(done, dict)
+        or not isinstance(done.get("checkpoint"), str)
+        or not isinstance(done.get("steps"), int)
+    ):
+        raise ValueError(
+            f"{path} is not a finished-run record (it needs 'checkpoint' and 'steps'); delete it (or "
+            f"{run_dir}) to train that run again"
+        )
+    return done
+
+
+def _finished_checkpoint(run_dir: Path) -> tuple[Path, int] | None:
+    done = _finished_record(run_dir)
+    if done is None:
+        return None
+    checkpoint = resolve_stored(done["checkpoint"], run_dir)
+    return (checkpoint, done["steps"]) if checkpoint.is_dir() else None
 
 
 def _checkpoint_of_results(run_dir: Path) -> tuple[Path, int] | None:
     """Runs scored before finished.json existed: their results name the checkpoint."""
     previous = _read_results(run_dir)
-    if previous is not None and Path(previous.get("checkpoint", "")).is_dir():
-        return Path(previous["checkpoint"]), previous["steps"]
+    if previous is not None and isinstance(previous.get("checkpoint"), str):
+        checkpoint = resolve_stored(previous["checkpoint"], run_dir)
+        if checkpoint.is_dir():
+            return checkpoint, previous["steps"]
     return None
+
+
+def finished_differences(run_dir: Path, config: RunConfig, budget: dict) -> list[str]:
+    """How a finished run differs from the one an ablation asks for: its step budget (or, for records that
+    predate budgets, its step count) and what a resume must not change in its run config."""
+    differences = []
+    done = _finished_record(run_dir) or _read_results(run_dir) or {}
+    recorded = done.get("budget")
+    if isinstance(recorded, dict):
+        for key, value in budget.items():
+            if recorded.get(key) != value:
+                differences.append(f"train budget {key}: run {recorded.get(key)}, now {value}")
+    elif budget["minutes"] is None and done.get("steps") != budget["max_steps"]:
+        differences.append(f"steps: run {done.get('steps')}, now {budget['max_steps']}")
+    saved = run_dir / RUN_CONFIG_FILE
+    if saved.is_file():
+        differences += resume_differences(load_config(saved), config)
+    return differences
 
 
 def _move_aside(run_dir: Path) -> None:
@@ -208,10 +257,10 @@ def _read_results(run_dir: Path) -> dict | None:
 def _read_results_file(path: Path) -> dict | None:
     if not path.is_file():
         return None
-    try:
-        return json.loads(path.read_text())
-    except ValueError:
-        raise ValueError(f"{path} is not valid JSON; delete it to score that run again") from None
+    found = read_json(path, "the ShapesBench results", "delete it to score that run again")
+    if not isinstance(found, dict):
+        raise ValueError(f"{path} is not a ShapesBench results object; delete it to score that run again")
+    return found
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,7 +302,7 @@ def _evaluate(
         sample.shift,
         progress=scoring.progress,
     )
-    bench.update(strategy=row, seed=seed, steps=steps, checkpoint=str(checkpoint))
+    bench.update(strategy=row, seed=seed, steps=steps, checkpoint=stored_path(checkpoint, path.parent))
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, bench)
 
@@ -266,9 +315,12 @@ def collect(
     found: dict[str, list[dict]] = {}
     for sid in strategies:
         for seed in range(seeds):
-            result = _read_results_file(out / "runs" / f"{sid}-seed{seed}" / name)
+            run_dir = out / "runs" / f"{sid}-seed{seed}"
+            result = _read_results_file(run_dir / name)
             if result is None:
                 continue
+            if isinstance(result.get("checkpoint"), str):  # stored relative to the run directory
+                result["checkpoint"] = str(resolve_stored(result["checkpoint"], run_dir))
             if result.get("version") != BENCH_VERSION:
                 raise ValueError(
                     f"{out}/runs/{sid}-seed{seed} was scored with {result.get('version')}, not "

@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING
 from accelerate import PartialState
 from PIL import Image
 
+from ..base import one_line
 from ..data.images import parse_json, parse_jsonl, read_user_text
-from ..fileio import read_json, write_atomic, write_json
+from ..fileio import entries, read_json, write_atomic, write_json
 from .sampling import batches, sample_batches
 
 if TYPE_CHECKING:
@@ -76,13 +77,21 @@ def read_prompts(bench: str, path: Path) -> list[PublicPrompt]:
             prompts.append(PublicPrompt(len(prompts), str(key), record["prompt"], record))
     else:
         reader = csv.DictReader(io.StringIO(text))
-        if not reader.fieldnames or "Prompt" not in reader.fieldnames:
+        try:
+            if not reader.fieldnames or "Prompt" not in reader.fieldnames:
+                raise ValueError(
+                    f"{path} must be a CSV with a header holding 'Prompt' (and 'Category'), got "
+                    f"{reader.fieldnames}"
+                )
+            for row in reader:
+                if not isinstance(row.get("Prompt"), str):
+                    raise ValueError(f"{path} line {reader.line_num} has no 'Prompt' field")
+                prompts.append(PublicPrompt(len(prompts), f"{len(prompts):03d}", row["Prompt"], dict(row)))
+        except csv.Error as err:  # e.g. a field past the csv module's size limit, a NUL byte
             raise ValueError(
-                f"{path} must be a CSV with a header holding 'Prompt' (and 'Category'), got "
-                f"{reader.fieldnames}"
-            )
-        for row in reader:
-            prompts.append(PublicPrompt(len(prompts), f"{len(prompts):03d}", row["Prompt"], dict(row)))
+                f"{path} line {reader.line_num} is not readable CSV ({one_line(err, 100)}); a DrawBench "
+                "prompt file holds one short prompt per row"
+            ) from None
     if not prompts:
         raise ValueError(f"prompt file {path} holds no prompts")
     return prompts
@@ -94,7 +103,7 @@ def check_settings(path: Path, settings: dict) -> None:
     if not path.parent.exists():
         return
     if not path.is_file():
-        if any(path.parent.iterdir()):
+        if entries(path.parent):
             raise ValueError(
                 f"{path.parent} holds files but no {path.name}: it was not written by sample-bench; "
                 f"choose another --out"

@@ -107,24 +107,49 @@ def trace(
                 with torch.no_grad():
                     head.append(float(model.noise_head(x.to(model.device, model.dtype)).mean()))
         entry: dict[str, Any] = {"levels": levels, "spread": spreads, "head": head}
-        entry["suggested_gate_shift"] = suggest_gate_shift(
-            times[:-1], levels["endpoint" if final is not None else "x0-prediction"]
-        )
+        fitted, why = gate_shift_fit(times[:-1], levels["endpoint" if final is not None else "x0-prediction"])
+        entry["suggested_gate_shift"] = fitted
+        if fitted is None:
+            entry["no_gate_shift_because"] = why
         result["scales"][scale] = entry
         result["t"] = times[:-1]
     return result
 
 
-def suggest_gate_shift(nominal: list[float], effective: list[float]) -> float:
-    """The gate shift s whose shift_time(t, s) is closest to
-    the effective levels (least squares over a log grid)."""
+SHIFT_GRID = (0.1, 10.0)  # the gate shifts searched (log-spaced)
+MIN_FIT_POINTS = 3  # interior times (0 < t < 1) a fit needs: the ends read t whatever the shift
+
+
+def gate_shift_fit(nominal: list[float], effective: list[float]) -> tuple[float | None, str]:
+    """The gate shift s whose shift_time(t, s) is closest to the effective levels (least squares over a log
+    grid), or None and why not: too few informative points (t = 0 and t = 1 read the same under every
+    shift), or a best fit at the edge of the searched range (the true value lies beyond it)."""
     t = torch.tensor(nominal, dtype=torch.float64)
     target = torch.tensor(effective, dtype=torch.float64)
-    known = torch.isfinite(target)
+    known = torch.isfinite(target) & (t > 1e-3) & (t < 1 - 1e-3)
     t, target = t[known], target[known]
-    grid = torch.exp(torch.linspace(math.log(0.1), math.log(10.0), 801, dtype=torch.float64))
+    if len(t) < MIN_FIT_POINTS:
+        return None, (
+            f"only {len(t)} sampling step(s) with 0 < t < 1 carry a measured level; a fit needs at least "
+            f"{MIN_FIT_POINTS} (sample with more --steps)"
+        )
+    low, high = SHIFT_GRID
+    grid = torch.exp(torch.linspace(math.log(low), math.log(high), 801, dtype=torch.float64))
     errors = torch.stack([((shift_time(t, float(s)) - target) ** 2).sum() for s in grid])
-    return float(grid[int(errors.argmin())])
+    best = int(errors.argmin())
+    if best in (0, len(grid) - 1):
+        return None, f"the best fit lies at the edge of the searched range {low:g}..{high:g}, not inside it"
+    return float(grid[best]), ""
+
+
+def suggest_gate_shift(nominal: list[float], effective: list[float]) -> float | None:
+    """`gate_shift_fit`'s value alone (None where no shift can be fitted)."""
+    return gate_shift_fit(nominal, effective)[0]
+
+
+def _fit_words(entry: dict) -> str:
+    shift = entry.get("suggested_gate_shift")
+    return f"gate shift fit {shift:.2f}" if shift is not None else "no gate shift fitted"
 
 
 def plot_trajectory(result: dict, path: Path, title: str) -> None:
@@ -144,7 +169,7 @@ def plot_trajectory(result: dict, path: Path, title: str) -> None:
                 color=colour,
                 marker="o",
                 markersize=2.5,
-                label=f"CFG {scale:g}, {name} (gate shift fit {entry['suggested_gate_shift']:.2f})"
+                label=f"CFG {scale:g}, {name} ({_fit_words(entry)})"
                 if name == next(iter(entry["levels"]))
                 else f"CFG {scale:g}, {name}",
             )

@@ -28,7 +28,7 @@ from ..config import RunConfig, load_config
 from ..data.cache import convert_cache
 from ..data.emoji import build_emoji_set
 from ..demo import run_demo
-from ..fileio import OutputLock, read_json, write_json
+from ..fileio import OutputLock, entries, read_json, write_json
 from ..loading import export_pipeline, load_transformer
 from ..pipeline import load_pipeline
 from ..plots import captioned_grid, plot_routing, save_sample_grid
@@ -58,7 +58,8 @@ def _config_for(
 
 
 def _writer(out: Path) -> AbstractContextManager:
-    """The lock that makes this process the only writer of `out` (the main one of an accelerate launch)."""
+    """The lock that makes this process the only writer of the directory `out` (the main one of an
+    accelerate launch); its file lives inside `out`."""
     # The launcher's RANK, read without setting up accelerate's state (each command does that its own way).
     return OutputLock(out) if int(os.environ.get("RANK", "0")) == 0 else nullcontext()
 
@@ -294,8 +295,12 @@ def cmd_trajectory(args: argparse.Namespace) -> None:
         worst = max(range(len(result["t"])), key=lambda k: abs(entry["levels"][name][k] - result["t"][k]))
         print(
             f"CFG {scale:g}: effective level {entry['levels'][name][worst]:.3f} at nominal t "
-            f"{result['t'][worst]:.3f} (largest gap, {name}); gate shift that fits best: "
-            f"{entry['suggested_gate_shift']:.2f}"
+            f"{result['t'][worst]:.3f} (largest gap, {name}); "
+            + (
+                f"gate shift that fits best: {entry['suggested_gate_shift']:.2f}"
+                if entry["suggested_gate_shift"] is not None
+                else f"no gate shift can be fitted: {entry['no_gate_shift_because']}"
+            )
         )
     print(f"wrote {args.out}/trajectory.png and trajectory.json")
 
@@ -434,9 +439,11 @@ def _process_device(spec: str) -> str | torch.device:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
-        raise ValueError(f"{args.out} exists and is not empty (or not a directory); choose a new directory")
-    with _writer(args.out):
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"{args.out} exists and is not a directory; choose a new directory")
+    with _writer(args.out):  # the lock inside --out: any other writer of it (train, another export) waits
+        if entries(args.out):
+            raise ValueError(f"{args.out} exists and is not empty; choose a new directory")
         export_pipeline(load_pipeline(args.checkpoint, device="cpu"), args.out)
     print(
         f"wrote a diffusers pipeline to {args.out}; load it with "

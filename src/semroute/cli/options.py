@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from ..base import COMPILE_CHOICES, INT_LIMIT, PRECISIONS, check_guidance
+from ..base import COMPILE_CHOICES, INT_LIMIT, PRECISIONS, check_guidance, valid_text
 
 
 def integer(text: str) -> int:
@@ -35,6 +35,14 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def prompt_text(text: str) -> str:
+    """A prompt from the command line: valid UTF-8 (a shell can pass any bytes)."""
+    try:
+        return valid_text(text, "the prompt")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def port_number(text: str) -> int:

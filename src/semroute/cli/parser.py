@@ -9,13 +9,14 @@ import argparse
 from pathlib import Path
 
 from .. import __version__
-from ..base import ABLATION_CONFIG, DEMO_CONFIG, NOT_LEARNED_EXIT, QUICK_MINUTES
+from ..base import ABLATION_CONFIG, DEBUG_ENV, DEMO_CONFIG, NOT_LEARNED_EXIT, QUICK_MINUTES
 from .options import (
     HelpFormatter,
     guidance_list,
     port_number,
     positive_float,
     positive_int,
+    prompt_text,
     runtime_arguments,
     sampling_arguments,
     set_argument,
@@ -67,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="checkpoint directory, run directory (its newest good checkpoint) "
         "or exported pipeline directory",
     )
-    p.add_argument("--prompt", required=True, help="text prompt (empty string = unconditional)")
+    p.add_argument(
+        "--prompt", type=prompt_text, required=True, help="text prompt (empty string = unconditional)"
+    )
     p.add_argument("--out", type=Path, default=Path("samples.png"), help="output PNG grid")
     sampling_arguments(
         p, n_help="number of images", n_default=8, seed_help="noise seed (image k uses seed + k)"
@@ -125,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument(
         "--prompt",
+        type=prompt_text,
         action="append",
         default=None,
         help="a prompt to trace (repeatable; default: ShapesBench's)",
@@ -396,4 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="the most images per checkpoint one request may ask for (bounds the memory one visitor uses)",
     )
     runtime_arguments(p)
+
+    debug_help = f"on an error, show the full traceback instead of one line (also {DEBUG_ENV}=1)"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
+    for command in sub.choices.values():  # also after the command: semroute train ... --debug
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     return parser

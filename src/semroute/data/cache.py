@@ -346,7 +346,7 @@ class CachedEncoderInfo:
     feature_dim: int
     kv_heads: int | None
 
-    def __init__(self, recipe: dict):
+    def __init__(self, recipe: dict, fingerprint: dict | None = None):
 
         self.feature_kind = recipe.get("text_features", "hidden_states")
         self.config = TextEncoderConfig(
@@ -361,6 +361,11 @@ class CachedEncoderInfo:
         self.hidden_size = recipe["text_hidden_size"]
         self.feature_dim = recipe.get("text_feature_dim", self.hidden_size)
         self.kv_heads = recipe.get("text_kv_heads")
+        self._fingerprint = fingerprint
+
+    def fingerprint(self) -> dict | None:
+        """The LLM's fingerprint as precompute recorded it (None for caches written before it was)."""
+        return self._fingerprint
 
 
 def convert_cache(path: str | Path, progress: bool = True) -> dict:

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageColor
 
+from ..base import check_size
+
 logger = logging.getLogger(__name__)
 
 
@@ -67,6 +69,7 @@ class DatasetConfig:
             raise ValueError(f"dataset.resolution must be >= 8, got {self.resolution}")
         if self.num_workers < 0:
             raise ValueError(f"dataset.num_workers must be >= 0, got {self.num_workers}")
+        check_size(self.num_workers, "dataset.num_workers", "num_workers")
         if self.resolution > 8192 or self.resolution**2 > self.max_image_pixels:
             raise ValueError(
                 f"dataset.resolution {self.resolution} is beyond 8192 or dataset.max_image_pixels; "
