@@ -247,13 +247,14 @@ def test_gate_variants_at_several_guidance_scales(tiny_llama_dir, tiny_encoder, 
             assert scored["sampling"]["guidance_scale"] == (1.5 if "1.5" in name else 3.0)
             assert scored["sampling"]["gate_shift"] == (2.0 if row == "s1s" else 1.0)
     s1s = json.loads((runs / "s1s-seed0" / "shapesbench.json").read_text())
-    assert s1s["checkpoint"] == json.loads((runs / "s1-seed0" / "shapesbench.json").read_text())["checkpoint"]
+    s1 = json.loads((runs / "s1-seed0" / "shapesbench.json").read_text())
+    # Records store paths relative to their own directory: both name S1's checkpoint.
+    assert (runs / "s1s-seed0" / s1s["checkpoint"]).resolve() == (
+        runs / "s1-seed0" / s1["checkpoint"]
+    ).resolve()
     from semroute.dit import SemanticRoutingDiT
 
-    assert (
-        SemanticRoutingDiT.from_pretrained(s1s["checkpoint"].replace("s1-seed0", "s1e-seed0")).noise_head
-        is not None
-    )
+    assert SemanticRoutingDiT.from_pretrained(runs / "s1e-seed0" / s1["checkpoint"]).noise_head is not None
     table = (out / "table.md").read_text()
     assert "## Guidance scale 1.5" in table and "## Guidance scale 3" in table
     assert "| S1 time-wise, shifted gate | 1 |" in table and "| S1 time-wise, estimated gate | 1 |" in table
@@ -322,7 +323,11 @@ def test_fusedit_is_a_row_of_the_table_with_its_own_text_features(tiny_llama_dir
     )
     runs = out / "runs"
     for row, kind in (("b1", "hidden_states"), ("fusedit", "keys_values")):
-        checkpoint = json.loads((runs / f"{row}-seed0" / "shapesbench.json").read_text())["checkpoint"]
+        checkpoint = (
+            runs
+            / f"{row}-seed0"
+            / json.loads((runs / f"{row}-seed0" / "shapesbench.json").read_text())["checkpoint"]
+        )
         assert json.loads((Path(checkpoint) / "text_encoder.json").read_text())["features"] == kind
     table = (out / "table.md").read_text()
     assert table.index("| B1 penultimate |") < table.index("| FuseDiT deep |")  # the paper's order

@@ -326,7 +326,7 @@ def test_a_second_writer_is_refused_naming_the_holder(two_checkpoints, tmp_path,
         assert_answered(code, err, f"another semroute process (pid {os.getpid()}) is writing to")
         code, err = run_cli(capsys, ["export", "--checkpoint", str(run), "--out", str(tmp_path / "run")])
         assert_answered(code, err, "is writing to")
-    assert not (tmp_path / "run").exists()  # refused before anything was written
+    assert not list((tmp_path / "run").iterdir())  # refused before anything was written; the lock is gone
 
 
 def test_training_from_a_damaged_cache_is_one_line_naming_the_file(
@@ -385,8 +385,9 @@ def test_precompute_again_remakes_a_shard_whose_bytes_changed(tiny_llama_dir, ti
 def test_a_damaged_exported_pipeline_is_one_line_naming_the_file(two_checkpoints, tmp_path, capsys):
     run, _ = two_checkpoints
     assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "pipe")]) == 0
-    # Written aside, then renamed: nothing left over
-    assert [p.name for p in tmp_path.glob(".pipe*")] == [".pipe.lock"]
+    # Written aside, then renamed: nothing left over, beside it or inside (the lock is gone with its holder)
+    assert [p.name for p in tmp_path.glob(".pipe*")] == []
+    assert not (tmp_path / "pipe" / ".semroute.lock").exists()
     cases = 0
     for _label, copy, file in damaged_files(tmp_path / "pipe", tmp_path):
         code, err = run_cli(
@@ -442,7 +443,7 @@ def test_out_of_memory_is_one_line(tiny_llama_dir, tmp_path):
     scores).
 
     The math kernel comes from this machine's cached attention choice, written here: the run honours it."""
-    from semroute.runtime import PROBE_FILE, machine_key
+    from semroute.runtime import PROBE_FILE, PROBE_VERSION, machine_key
 
     raw = tiny_run_config(tiny_llama_dir, max_steps=2, batch_size=2)
     raw["model"].update(sample_size=1024, patch_size=1)
@@ -453,7 +454,9 @@ def test_out_of_memory_is_one_line(tiny_llama_dir, tmp_path):
     cache.mkdir()
     math_kernel = {"backend": "math", "mask": "bool", "skip_unpadded": True, "seconds": {}}
     (cache / PROBE_FILE).write_text(
-        json.dumps({machine_key(torch.device("cpu")): {"attention": math_kernel}})
+        json.dumps(
+            {machine_key(torch.device("cpu")): {"attention": math_kernel, "probe_version": PROBE_VERSION}}
+        )
     )
     done = subprocess.run(
         [

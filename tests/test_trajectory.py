@@ -106,8 +106,13 @@ def test_cli_trajectory_on_a_trained_run(tiny_llama_dir, tmp_path, capsys):
         == 0
     )
     printed = capsys.readouterr().out
-    assert "CFG 1.5:" in printed and "gate shift that fits best" in printed
     saved = json.loads((tmp_path / "traj" / "trajectory.json").read_text())
+    for scale, entry in saved["scales"].items():  # a fitted shift, or (this 2-step model) why there is none
+        if entry["suggested_gate_shift"] is None:
+            assert f"CFG {scale}:" in printed and "no gate shift can be fitted" in printed
+            assert entry["no_gate_shift_because"]
+        else:
+            assert "gate shift that fits best" in printed and 0.1 < entry["suggested_gate_shift"] < 10
     assert list(saved["scales"]) == ["1.5", "3"] and len(saved["t"]) == 4
     assert len(saved["scales"]["3"]["head"]) == 4  # the estimated gate's own reading
     assert (tmp_path / "traj" / "trajectory.png").stat().st_size > 5000
