@@ -62,7 +62,11 @@ def test_the_joint_mask_keeps_every_image_token():
         kept = mask if mask.dtype == torch.bool else mask == 0
         assert kept.shape == (2, 1, 1, 5)
         assert kept[:, 0, 0].tolist() == [[True, False, True, True, True], [True] * 5]
-    assert joint_mask(torch.ones(2, 2, dtype=torch.bool), 3) is None
+    # Nothing padded: no mask at all where the choice skips unpadded masks, an all-True one where it does not
+    # (explicit choices: the process-wide one is whatever this machine's probe measured).
+    unpadded = torch.ones(2, 2, dtype=torch.bool)
+    assert joint_mask(unpadded, 3, AttentionChoice(skip_unpadded=True)) is None
+    assert bool(joint_mask(unpadded, 3, AttentionChoice(skip_unpadded=False)).all())
 
 
 def test_the_attention_choice_is_measured_once_cached_and_checked(tmp_path, monkeypatch):
