@@ -175,3 +175,39 @@ def test_frozen_fusion_weights_stay_while_the_dit_trains(shipped_runs, tiny_llam
         ]
     )
     assert code != 0 and "strategy 'uniform' has none" in capsys.readouterr().err
+
+
+def _synthetic(rate: float, seed: int, prompts: int = 12) -> dict:
+    """A ShapesBench result whose every prompt is right with probability `rate` (4 images, exact)."""
+    right = round(4 * rate)
+    rows = [
+        {"category": category, "prompt": f"{category} {i}", "correct": [True] * right + [False] * (4 - right)}
+        for category in ("counting", "colour")
+        for i in range(prompts)
+    ]
+    categories = {"counting": right / 4, "colour": right / 4, "two_objects": right / 4, "position": right / 4}
+    return {"seed": seed, "prompts": rows, "categories": categories, "overall": right / 4, "fidelity": 1.0}
+
+
+def test_released_schemes_are_set_against_b2_and_s2_with_intervals():
+    from semroute.bench.claims import comparisons, table_markdown
+
+    found = {
+        "b2": [_synthetic(0.25, s) for s in range(3)],
+        "s2": [_synthetic(0.5, s) for s in range(3)],
+        "flux2": [_synthetic(0.5, s) for s in range(3)],
+    }
+    got = {(c["row"], c["baseline"], c["column"]): c for c in comparisons(found)}
+    assert set(got) == {("flux2", b, c) for b in ("b2", "s2") for c in ("overall", "counting")}
+    better = got[("flux2", "b2", "counting")]
+    assert better["verdict"] == "better" and better["bootstrap"]["mean"] == pytest.approx(0.25)
+    assert better["bootstrap"]["pairs"] == 36  # 3 seeds x 12 counting prompts
+    tie = got[("flux2", "s2", "overall")]
+    assert tie["verdict"] == "no difference shown" and tie["bootstrap"]["ci95"] == [0.0, 0.0]
+    # A row absent from the ablation is not compared; no baseline: nothing at all.
+    assert comparisons({"flux2": found["flux2"]}) == []
+    found["b2"] = [_synthetic(0.75, s) for s in range(3)]
+    assert {c["verdict"] for c in comparisons(found) if c["baseline"] == "b2"} == {"worse"}
+    table = table_markdown(found, [])
+    assert "| flux2 vs b2 | counting | " in table and table.count("| worse |") == 2
+    assert "| flux2 vs s2 | overall | " in table and "| no difference shown |" in table

@@ -37,7 +37,17 @@ from ..resume import newest_loadable, resume_differences
 from ..runtime import resolve_precision
 from ..text_encoder import TextEncoder
 from ..train import train
-from .claims import COLUMNS, claims, mean_std, plot_bars, plot_claims, plot_scales, score, table_markdown
+from .claims import (
+    COLUMNS,
+    claims,
+    comparisons,
+    mean_std,
+    plot_bars,
+    plot_claims,
+    plot_scales,
+    score,
+    table_markdown,
+)
 from .rows import ROW_NAMES, VARIANTS
 from .shapesbench import BENCH_VERSION, bench_prompts, run_bench
 
@@ -360,7 +370,12 @@ def summarize_ablation(
             | {"seeds": [r["seed"] for r in rs], "steps": [r["steps"] for r in rs]}
             for sid, rs in found.items()
         }
-        per_scale[scale] = {"summary": summary, "claims": checked, "runs": found}
+        per_scale[scale] = {
+            "summary": summary,
+            "claims": checked,
+            "runs": found,
+            "comparisons": comparisons(found),
+        }
     first = per_scale[scales[0]]
     if len(scales) == 1:
         write_json(out / "results.json", first)
@@ -392,7 +407,7 @@ def summarize_ablation(
                 title=f"{ROW_NAMES[sid]}, seed 0",
                 weights=model.routing_weights(),
             )
-    result = {"summary": first["summary"], "claims": first["claims"]}
+    result = {"summary": first["summary"], "claims": first["claims"], "comparisons": first["comparisons"]}
     if len(scales) > 1:
         result["scales"] = {g: {"summary": v["summary"], "claims": v["claims"]} for g, v in per_scale.items()}
     return result
