@@ -218,7 +218,9 @@ def summarize(work: Path, rows: list[str], seeds: int, extra_seeds: int, steps: 
                     "verdict": "above chance" if low > 0 else "not shown above chance",
                 }
             )
-    for a, b in (("s2", "b1"), ("s1", "b1"), ("b2", "b1"), ("s2", "b2"), ("gemma-s2", "s2")):
+    # The paper's pairs, then each released model's scheme against B2 (all layers, mean) and S2 (the best).
+    shipped = [(row, base) for row in ("flux2", "unifusion", "hidream", "granted") for base in ("b2", "s2")]
+    for a, b in (("s2", "b1"), ("s1", "b1"), ("b2", "b1"), ("s2", "b2"), ("gemma-s2", "s2"), *shipped):
         if a not in found or b not in found:
             continue
         for metric in ("top1", "top5", "attribute"):
