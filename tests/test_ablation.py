@@ -1,4 +1,5 @@
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -180,6 +181,52 @@ def test_ablation_end_to_end_and_resume(tiny_llama_dir, tiny_encoder, tmp_path, 
     )
     assert json.loads(path.read_text())["version"] == "shapesbench-2"
     assert rescored["summary"] == result["summary"]
+    # Carried to another directory as records only (no checkpoints, no logs): nothing is trained or scored
+    # again, the tables come out the same and the routing figures drawn when the runs were trained are kept.
+    from semroute.bench.ablation import export_records
+
+    records = tmp_path / "records"
+    written = export_records(out, records)
+    assert not any("checkpoint" in str(p.relative_to(records)) for p in written)
+    assert {p.name for p in (records / "runs" / "s2-seed0").iterdir()} == {
+        "finished.json",
+        "run_config.yaml",
+        "shapesbench.json",
+    }
+    assert not (records / "runs" / "s3-seed0.interrupted").exists()  # kept aside, not finished
+    carried = tmp_path / "carried"
+    shutil.copytree(records, carried)
+    drawn = (carried / "routing-s2.png").read_bytes()
+    monkeypatch.setattr(
+        "semroute.bench.ablation.run_bench", lambda *a, **k: pytest.fail("a scored run was scored again")
+    )
+    moved = run_ablation(
+        base, carried, ["b1", "s1", "s2", "s3"], 1, None, 1, max_steps=4, encoder=tiny_encoder, progress=False
+    )
+    assert moved["summary"] == result["summary"]
+    assert (carried / "routing-s2.png").read_bytes() == drawn
+    assert (carried / "table.md").read_text() == (out / "table.md").read_text()
+    # A figure that was never drawn is reported missing, not faked; a new scale needs the checkpoint back.
+    (carried / "routing-s1.png").unlink()
+    run_ablation(
+        base, carried, ["b1", "s1", "s2", "s3"], 1, None, 1, max_steps=4, encoder=tiny_encoder, progress=False
+    )
+    assert not (carried / "routing-s1.png").exists()
+    with pytest.raises(
+        ValueError, match="records only .its checkpoint .* is not.: scoring it at guidance scale 7"
+    ):
+        run_ablation(
+            base,
+            carried,
+            ["b1", "s1", "s2", "s3"],
+            1,
+            None,
+            1,
+            max_steps=4,
+            encoder=tiny_encoder,
+            progress=False,
+            scales=[base.sample.guidance_scale, 7.0],
+        )
 
 
 def test_cli_ablate_rejects_unknown_strategy(tmp_path, capsys):
@@ -206,11 +253,16 @@ def test_cli_ablate_quick_sized_run(tiny_llama_dir, tmp_path):
                 "--quick",
                 "--max-steps",
                 "2",
+                "--export",
+                str(tmp_path / "records"),
             ]
         )
         == 0
     )
     assert "S2 depth-wise" in (out / "table.md").read_text()
+    assert (tmp_path / "records" / "table.md").read_text() == (out / "table.md").read_text()
+    assert (tmp_path / "records" / "runs" / "s2-seed0" / "shapesbench.json").is_file()
+    assert not list((tmp_path / "records").rglob("*.safetensors"))
 
 
 def test_gate_variants_at_several_guidance_scales(tiny_llama_dir, tiny_encoder, tmp_path, monkeypatch):

@@ -13,7 +13,8 @@ Layout of an ablation directory:
     results.json, table.md, bars.png, scales.png and claims.png (several scales), routing-<id>.png
 Re-running skips every (run, scale) already scored, scores new scales from the saved checkpoints, and
 resumes an interrupted run from its newest checkpoint, so an interrupted ablation loses at most the
-steps since that checkpoint.
+steps since that checkpoint. `export_records` copies the tables and every finished run's small records
+(no checkpoints) elsewhere; their runs/ copied into an ablation directory count as finished there.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -155,6 +157,13 @@ def run_ablation(
                 if previous is not None and previous.get("version") == BENCH_VERSION:
                     continue
                 if done is None:
+                    record = _finished_record(source)
+                    if record is not None:
+                        raise ValueError(
+                            f"{source} is here as records only (its checkpoint "
+                            f"{resolve_stored(record['checkpoint'], source)} is not): scoring it at guidance "
+                            f"scale {scale:g} needs that checkpoint; copy it back, or leave that scale out"
+                        )
                     raise ValueError(
                         f"{source} has no finished checkpoint to score; re-run semroute ablate to train it"
                     )
@@ -340,6 +349,59 @@ def collect(
     return found
 
 
+def _plot_routing_of(run: dict, path: Path, name: str) -> None:
+    """Draw what the first run of a row learned; a run carried over as records only (its checkpoint not on
+    this machine) keeps the figure drawn when it was trained."""
+    checkpoint = Path(run["checkpoint"])
+    if not checkpoint.is_dir():
+        if path.is_file():
+            logger.info("%s: kept (its checkpoint %s is not here to redraw it)", path.name, checkpoint)
+        else:
+            logger.warning(
+                "%s not drawn: seed %s's checkpoint %s is not here (records carried without checkpoints)",
+                path.name,
+                run.get("seed"),
+                checkpoint,
+            )
+        return
+    model = SemanticRoutingDiT.from_pretrained(checkpoint)
+    plot_routing(
+        model.fusion,
+        path,
+        routed_layers(checkpoint),
+        title=f"{name}, seed {run.get('seed', 0)}",
+        weights=model.routing_weights(),
+    )
+
+
+RECORD_FILES = (DONE_FILE, RUN_CONFIG_FILE)  # with every shapesbench*.json: what a finished run is, in small
+
+
+def export_records(out: Path, dest: Path) -> list[Path]:
+    """Copy an ablation's tables, figures and each finished run's small records (finished.json, its run
+    config and ShapesBench results; never checkpoints or logs) into `dest`, e.g. to commit them. Copying
+    `dest/runs` into an ablation directory carries those runs over: `semroute ablate` on it trains and scores
+    none of them again. Returns the files written."""
+    written = []
+    for name in sorted(p.name for p in out.iterdir() if p.is_file() and p.suffix in (".md", ".json", ".png")):
+        written.append(_copy_file(out / name, dest / name))
+    for run_dir in sorted((out / "runs").iterdir()):
+        if not run_dir.is_dir() or _read_results(run_dir) is None:
+            continue  # unfinished, or kept aside (<run>.interrupted): nothing to carry
+        for path in sorted(run_dir.iterdir()):
+            if path.is_file() and (path.name in RECORD_FILES or path.name.startswith("shapesbench")):
+                written.append(_copy_file(path, dest / "runs" / run_dir.name / path.name))
+    return written
+
+
+def _copy_file(source: Path, target: Path) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.copyfile(source, tmp)
+    tmp.replace(target)
+    return target
+
+
 def summarize_ablation(
     out: Path,
     strategies: list[str],
@@ -398,15 +460,7 @@ def summarize_ablation(
     )
     for sid in ("fusedit", "s1", "s1e", "s2", "s3", "s3e", "flux2", "unifusion", "granted"):
         if sid in first["runs"]:
-            checkpoint = Path(first["runs"][sid][0]["checkpoint"])
-            model = SemanticRoutingDiT.from_pretrained(checkpoint)
-            plot_routing(
-                model.fusion,
-                out / f"routing-{sid}.png",
-                routed_layers(checkpoint),
-                title=f"{ROW_NAMES[sid]}, seed 0",
-                weights=model.routing_weights(),
-            )
+            _plot_routing_of(first["runs"][sid][0], out / f"routing-{sid}.png", ROW_NAMES[sid])
     result = {"summary": first["summary"], "claims": first["claims"], "comparisons": first["comparisons"]}
     if len(scales) > 1:
         result["scales"] = {g: {"summary": v["summary"], "claims": v["claims"]} for g, v in per_scale.items()}

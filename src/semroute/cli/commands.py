@@ -16,7 +16,7 @@ import transformers
 from ..autoencoder import settings_of, train_autoencoder
 from ..base import ABLATION_CONFIG, DEMO_CONFIG, NOT_LEARNED_EXIT, QUICK_MINUTES, packaged_config
 from ..bench import bench_prompts, run_bench
-from ..bench.ablation import run_ablation
+from ..bench.ablation import export_records, run_ablation
 from ..bench.public import read_prompts, sample_bench
 from ..bench.realbench import VERSION as REALBENCH_VERSION
 from ..bench.realbench import run_realbench, sampling_record
@@ -341,6 +341,10 @@ def cmd_ablate(args: argparse.Namespace) -> None:
         f"wrote {args.out}/table.md, results.json, {plots}; claims agree: "
         f"{sum(c['agrees'] for c in result['claims'])}/{len(result['claims'])}"
     )
+    if args.export is not None:
+        with _writer(args.export):
+            written = export_records(args.out, args.export)
+        print(f"copied {len(written)} files (tables, figures, run records; no checkpoints) to {args.export}")
 
 
 def cmd_data(args: argparse.Namespace) -> None:

@@ -195,6 +195,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--n", type=positive_int, default=4, help="ShapesBench images per prompt")
     p.add_argument(
+        "--export",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="also copy the tables, figures and every finished run's small records (finished.json, "
+        "run_config.yaml, shapesbench*.json; no checkpoints) into DIR, e.g. to commit them; DIR/runs "
+        "copied into an ablation directory counts as finished there, so an ablation can go on in another "
+        "session or on another machine",
+    )
+    p.add_argument(
         "--quick",
         action="store_true",
         help=f"smoke test: 1 seed, {QUICK_MINUTES:g}-minute runs, 2 images per prompt",
