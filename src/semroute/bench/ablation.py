@@ -31,7 +31,7 @@ from ..config import RunConfig, load_config
 from ..data.shapes import ShapesDataset, ShapesTask
 from ..dit import SemanticRoutingDiT
 from ..features import prompt_table
-from ..fileio import read_json, resolve_stored, stored_path, write_json, write_text
+from ..fileio import read_json, resolve_stored, stored_path, write_atomic, write_json, write_text
 from ..fusion import STRATEGY_TABLE, check_strategy
 from ..pipeline import SemanticRoutingPipeline
 from ..plots import plot_routing
@@ -395,10 +395,7 @@ def export_records(out: Path, dest: Path) -> list[Path]:
 
 
 def _copy_file(source: Path, target: Path) -> Path:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.copyfile(source, tmp)
-    tmp.replace(target)
+    write_atomic(target, lambda tmp: shutil.copyfile(source, tmp))
     return target
 
 

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..fusion import PAPER_IDS, STRATEGY_TABLE
 from ..plots import bar_chart, interval_panels, plt, save_figure
-from .rows import COLUMNS, ROW_NAMES, VARIANTS
+from .rows import COLUMNS, PAPER_ROWS, ROW_NAMES, VARIANTS
 
 
 def score(result: dict, column: str) -> float:
@@ -82,12 +81,7 @@ def claims(found: dict[str, list[dict]]) -> list[dict]:
     against our numbers (one needing a missing row is skipped)."""
     out = []
     means = {sid: {c: mean_std([score(r, c) for r in rs])[0] for c in COLUMNS} for sid, rs in found.items()}
-    # The paper's own rows: its strategies and FuseDiT, not the released models' schemes that share the table.
-    paper_rows = {
-        sid: m
-        for sid, m in means.items()
-        if sid in PAPER_IDS and not STRATEGY_TABLE[PAPER_IDS[sid]].shipped_by
-    }
+    paper_rows = {sid: m for sid, m in means.items() if sid in PAPER_ROWS}  # not the released schemes
     if "s2" in found and "b1" in found:
         boot = paired_bootstrap(_per_prompt(found["s2"], "counting"), _per_prompt(found["b1"], "counting"))
         out.append(

@@ -42,6 +42,9 @@ VARIANTS: dict[str, Variant] = {
     "granted": Variant("B3 frozen after 1/4 (GRAN-TED)", "b3", freeze_fraction=0.25),
 }
 ROW_NAMES = {vid: v.name for vid, v in VARIANTS.items()}
+# The paper's own rows (its strategies and FuseDiT), and the released models' schemes set beside them.
+PAPER_ROWS = tuple(v for v in VARIANTS if v in PAPER_IDS and not SHIPPED_BY.get(v))
+RELEASED_ROWS = tuple(v for v in VARIANTS if SHIPPED_BY.get(v) or VARIANTS[v].freeze_fraction)
 
 
 def parse_strategies(text: str) -> list[str]:
@@ -49,11 +52,9 @@ def parse_strategies(text: str) -> list[str]:
     ids = [s.strip().lower() for s in text.split(",") if s.strip()]
     unknown = [s for s in ids if s not in VARIANTS]
     if unknown or not ids:
-        paper = [v for v in VARIANTS if v in PAPER_IDS and not SHIPPED_BY.get(v)]
-        shipped = [v for v in VARIANTS if SHIPPED_BY.get(v) or VARIANTS[v].freeze_fraction]
-        gates = [v for v in VARIANTS if v not in paper and v not in shipped]
+        gates = [v for v in VARIANTS if v not in PAPER_ROWS and v not in RELEASED_ROWS]
         raise ValueError(
-            f"unknown strategies {unknown or text!r}; valid: {', '.join(paper)} (the paper's), "
-            f"{', '.join(gates)} (gate variants), {', '.join(shipped)} (schemes of released models)"
+            f"unknown strategies {unknown or text!r}; valid: {', '.join(PAPER_ROWS)} (the paper's), "
+            f"{', '.join(gates)} (gate variants), {', '.join(RELEASED_ROWS)} (schemes of released models)"
         )
     return [s for s in VARIANTS if s in ids]
