@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..plots import bar_chart, interval_panels, plt, save_figure
-from .rows import COLUMNS, PAPER_ROWS, ROW_NAMES, VARIANTS
+from .rows import COLUMNS, PAPER_ROWS, RELEASED_ROWS, ROW_NAMES, VARIANTS
 
 
 def score(result: dict, column: str) -> float:
@@ -145,7 +145,6 @@ def claims(found: dict[str, list[dict]]) -> list[dict]:
 
 # The schemes of released models, each set against the paper's plain mean of all layers (B2) and its best
 # (S2).
-SHIPPED_ROWS = ("flux2", "unifusion", "hidream", "granted")
 BASELINES = ("b2", "s2")
 COMPARED = ("overall", "counting")
 
@@ -155,7 +154,7 @@ def comparisons(found: dict[str, list[dict]]) -> list[dict]:
     bootstrap over (seed, prompt) and a plain verdict (better / worse where the 95% interval excludes 0, else
     no difference shown). Rows missing from `found` are skipped."""
     out = []
-    for sid in SHIPPED_ROWS:
+    for sid in RELEASED_ROWS:
         for base in BASELINES:
             if sid not in found or base not in found:
                 continue
