@@ -13,6 +13,11 @@ an interrupted training resumes from its newest checkpoint (semroute train does 
 written is reused. Nothing else is needed: the set from `semroute data emoji`, the autoencoder from
 `semroute autoencoder`.
 
+Each finished run's small records (its scores, training summary and config, and for seed 0 its column of
+the samples grid; never checkpoints) are copied to OUT/runs/<row>-seed<k>/ as soon as it is scored. Those
+records count as finished runs in any later call with the same --out, on this machine or another, with
+WORK empty: so a comparison longer than one session goes on where it stopped once OUT is committed.
+
 Layout of --work (runs and caches, large) and --out (results, small enough to commit):
     WORK/runs/<row>-seed<k>/   training run and realbench.json / realbench.png (its held-out scores)
     WORK/cache[-<row>]/        the precomputed latents and text features each kind of row trains on
@@ -21,6 +26,7 @@ Layout of --work (runs and caches, large) and --out (results, small enough to co
     samples.png                the same held-out captions and noise seeds for every row
     routing-<row>.png          learned block x layer weights of seed 0
     commands.txt               every command this script ran, in order
+    runs/<row>-seed<k>/        each finished run's records (RECORD_FILES, and grid.png for seed 0)
 """
 
 from __future__ import annotations
@@ -28,19 +34,22 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 from semroute.bench.claims import paired_bootstrap
 from semroute.bench.sampling import sample_all
 from semroute.checkpoint import resolve_checkpoint
 from semroute.data.cache import CACHE_META
-from semroute.fileio import write_json, write_text
+from semroute.fileio import write_atomic, write_json, write_text
 from semroute.pipeline import SemanticRoutingPipeline
 from semroute.plots import captioned_grid
 
@@ -57,6 +66,10 @@ EXTRA_ROWS = {
 METRICS = ("fd", "top1", "top5", "attribute")
 BETTER = {"fd": "lower", "top1": "higher", "top5": "higher", "attribute": "higher"}
 GRID_PROMPTS = 10
+RESULTS_FILE = "realbench.json"
+# What a finished run is, in small: its scores, its training summary (img/s, precision) and config.
+RECORD_FILES = (RESULTS_FILE, "summary.json", "run_config.yaml", "finished.json")
+GRID_FILE = "grid.png"  # a seed-0 run's column of samples.png, so the grid is redrawn without its checkpoint
 
 
 def run(command: list[str], log: Path) -> None:
@@ -105,6 +118,8 @@ def main() -> None:
         f"dataset.vae={args.vae}",
     ]
     started = time.perf_counter()
+    for name in carry_in(args.out, args.work):
+        print(f"{name}: finished records carried from {args.out / 'runs' / name} (not trained again)")
     extra_seeds = args.seeds if args.extra_row_seeds is None else args.extra_row_seeds
     for seed in range(args.seeds):
         for row in rows:
@@ -114,13 +129,14 @@ def main() -> None:
             overrides = [*common, "--set", f"model.strategy={strategy}"]
             for item in sets:
                 overrides += ["--set", item]
+            run_dir = args.work / "runs" / f"{row}-seed{seed}"
+            results = run_dir / RESULTS_FILE
+            if results.is_file():
+                check_run(run_dir, args.steps, args.eval_steps)  # before training anything else
+                continue
             cache = args.work / cache_name
             if not (cache / CACHE_META).is_file():
                 run([*semroute, "precompute", "--config", str(CONFIG), *overrides, "--out", str(cache)], log)
-            run_dir = args.work / "runs" / f"{row}-seed{seed}"
-            results = run_dir / "realbench.json"
-            if results.is_file():
-                continue
             train_sets = [
                 *overrides,
                 "--set",
@@ -150,29 +166,140 @@ def main() -> None:
             if seed == 0:
                 routing = args.out / f"routing-{row}.png"
                 run([*semroute, "routing", "--checkpoint", str(run_dir), "--out", str(routing)], log)
-    summary = summarize(args.work, rows, args.seeds, extra_seeds, args.steps)
+                grid_column(run_dir, args.data)
+            carry_out(run_dir, args.out)
+    summary = summarize(args.work, rows, args.seeds, extra_seeds, args.steps, args.eval_steps)
     summary["wall_seconds_this_session"] = round(time.perf_counter() - started)
     write_json(args.out / "results.json", summary)
     write_text(args.out / "table.md", table(summary))
     samples_grid(args.work, args.out, rows, args.data)
+    for run_dir in sorted((args.work / "runs").iterdir()):  # grid columns drawn just now, older runs' records
+        if (run_dir / RESULTS_FILE).is_file():
+            carry_out(run_dir, args.out)
     print(table(summary))
 
 
-def summarize(work: Path, rows: list[str], seeds: int, extra_seeds: int, steps: int) -> dict:
+def carry_in(out: Path, work: Path) -> list[str]:
+    """Copy the records of runs finished elsewhere (OUT/runs/<run>/) into WORK/runs/<run>/ where WORK has
+    no scores for that run, so they count as finished. A run directory WORK already scored is left as it
+    is. Returns the runs carried."""
+    carried = []
+    records = out / "runs"
+    for source in sorted(records.iterdir()) if records.is_dir() else []:
+        target = work / "runs" / source.name
+        if not (source / RESULTS_FILE).is_file() or (target / RESULTS_FILE).is_file():
+            continue
+        for name in (*RECORD_FILES, GRID_FILE):
+            if (source / name).is_file():
+                _copy_file(source / name, target / name)
+        carried.append(source.name)
+    return carried
+
+
+def carry_out(run_dir: Path, out: Path) -> None:
+    """Copy a scored run's records (and its grid column) to OUT/runs/<run>/."""
+    for name in (*RECORD_FILES, GRID_FILE):
+        if (run_dir / name).is_file():
+            _copy_file(run_dir / name, out / "runs" / run_dir.name / name)
+
+
+def _copy_file(source: Path, target: Path) -> None:
+    write_atomic(target, lambda tmp: shutil.copyfile(source, tmp))
+
+
+def grid_prompts(data: Path) -> tuple[list[dict], list[str]]:
+    """The held-out rows the samples grid shows (evenly spread), and their captions."""
+    from semroute.data.images import read_manifest
+
+    held = read_manifest(data / "heldout.jsonl")
+    step = max(1, len(held) // GRID_PROMPTS)
+    chosen = held[::step][:GRID_PROMPTS]
+    return chosen, [str(r["text"]) for r in chosen]
+
+
+def grid_column(run_dir: Path, data: Path) -> torch.Tensor:
+    """A seed-0 run's images for the grid's captions (noise seed 0), read from RUN/grid.png when there, else
+    sampled from its checkpoint and saved there (lossless 8-bit: what the figure shows)."""
+    path = run_dir / GRID_FILE
+    if path.is_file():
+        return load_column(path)
+    _, prompts = grid_prompts(data)
+    pipeline = SemanticRoutingPipeline.from_checkpoint(resolve_checkpoint(run_dir), device="cpu")
+    column = sample_all(pipeline, prompts, 1, seed=0, desc=f"grid {run_dir.name}")
+    save_column(column, path)
+    return load_column(path)
+
+
+def save_column(images: torch.Tensor, path: Path) -> None:
+    """(N, 3, S, S) images in [0, 1] as one PNG, stacked top to bottom."""
+    if images.ndim != 4 or images.shape[1] != 3 or images.shape[2] != images.shape[3]:
+        raise ValueError(f"expected square RGB images (N, 3, S, S), got {tuple(images.shape)}")
+    pixels = (
+        (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).reshape(-1, images.shape[3], 3)
+    )
+    write_atomic(path, lambda tmp: Image.fromarray(pixels.numpy()).save(tmp, format="PNG"))
+
+
+def load_column(path: Path) -> torch.Tensor:
+    """The images `save_column` wrote, (N, 3, S, S) in [0, 1]."""
+    with Image.open(path) as image:
+        pixels = np.asarray(image.convert("RGB"))
+    height, width, _ = pixels.shape
+    if height % width:
+        raise ValueError(
+            f"{path} is {width}x{height}: not a column of square images (save_column writes those)"
+        )
+    return (
+        torch.from_numpy(pixels.copy()).view(height // width, width, width, 3).permute(0, 3, 1, 2).float()
+        / 255
+    )
+
+
+def check_run(run_dir: Path, steps: int, eval_steps: int | None) -> None:
+    """A scored run (trained here or carried) must have the comparison's one training budget and sampler."""
+    trained = json.loads((run_dir / "summary.json").read_text())
+    sampled = json.loads((run_dir / RESULTS_FILE).read_text()).get("sampling", {}).get("steps")
+    if trained.get("steps") != steps:
+        raise ValueError(
+            f"{run_dir} trained {trained.get('steps')} steps, not --steps {steps}; give the --steps it was "
+            f"made with, or move it (and its records under --out/runs) aside to train it again"
+        )
+    if eval_steps is not None and sampled != eval_steps:
+        raise ValueError(
+            f"{run_dir / RESULTS_FILE} was sampled with {sampled} steps, not --eval-steps {eval_steps}; "
+            f"delete it (and its copy under --out/runs) to score the run again"
+        )
+
+
+def summarize(
+    work: Path, rows: list[str], seeds: int, extra_seeds: int, steps: int, eval_steps: int | None = None
+) -> dict:
     runs = work / "runs"
-    found = {
-        row: [
-            json.loads((runs / f"{row}-seed{s}" / "realbench.json").read_text())
-            for s in range(extra_seeds if row in EXTRA_ROWS else seeds)
-        ]
-        for row in rows
+    names = {
+        row: [f"{row}-seed{s}" for s in range(extra_seeds if row in EXTRA_ROWS else seeds)] for row in rows
     }
-    first = next(iter(found.values()))[0]
+    found = {
+        row: [json.loads((runs / n / RESULTS_FILE).read_text()) for n in ns] for row, ns in names.items()
+    }
+    trained = {
+        row: [json.loads((runs / n / "summary.json").read_text()) for n in ns] for row, ns in names.items()
+    }
+    first = found[rows[0]][0]
+    for row, ns in names.items():  # one budget, one sampler, one held-out set: else the rows do not compare
+        for name, result in zip(ns, found[row], strict=True):
+            check_run(runs / name, steps, eval_steps)
+            if result["prompts"] != first["prompts"]:
+                raise ValueError(
+                    f"{runs / name / RESULTS_FILE} scored other held-out captions than {rows[0]}-seed0: the "
+                    f"rows must be scored on one --data set"
+                )
     summary: dict = {
         "steps": steps,
         "seeds": seeds,
         "held_out_captions": len(first["prompts"]),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_capability": ", ".join(
+            sorted({str(t.get("cpu_capability")) for ts in trained.values() for t in ts})
+        ),
         "chance": first["chance"],
         "ceiling": {m: first["ceiling"][m] for m in METRICS},
         "real_split_half_fd": first["real_split_half_fd"],
@@ -180,12 +307,9 @@ def summarize(work: Path, rows: list[str], seeds: int, extra_seeds: int, steps: 
         "claims": [],
     }
     for row, results in found.items():
-        trained = [
-            json.loads((runs / f"{row}-seed{s}" / "summary.json").read_text()) for s in range(len(results))
-        ]
         summary["rows"][row] = {
-            "train_images_per_s": statistics.fmean(t["images_per_s"] for t in trained),
-            "cpu_capability": sorted({t.get("cpu_capability") for t in trained}),
+            "train_images_per_s": statistics.fmean(t["images_per_s"] for t in trained[row]),
+            "cpu_capability": sorted({t.get("cpu_capability") for t in trained[row]}),
         }
         for metric in METRICS:
             values = [r[metric] for r in results]
@@ -287,25 +411,27 @@ def table(summary: dict) -> str:
 
 def samples_grid(work: Path, out: Path, rows: list[str], data: Path) -> None:
     """The first held-out captions, one image each per row (seed 0 runs, the same noise seeds), beside the
-    real image."""
+    real image. A row whose seed-0 run has neither its grid column nor its checkpoint here is left out, and
+    the figure's title says so."""
     from semroute.bench.realbench import real_images
-    from semroute.data.images import read_manifest
 
-    held = read_manifest(data / "heldout.jsonl")
-    step = max(1, len(held) // GRID_PROMPTS)
-    chosen = held[::step][:GRID_PROMPTS]
-    prompts = [str(r["text"]) for r in chosen]
+    chosen, prompts = grid_prompts(data)
     columns = {"real": real_images(chosen, data, 64)}
+    missing = []
     for row in rows:
-        checkpoint = resolve_checkpoint(work / "runs" / f"{row}-seed0")
-        pipeline = SemanticRoutingPipeline.from_checkpoint(checkpoint, device="cpu")
-        columns[row] = sample_all(pipeline, prompts, 1, seed=0, desc=f"grid {row}")
-    captioned_grid(
-        columns,
-        prompts,
-        out / "samples.png",
-        "held-out captions: the real image, then each row (seed 0 runs)",
-    )
+        run_dir = work / "runs" / f"{row}-seed0"
+        if not (run_dir / GRID_FILE).is_file() and not (run_dir / "checkpoints").is_dir():
+            missing.append(row)
+            continue
+        columns[row] = grid_column(run_dir, data)
+    title = "held-out captions: the real image, then each row (seed 0 runs)"
+    if missing:
+        print(
+            f"samples.png: left out {', '.join(missing)} "
+            f"(neither {GRID_FILE} nor a checkpoint of seed 0 is here)"
+        )
+        title += f"; not here: {', '.join(missing)}"
+    captioned_grid(columns, prompts, out / "samples.png", title)
 
 
 if __name__ == "__main__":
