@@ -198,6 +198,7 @@ def test_ablation_end_to_end_and_resume(tiny_llama_dir, tiny_encoder, tmp_path, 
         "finished.json",
         "run_config.yaml",
         "shapesbench.json",
+        "summary.json",
     }
     assert not (records / "runs" / "s3-seed0.interrupted").exists()  # kept aside, not finished
     carried = tmp_path / "carried"

@@ -26,7 +26,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..checkpoint import RUN_CONFIG_FILE, routed_layers
+from ..checkpoint import RUN_CONFIG_FILE, SUMMARY_FILE, routed_layers
 from ..config import RunConfig, load_config
 from ..data.shapes import ShapesDataset, ShapesTask
 from ..dit import SemanticRoutingDiT
@@ -374,14 +374,15 @@ def _plot_routing_of(run: dict, path: Path, name: str) -> None:
     )
 
 
-RECORD_FILES = (DONE_FILE, RUN_CONFIG_FILE)  # with every shapesbench*.json: what a finished run is, in small
+# With every shapesbench*.json: what a finished run is, in small (summary.json: its img/s, precision, CPU).
+RECORD_FILES = (DONE_FILE, RUN_CONFIG_FILE, SUMMARY_FILE)
 
 
 def export_records(out: Path, dest: Path) -> list[Path]:
     """Copy an ablation's tables, figures and each finished run's small records (finished.json, its run
-    config and ShapesBench results; never checkpoints or logs) into `dest`, e.g. to commit them. Copying
-    `dest/runs` into an ablation directory carries those runs over: `semroute ablate` on it trains and scores
-    none of them again. Returns the files written."""
+    config, training summary and ShapesBench results; never checkpoints or logs) into `dest`, e.g. to commit
+    them. Copying `dest/runs` into an ablation directory carries those runs over: `semroute ablate` on it
+    trains and scores none of them again. Returns the files written."""
     written = []
     for name in sorted(p.name for p in out.iterdir() if p.is_file() and p.suffix in (".md", ".json", ".png")):
         written.append(_copy_file(out / name, dest / name))
