@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import shutil
 import statistics
 import subprocess
 import sys
@@ -45,11 +44,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from semroute.bench.ablation import DONE_FILE
 from semroute.bench.claims import paired_bootstrap
 from semroute.bench.sampling import sample_all
-from semroute.checkpoint import resolve_checkpoint
+from semroute.checkpoint import RUN_CONFIG_FILE, SUMMARY_FILE, resolve_checkpoint
 from semroute.data.cache import CACHE_META
-from semroute.fileio import write_atomic, write_json, write_text
+from semroute.fileio import copy_atomic, write_atomic, write_json, write_text
 from semroute.pipeline import SemanticRoutingPipeline
 from semroute.plots import captioned_grid
 
@@ -68,7 +68,7 @@ BETTER = {"fd": "lower", "top1": "higher", "top5": "higher", "attribute": "highe
 GRID_PROMPTS = 10
 RESULTS_FILE = "realbench.json"
 # What a finished run is, in small: its scores, its training summary (img/s, precision) and config.
-RECORD_FILES = (RESULTS_FILE, "summary.json", "run_config.yaml", "finished.json")
+RECORD_FILES = (RESULTS_FILE, SUMMARY_FILE, RUN_CONFIG_FILE, DONE_FILE)
 GRID_FILE = "grid.png"  # a seed-0 run's column of samples.png, so the grid is redrawn without its checkpoint
 
 
@@ -132,7 +132,7 @@ def main() -> None:
             run_dir = args.work / "runs" / f"{row}-seed{seed}"
             results = run_dir / RESULTS_FILE
             if results.is_file():
-                check_run(run_dir, args.steps, args.eval_steps)  # before training anything else
+                check_run(run_dir, *read_run(run_dir), args.steps, args.eval_steps)  # before training more
                 continue
             cache = args.work / cache_name
             if not (cache / CACHE_META).is_file():
@@ -191,7 +191,7 @@ def carry_in(out: Path, work: Path) -> list[str]:
             continue
         for name in (*RECORD_FILES, GRID_FILE):
             if (source / name).is_file():
-                _copy_file(source / name, target / name)
+                copy_atomic(source / name, target / name)
         carried.append(source.name)
     return carried
 
@@ -200,11 +200,7 @@ def carry_out(run_dir: Path, out: Path) -> None:
     """Copy a scored run's records (and its grid column) to OUT/runs/<run>/."""
     for name in (*RECORD_FILES, GRID_FILE):
         if (run_dir / name).is_file():
-            _copy_file(run_dir / name, out / "runs" / run_dir.name / name)
-
-
-def _copy_file(source: Path, target: Path) -> None:
-    write_atomic(target, lambda tmp: shutil.copyfile(source, tmp))
+            copy_atomic(run_dir / name, out / "runs" / run_dir.name / name)
 
 
 def grid_prompts(data: Path) -> tuple[list[dict], list[str]]:
@@ -255,10 +251,10 @@ def load_column(path: Path) -> torch.Tensor:
     )
 
 
-def check_run(run_dir: Path, steps: int, eval_steps: int | None) -> None:
-    """A scored run (trained here or carried) must have the comparison's one training budget and sampler."""
-    trained = json.loads((run_dir / "summary.json").read_text())
-    sampled = json.loads((run_dir / RESULTS_FILE).read_text()).get("sampling", {}).get("steps")
+def check_run(run_dir: Path, trained: dict, result: dict, steps: int, eval_steps: int | None) -> None:
+    """A scored run (trained here or carried; `trained` its summary.json, `result` its realbench.json) must
+    have the comparison's one training budget and sampler."""
+    sampled = result.get("sampling", {}).get("steps")
     if trained.get("steps") != steps:
         raise ValueError(
             f"{run_dir} trained {trained.get('steps')} steps, not --steps {steps}; give the --steps it was "
@@ -271,6 +267,11 @@ def check_run(run_dir: Path, steps: int, eval_steps: int | None) -> None:
         )
 
 
+def read_run(run_dir: Path) -> tuple[dict, dict]:
+    """A scored run's training summary and held-out scores."""
+    return json.loads((run_dir / SUMMARY_FILE).read_text()), json.loads((run_dir / RESULTS_FILE).read_text())
+
+
 def summarize(
     work: Path, rows: list[str], seeds: int, extra_seeds: int, steps: int, eval_steps: int | None = None
 ) -> dict:
@@ -278,16 +279,13 @@ def summarize(
     names = {
         row: [f"{row}-seed{s}" for s in range(extra_seeds if row in EXTRA_ROWS else seeds)] for row in rows
     }
-    found = {
-        row: [json.loads((runs / n / RESULTS_FILE).read_text()) for n in ns] for row, ns in names.items()
-    }
-    trained = {
-        row: [json.loads((runs / n / "summary.json").read_text()) for n in ns] for row, ns in names.items()
-    }
+    read = {row: [read_run(runs / n) for n in ns] for row, ns in names.items()}
+    trained = {row: [t for t, _ in pairs] for row, pairs in read.items()}
+    found = {row: [r for _, r in pairs] for row, pairs in read.items()}
     first = found[rows[0]][0]
     for row, ns in names.items():  # one budget, one sampler, one held-out set: else the rows do not compare
-        for name, result in zip(ns, found[row], strict=True):
-            check_run(runs / name, steps, eval_steps)
+        for name, (summary_of, result) in zip(ns, read[row], strict=True):
+            check_run(runs / name, summary_of, result, steps, eval_steps)
             if result["prompts"] != first["prompts"]:
                 raise ValueError(
                     f"{runs / name / RESULTS_FILE} scored other held-out captions than {rows[0]}-seed0: the "

@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -140,6 +141,12 @@ def recorded_problem(
 
 def write_text(path: Path, text: str) -> None:
     write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def copy_atomic(source: Path, target: Path) -> Path:
+    """Copy `source` to `target` (parents made), whole or not at all. Returns `target`."""
+    write_atomic(target, lambda tmp: shutil.copyfile(source, tmp))
+    return target
 
 
 def stored_path(path: Path, record_dir: Path) -> str:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +30,7 @@ from ..config import RunConfig, load_config
 from ..data.shapes import ShapesDataset, ShapesTask
 from ..dit import SemanticRoutingDiT
 from ..features import prompt_table
-from ..fileio import read_json, resolve_stored, stored_path, write_atomic, write_json, write_text
+from ..fileio import copy_atomic, read_json, resolve_stored, stored_path, write_json, write_text
 from ..fusion import STRATEGY_TABLE, check_strategy
 from ..pipeline import SemanticRoutingPipeline
 from ..plots import plot_routing
@@ -385,19 +384,14 @@ def export_records(out: Path, dest: Path) -> list[Path]:
     trains and scores none of them again. Returns the files written."""
     written = []
     for name in sorted(p.name for p in out.iterdir() if p.is_file() and p.suffix in (".md", ".json", ".png")):
-        written.append(_copy_file(out / name, dest / name))
+        written.append(copy_atomic(out / name, dest / name))
     for run_dir in sorted((out / "runs").iterdir()):
         if not run_dir.is_dir() or _read_results(run_dir) is None:
             continue  # unfinished, or kept aside (<run>.interrupted): nothing to carry
         for path in sorted(run_dir.iterdir()):
             if path.is_file() and (path.name in RECORD_FILES or path.name.startswith("shapesbench")):
-                written.append(_copy_file(path, dest / "runs" / run_dir.name / path.name))
+                written.append(copy_atomic(path, dest / "runs" / run_dir.name / path.name))
     return written
-
-
-def _copy_file(source: Path, target: Path) -> Path:
-    write_atomic(target, lambda tmp: shutil.copyfile(source, tmp))
-    return target
 
 
 def summarize_ablation(
