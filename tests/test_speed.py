@@ -317,3 +317,101 @@ def test_the_eta_is_measured_on_the_steps_after_a_compile(monkeypatch):
     pace.update(step)
     run(0.5, progress.Pace.WARMUP + progress.Pace.MEASURED)
     assert reports == [(0.5, (1000 - step) * 0.5)]
+
+
+class _FailsInBackward(torch.autograd.Function):
+    """Identity forward whose backward raises, as inductor's stride assertions do on a shape it got wrong."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise AssertionError("expected size 32==32, stride 2688==2880 at dim=0")
+
+
+def test_a_compiled_step_that_fails_later_is_redone_eager_and_trains_exactly_like_eager(
+    tiny_llama_dir, tiny_encoder, tmp_path, monkeypatch
+):
+    """Not only the first compiled step may fail: a later batch of a new shape once made inductor's
+    backward raise mid-run, which killed a 500-step run. The failing optimizer step is redone eagerly
+    from the same gradients (none), accumulation count and random draws, so the run ends bit-identical to
+    one that never compiled. The failure is on the first micro-step of an accumulated step (redone without
+    putting accelerate's count back, that micro-step would sync alone), mid-backward, after later blocks
+    have already accumulated gradients."""
+    monkeypatch.setattr(speed, "store_measurement", lambda device, name, value: None)
+    calls = []
+
+    def fake_compile(fn):
+        def run(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            if fn.__self__ is first_block[0]:
+                calls.append(1)
+                if len(calls) == 5:  # the first micro-step of step 13 (the third compiled one)
+                    return _FailsInBackward.apply(out)
+            return out
+
+        return run
+
+    first_block = [None]
+    settings = dict(max_steps=16, checkpoint_every=16, gradient_accumulation_steps=2, batch_size=8)
+    eager = train(
+        load_config(tiny_run_config(tiny_llama_dir, compile="off", **settings)),
+        tmp_path / "eager",
+        progress=False,
+        encoder=tiny_encoder,
+    )
+    monkeypatch.setattr(speed.torch, "compile", fake_compile)
+    original = speed.StepCompiler._compile
+
+    def remember_first_block(self, on):
+        first_block[0] = self._blocks()[0]
+        original(self, on)
+
+    monkeypatch.setattr(speed.StepCompiler, "_compile", remember_first_block)
+    failed = train(
+        load_config(tiny_run_config(tiny_llama_dir, compile="on", **settings)),
+        tmp_path / "failed",
+        progress=False,
+        encoder=tiny_encoder,
+    )
+    assert len(calls) == 5  # it did run compiled, failed on the fifth call, then ran eager to the end
+    record = json.loads((tmp_path / "failed" / "summary.json").read_text())["speed"]["compile"]
+    assert not record["used"] and "torch.compile failed, running eager" in record["reason"]
+    assert "stride 2688==2880" in record["reason"]
+    assert all("forward" not in vars(block) for block in failed.model.blocks)
+    for (name, a), (_, b) in zip(
+        eager.model.state_dict().items(), failed.model.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
+def test_a_sampling_batch_whose_compiled_blocks_raise_is_drawn_again_eager(tiny_encoder, monkeypatch):
+    """The sampler's counterpart: the batch being drawn when compiled blocks raise is drawn again eager,
+    the same images as an eager sampler's, and the rest of the job runs eager."""
+    from semroute.bench.sampling import sample_all
+
+    from .test_pipeline import make_pipeline
+
+    calls = []
+
+    def fake_compile(fn):
+        def run(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 3:
+                raise AssertionError("expected size 8==8, stride 96==80 at dim=0")
+            return fn(*args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(speed.torch, "compile", fake_compile)
+    monkeypatch.setattr(speed, "store_measurement", lambda device, name, value: None)
+    prompts = ["one red square", "two blue circles", "one blue circle"]
+    pipe = make_pipeline(tiny_encoder, "depth")
+    eager = sample_all(pipe, prompts, 3, steps=12, guidance_scale=2.0, batch_size=4, progress=False)
+    pipe.compile = "on"
+    redrawn = sample_all(pipe, prompts, 3, steps=12, guidance_scale=2.0, batch_size=4, progress=False)
+    assert len(calls) == 3  # compiled calls ran until one raised; none after
+    torch.testing.assert_close(redrawn, eager, rtol=0, atol=0)
+    assert all("forward" not in vars(block) for block in pipe.transformer.blocks)

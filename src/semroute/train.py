@@ -186,21 +186,26 @@ def _summary(run: Run, state: TrainState, window: MetricsWindow) -> dict:
     }
 
 
-def _micro_step(run: Run, batch: tuple) -> tuple[float, bool | None]:
-    """`train_step` on `batch`; should the first compiled
-    step fail (no working compiler), the run goes on eager."""
-
-    def step() -> tuple[float, bool | None]:
-        return train_step(run, batch)
-
-    if not run.compiler.compiling:
-        return step()
+def _optimizer_step(run: Run, micro_batches: list[tuple]) -> list[tuple[float, bool | None]]:
+    """`train_step` on each micro-batch of one optimizer step. Should compiled DiT blocks raise, on the
+    first compiled step (no working compiler) or any later one (a new shape that inductor compiles
+    wrongly), the run goes on eager: the gradients, the accumulation count and the step's random draws are
+    put back as they were before the step and the whole step is run again eagerly, so nothing is lost."""
+    accelerator = run.accelerator
+    counted = getattr(accelerator, "step", None)  # accelerate's micro-step count (which one syncs)
+    drawn = run.generator.get_state()
     try:
-        return step()
+        return [train_step(run, batch) for batch in micro_batches]
     except Exception as err:  # inductor's errors have no common base; anything here is the compiler's
+        if not run.compiler.used:
+            raise
         run.compiler.failed(err)
-        run.optimizer.zero_grad(set_to_none=True)
-        return step()
+        # The model's own zero_grad: accelerate's optimizer wrapper skips it mid-accumulation.
+        run.model.zero_grad(set_to_none=True)
+        if counted is not None:
+            accelerator.step = counted
+        run.generator.set_state(drawn)
+        return [train_step(run, batch) for batch in micro_batches]
 
 
 def _loop(
@@ -213,14 +218,13 @@ def _loop(
         if budget.time_is_up():
             logger.info("stopping at step %d: the %.1f-minute budget is spent", state.step, budget.minutes)
             break
-        losses, images = [], 0
         run.fusion_frozen = 0 < training.freeze_fusion_after <= state.step
         step_started = time.perf_counter()
-        for _ in range(training.gradient_accumulation_steps):
-            batch = next(batches)
-            loss, finite = _micro_step(run, batch)
-            losses.append(loss)
-            images += len(batch[0]) * accelerator.num_processes
+        micro_batches = [next(batches) for _ in range(training.gradient_accumulation_steps)]
+        results = _optimizer_step(run, micro_batches)
+        losses = [loss for loss, _ in results]
+        finite = results[-1][1]
+        images = sum(len(batch[0]) for batch in micro_batches) * accelerator.num_processes
         seconds = time.perf_counter() - step_started
         steps_left = budget.steps_left(state.step + 1, seconds)
         phase = run.compiler.phase

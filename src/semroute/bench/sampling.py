@@ -88,7 +88,9 @@ def sample_batches(
                 timed = len(jobs) == full
                 compiler.resume() if timed else compiler.pause()
                 clock[0] = time.perf_counter()
-                images = pipeline.generate(
+                done_before, left_before = bar.n, left
+                generate = functools.partial(
+                    pipeline.generate,
                     [prompts[i] for i, _ in jobs],
                     steps,
                     guidance_scale,
@@ -96,6 +98,15 @@ def sample_batches(
                     seed=[image_seed(seed, i, k) for i, k in jobs],
                     on_step=functools.partial(step_done, timed),
                 )
+                try:
+                    images = generate()
+                except Exception as err:  # compiled blocks that raise (inductor): this batch again, eager
+                    if not (timed and compiler.used):
+                        raise
+                    compiler.failed(err)
+                    bar.n, left = done_before, left_before
+                    bar.refresh()
+                    images = generate()
                 yield jobs, images
         finally:
             compiler.pause()  # the pipeline is handed back eager
