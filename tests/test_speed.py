@@ -254,14 +254,30 @@ def test_a_compiled_run_trains_records_its_choices_and_samples_like_eager(
         torch.testing.assert_close(compiled_out, model(x, t, text, mask), rtol=1e-4, atol=1e-5)
 
 
-def test_the_batched_sampler_compiles_full_batches_only_and_hands_the_pipeline_back_eager(
-    tiny_encoder, monkeypatch
-):
-    """The plumbing with torch.compile replaced by a counting pass-through (the real one is tested above)."""
+def _eager_then_compiled(tiny_encoder, monkeypatch, fake_compile):
+    """A tiny pipeline sampled eager, then with compile on and torch.compile replaced by `fake_compile`.
+    Returns (pipeline, eager images, compiled images, draw: samples the same job again)."""
     from semroute.bench.sampling import sample_all
 
     from .test_pipeline import make_pipeline
 
+    monkeypatch.setattr(speed.torch, "compile", fake_compile)
+    monkeypatch.setattr(speed, "store_measurement", lambda device, name, value: None)
+    prompts = ["one red square", "two blue circles", "one blue circle"]
+    pipe = make_pipeline(tiny_encoder, "depth")
+
+    def draw():
+        return sample_all(pipe, prompts, 3, steps=12, guidance_scale=2.0, batch_size=4, progress=False)
+
+    eager = draw()
+    pipe.compile = "on"
+    return pipe, eager, draw(), draw
+
+
+def test_the_batched_sampler_compiles_full_batches_only_and_hands_the_pipeline_back_eager(
+    tiny_encoder, monkeypatch
+):
+    """The plumbing with torch.compile replaced by a counting pass-through (the real one is tested above)."""
     wrapped, calls = [], []
 
     def fake_compile(fn):
@@ -273,13 +289,7 @@ def test_the_batched_sampler_compiles_full_batches_only_and_hands_the_pipeline_b
 
         return run
 
-    monkeypatch.setattr(speed.torch, "compile", fake_compile)
-    monkeypatch.setattr(speed, "store_measurement", lambda device, name, value: None)
-    prompts = ["one red square", "two blue circles", "one blue circle"]
-    pipe = make_pipeline(tiny_encoder, "depth")
-    eager = sample_all(pipe, prompts, 3, steps=12, guidance_scale=2.0, batch_size=4, progress=False)
-    pipe.compile = "on"
-    compiled = sample_all(pipe, prompts, 3, steps=12, guidance_scale=2.0, batch_size=4, progress=False)
+    pipe, eager, compiled, draw = _eager_then_compiled(tiny_encoder, monkeypatch, fake_compile)
     blocks = len(pipe.transformer.blocks)
     assert len(wrapped) == blocks  # compiled once, after the eager steps were timed
     # 9 images in batches of 4, 4, 1: only the full batches (8 rows with guidance) ran compiled.
@@ -288,7 +298,7 @@ def test_the_batched_sampler_compiles_full_batches_only_and_hands_the_pipeline_b
     torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
     pipe.compile = "off"
     calls.clear()
-    sample_all(pipe, prompts, 3, steps=12, guidance_scale=2.0, batch_size=4, progress=False)
+    draw()
     assert not calls
 
 
@@ -390,10 +400,6 @@ def test_a_compiled_step_that_fails_later_is_redone_eager_and_trains_exactly_lik
 def test_a_sampling_batch_whose_compiled_blocks_raise_is_drawn_again_eager(tiny_encoder, monkeypatch):
     """The sampler's counterpart: the batch being drawn when compiled blocks raise is drawn again eager,
     the same images as an eager sampler's, and the rest of the job runs eager."""
-    from semroute.bench.sampling import sample_all
-
-    from .test_pipeline import make_pipeline
-
     calls = []
 
     def fake_compile(fn):
@@ -405,13 +411,7 @@ def test_a_sampling_batch_whose_compiled_blocks_raise_is_drawn_again_eager(tiny_
 
         return run
 
-    monkeypatch.setattr(speed.torch, "compile", fake_compile)
-    monkeypatch.setattr(speed, "store_measurement", lambda device, name, value: None)
-    prompts = ["one red square", "two blue circles", "one blue circle"]
-    pipe = make_pipeline(tiny_encoder, "depth")
-    eager = sample_all(pipe, prompts, 3, steps=12, guidance_scale=2.0, batch_size=4, progress=False)
-    pipe.compile = "on"
-    redrawn = sample_all(pipe, prompts, 3, steps=12, guidance_scale=2.0, batch_size=4, progress=False)
+    pipe, eager, redrawn, _ = _eager_then_compiled(tiny_encoder, monkeypatch, fake_compile)
     assert len(calls) == 3  # compiled calls ran until one raised; none after
     torch.testing.assert_close(redrawn, eager, rtol=0, atol=0)
     assert all("forward" not in vars(block) for block in pipe.transformer.blocks)

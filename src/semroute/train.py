@@ -192,7 +192,7 @@ def _optimizer_step(run: Run, micro_batches: list[tuple]) -> list[tuple[float, b
     wrongly), the run goes on eager: the gradients, the accumulation count and the step's random draws are
     put back as they were before the step and the whole step is run again eagerly, so nothing is lost."""
     accelerator = run.accelerator
-    counted = getattr(accelerator, "step", None)  # accelerate's micro-step count (which one syncs)
+    counted = accelerator.step  # accelerate's micro-step count (which one syncs)
     drawn = run.generator.get_state()
     try:
         return [train_step(run, batch) for batch in micro_batches]
@@ -202,8 +202,7 @@ def _optimizer_step(run: Run, micro_batches: list[tuple]) -> list[tuple[float, b
         run.compiler.failed(err)
         # The model's own zero_grad: accelerate's optimizer wrapper skips it mid-accumulation.
         run.model.zero_grad(set_to_none=True)
-        if counted is not None:
-            accelerator.step = counted
+        accelerator.step = counted
         run.generator.set_state(drawn)
         return [train_step(run, batch) for batch in micro_batches]
 
